@@ -1,0 +1,381 @@
+"""The expert file: one safetensors file, validated from its header alone.
+
+Layout (DESIGN.md, "The expert file"):
+
+- ``soft_tokens``: ``[n_latents, hidden]``, the coprocessor's trainable input embeddings.
+- kind ``lora``: PEFT-named LoRA tensors,
+  ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``.
+- kind ``full``: the coprocessor's own weights, ``coprocessor.<decoder parameter name>``.
+- optional latent head tensors (``latent_head.*``, see ``HEAD_TENSORS``).
+- ``__metadata__``: string values; ``format`` is ``latentry.coprocessor/1``.
+
+Nothing here unpickles: a file is parsed as 8 bytes of header length, a JSON header, and raw
+tensor bytes whose offsets must tile the rest of the file exactly.
+"""
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+
+FORMAT_TAG = "latentry.coprocessor/1"
+KINDS = ("lora", "full")
+ALLOWED_DTYPES = ("F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+LORA_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+FULL_NAME = re.compile(r"^coprocessor\.(?P<param>.+)$")
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+# Small tensors of the latent head that sit between the coprocessor and the decoder. Shapes are
+# written with the symbols "hidden" and "n_latents".
+HEAD_TENSORS = {
+    "latent_head.proj.weight": ("hidden", "hidden"),
+    "latent_head.proj.bias": ("hidden",),
+    "latent_head.anchors": ("n_latents", "hidden"),
+    "latent_head.gate": ("n_latents",),
+}
+
+REQUIRED_METADATA = (
+    "format",
+    "kind",
+    "base_model_fingerprint",
+    "n_latents",
+    "hidden_size",
+    "num_layers",
+)
+
+
+class ArtifactError(ValueError):
+    """The file is not a valid expert for this base model; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ExpertHeader:
+    """What the safetensors header of an expert file says, parsed but not yet validated."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    header_bytes: int
+
+    @property
+    def kind(self):
+        return self.metadata.get("kind")
+
+    @property
+    def n_latents(self):
+        return _int_field(self.metadata, "n_latents")
+
+    @property
+    def config(self):
+        return _json_field(self.metadata, "config", default={})
+
+    @property
+    def data_bytes(self):
+        return max((t.end for t in self.tensors.values()), default=0)
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """The facts about a base model that an expert file is checked against."""
+
+    hidden_size: int
+    num_layers: int
+    fingerprint: str = ""
+    # Parameter name -> shape of the base model's weights, e.g.
+    # {"model.layers.0.self_attn.q_proj.weight": [576, 576]}. Checks LoRA and full tensors.
+    param_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def read_header(fileobj, file_size):
+    """Parse the safetensors header of ``fileobj`` (positioned anywhere) without reading data."""
+    fileobj.seek(0)
+    prefix = fileobj.read(8)
+    if len(prefix) < 8:
+        raise ArtifactError("file is too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len == 0 or header_len > MAX_HEADER_BYTES:
+        raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
+    raw = fileobj.read(header_len)
+    if len(raw) < header_len:
+        if raw.startswith(b"{"):
+            raise ArtifactError(
+                f"file is truncated: its header needs {header_len} bytes, only {len(raw)} follow"
+            )
+        raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
+    if not raw.lstrip().startswith(b"{"):
+        raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ArtifactError("__metadata__ must map strings to strings")
+    tensors = {name: _tensor_info(name, entry) for name, entry in header.items()}
+    _check_offsets(tensors, file_size - 8 - header_len)
+    return ExpertHeader(metadata=metadata, tensors=tensors, header_bytes=header_len)
+
+
+def _not_safetensors_reason(prefix, header_len, file_size):
+    """Name the common wrong formats: they are what people upload by mistake."""
+    if prefix.startswith(b"PK\x03\x04"):
+        return "this is a zip archive (torch.save format); only safetensors files are accepted"
+    if prefix[:1] == b"\x80":
+        return "this is a Python pickle; only safetensors files are accepted"
+    return (
+        f"not a safetensors file: header length {header_len} does not fit a file of "
+        f"{file_size} bytes"
+    )
+
+
+def read_header_from_path(path):
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        return read_header(f, size)
+
+
+def validate(header, spec, *, file_size=None, max_bytes=None):
+    """Check an expert header against a base model. Raise ArtifactError listing every problem."""
+    if max_bytes is not None and file_size is not None and file_size > max_bytes:
+        raise ArtifactError(f"file is {file_size} bytes, over the limit of {max_bytes}")
+    problems = _metadata_problems(header.metadata, spec)
+    if not problems:
+        problems = _tensor_problems(header, spec)
+    if problems:
+        raise ArtifactError("; ".join(problems))
+
+
+def _tensor_info(name, entry):
+    if not isinstance(entry, dict):
+        raise ArtifactError(f"tensor {name!r}: header entry must be an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ALLOWED_DTYPES:
+        raise ArtifactError(
+            f"tensor {name!r}: dtype {dtype!r} is not allowed (use one of "
+            f"{', '.join(ALLOWED_DTYPES)})"
+        )
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ArtifactError(f"tensor {name!r}: shape must be a list of non-negative integers")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ArtifactError(f"tensor {name!r}: data_offsets must be [start, end]")
+    count = 1
+    for d in shape:
+        count *= d
+    if offsets[1] - offsets[0] != count * DTYPE_BYTES[dtype]:
+        raise ArtifactError(f"tensor {name!r}: byte range does not match its shape and dtype")
+    return TensorInfo(dtype=dtype, shape=tuple(shape), start=offsets[0], end=offsets[1])
+
+
+def _check_offsets(tensors, data_size):
+    """The tensors' byte ranges must tile the data section exactly, with no gap or overlap."""
+    position = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            raise ArtifactError("tensor data has gaps or overlaps")
+        position = info.end
+    if position != data_size:
+        raise ArtifactError(
+            f"file is truncated or padded: tensors cover {position} bytes of data, "
+            f"the file holds {data_size}"
+        )
+
+
+def _int_field(metadata, key):
+    try:
+        value = int(metadata[key])
+    except (KeyError, ValueError):
+        return None
+    return value
+
+
+def _json_field(metadata, key, default=None):
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise ArtifactError(f"metadata {key!r} must be JSON") from None
+
+
+def _metadata_problems(metadata, spec):
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        return [f"metadata is missing {', '.join(missing)}"]
+    problems = []
+    if metadata["format"] != FORMAT_TAG:
+        problems.append(f"format tag is {metadata['format']!r}, expected {FORMAT_TAG!r}")
+    if metadata["kind"] not in KINDS:
+        problems.append(f"kind must be one of {', '.join(KINDS)}, got {metadata['kind']!r}")
+    n_latents = _int_field(metadata, "n_latents")
+    if n_latents is None or not 1 <= n_latents <= 1024:
+        problems.append("n_latents must be an integer from 1 to 1024")
+    for key, expected in (("hidden_size", spec.hidden_size), ("num_layers", spec.num_layers)):
+        if _int_field(metadata, key) != expected:
+            problems.append(f"{key} is {metadata[key]}, the base model has {expected}")
+    fingerprint = metadata["base_model_fingerprint"]
+    if spec.fingerprint and fingerprint != spec.fingerprint:
+        problems.append(
+            f"trained for base model fingerprint {fingerprint[:12]}…, this base model is "
+            f"{spec.fingerprint[:12]}…"
+        )
+    if metadata["kind"] == "lora":
+        if _int_field(metadata, "lora_rank") is None:
+            problems.append("LoRA experts need an integer lora_rank in the metadata")
+        targets = _json_field(metadata, "lora_target_modules", default=None)
+        if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+            problems.append("LoRA experts need lora_target_modules, a JSON list of names")
+    return problems
+
+
+def _tensor_problems(header, spec):
+    meta = header.metadata
+    sizes = {"hidden": spec.hidden_size, "n_latents": int(meta["n_latents"])}
+    problems = []
+    soft = header.tensors.get("soft_tokens")
+    if soft is None:
+        problems.append("tensor 'soft_tokens' is missing")
+    elif soft.shape != (sizes["n_latents"], spec.hidden_size):
+        problems.append(
+            f"soft_tokens has shape {list(soft.shape)}, expected "
+            f"[{sizes['n_latents']}, {spec.hidden_size}]"
+        )
+    lora_pairs, full_count = {}, 0
+    for name, info in header.tensors.items():
+        if name == "soft_tokens":
+            continue
+        if name in HEAD_TENSORS:
+            expected = tuple(sizes[s] for s in HEAD_TENSORS[name])
+            if info.shape != expected:
+                problems.append(f"{name} has shape {list(info.shape)}, expected {list(expected)}")
+        elif meta["kind"] == "lora" and (match := LORA_NAME.match(name)):
+            lora_pairs.setdefault(match["module"], {})[match["ab"]] = info.shape
+        elif meta["kind"] == "full" and (match := FULL_NAME.match(name)):
+            full_count += 1
+            problems += _full_tensor_problems(name, match["param"], info.shape, spec)
+        else:
+            problems.append(f"unexpected tensor {name!r} for a {meta['kind']} expert")
+    if meta["kind"] == "lora":
+        problems += _lora_problems(lora_pairs, meta, spec)
+    elif full_count == 0:
+        problems.append("a full expert needs coprocessor.* weight tensors")
+    return problems
+
+
+def _layer_problem(name, spec):
+    match = LAYER_INDEX.search("." + name)
+    if match and int(match[1]) >= spec.num_layers:
+        return f"{name} names layer {match[1]}, the base model has {spec.num_layers} layers"
+    return None
+
+
+def _full_tensor_problems(name, param, shape, spec):
+    if problem := _layer_problem(param, spec):
+        return [problem]
+    if spec.param_shapes:
+        expected = spec.param_shapes.get(param)
+        if expected is None:
+            return [f"{name}: the base model has no parameter {param!r}"]
+        if list(shape) != list(expected):
+            return [f"{name} has shape {list(shape)}, the base model's is {list(expected)}"]
+    return []
+
+
+def _lora_problems(pairs, meta, spec):
+    if not pairs:
+        return ["a LoRA expert needs lora_A/lora_B tensors"]
+    rank = int(meta["lora_rank"])
+    targets = set(json.loads(meta["lora_target_modules"]))
+    problems = []
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            problems.append(f"{module}: lora_A and lora_B must come in pairs")
+            continue
+        if problem := _layer_problem(module, spec):
+            problems.append(problem)
+            continue
+        if module.rsplit(".", 1)[-1] not in targets:
+            problems.append(f"{module} is not among lora_target_modules")
+        (a_rank, a_in), (b_out, b_rank) = _2d(ab["A"]), _2d(ab["B"])
+        if a_rank != rank or b_rank != rank:
+            problems.append(f"{module}: LoRA rank is {a_rank}/{b_rank}, metadata says {rank}")
+        expected = spec.param_shapes.get(f"{module}.weight") if spec.param_shapes else None
+        if spec.param_shapes and expected is None:
+            problems.append(f"{module}: the base model has no such module")
+        elif expected is not None and [b_out, a_in] != list(expected):
+            problems.append(
+                f"{module}: LoRA maps {a_in} -> {b_out}, the base model's weight is "
+                f"{list(expected)}"
+            )
+    return problems
+
+
+def _2d(shape):
+    return shape if len(shape) == 2 else (-1, -1)
+
+
+def build_metadata(
+    *,
+    kind,
+    base_model_fingerprint,
+    n_latents,
+    hidden_size,
+    num_layers,
+    base_model_id="",
+    lora_rank=None,
+    lora_alpha=None,
+    lora_target_modules=None,
+    config=None,
+):
+    """The ``__metadata__`` dict of an expert file, every value a string as safetensors wants."""
+    metadata = {
+        "format": FORMAT_TAG,
+        "kind": kind,
+        "base_model_fingerprint": base_model_fingerprint,
+        "base_model_id": base_model_id,
+        "n_latents": str(n_latents),
+        "hidden_size": str(hidden_size),
+        "num_layers": str(num_layers),
+        "config": json.dumps(config or {}, sort_keys=True),
+    }
+    if kind == "lora":
+        metadata["lora_rank"] = str(lora_rank)
+        metadata["lora_alpha"] = str(lora_alpha if lora_alpha is not None else lora_rank)
+        metadata["lora_target_modules"] = json.dumps(sorted(lora_target_modules or []))
+    return metadata
+
+
+def save_expert(path, tensors, metadata):
+    """Write ``tensors`` (name -> torch tensor) and ``metadata`` as one safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_expert(path, device="cpu"):
+    """Read an expert file: (tensors, metadata). Uses safetensors only; nothing is unpickled."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=device) as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    return tensors, metadata

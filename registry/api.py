@@ -1,0 +1,75 @@
+"""What the whole API version shares: pagination, errors, strict serializers, ordering."""
+
+from django.db.models import F
+from rest_framework import exceptions, filters, pagination, serializers, status
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from coprocessor.artifact import ArtifactError
+
+from .models import VersionConflict
+from .storage import StorageUnavailable
+
+
+class Pagination(pagination.PageNumberPagination):
+    page_size_query_param = "page_size"
+    max_page_size = 100
+
+
+class Conflict(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "conflicts with the current state"
+    default_code = "conflict"
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "upload is too large"
+    default_code = "too_large"
+
+
+class ServiceUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "a backing service is unavailable; try again later"
+    default_code = "unavailable"
+
+
+def exception_handler(exc, context):
+    """DRF's handler, plus the domain errors that views let through."""
+    if isinstance(exc, ArtifactError):
+        exc = exceptions.ValidationError({"file": [str(exc)]})
+    elif isinstance(exc, VersionConflict):
+        exc = Conflict(str(exc))
+    elif isinstance(exc, StorageUnavailable):
+        exc = ServiceUnavailable(str(exc))
+    return drf_exception_handler(exc, context)
+
+
+class StrictSerializer(serializers.Serializer):
+    """Rejects fields it does not know instead of silently ignoring them."""
+
+    def validate(self, attrs):
+        known = set(self.fields)
+        unknown = sorted(set(getattr(self, "initial_data", {}) or {}) - known)
+        if unknown:
+            raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
+        return super().validate(attrs)
+
+
+class StrictModelSerializer(StrictSerializer, serializers.ModelSerializer):
+    pass
+
+
+class NullsLastOrderingFilter(filters.OrderingFilter):
+    """Ordering where missing values (no rating, no measurement yet) sort last either way."""
+
+    def filter_queryset(self, request, queryset, view):
+        ordering = self.get_ordering(request, queryset, view)
+        if not ordering:
+            return queryset
+        expressions = [
+            F(field[1:]).desc(nulls_last=True)
+            if field.startswith("-")
+            else F(field).asc(nulls_last=True)
+            for field in ordering
+        ]
+        return queryset.order_by(*expressions, "-pk")

@@ -1,0 +1,332 @@
+"""The registry: base models, domains, experts and their versions, reviews, API keys."""
+
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import IntegrityError, models, transaction
+from django.db.models import Avg, Count, Q
+from django.utils import timezone
+
+from coprocessor.artifact import BaseModelSpec, read_header, validate
+
+from . import storage
+
+slug_validator = RegexValidator(
+    r"^[a-z0-9][a-z0-9._-]{0,99}$",
+    "use 1-100 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
+
+
+class BaseModel(models.Model):
+    """A frozen decoder that experts attach to. Imported once, never changed."""
+
+    slug = models.SlugField(max_length=100, unique=True)
+    source = models.CharField(max_length=500, help_text="Hub id, local path or GGUF file")
+    revision = models.CharField(max_length=100, blank=True)
+    architecture = models.CharField(max_length=100)
+    hidden_size = models.PositiveIntegerField()
+    num_layers = models.PositiveIntegerField()
+    vocab_size = models.PositiveIntegerField()
+    context_length = models.PositiveIntegerField(default=2048)
+    fingerprint = models.CharField(max_length=64, help_text="sha256 over config and weights")
+    weights_location = models.CharField(max_length=500, blank=True)
+    param_shapes = models.JSONField(default=dict, blank=True, help_text="parameter -> shape")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self):
+        return self.slug
+
+    def spec(self):
+        return BaseModelSpec(
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            fingerprint=self.fingerprint,
+            param_shapes=self.param_shapes,
+        )
+
+
+class Domain(models.Model):
+    slug = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class ExpertQuerySet(models.QuerySet):
+    def visible_to(self, user):
+        """What ``user`` may open by name: public and unlisted experts, and their own."""
+        if user is not None and user.is_authenticated and user.is_staff:
+            return self
+        visible = Q(visibility__in=[Expert.PUBLIC, Expert.UNLISTED])
+        if user is not None and user.is_authenticated:
+            visible |= Q(owner=user)
+        return self.filter(visible)
+
+    def listed_for(self, user):
+        """What shows up in ``user``'s catalog and search: unlisted experts only for the owner."""
+        listed = Q(visibility=Expert.PUBLIC)
+        if user is not None and user.is_authenticated:
+            listed |= Q(owner=user)
+        return self.visible_to(user).filter(listed)
+
+
+class Expert(models.Model):
+    PUBLIC, UNLISTED, PRIVATE = "public", "unlisted", "private"
+    VISIBILITY_CHOICES = [(PUBLIC, "Public"), (UNLISTED, "Unlisted"), (PRIVATE, "Private")]
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="experts"
+    )
+    name = models.CharField(max_length=100, validators=[slug_validator])
+    title = models.CharField(max_length=200, blank=True)
+    summary = models.CharField(max_length=500, blank=True)
+    model_card = models.TextField(blank=True, help_text="Markdown; sanitised when shown")
+    domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="experts")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="experts")
+    visibility = models.CharField(max_length=10, choices=VISIBILITY_CHOICES, default=PUBLIC)
+    license = models.CharField(max_length=100, default="apache-2.0")
+    tags = models.JSONField(default=list, blank=True)
+    download_count = models.PositiveBigIntegerField(default=0)
+    rating = models.FloatField(null=True, blank=True, help_text="mean stars of its reviews")
+    review_count = models.PositiveIntegerField(default=0)
+    # Perplexity reduction (%) of the newest evaluated version, measured by the platform.
+    measured_gain = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ExpertQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="unique_expert_per_owner")
+        ]
+        indexes = [
+            models.Index(fields=["-download_count"]),
+            models.Index(fields=["-created_at"]),
+            models.Index(fields=["visibility", "domain"]),
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.full_name
+
+    @property
+    def full_name(self):
+        return f"{self.owner.username}/{self.name}"
+
+    def latest_ready_version(self):
+        return self.versions.filter(status=ExpertVersion.READY).order_by("-number").first()
+
+    def next_version_number(self):
+        last = self.versions.aggregate(models.Max("number"))["number__max"]
+        return (last or 0) + 1
+
+    def update_rating(self):
+        stats = self.reviews.aggregate(mean=Avg("stars"), count=Count("id"))
+        Expert.objects.filter(pk=self.pk).update(rating=stats["mean"], review_count=stats["count"])
+
+    def count_download(self):
+        Expert.objects.filter(pk=self.pk).update(download_count=models.F("download_count") + 1)
+
+    def delete_with_artifacts(self):
+        """Delete the expert and, once committed, the stored files no other version uses."""
+        keys = list(self.versions.values_list("artifact_key", flat=True))
+        with transaction.atomic():
+            self.delete()
+            transaction.on_commit(lambda: [ExpertVersion._discard(key, True) for key in keys])
+
+
+class VersionConflict(Exception):
+    """The version number is taken (maybe by an upload that raced this one)."""
+
+
+class ExpertVersion(models.Model):
+    VALIDATING, READY, REJECTED = "validating", "ready", "rejected"
+    STATUS_CHOICES = [(VALIDATING, "Validating"), (READY, "Ready"), (REJECTED, "Rejected")]
+    KIND_CHOICES = [("lora", "LoRA"), ("full", "Full copy")]
+
+    expert = models.ForeignKey(Expert, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    artifact_key = models.CharField(max_length=200, help_text="experts/<sha256>.safetensors")
+    sha256 = models.CharField(max_length=64)
+    size = models.PositiveBigIntegerField()
+    kind = models.CharField(max_length=10, choices=KIND_CHOICES)
+    n_latents = models.PositiveIntegerField()
+    config = models.JSONField(default=dict, blank=True, help_text="settings from the file header")
+    metrics = models.JSONField(default=dict, blank=True, help_text="measured by the platform")
+    claimed_metrics = models.JSONField(default=dict, blank=True, help_text="said by the publisher")
+    status = models.CharField(max_length=12, choices=STATUS_CHOICES, default=VALIDATING)
+    status_reason = models.TextField(blank=True)
+    changelog = models.TextField(blank=True)
+    download_count = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["expert", "number"], name="unique_version_number")
+        ]
+        ordering = ["-number"]
+
+    def __str__(self):
+        return f"{self.expert_id}@{self.number}"
+
+    @classmethod
+    def publish(
+        cls, expert, fileobj, *, sha256, size, number=None, changelog="", claimed_metrics=None
+    ):
+        """Validate an expert file, store it, and make it the expert's next ready version.
+
+        1. Validate from the safetensors header alone (ArtifactError: nothing changes).
+        2. Lock the expert row so concurrent uploads to one expert take turns.
+        3. Store the bytes under their content address, then create the row.
+        4. If anything fails after storing, remove the object unless another version uses it.
+        """
+        header = read_header(fileobj, size)
+        validate(
+            header,
+            expert.base_model.spec(),
+            file_size=size,
+            max_bytes=settings.LATENTRY_MAX_ARTIFACT_BYTES,
+        )
+        key = storage.content_key(sha256)
+        created = False
+        try:
+            with transaction.atomic():
+                locked = Expert.objects.select_for_update().get(pk=expert.pk)
+                number = number or locked.next_version_number()
+                if cls.objects.filter(expert=locked, number=number).exists():
+                    raise VersionConflict(f"version {number} of {expert.full_name} exists")
+                created = storage.put(key, fileobj)
+                return cls.objects.create(
+                    expert=locked,
+                    number=number,
+                    artifact_key=key,
+                    sha256=sha256,
+                    size=size,
+                    kind=header.kind,
+                    n_latents=header.n_latents,
+                    config=header.config,
+                    claimed_metrics=claimed_metrics or {},
+                    changelog=changelog,
+                    status=cls.READY,
+                )
+        except IntegrityError:
+            cls._discard(key, created)
+            raise VersionConflict(f"version {number} of {expert.full_name} exists") from None
+        except BaseException:
+            cls._discard(key, created)
+            raise
+
+    @classmethod
+    def _discard(cls, key, created):
+        if created and not cls.objects.filter(artifact_key=key).exists():
+            storage.delete(key)
+
+    def open_artifact(self):
+        return storage.open_artifact(self.artifact_key)
+
+    def download_filename(self):
+        return f"{self.expert.owner.username}--{self.expert.name}--v{self.number}.safetensors"
+
+    def count_download(self):
+        ExpertVersion.objects.filter(pk=self.pk).update(
+            download_count=models.F("download_count") + 1
+        )
+        self.expert.count_download()
+
+
+class Review(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="reviews"
+    )
+    expert = models.ForeignKey(Expert, on_delete=models.CASCADE, related_name="reviews")
+    stars = models.PositiveSmallIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(5)]
+    )
+    text = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "expert"], name="one_review_per_user"),
+            models.CheckConstraint(condition=Q(stars__gte=1, stars__lte=5), name="stars_1_to_5"),
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.user} on {self.expert}: {self.stars}"
+
+
+class ApiKey(models.Model):
+    """A bearer token. Only a sha256 of the secret is stored; the key is shown once."""
+
+    READ, WRITE = "read", "write"
+    SCOPES = (READ, WRITE)
+    PREFIX = "lat_"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True)
+    secret_sha256 = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.name})"
+
+    @classmethod
+    def create_for(cls, user, name, scopes=(READ, WRITE)):
+        """Make a key; return (api_key, plaintext). The plaintext is never stored."""
+        prefix = secrets.token_hex(4)
+        plaintext = f"{cls.PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+        key = cls.objects.create(
+            user=user,
+            name=name,
+            prefix=prefix,
+            secret_sha256=hashlib.sha256(plaintext.encode()).hexdigest(),
+            scopes=sorted(set(scopes)),
+        )
+        return key, plaintext
+
+    @classmethod
+    def parse_prefix(cls, plaintext):
+        if not plaintext.startswith(cls.PREFIX):
+            return None
+        prefix, _, secret = plaintext[len(cls.PREFIX) :].partition("_")
+        return prefix if prefix and secret else None
+
+    def matches(self, plaintext):
+        digest = hashlib.sha256(plaintext.encode()).hexdigest()
+        return secrets.compare_digest(digest, self.secret_sha256)
+
+    def has_scope(self, scope):
+        return scope in self.scopes
+
+    def touch(self):
+        now = timezone.now()
+        ApiKey.objects.filter(pk=self.pk).update(last_used_at=now)
+        self.last_used_at = now
+
+    def revoke(self):
+        ApiKey.objects.filter(pk=self.pk, revoked_at=None).update(revoked_at=timezone.now())

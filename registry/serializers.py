@@ -1,0 +1,175 @@
+import json
+
+from django.conf import settings
+from django.urls import reverse
+from rest_framework import serializers
+
+from .api import PayloadTooLarge, StrictModelSerializer, StrictSerializer
+from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review
+
+
+class BaseModelSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = BaseModel
+        fields = [
+            "slug",
+            "source",
+            "revision",
+            "architecture",
+            "hidden_size",
+            "num_layers",
+            "vocab_size",
+            "context_length",
+            "fingerprint",
+            "created_at",
+        ]
+
+
+class DomainSerializer(serializers.ModelSerializer):
+    parent = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+
+    class Meta:
+        model = Domain
+        fields = ["slug", "name", "description", "parent"]
+
+
+class ExpertSerializer(StrictModelSerializer):
+    id = serializers.CharField(source="full_name", read_only=True)
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    domain = serializers.SlugRelatedField(slug_field="slug", queryset=Domain.objects.all())
+    base_model = serializers.SlugRelatedField(slug_field="slug", queryset=BaseModel.objects.all())
+    tags = serializers.ListField(
+        child=serializers.RegexField(
+            r"^[a-z0-9][a-z0-9-]{0,39}$",
+            error_messages={"invalid": "tags are 1-40 lowercase letters, digits or '-'"},
+        ),
+        max_length=20,
+        required=False,
+    )
+    latest_version = serializers.IntegerField(read_only=True, default=None)
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Expert
+        fields = [
+            "id",
+            "owner",
+            "name",
+            "title",
+            "summary",
+            "model_card",
+            "domain",
+            "base_model",
+            "visibility",
+            "license",
+            "tags",
+            "download_count",
+            "rating",
+            "review_count",
+            "measured_gain",
+            "latest_version",
+            "created_at",
+            "updated_at",
+            "url",
+        ]
+        read_only_fields = ["download_count", "rating", "review_count", "measured_gain"]
+
+    def get_url(self, expert) -> str:
+        return reverse("api:expert-detail", args=[expert.owner.username, expert.name])
+
+    def validate_name(self, name):
+        if self.instance is not None and name != self.instance.name:
+            raise serializers.ValidationError("an expert cannot be renamed")
+        return name
+
+    def validate_base_model(self, base_model):
+        if self.instance is not None and base_model != self.instance.base_model:
+            raise serializers.ValidationError("the base model of an expert cannot change")
+        return base_model
+
+
+class ExpertVersionSerializer(serializers.ModelSerializer):
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ExpertVersion
+        fields = [
+            "number",
+            "status",
+            "status_reason",
+            "kind",
+            "n_latents",
+            "sha256",
+            "size",
+            "config",
+            "metrics",
+            "claimed_metrics",
+            "changelog",
+            "download_count",
+            "created_at",
+            "download_url",
+        ]
+        read_only_fields = fields
+
+    def get_download_url(self, version) -> str:
+        expert = version.expert
+        return reverse(
+            "api:version-download", args=[expert.owner.username, expert.name, version.number]
+        )
+
+
+class VersionUploadSerializer(StrictSerializer):
+    file = serializers.FileField(help_text="the expert's .safetensors file")
+    number = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False)
+    changelog = serializers.CharField(max_length=5000, required=False, allow_blank=True)
+    claimed_metrics = serializers.CharField(
+        required=False, help_text="JSON object of the publisher's own measurements"
+    )
+
+    def validate_file(self, upload):
+        limit = settings.LATENTRY_MAX_ARTIFACT_BYTES
+        if getattr(upload, "too_large", False) or upload.size > limit:
+            raise PayloadTooLarge(f"file is over the limit of {limit} bytes")
+        return upload
+
+    def validate_claimed_metrics(self, value):
+        try:
+            metrics = json.loads(value)
+        except json.JSONDecodeError:
+            raise serializers.ValidationError("must be a JSON object") from None
+        if not isinstance(metrics, dict):
+            raise serializers.ValidationError("must be a JSON object")
+        return metrics
+
+
+class ReviewSerializer(StrictModelSerializer):
+    user = serializers.CharField(source="user.username", read_only=True)
+
+    class Meta:
+        model = Review
+        fields = ["id", "user", "stars", "text", "created_at", "updated_at"]
+        extra_kwargs = {"stars": {"min_value": 1, "max_value": 5}}
+
+
+class ApiKeySerializer(StrictModelSerializer):
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=ApiKey.SCOPES),
+        min_length=1,
+        max_length=2,
+        default=lambda: [ApiKey.READ, ApiKey.WRITE],
+    )
+    key = serializers.CharField(read_only=True, help_text="the secret; shown only on creation")
+
+    class Meta:
+        model = ApiKey
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "scopes",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+            "key",
+        ]
+        read_only_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]

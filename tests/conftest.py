@@ -1,0 +1,274 @@
+"""Shared fixtures: personas, a tiny real base model, expert files, and both storage backends.
+
+Personas: alice owns experts, bob is another signed-up user, charlie is staff.
+"""
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rest_framework.test import APIClient
+
+from coprocessor import artifact
+from coprocessor.base_models import describe
+from registry.models import ApiKey, BaseModel, Domain, Expert
+
+TINY_LLAMA = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    """The spec (shapes, fingerprint) of a tiny randomly initialised llama model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return describe(LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)))
+
+
+@pytest.fixture
+def base_model(db, tiny_spec):
+    return BaseModel.objects.create(
+        slug="tiny-llama",
+        source="tests/tiny-llama",
+        architecture="LlamaForCausalLM",
+        hidden_size=tiny_spec.hidden_size,
+        num_layers=tiny_spec.num_layers,
+        vocab_size=TINY_LLAMA["vocab_size"],
+        fingerprint=tiny_spec.fingerprint,
+        param_shapes=tiny_spec.param_shapes,
+    )
+
+
+@pytest.fixture
+def domain(db):
+    return Domain.objects.create(slug="python", name="Python")
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-pass-1")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-pass-1")
+
+
+@pytest.fixture
+def charlie(django_user_model):
+    return django_user_model.objects.create_user("charlie", password="c", is_staff=True)
+
+
+def client_for(user=None):
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    return client
+
+
+@pytest.fixture
+def anon_client():
+    return APIClient()
+
+
+@pytest.fixture
+def alice_client(alice):
+    return client_for(alice)
+
+
+@pytest.fixture
+def bob_client(bob):
+    return client_for(bob)
+
+
+def bearer_client(user, scopes=(ApiKey.READ, ApiKey.WRITE)):
+    _, plaintext = ApiKey.create_for(user, "test", scopes)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+    return client
+
+
+@pytest.fixture
+def make_expert(base_model, domain, alice):
+    def make(name="pydoc", owner=None, visibility=Expert.PUBLIC, **fields):
+        return Expert.objects.create(
+            owner=owner or alice,
+            name=name,
+            title=fields.pop("title", name.title()),
+            domain=fields.pop("domain", domain),
+            base_model=fields.pop("base_model", base_model),
+            visibility=visibility,
+            **fields,
+        )
+
+    return make
+
+
+def expert_file_bytes(
+    spec, *, n_latents=4, rank=2, targets=("q_proj", "v_proj"), seed=0, tensors=None, metadata=None
+):
+    """A valid LoRA expert file for ``spec``; pass tensors/metadata to break it on purpose."""
+    generator = torch.Generator().manual_seed(seed)
+    made = {"soft_tokens": torch.randn(n_latents, spec.hidden_size, generator=generator)}
+    for layer in range(spec.num_layers):
+        for target in targets:
+            module = f"model.layers.{layer}.self_attn.{target}"
+            out_features, in_features = spec.param_shapes[f"{module}.weight"]
+            prefix = f"base_model.model.{module}"
+            made[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator)
+            made[f"{prefix}.lora_B.weight"] = torch.zeros(out_features, rank)
+    made.update(tensors or {})
+    meta = artifact.build_metadata(
+        kind="lora",
+        base_model_fingerprint=spec.fingerprint,
+        n_latents=n_latents,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        base_model_id="tiny-llama",
+        lora_rank=rank,
+        lora_alpha=2 * rank,
+        lora_target_modules=list(targets),
+        config={"ahead_tokens": 4},
+    )
+    meta.update(metadata or {})
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in made.items()}, metadata=meta)
+
+
+@pytest.fixture
+def expert_file(tiny_spec):
+    def make(**kwargs):
+        return expert_file_bytes(tiny_spec, **kwargs)
+
+    return make
+
+
+def upload(client, expert, data, filename="expert.safetensors", **fields):
+    return client.post(
+        f"/api/v1/experts/{expert.owner.username}/{expert.name}/versions/",
+        {"file": io.BytesIO(data) if isinstance(data, bytes) else data, **fields},
+        format="multipart",
+    )
+
+
+# --- storage backends ------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint: moto's server in its own process, for the whole session."""
+    port = free_port()
+    moto_server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    process = subprocess.Popen(
+        [moto_server, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError("moto server did not start")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def s3_storage_settings(endpoint, bucket):
+    return {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": bucket,
+            "endpoint_url": endpoint,
+            "region_name": "us-east-1",
+            "querystring_expire": 60,
+            "file_overwrite": True,
+            "default_acl": None,
+            "signature_version": "s3v4",
+        },
+    }
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def artifact_backend(request, settings, tmp_path):
+    """Run a test once against local disk and once against the S3 endpoint."""
+    if request.param == "filesystem":
+        settings.STORAGES = {
+            **settings.STORAGES,
+            "artifacts": {
+                "BACKEND": "django.core.files.storage.FileSystemStorage",
+                "OPTIONS": {"location": tmp_path / "artifacts"},
+            },
+        }
+    else:
+        import boto3
+
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = f"test-{request.node.name.lower().replace('[', '-').replace(']', '')}"[:60]
+        bucket = "".join(c if c.isalnum() or c == "-" else "-" for c in bucket).strip("-")
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket=bucket)
+        settings.STORAGES = {
+            **settings.STORAGES,
+            "artifacts": s3_storage_settings(endpoint, bucket),
+        }
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def isolated_artifacts(settings, tmp_path):
+    """Never write to the developer's var/artifacts from a test."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "artifacts": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": tmp_path / "artifacts"},
+        },
+    }
+
+
+def stored_keys():
+    """Every object key in the current artifact storage."""
+    from registry import storage
+
+    backend = storage.artifacts()
+    if not storage.is_s3() and not Path(backend.location).exists():
+        return []
+    keys = []
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        dirs, files = backend.listdir(prefix)
+        keys += [f"{prefix}{f}" for f in files]
+        stack += [f"{prefix}{d}/" for d in dirs]
+    return sorted(keys)

@@ -1,0 +1,86 @@
+"""API keys: bearer authentication, stored only as hashes, scopes, revocation."""
+
+import hashlib
+
+import pytest
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from registry.models import ApiKey
+from tests.conftest import bearer_client
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_created_key_is_shown_once_and_stored_as_a_hash(alice_client, alice):
+    response = alice_client.post("/api/v1/api-keys/", {"name": "laptop"})
+    assert response.status_code == 201
+    plaintext = response.json()["key"]
+    assert plaintext.startswith("lat_")
+    key = ApiKey.objects.get()
+    assert key.secret_sha256 == hashlib.sha256(plaintext.encode()).hexdigest()
+    assert plaintext not in str(ApiKey.objects.values())
+    listed = alice_client.get("/api/v1/api-keys/").json()["results"]
+    assert "key" not in listed[0] or listed[0]["key"] is None
+    assert listed[0]["scopes"] == ["read", "write"]
+
+
+def test_a_bearer_key_authenticates(alice, base_model, domain):
+    client = bearer_client(alice)
+    response = client.post(
+        "/api/v1/experts/", {"name": "via-key", "domain": "python", "base_model": "tiny-llama"}
+    )
+    assert response.status_code == 201
+    assert response.json()["owner"] == "alice"
+    assert ApiKey.objects.get().last_used_at is not None
+
+
+def test_a_read_only_key_cannot_write(alice, base_model, domain):
+    client = bearer_client(alice, scopes=[ApiKey.READ])
+    assert client.get("/api/v1/experts/").status_code == 200
+    response = client.post(
+        "/api/v1/experts/", {"name": "x", "domain": "python", "base_model": "tiny-llama"}
+    )
+    assert response.status_code == 403
+    assert "read-only" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer lat_nothing_here", "Bearer garbage", "Bearer ", "Bearer lat_abcd1234_wrongsecret"],
+)
+def test_bad_keys_are_401(header, alice):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=header)
+    response = client.get("/api/v1/experts/")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_revoked_key_stops_working(alice_client, alice):
+    created = alice_client.post("/api/v1/api-keys/", {"name": "old"}).json()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {created['key']}")
+    assert client.get("/api/v1/api-keys/").status_code == 200
+    assert alice_client.delete(f"/api/v1/api-keys/{created['id']}/").status_code == 204
+    assert client.get("/api/v1/api-keys/").status_code == 401
+
+
+def test_users_see_only_their_own_keys(alice_client, bob_client, alice):
+    created = alice_client.post("/api/v1/api-keys/", {"name": "mine"}).json()
+    assert bob_client.get("/api/v1/api-keys/").json()["count"] == 0
+    assert bob_client.delete(f"/api/v1/api-keys/{created['id']}/").status_code == 404
+
+
+def test_bad_scopes_are_400(alice_client):
+    response = alice_client.post("/api/v1/api-keys/", {"name": "x", "scopes": ["admin"]})
+    assert response.status_code == 400
+    assert "scopes" in response.json()
+
+
+def test_the_command_prints_a_working_key(alice, capsys):
+    call_command("create_api_key", "alice", "--name", "ci", "--read-only")
+    plaintext = capsys.readouterr().out.strip()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+    assert client.get("/api/v1/api-keys/").json()["results"][0]["scopes"] == ["read"]
