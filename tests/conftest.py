@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from coprocessor import artifact
@@ -246,6 +247,12 @@ def artifact_backend(request, settings, tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def empty_cache():
+    """No test sees a catalog page that an earlier test cached."""
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def isolated_artifacts(settings, tmp_path):
     """Never write to the developer's var/artifacts from a test."""
     settings.STORAGES = {
@@ -272,3 +279,9 @@ def stored_keys():
         keys += [f"{prefix}{f}" for f in files]
         stack += [f"{prefix}{d}/" for d in dirs]
     return sorted(keys)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and a second thread fights the other core."""
+    torch.set_num_threads(1)

@@ -1,5 +1,6 @@
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
 from registry.models import Domain
@@ -17,9 +18,13 @@ DOMAINS = [
 
 
 class Command(BaseCommand):
-    help = "Create demo domains and a demo user. Safe to run more than once."
+    help = "Create demo domains, a demo user and the default base model. Safe to run twice."
 
-    def handle(self, **options):
+    def add_arguments(self, parser):
+        parser.add_argument("--no-base-model", action="store_true",
+                            help="skip importing SmolLM2-135M-Instruct (slow the first time)")
+
+    def handle(self, no_base_model, **options):
         for slug, name, description, parent in DOMAINS:
             Domain.objects.update_or_create(
                 slug=slug,
@@ -31,6 +36,8 @@ class Command(BaseCommand):
             )
         self.stdout.write(f"{len(DOMAINS)} domains")
         self.seed_demo_user()
+        if not no_base_model:
+            call_command("import_base_model", stdout=self.stdout)
 
     def seed_demo_user(self):
         User = get_user_model()

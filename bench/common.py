@@ -1,0 +1,51 @@
+"""Shared set-up of the ML benchmarks: threads, the real base model, the corpus."""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from coprocessor import base_models, corpus  # noqa: E402
+
+MODEL_CACHE = ROOT / "var" / "base_models" / base_models.DEFAULT_SLUG
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--text", help="a .txt or .jsonl corpus instead of the Python docs")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)),
+                   help="torch threads; more than the free cores slows CPU runs down")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def setup(args):
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tokenizer = base_models.load_default(MODEL_CACHE, device=args.device)
+    print(f"base model {base_models.DEFAULT_SLUG} on {args.device}, loaded in "
+          f"{time.perf_counter() - started:.1f} s, {args.threads} threads")
+    return model, tokenizer
+
+
+def corpus_ids(args, tokenizer):
+    """Token ids of the train and held-out parts."""
+    if args.text:
+        train, heldout = corpus.split_texts(corpus.read_texts(args.text))
+        name = args.text
+    else:
+        train, heldout = corpus.demo_split()
+        name = "pydoc_data.topics (every 10th topic held out)"
+    train_ids, heldout_ids = corpus.tokenize(tokenizer, train), corpus.tokenize(tokenizer, heldout)
+    print(f"corpus {name}: {len(train_ids)} training tokens, {len(heldout_ids)} held-out")
+    return train_ids, heldout_ids
+
+
+def space_token(tokenizer):
+    return tokenizer(" ", add_special_tokens=False)["input_ids"][-1]

@@ -1,0 +1,102 @@
+"""Training speed of the coprocessor objective vs a PEFT LoRA fine-tune, same windows.
+
+Counts the tokens that carry loss: windows x positions x ahead for the coprocessor, windows x
+(window - 1) for the fine-tune. Both run the same number of steps on the same batches, in the
+same process, after a warm-up step each.
+
+    python bench/train_speed.py [--steps 5]
+
+Ends with RESULT train_speed_ratio=<coprocessor/finetune tokens per second>.
+"""
+
+import copy
+import time
+
+import torch
+from common import corpus_ids, parser, setup, space_token
+
+from coprocessor.augment import Coprocessor
+from coprocessor.train import TrainConfig, _train_step, make_optimizer, sample_windows
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--n-latents", type=int, default=8)
+    p.add_argument("--ahead", type=int, default=16)
+    p.add_argument("--positions", type=int, default=8)
+    p.add_argument("--windows-per-step", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=16)
+    args = p.parse_args()
+    model, tokenizer = setup(args)
+    train_ids, _ = corpus_ids(args, tokenizer)
+    config = TrainConfig(n_latents=args.n_latents, ahead_tokens=args.ahead,
+                         positions_per_window=args.positions,
+                         windows_per_step=args.windows_per_step, lora_rank=args.lora_rank,
+                         lora_alpha=2 * args.lora_rank, anchor_token_id=space_token(tokenizer))
+    print(f"settings: {config.to_dict()}")
+    coprocessor_s = time_coprocessor(model, train_ids, config, args.steps, args.device)
+    finetune_s = time_finetune(model, train_ids, config, args.steps, args.device)
+    target_tokens = config.windows_per_step * config.positions_per_window * config.ahead_tokens
+    finetune_tokens = config.windows_per_step * (config.window - 1)
+    rows = [("coprocessor objective", target_tokens, coprocessor_s),
+            ("PEFT LoRA fine-tune", finetune_tokens, finetune_s)]
+    print(f"\n{'':24} {'loss tokens/step':>16} {'s/step':>8} {'tokens/s':>9}")
+    for name, tokens, seconds in rows:
+        print(f"{name:24} {tokens:16d} {seconds:8.3f} {tokens / seconds:9.1f}")
+    ratio = (target_tokens / coprocessor_s) / (finetune_tokens / finetune_s)
+    print(f"RESULT train_speed_ratio={ratio:.3f}")
+
+
+def time_coprocessor(model, train_ids, config, steps, device):
+    expert = Coprocessor(model, config.coprocessor_config()).to(device).train()
+    optimizer = make_optimizer(expert, config)
+    generator = torch.Generator().manual_seed(0)
+    dev = torch.device(device)
+    autocast = torch.bfloat16 if dev.type == "cuda" else None
+    _train_step(model, expert, train_ids, config, optimizer, generator, dev, autocast)  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        _train_step(model, expert, train_ids, config, optimizer, generator, dev, autocast)
+    synchronize(device)
+    return (time.perf_counter() - started) / steps
+
+
+def time_finetune(model, train_ids, config, steps, device):
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in n})
+    tuned = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets))
+    tuned.train()
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=5e-4)
+    generator = torch.Generator().manual_seed(0)
+    autocast = torch.device(device).type == "cuda"
+
+    def step():
+        windows, _ = sample_windows(train_ids, config, config.windows_per_step, generator)
+        windows = windows.to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            loss = tuned(input_ids=windows, labels=windows).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - started) / steps
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

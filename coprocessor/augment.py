@@ -1,0 +1,446 @@
+"""The coprocessor: soft tokens in, latents out, written into the frozen decoder's cache.
+
+The frozen decoder D reads a prefix and holds its kv-cache. The coprocessor C (D's own weights
+plus LoRA deltas, or a trainable full copy) reads that cache as its past together with
+``n_latents`` soft tokens; a small latent head maps C's last hidden states to the latents z. D
+then continues from its cache over z and decodes as usual.
+
+Two choices make small-budget training work (see NOTES-method.md):
+
+- The latents go *before the last prompt token*, and all of them take that token's position: D
+  prefills ``x[:-1]``, reads z, then the last token, so the query that predicts the next token is
+  a real token and real tokens keep their positions exactly.
+- An untrained expert is nearly invisible: z starts as fixed anchor embeddings (the projection
+  is zero-initialised) and every query's attention to a latent gets a learned bias (the gate)
+  that starts very negative. Training opens the gate as the latents become useful.
+
+D is never mutated: LoRA is applied by forward hooks that act only while a coprocessor pass is
+running in the current context (a ContextVar), so concurrent callers and plain passes through
+the same decoder see plain D.
+"""
+
+import contextlib
+import contextvars
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from . import artifact
+
+_ACTIVE_LORA = contextvars.ContextVar("latentry_active_lora", default=None)
+
+
+@dataclass
+class CoprocessorConfig:
+    n_latents: int = 8
+    kind: str = "lora"  # "lora": deltas on D's weights (MBs); "full": a trainable copy of D
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    # Leaf names of the linear layers that get LoRA; empty means every linear layer inside the
+    # decoder blocks (attention and MLP), the most capacity for the fewest extra bytes.
+    lora_targets: tuple[str, ...] = ()
+    # Initial attention bias on latent keys. On SmolLM2-135M with 8 latents, -4 leaves held-out
+    # perplexity within 0.02% of plain D (-2: +2.3%, 0: +33%), yet the bias still gets a
+    # gradient and opens as training finds a use for the latents.
+    gate_init: float = -4.0
+    # The latents start as this token's embedding (a space works well); None: a random token.
+    anchor_token_id: int | None = None
+    seed: int = 0
+
+    def to_dict(self):
+        data = asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        return data
+
+
+# --- attention masks and caches ---------------------------------------------------------------
+
+
+def negative(dtype):
+    return torch.finfo(dtype).min
+
+
+def attention_bias(past_bias, new_bias):
+    """The 4D additive mask for a forward over Q new positions after P cached ones.
+
+    past_bias: [B, P] bias of every cached key column (0 visible, ``negative`` hidden, the gate
+    for latents). new_bias: [B, Q] bias of each new position as a key. New positions are causal
+    among themselves. Returns [B, 1, Q, P + Q]; differentiable in both biases.
+    """
+    batch, queries = new_bias.shape
+    neg = negative(new_bias.dtype)
+    causal = torch.ones(queries, queries, dtype=torch.bool, device=new_bias.device).tril()
+    new = torch.where(causal, new_bias[:, None, :], torch.full_like(new_bias[:, None, :], neg))
+    past = past_bias[:, None, :].expand(batch, queries, past_bias.shape[1])
+    return torch.cat([past, new], dim=-1)[:, None]
+
+
+def as_cache(past):
+    """A fresh DynamicCache over ``past`` tensors: a forward mutates the cache it is given."""
+    if past is None:
+        return DynamicCache()
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in past])
+
+
+def cache_tensors(cache):
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def past_length(past):
+    return 0 if not past else past[0][0].shape[-2]
+
+
+def select_rows(past, rows):
+    return [(k[rows], v[rows]) for k, v in past]
+
+
+def run_decoder(decoder, *, past, past_bias, inputs_embeds, new_bias, positions, logits_last=0):
+    """One forward of D over new positions; returns (hidden or logits, updated past tensors).
+
+    logits_last > 0 computes the LM head on the last ``logits_last`` positions only (the
+    vocabulary is large); 0 returns the last hidden states instead.
+    """
+    mask = attention_bias(past_bias, new_bias.to(inputs_embeds.dtype))
+    cache = as_cache(past)
+    out = decoder.base_model(
+        inputs_embeds=inputs_embeds,
+        past_key_values=cache,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+    )
+    hidden = out.last_hidden_state
+    if logits_last:
+        hidden = decoder.get_output_embeddings()(hidden[:, -logits_last:])
+    return hidden, cache_tensors(cache)
+
+
+def embed(decoder, token_ids):
+    return decoder.get_input_embeddings()(token_ids)
+
+
+# --- LoRA through hooks -----------------------------------------------------------------------
+
+
+def linear_layers(decoder):
+    """(name, module) of every linear layer inside the decoder blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in decoder.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and artifact.LAYER_INDEX.search(f".{name}"):
+            yield name, module
+
+
+def in_out_features(module):
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # transformers' Conv1D is [in, out]
+
+
+def _lora_hook(module, args, output):
+    active = _ACTIVE_LORA.get()
+    if not active:
+        return None
+    adapter = active.get(id(module))
+    if adapter is None:
+        return None
+    lora_a, lora_b, scale = adapter
+    x = args[0]
+    return output + (x.to(lora_a.dtype) @ lora_a.t() @ lora_b.t()).to(output.dtype) * scale
+
+
+def install_lora_hooks(decoder):
+    """Hook every linear layer once; the hooks do nothing unless a coprocessor is active."""
+    if getattr(decoder, "_latentry_hooked", False):
+        return
+    for _, module in linear_layers(decoder):
+        module.register_forward_hook(_lora_hook)
+    decoder._latentry_hooked = True
+
+
+# --- the coprocessor --------------------------------------------------------------------------
+
+
+class LatentHead(nn.Module):
+    """z = anchors + proj(h): starts at fixed, in-distribution anchor embeddings."""
+
+    def __init__(self, hidden, n_latents, anchor, gate_init):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.anchors = nn.Parameter(anchor.detach().clone().expand(n_latents, hidden).clone())
+        self.gate = nn.Parameter(torch.full((n_latents,), float(gate_init)))
+
+    def forward(self, hidden):  # (B, L, H) -> (B, L, H)
+        return self.anchors + self.proj(hidden)
+
+
+class Coprocessor(nn.Module):
+    """An expert: soft tokens, the latent head, and C's trainable part (LoRA or a full copy).
+
+    The frozen decoder is held by reference, not registered as a submodule, so that
+    ``parameters()`` and ``state_dict()`` hold only the expert.
+    """
+
+    def __init__(self, decoder, config=None, anchor_token_id=None):
+        super().__init__()
+        self.config = config = config or CoprocessorConfig()
+        self._decoder = (decoder,)
+        generator = torch.Generator().manual_seed(config.seed)
+        embeddings = decoder.get_input_embeddings().weight.detach()
+        hidden = embeddings.shape[1]
+        # Soft tokens start as real token embeddings, so C first sees familiar inputs.
+        picks = torch.randint(0, embeddings.shape[0], (config.n_latents,), generator=generator)
+        self.soft_tokens = nn.Parameter(embeddings[picks].clone().float())
+        if anchor_token_id is None:
+            anchor_token_id = config.anchor_token_id
+        anchor = embeddings[anchor_token_id if anchor_token_id is not None else picks[0]]
+        self.latent_head = LatentHead(hidden, config.n_latents, anchor.float(), config.gate_init)
+        self.lora_names = []
+        if config.kind == "lora":
+            self._init_lora(decoder, generator)
+        elif config.kind == "full":
+            self.full = copy.deepcopy(decoder)
+            self.full.requires_grad_(True)
+        else:
+            raise ValueError(f"kind must be 'lora' or 'full', got {config.kind!r}")
+
+    @property
+    def decoder(self):
+        return self._decoder[0]
+
+    def _init_lora(self, decoder, generator):
+        install_lora_hooks(decoder)
+        targets = set(self.config.lora_targets)
+        self.lora_a, self.lora_b = nn.ParameterList(), nn.ParameterList()
+        self._modules_by_index = []
+        for name, module in linear_layers(decoder):
+            if targets and name.rsplit(".", 1)[-1] not in targets:
+                continue
+            fan_in, fan_out = in_out_features(module)
+            a = torch.empty(self.config.lora_rank, fan_in)
+            # PEFT's default: kaiming-uniform A, zero B, so the delta starts at exactly zero.
+            bound = 1 / math.sqrt(fan_in)
+            a.uniform_(-bound, bound, generator=generator)
+            self.lora_a.append(nn.Parameter(a))
+            self.lora_b.append(nn.Parameter(torch.zeros(fan_out, self.config.lora_rank)))
+            self.lora_names.append(name)
+            self._modules_by_index.append(module)
+        if not self.lora_names:
+            raise ValueError(f"no linear layers match lora_targets {sorted(targets)}")
+
+    @property
+    def lora_scale(self):
+        return self.config.lora_alpha / self.config.lora_rank
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within this block (and this context only), D's linear layers carry the LoRA deltas."""
+        if self.config.kind != "lora":
+            yield
+            return
+        adapters = {
+            id(module): (a, b, self.lora_scale)
+            for module, a, b in zip(self._modules_by_index, self.lora_a, self.lora_b, strict=True)
+        }
+        token = _ACTIVE_LORA.set(adapters)
+        try:
+            yield
+        finally:
+            _ACTIVE_LORA.reset(token)
+
+    def latents(self, past, past_bias, positions):
+        """Run C over the soft tokens with D's cache as its past. Returns z: (B, L, H).
+
+        positions: (B,) the position the next real token will take; every soft token gets it.
+        """
+        batch = past_bias.shape[0]
+        n_latents = self.config.n_latents
+        body = self.full if self.config.kind == "full" else self.decoder
+        dtype = next(body.parameters()).dtype
+        soft = self.soft_tokens.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        new_bias = torch.zeros(batch, n_latents, dtype=dtype, device=soft.device)
+        with self.active():
+            hidden, _ = run_decoder(
+                body,
+                past=past,
+                past_bias=past_bias.to(dtype),
+                inputs_embeds=soft,
+                new_bias=new_bias,
+                positions=positions[:, None].expand(batch, n_latents),
+            )
+        return self.latent_head(hidden.float())
+
+    def gate_bias(self, batch):
+        return self.latent_head.gate.unsqueeze(0).expand(batch, -1)
+
+    # --- the expert file ----------------------------------------------------------------------
+
+    def expert_tensors(self):
+        """Tensors for the expert file, LoRA under PEFT's names."""
+        tensors = {"soft_tokens": self.soft_tokens.detach()}
+        for name, value in self.latent_head.named_parameters():
+            tensors[f"latent_head.{name}"] = value.detach()
+        if self.config.kind == "lora":
+            for name, a, b in zip(self.lora_names, self.lora_a, self.lora_b, strict=True):
+                tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach()
+                tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach()
+        else:
+            for name, value in self.full.state_dict().items():
+                tensors[f"coprocessor.{name}"] = value.detach()
+        return {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+
+    def expert_metadata(self, base_fingerprint, base_model_id="", training=None):
+        config = self.config
+        targets = sorted({name.rsplit(".", 1)[-1] for name in self.lora_names})
+        return artifact.build_metadata(
+            kind=config.kind,
+            base_model_fingerprint=base_fingerprint,
+            base_model_id=base_model_id,
+            n_latents=config.n_latents,
+            hidden_size=self.decoder.config.hidden_size,
+            num_layers=self.decoder.config.num_hidden_layers,
+            lora_rank=config.lora_rank if config.kind == "lora" else None,
+            lora_alpha=config.lora_alpha if config.kind == "lora" else None,
+            lora_target_modules=targets,
+            config={"coprocessor": config.to_dict(), "training": training or {}},
+        )
+
+    def save(self, path, base_fingerprint, base_model_id="", training=None):
+        artifact.save_expert(
+            path, self.expert_tensors(),
+            self.expert_metadata(base_fingerprint, base_model_id, training),
+        )
+
+    @classmethod
+    def from_tensors(cls, decoder, tensors, metadata):
+        """Rebuild an expert from a file's tensors and metadata (see ``artifact.load_expert``)."""
+        saved = artifact._json_field(metadata, "config", default={}).get("coprocessor", {})
+        saved["lora_targets"] = tuple(saved.get("lora_targets", ()))
+        config = CoprocessorConfig(**{**saved, "n_latents": int(metadata["n_latents"]),
+                                      "kind": metadata["kind"]})
+        if config.kind == "lora":
+            config.lora_rank = int(metadata["lora_rank"])
+            config.lora_alpha = float(metadata["lora_alpha"])
+        expert = cls(decoder, config)
+        expert.load_expert_tensors(tensors)
+        return expert
+
+    @classmethod
+    def load(cls, decoder, path):
+        tensors, metadata = artifact.load_expert(path)
+        return cls.from_tensors(decoder, tensors, metadata)
+
+    def load_expert_tensors(self, tensors):
+        own = self.expert_tensors()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise artifact.ArtifactError(
+                f"expert tensors do not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        with torch.no_grad():
+            self.soft_tokens.copy_(tensors["soft_tokens"])
+            for name, value in self.latent_head.named_parameters():
+                value.copy_(tensors[f"latent_head.{name}"])
+            if self.config.kind == "lora":
+                for name, a, b in zip(self.lora_names, self.lora_a, self.lora_b, strict=True):
+                    a.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
+                    b.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
+            else:
+                state = {k[len("coprocessor."):]: v for k, v in tensors.items()
+                         if k.startswith("coprocessor.")}
+                self.full.load_state_dict(state)
+
+
+class SoftTokens(nn.Module):
+    """The baseline without a coprocessor: N_L trainable embeddings are the latents.
+
+    Same placement and gate as an expert (arXiv 2510.00494 found this nearly matches the
+    two-model design), so the coprocessor must earn its cost against it.
+    """
+
+    def __init__(self, decoder, n_latents=8, gate_init=-4.0, anchor_token_id=None, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        embeddings = decoder.get_input_embeddings().weight.detach()
+        picks = torch.randint(0, embeddings.shape[0], (n_latents,), generator=generator)
+        anchor = embeddings[anchor_token_id if anchor_token_id is not None else picks[0]]
+        self.latent_head = LatentHead(embeddings.shape[1], n_latents, anchor.float(), gate_init)
+
+    def latents(self, past, past_bias, positions):
+        return self.latent_head.anchors.unsqueeze(0).expand(past_bias.shape[0], -1, -1)
+
+    def gate_bias(self, batch):
+        return self.latent_head.gate.unsqueeze(0).expand(batch, -1)
+
+
+@dataclass
+class Augmented:
+    """The result of the augmented forward at one position per row."""
+
+    logits: torch.Tensor  # (B, M, V) for the M fed tokens
+    past: list = field(repr=False)  # D's cache after latents and tokens
+    past_bias: torch.Tensor = field(repr=False)  # (B, P + L + M)
+
+
+def augmented_forward(decoder, expert, *, past, past_bias, tokens, positions, logits_last=None):
+    """D over [latents, tokens] after its cache; with ``expert=None``, over tokens alone.
+
+    past/past_bias: D's cache of each row's prefix (all but the last prompt token, left-padded
+    or masked). tokens: (B, M) the last prompt token and any following ones. positions: (B,)
+    the position of tokens[:, 0]; latents share it.
+    """
+    batch, n_tokens = tokens.shape
+    dtype = next(decoder.parameters()).dtype
+    token_embeds = embed(decoder, tokens)
+    token_positions = positions[:, None] + torch.arange(n_tokens, device=tokens.device)
+    token_bias = torch.zeros(batch, n_tokens, dtype=dtype, device=tokens.device)
+    if expert is None:
+        inputs, new_bias, new_positions = token_embeds, token_bias, token_positions
+    else:
+        z = expert.latents(past, past_bias, positions).to(dtype)
+        inputs = torch.cat([z, token_embeds], dim=1)
+        gate = expert.gate_bias(batch).to(dtype)
+        new_bias = torch.cat([gate, token_bias], dim=1)
+        latent_positions = positions[:, None].expand(batch, z.shape[1])
+        new_positions = torch.cat([latent_positions, token_positions], dim=1)
+    logits, new_past = run_decoder(
+        decoder,
+        past=past,
+        past_bias=past_bias.to(dtype),
+        inputs_embeds=inputs,
+        new_bias=new_bias,
+        positions=new_positions,
+        logits_last=logits_last or n_tokens,
+    )
+    return Augmented(logits=logits, past=new_past,
+                     past_bias=torch.cat([past_bias.to(dtype), new_bias.detach()], dim=1))
+
+
+def prefill(decoder, token_ids, visible):
+    """D's cache over left-padded ``token_ids`` (B, T); visible marks real tokens.
+
+    Returns (past, past_bias, next_positions) where next_positions is the position the next
+    token of each row takes.
+    """
+    dtype = next(decoder.parameters()).dtype
+    neg = negative(dtype)
+    bias = torch.where(visible, 0.0, neg).to(dtype)
+    positions = (visible.long().cumsum(-1) - 1).clamp(min=0)
+    if token_ids.shape[1] == 0:
+        return None, bias, visible.long().sum(-1)
+    _, past = run_decoder(
+        decoder,
+        past=None,
+        past_bias=bias[:, :0],
+        inputs_embeds=embed(decoder, token_ids),
+        new_bias=bias,
+        positions=positions,
+    )
+    return past, bias, visible.long().sum(-1)

