@@ -19,8 +19,12 @@ MODEL_CACHE = ROOT / "var" / "base_models" / base_models.DEFAULT_SLUG
 def parser(description):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--text", help="a .txt or .jsonl corpus instead of the Python docs")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)),
-                   help="torch threads; more than the free cores slows CPU runs down")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("BENCH_THREADS", 2)),
+        help="torch threads; more than the free cores slows CPU runs down",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -29,8 +33,10 @@ def setup(args):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer = base_models.load_default(MODEL_CACHE, device=args.device)
-    print(f"base model {base_models.DEFAULT_SLUG} on {args.device}, loaded in "
-          f"{time.perf_counter() - started:.1f} s, {args.threads} threads")
+    print(
+        f"base model {base_models.DEFAULT_SLUG} on {args.device}, loaded in "
+        f"{time.perf_counter() - started:.1f} s, {args.threads} threads"
+    )
     return model, tokenizer
 
 

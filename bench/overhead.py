@@ -29,12 +29,22 @@ def main():
     model, tokenizer = setup(args)
     _, heldout_ids = corpus_ids(args, tokenizer)
     prompt = heldout_ids[: args.prompt_tokens].tolist()
-    expert = Coprocessor(model, CoprocessorConfig(
-        n_latents=args.n_latents, anchor_token_id=space_token(tokenizer))).to(args.device).eval()
+    expert = (
+        Coprocessor(
+            model,
+            CoprocessorConfig(n_latents=args.n_latents, anchor_token_id=space_token(tokenizer)),
+        )
+        .to(args.device)
+        .eval()
+    )
 
     def run(with_expert):
-        request = Request(prompt, expert=expert if with_expert else None,
-                          max_new_tokens=args.new_tokens, stop_ids=())
+        request = Request(
+            prompt,
+            expert=expert if with_expert else None,
+            max_new_tokens=args.new_tokens,
+            stop_ids=(),
+        )
         output = generate(model, [request])[0]
         assert len(output.token_ids) == args.new_tokens
         return output
@@ -55,8 +65,10 @@ def main():
         steps.append(coprocessor_step())
     plain_s, augmented_s = statistics.median(plain), statistics.median(augmented)
     step_ms = 1000 * statistics.median(steps)
-    print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.n_latents} latents, "
-          f"{args.repeats} repeats, device {args.device}")
+    print(
+        f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.n_latents} latents, "
+        f"{args.repeats} repeats, device {args.device}"
+    )
     print(f"{'plain generation':28} {1000 * plain_s:9.1f} ms")
     print(f"{'augmented generation':28} {1000 * augmented_s:9.1f} ms")
     print(f"{'coprocessor step alone':28} {step_ms:9.1f} ms")

@@ -35,30 +35,45 @@ def main():
     p.add_argument("--gate-lr", type=float, default=5e-2)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--curve-points", type=int, default=5)
-    p.add_argument("--arms", default="expert,soft,lora",
-                   help="which of expert, soft, lora to train (experiments: fewer)")
+    p.add_argument(
+        "--arms",
+        default="expert,soft,lora",
+        help="which of expert, soft, lora to train (experiments: fewer)",
+    )
     args = p.parse_args()
     arms = set(args.arms.split(","))
     model, tokenizer = setup(args)
     train_ids, heldout_ids = corpus_ids(args, tokenizer)
-    heldout = heldout_set(heldout_ids, window=args.window, ahead=args.ahead,
-                          positions_per_window=4, max_windows=21)
+    heldout = heldout_set(
+        heldout_ids, window=args.window, ahead=args.ahead, positions_per_window=4, max_windows=21
+    )
     config = TrainConfig(
-        n_latents=args.n_latents, ahead_tokens=args.ahead, window=args.window,
-        positions_per_window=args.positions, windows_per_step=args.windows_per_step,
-        lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lr=args.lr,
-        gate_lr=args.gate_lr, steps=100_000, time_budget_s=args.budget_min * 60,
+        n_latents=args.n_latents,
+        ahead_tokens=args.ahead,
+        window=args.window,
+        positions_per_window=args.positions,
+        windows_per_step=args.windows_per_step,
+        lora_rank=args.lora_rank,
+        lora_alpha=2 * args.lora_rank,
+        lr=args.lr,
+        gate_lr=args.gate_lr,
+        steps=100_000,
+        time_budget_s=args.budget_min * 60,
         anchor_token_id=space_token(tokenizer),
     )
     print(f"settings: {config.to_dict()}")
-    print(f"held-out: {heldout.pairs} (window, position) pairs, {heldout.pairs * args.ahead} "
-          "target tokens")
+    print(
+        f"held-out: {heldout.pairs} (window, position) pairs, {heldout.pairs * args.ahead} "
+        "target tokens"
+    )
 
     step0 = evaluate(model, Coprocessor(model, config.coprocessor_config()), heldout)
     ppl_base = step0["base"]["ppl"]
     step0_harm = 100 * (step0["augmented"]["ppl"] - ppl_base) / ppl_base
-    print(f"plain decoder ppl {ppl_base:.3f}; untrained expert {step0['augmented']['ppl']:.3f} "
-          f"({step0_harm:+.2f}%)")
+    print(
+        f"plain decoder ppl {ppl_base:.3f}; untrained expert {step0['augmented']['ppl']:.3f} "
+        f"({step0_harm:+.2f}%)"
+    )
 
     reports = {"base": step0["base"]}
     if "expert" in arms:
@@ -68,20 +83,22 @@ def main():
     if "soft" in arms:
         soft = SoftTokens(model, args.n_latents, config.gate_init, config.anchor_token_id)
         soft_result = train(model, train_ids, config, expert=soft)
-        reports["soft tokens"] = evaluate(model, soft_result.expert, heldout,
-                                          include_base=False)["augmented"]
+        reports["soft tokens"] = evaluate(model, soft_result.expert, heldout, include_base=False)[
+            "augmented"
+        ]
         print(f"soft tokens: {soft_result.steps} steps, ppl {reports['soft tokens']['ppl']:.3f}")
     if "lora" in arms:
         finetuned, finetune_steps = lora_finetune(model, train_ids, config, args)
         reports["LoRA fine-tune"] = evaluate(finetuned, None, heldout)["base"]
-        print(f"LoRA fine-tune: {finetune_steps} steps, "
-              f"ppl {reports['LoRA fine-tune']['ppl']:.3f}")
+        print(f"LoRA fine-tune: {finetune_steps} steps, ppl {reports['LoRA fine-tune']['ppl']:.3f}")
     print_table(reports, args.ahead)
     reduction = {name: 100 * (ppl_base - r["ppl"]) / ppl_base for name, r in reports.items()}
     result = [f"ppl_base={ppl_base:.3f}"]
     if "expert" in reports:
-        result += [f"ppl_expert={reports['expert']['ppl']:.3f}",
-                   f"reduction_pct={reduction['expert']:.2f}"]
+        result += [
+            f"ppl_expert={reports['expert']['ppl']:.3f}",
+            f"reduction_pct={reduction['expert']:.2f}",
+        ]
     if "LoRA fine-tune" in reports:
         result.append(f"lora_finetune_reduction_pct={reduction['LoRA fine-tune']:.2f}")
     if "soft tokens" in reports:
@@ -100,15 +117,20 @@ def train_with_curve(model, train_ids, config, heldout, points):
             marks.pop(0)
             report = evaluate(model, expert_ref[0], heldout, include_base=False)
             curve.append((progress.elapsed_s, progress.step, report["augmented"]["ppl"]))
-            print(f"  expert at {progress.elapsed_s:6.0f} s, step {progress.step}: "
-                  f"loss {progress.loss:.3f}, held-out ppl {curve[-1][2]:.3f}", flush=True)
+            print(
+                f"  expert at {progress.elapsed_s:6.0f} s, step {progress.step}: "
+                f"loss {progress.loss:.3f}, held-out ppl {curve[-1][2]:.3f}",
+                flush=True,
+            )
 
     expert_ref = [Coprocessor(model, config.coprocessor_config())]
     result = train(model, train_ids, config, expert=expert_ref[0], on_progress=on_progress)
     final = evaluate(model, result.expert, heldout, include_base=False)["augmented"]["ppl"]
     curve.append((result.history[-1][1], result.steps, final))
-    print(f"expert: {result.steps} steps in {result.history[-1][1]:.0f} s, gate "
-          f"{result.expert.latent_head.gate.mean().item():.2f}")
+    print(
+        f"expert: {result.steps} steps in {result.history[-1][1]:.0f} s, gate "
+        f"{result.expert.latent_head.gate.mean().item():.2f}"
+    )
     return result.expert, curve
 
 
@@ -116,12 +138,20 @@ def lora_finetune(model, train_ids, config, args):
     """What a user would pick instead: PEFT LoRA on the decoder itself, plain LM loss."""
     from peft import LoraConfig, get_peft_model
 
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and ".layers." in n})
-    tuned = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets))
-    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad],
-                                  lr=args.finetune_lr)
+    targets = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n
+        }
+    )
+    tuned = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets),
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in tuned.parameters() if p.requires_grad], lr=args.finetune_lr
+    )
     generator = torch.Generator().manual_seed(config.seed)
     tuned.train()
     elapsed, steps = 0.0, 0
@@ -151,8 +181,7 @@ def print_table(reports, ahead):
     print("\nperplexity per ahead position")
     print(f"{'pos':>4} " + " ".join(f"{n:>15}" for n in names))
     for i in range(ahead):
-        print(f"{i + 1:4d} " + " ".join(f"{reports[n]['ppl_by_position'][i]:15.3f}"
-                                        for n in names))
+        print(f"{i + 1:4d} " + " ".join(f"{reports[n]['ppl_by_position'][i]:15.3f}" for n in names))
     print(f"{'all':>4} " + " ".join(f"{reports[n]['ppl']:15.3f}" for n in names))
 
 

@@ -30,17 +30,24 @@ def main():
     args = p.parse_args()
     model, tokenizer = setup(args)
     train_ids, _ = corpus_ids(args, tokenizer)
-    config = TrainConfig(n_latents=args.n_latents, ahead_tokens=args.ahead,
-                         positions_per_window=args.positions,
-                         windows_per_step=args.windows_per_step, lora_rank=args.lora_rank,
-                         lora_alpha=2 * args.lora_rank, anchor_token_id=space_token(tokenizer))
+    config = TrainConfig(
+        n_latents=args.n_latents,
+        ahead_tokens=args.ahead,
+        positions_per_window=args.positions,
+        windows_per_step=args.windows_per_step,
+        lora_rank=args.lora_rank,
+        lora_alpha=2 * args.lora_rank,
+        anchor_token_id=space_token(tokenizer),
+    )
     print(f"settings: {config.to_dict()}")
     coprocessor_s = time_coprocessor(model, train_ids, config, args.steps, args.device)
     finetune_s = time_finetune(model, train_ids, config, args.steps, args.device)
     target_tokens = config.windows_per_step * config.positions_per_window * config.ahead_tokens
     finetune_tokens = config.windows_per_step * (config.window - 1)
-    rows = [("coprocessor objective", target_tokens, coprocessor_s),
-            ("PEFT LoRA fine-tune", finetune_tokens, finetune_s)]
+    rows = [
+        ("coprocessor objective", target_tokens, coprocessor_s),
+        ("PEFT LoRA fine-tune", finetune_tokens, finetune_s),
+    ]
     print(f"\n{'':24} {'loss tokens/step':>16} {'s/step':>8} {'tokens/s':>9}")
     for name, tokens, seconds in rows:
         print(f"{name:24} {tokens:16d} {seconds:8.3f} {tokens / seconds:9.1f}")
@@ -66,10 +73,17 @@ def time_coprocessor(model, train_ids, config, steps, device):
 def time_finetune(model, train_ids, config, steps, device):
     from peft import LoraConfig, get_peft_model
 
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and ".layers." in n})
-    tuned = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets))
+    targets = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n
+        }
+    )
+    tuned = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets),
+    )
     tuned.train()
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=5e-4)
     generator = torch.Generator().manual_seed(0)

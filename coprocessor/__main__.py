@@ -33,8 +33,11 @@ def main(argv=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m coprocessor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m coprocessor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(required=True)
 
     def command(name, function, help):
@@ -50,11 +53,22 @@ def build_parser():
     t.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     defaults = TrainConfig()
-    for field, kind in (("n_latents", int), ("ahead_tokens", int), ("window", int),
-                        ("positions_per_window", int), ("windows_per_step", int),
-                        ("lora_rank", int), ("lora_alpha", float), ("steps", int),
-                        ("time_budget_s", float), ("lr", float), ("gate_lr", float),
-                        ("grad_accum", int), ("checkpoint_every", int), ("seed", int)):
+    for field, kind in (
+        ("n_latents", int),
+        ("ahead_tokens", int),
+        ("window", int),
+        ("positions_per_window", int),
+        ("windows_per_step", int),
+        ("lora_rank", int),
+        ("lora_alpha", float),
+        ("steps", int),
+        ("time_budget_s", float),
+        ("lr", float),
+        ("gate_lr", float),
+        ("grad_accum", int),
+        ("checkpoint_every", int),
+        ("seed", int),
+    ):
         t.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(defaults, field))
     t.add_argument("--kind", choices=["lora", "full"], default=defaults.kind)
 
@@ -103,11 +117,21 @@ def cmd_train(args):
         bar.update(progress.step - bar.n)
         bar.set_postfix(loss=f"{progress.loss:.3f}", tok_s=f"{progress.tokens_per_s:.0f}")
 
-    result = train(model, ids, config, on_progress=on_progress, checkpoint_path=args.checkpoint,
-                   resume_from=args.checkpoint if args.resume else None)
+    result = train(
+        model,
+        ids,
+        config,
+        on_progress=on_progress,
+        checkpoint_path=args.checkpoint,
+        resume_from=args.checkpoint if args.resume else None,
+    )
     bar.close()
-    result.expert.save(args.out, base_models.fingerprint(model), args.base,
-                       training={**config.to_dict(), "steps_done": result.steps})
+    result.expert.save(
+        args.out,
+        base_models.fingerprint(model),
+        args.base,
+        training={**config.to_dict(), "steps_done": result.steps},
+    )
     print(f"{result.steps} steps ({result.stopped}); wrote {args.out}")
 
 
@@ -137,19 +161,33 @@ def cmd_generate(args):
         ids = base_models.chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer(args.prompt)["input_ids"]
-    output = generate(model, [Request(list(ids), expert=expert,
-                                      max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p,
-                                      seed=args.seed)],
-                      eos_token_id=tokenizer.eos_token_id)[0]
+    output = generate(
+        model,
+        [
+            Request(
+                list(ids),
+                expert=expert,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
+        ],
+        eos_token_id=tokenizer.eos_token_id,
+    )[0]
     print(tokenizer.decode(output.token_ids, skip_special_tokens=True))
 
 
 def cmd_export(args):
     metadata = artifact.read_header_from_path(args.expert).metadata
     folder = artifact.export_folder(
-        args.expert, args.out, name=args.name, summary=args.summary, license=args.license,
-        base_model_source=metadata.get("base_model_id") or "unknown")
+        args.expert,
+        args.out,
+        name=args.name,
+        summary=args.summary,
+        license=args.license,
+        base_model_source=metadata.get("base_model_id") or "unknown",
+    )
     print(f"wrote {folder}")
 
 

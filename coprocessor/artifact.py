@@ -387,8 +387,17 @@ def load_expert(path, device="cpu"):
 EXPERT_FILENAME = "expert.safetensors"
 
 
-def export_folder(expert_path, folder, *, name, base_model_source, summary="", card="",
-                  license="apache-2.0", domain=""):
+def export_folder(
+    expert_path,
+    folder,
+    *,
+    name,
+    base_model_source,
+    summary="",
+    card="",
+    license="apache-2.0",
+    domain="",
+):
     """Write a Hub-style folder: the expert file, PEFT adapter files, latentry.json, README.md.
 
     PEFT users can load the LoRA part with ``PeftModel.from_pretrained(base, folder)``; Latentry
@@ -416,8 +425,9 @@ def export_folder(expert_path, folder, *, name, base_model_source, summary="", c
         "config": header.config,
     }
     (folder / "latentry.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    (folder / "README.md").write_text(_model_card(name, base_model_source, summary, card,
-                                                  license, domain))
+    (folder / "README.md").write_text(
+        _model_card(name, base_model_source, summary, card, license, domain)
+    )
     return folder
 
 

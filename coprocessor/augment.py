@@ -313,7 +313,8 @@ class Coprocessor(nn.Module):
 
     def save(self, path, base_fingerprint, base_model_id="", training=None):
         artifact.save_expert(
-            path, self.expert_tensors(),
+            path,
+            self.expert_tensors(),
             self.expert_metadata(base_fingerprint, base_model_id, training),
         )
 
@@ -322,8 +323,9 @@ class Coprocessor(nn.Module):
         """Rebuild an expert from a file's tensors and metadata (see ``artifact.load_expert``)."""
         saved = artifact._json_field(metadata, "config", default={}).get("coprocessor", {})
         saved["lora_targets"] = tuple(saved.get("lora_targets", ()))
-        config = CoprocessorConfig(**{**saved, "n_latents": int(metadata["n_latents"]),
-                                      "kind": metadata["kind"]})
+        config = CoprocessorConfig(
+            **{**saved, "n_latents": int(metadata["n_latents"]), "kind": metadata["kind"]}
+        )
         if config.kind == "lora":
             config.lora_rank = int(metadata["lora_rank"])
             config.lora_alpha = float(metadata["lora_alpha"])
@@ -353,8 +355,11 @@ class Coprocessor(nn.Module):
                     a.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
                     b.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])
             else:
-                state = {k[len("coprocessor."):]: v for k, v in tensors.items()
-                         if k.startswith("coprocessor.")}
+                state = {
+                    k[len("coprocessor.") :]: v
+                    for k, v in tensors.items()
+                    if k.startswith("coprocessor.")
+                }
                 self.full.load_state_dict(state)
 
 
@@ -419,8 +424,11 @@ def augmented_forward(decoder, expert, *, past, past_bias, tokens, positions, lo
         positions=new_positions,
         logits_last=logits_last or n_tokens,
     )
-    return Augmented(logits=logits, past=new_past,
-                     past_bias=torch.cat([past_bias.to(dtype), new_bias.detach()], dim=1))
+    return Augmented(
+        logits=logits,
+        past=new_past,
+        past_bias=torch.cat([past_bias.to(dtype), new_bias.detach()], dim=1),
+    )
 
 
 def prefill(decoder, token_ids, visible):

@@ -25,8 +25,15 @@ def default_gguf_path():
     return Path(spec.origin).parent / DEFAULT_GGUF
 
 
-def load(source, *, revision=None, dtype=torch.float32, device="cpu", local_files_only=True,
-         cache_dir=None):
+def load(
+    source,
+    *,
+    revision=None,
+    dtype=torch.float32,
+    device="cpu",
+    local_files_only=True,
+    cache_dir=None,
+):
     """(model, tokenizer) from a folder, a ``.gguf`` file or a Hugging Face Hub id.
 
     Hub ids resolve through huggingface-hub's cache; ``local_files_only`` (default) never
@@ -43,8 +50,14 @@ def load(source, *, revision=None, dtype=torch.float32, device="cpu", local_file
     else:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(source), revision=revision, cache_dir=cache_dir,
-                                        local_files_only=local_files_only))
+        folder = Path(
+            snapshot_download(
+                str(source),
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     if "gguf_file" in kwargs:
@@ -92,8 +105,14 @@ def fingerprint(model):
     """sha256 over the config and every weight's bytes, stable across loads and devices."""
     digest = hashlib.sha256()
     config = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
-                     "quantization_config", "architectures"):
+    for volatile in (
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "quantization_config",
+        "architectures",
+    ):
         config.pop(volatile, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -124,6 +143,7 @@ def context_length(model):
 
 def chat_prompt_ids(tokenizer, messages):
     """Token ids of chat ``messages`` in the model's template, ready for the assistant's turn."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     return list(encoded["input_ids"])

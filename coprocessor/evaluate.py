@@ -24,8 +24,16 @@ class HeldOut:
         return self.positions.numel()
 
 
-def heldout_set(token_ids, *, window=256, ahead=16, positions_per_window=4, max_windows=32,
-                min_prefix=16, seed=1234):
+def heldout_set(
+    token_ids,
+    *,
+    window=256,
+    ahead=16,
+    positions_per_window=4,
+    max_windows=32,
+    min_prefix=16,
+    seed=1234,
+):
     """Non-overlapping windows of the held-out text with seeded positions in each."""
     n_windows = min(max_windows, len(token_ids) // window)
     if n_windows == 0:
@@ -33,8 +41,12 @@ def heldout_set(token_ids, *, window=256, ahead=16, positions_per_window=4, max_
     generator = torch.Generator().manual_seed(seed)
     windows = token_ids[: n_windows * window].reshape(n_windows, window)
     choices = window - ahead - min_prefix + 1
-    picks = torch.stack([torch.randperm(choices, generator=generator)[:positions_per_window]
-                         for _ in range(n_windows)])
+    picks = torch.stack(
+        [
+            torch.randperm(choices, generator=generator)[:positions_per_window]
+            for _ in range(n_windows)
+        ]
+    )
     return HeldOut(windows=windows, positions=picks + min_prefix, ahead=ahead)
 
 
@@ -48,12 +60,14 @@ def evaluate(decoder, expert, heldout, *, batch_windows=4, include_base=True):
         windows = heldout.windows[start : start + batch_windows].to(device)
         positions = heldout.positions[start : start + batch_windows].to(device)
         past, past_bias, tokens, targets, starts = position_batch(
-            decoder, windows, positions, heldout.ahead)
+            decoder, windows, positions, heldout.ahead
+        )
         for name, model in (("base", None), ("augmented", expert)):
             if (name == "augmented" and expert is None) or (name == "base" and not include_base):
                 continue
-            out = augmented_forward(decoder, model, past=past, past_bias=past_bias,
-                                    tokens=tokens, positions=starts)
+            out = augmented_forward(
+                decoder, model, past=past, past_bias=past_bias, tokens=tokens, positions=starts
+            )
             sums[name] += ahead_losses(out.logits, targets).sum(0).cpu()
         rows += tokens.shape[0]
     names = [n for n, on in (("base", include_base), ("augmented", expert is not None)) if on]

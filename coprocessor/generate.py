@@ -54,11 +54,19 @@ def generate(decoder, requests, eos_token_id=None):
     started = time.perf_counter()
     last = torch.tensor([[r.prompt_ids[-1]] for r in requests], device=device)
     inputs = torch.cat([latents, embed(decoder, last)], dim=1)
-    new_bias = torch.cat([latent_bias, torch.zeros(len(requests), 1, dtype=dtype,
-                                                   device=device)], dim=1)
+    new_bias = torch.cat(
+        [latent_bias, torch.zeros(len(requests), 1, dtype=dtype, device=device)], dim=1
+    )
     new_positions = positions[:, None].expand(-1, inputs.shape[1])
-    logits, past = run_decoder(decoder, past=past, past_bias=past_bias, inputs_embeds=inputs,
-                               new_bias=new_bias, positions=new_positions, logits_last=1)
+    logits, past = run_decoder(
+        decoder,
+        past=past,
+        past_bias=past_bias,
+        inputs_embeds=inputs,
+        new_bias=new_bias,
+        positions=new_positions,
+        logits_last=1,
+    )
     past_bias = torch.cat([past_bias, new_bias], dim=1)
     outputs = _decode(decoder, requests, logits[:, -1], past, past_bias, positions, eos_token_id)
     timings["decode_s"] = time.perf_counter() - started
@@ -73,8 +81,8 @@ def _left_pad(sequences, device):
     visible = torch.zeros(len(sequences), width, dtype=torch.bool, device=device)
     for row, sequence in enumerate(sequences):
         if sequence:
-            ids[row, width - len(sequence):] = torch.tensor(sequence, device=device)
-            visible[row, width - len(sequence):] = True
+            ids[row, width - len(sequence) :] = torch.tensor(sequence, device=device)
+            visible[row, width - len(sequence) :] = True
     return ids, visible
 
 
@@ -85,8 +93,13 @@ def _latents(decoder, requests, past, past_bias, positions, dtype):
     for row, request in enumerate(requests):
         if request.expert is not None:
             experts.setdefault(id(request.expert), (request.expert, []))[1].append(row)
-    width = max((e.config.n_latents if hasattr(e, "config") else e.latent_head.gate.numel()
-                 for e, _ in experts.values()), default=0)
+    width = max(
+        (
+            e.config.n_latents if hasattr(e, "config") else e.latent_head.gate.numel()
+            for e, _ in experts.values()
+        ),
+        default=0,
+    )
     hidden = decoder.config.hidden_size
     latents = torch.zeros(batch, width, hidden, dtype=dtype, device=device)
     bias = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
@@ -102,8 +115,10 @@ def _latents(decoder, requests, past, past_bias, positions, dtype):
 
 def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id):
     batch, device = len(requests), logits.device
-    generators = [torch.Generator(device="cpu").manual_seed(r.seed if r.seed is not None else 0)
-                  for r in requests]
+    generators = [
+        torch.Generator(device="cpu").manual_seed(r.seed if r.seed is not None else 0)
+        for r in requests
+    ]
     tokens = [[] for _ in requests]
     finished = [None] * batch
     step = 0
@@ -124,13 +139,18 @@ def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id)
         step += 1
         feed = torch.tensor(next_ids, device=device)[:, None]
         new_bias = torch.zeros(batch, 1, dtype=past_bias.dtype, device=device)
-        logits, past = run_decoder(decoder, past=past, past_bias=past_bias,
-                                   inputs_embeds=embed(decoder, feed), new_bias=new_bias,
-                                   positions=(positions + step)[:, None], logits_last=1)
+        logits, past = run_decoder(
+            decoder,
+            past=past,
+            past_bias=past_bias,
+            inputs_embeds=embed(decoder, feed),
+            new_bias=new_bias,
+            positions=(positions + step)[:, None],
+            logits_last=1,
+        )
         logits = logits[:, -1]
         past_bias = torch.cat([past_bias, new_bias], dim=1)
-    return [Generation(token_ids=t, finish_reason=f) for t, f in zip(tokens, finished,
-                                                                       strict=True)]
+    return [Generation(token_ids=t, finish_reason=f) for t, f in zip(tokens, finished, strict=True)]
 
 
 def _choose(logits, request, generator):

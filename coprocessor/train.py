@@ -53,9 +53,14 @@ class TrainConfig:
 
     def coprocessor_config(self):
         return CoprocessorConfig(
-            n_latents=self.n_latents, kind=self.kind, lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha, lora_targets=self.lora_targets,
-            gate_init=self.gate_init, anchor_token_id=self.anchor_token_id, seed=self.seed,
+            n_latents=self.n_latents,
+            kind=self.kind,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_targets=self.lora_targets,
+            gate_init=self.gate_init,
+            anchor_token_id=self.anchor_token_id,
+            seed=self.seed,
         )
 
     def to_dict(self):
@@ -113,15 +118,20 @@ def sample_windows(token_ids, config, count, generator):
     """``count`` random windows and, for each, ``positions_per_window`` distinct positions."""
     high = len(token_ids) - config.window
     if high < 0:
-        raise ValueError(f"corpus has {len(token_ids)} tokens, fewer than one window "
-                         f"({config.window})")
+        raise ValueError(
+            f"corpus has {len(token_ids)} tokens, fewer than one window ({config.window})"
+        )
     starts = torch.randint(0, high + 1, (count,), generator=generator)
     windows = torch.stack([token_ids[s : s + config.window] for s in starts.tolist()])
     choices = config.window - config.ahead_tokens - config.min_prefix + 1
     if choices < config.positions_per_window:
         raise ValueError("window too short for min_prefix + ahead_tokens and the positions")
-    picks = torch.stack([torch.randperm(choices, generator=generator)[: config.positions_per_window]
-                         for _ in range(count)])
+    picks = torch.stack(
+        [
+            torch.randperm(choices, generator=generator)[: config.positions_per_window]
+            for _ in range(count)
+        ]
+    )
     return windows, picks + config.min_prefix
 
 
@@ -150,8 +160,19 @@ def make_optimizer(expert, config):
     )
 
 
-def train(decoder, token_ids, config, *, expert=None, on_progress=None, should_stop=None,
-          checkpoint_path=None, on_checkpoint=None, resume_from=None, autocast_dtype=None):
+def train(
+    decoder,
+    token_ids,
+    config,
+    *,
+    expert=None,
+    on_progress=None,
+    should_stop=None,
+    checkpoint_path=None,
+    on_checkpoint=None,
+    resume_from=None,
+    autocast_dtype=None,
+):
     """Train an expert on ``token_ids`` (1-D LongTensor) with D frozen.
 
     on_progress(Progress) is called every step; should_stop() is read between steps and ends
@@ -182,13 +203,14 @@ def train(decoder, token_ids, config, *, expert=None, on_progress=None, should_s
             stopped = "time"
             break
         started = time.perf_counter()
-        progress = (elapsed / config.time_budget_s if config.time_budget_s
-                    else step / max(config.steps, 1))
-        for group, base_lr in zip(optimizer.param_groups, (config.lr, config.gate_lr),
-                                  strict=True):
+        progress = (
+            elapsed / config.time_budget_s if config.time_budget_s else step / max(config.steps, 1)
+        )
+        for group, base_lr in zip(optimizer.param_groups, (config.lr, config.gate_lr), strict=True):
             group["lr"] = base_lr * lr_factor(config, step, progress)
-        loss = _train_step(decoder, expert, token_ids, config, optimizer, generator, device,
-                           autocast_dtype)
+        loss = _train_step(
+            decoder, expert, token_ids, config, optimizer, generator, device, autocast_dtype
+        )
         step += 1
         took = time.perf_counter() - started
         elapsed += took
@@ -196,8 +218,9 @@ def train(decoder, token_ids, config, *, expert=None, on_progress=None, should_s
         if on_progress is not None:
             on_progress(_progress(config, step, loss, elapsed, took, tokens_per_step))
         if checkpoint_path and config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, expert, optimizer, generator, step, elapsed,
-                            history, config)
+            save_checkpoint(
+                checkpoint_path, expert, optimizer, generator, step, elapsed, history, config
+            )
             if on_checkpoint is not None:
                 on_checkpoint(checkpoint_path)
     expert.eval()
@@ -208,15 +231,19 @@ def _train_step(decoder, expert, token_ids, config, optimizer, generator, device
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(config.grad_accum):
-        windows, positions = sample_windows(token_ids.cpu(), config, config.windows_per_step,
-                                            generator)
+        windows, positions = sample_windows(
+            token_ids.cpu(), config, config.windows_per_step, generator
+        )
         windows, positions = windows.to(device), positions.to(device)
-        with torch.autocast(device.type, dtype=autocast or torch.float32,
-                            enabled=autocast is not None):
+        with torch.autocast(
+            device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+        ):
             past, past_bias, tokens, targets, starts = position_batch(
-                decoder, windows, positions, config.ahead_tokens)
-            out = augmented_forward(decoder, expert, past=past, past_bias=past_bias,
-                                    tokens=tokens, positions=starts)
+                decoder, windows, positions, config.ahead_tokens
+            )
+            out = augmented_forward(
+                decoder, expert, past=past, past_bias=past_bias, tokens=tokens, positions=starts
+            )
             loss = ahead_losses(out.logits, targets).mean() / config.grad_accum
         loss.backward()
         total += loss.item()
@@ -233,8 +260,14 @@ def _progress(config, step, loss, elapsed, took, tokens_per_step):
     else:
         total = config.steps
         eta = (config.steps - step) * (elapsed / step)
-    return Progress(step=step, total=total, loss=loss, tokens_per_s=tokens_per_step / took,
-                    eta_s=eta, elapsed_s=elapsed)
+    return Progress(
+        step=step,
+        total=total,
+        loss=loss,
+        tokens_per_s=tokens_per_step / took,
+        eta_s=eta,
+        elapsed_s=elapsed,
+    )
 
 
 def save_checkpoint(path, expert, optimizer, generator, step, elapsed, history, config):

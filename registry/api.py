@@ -1,5 +1,6 @@
 """What the whole API version shares: pagination, errors, strict serializers, ordering."""
 
+from django.core.exceptions import FieldDoesNotExist
 from django.db.models import F
 from rest_framework import exceptions, filters, pagination, serializers, status
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -66,10 +67,18 @@ class NullsLastOrderingFilter(filters.OrderingFilter):
         ordering = self.get_ordering(request, queryset, view)
         if not ordering:
             return queryset
-        expressions = [
-            F(field[1:]).desc(nulls_last=True)
-            if field.startswith("-")
-            else F(field).asc(nulls_last=True)
-            for field in ordering
-        ]
-        return queryset.order_by(*expressions, "-pk")
+        return queryset.order_by(*(self.expression(queryset.model, f) for f in ordering), "-pk")
+
+    @staticmethod
+    def expression(model, field):
+        name = field.removeprefix("-")
+        try:
+            nullable = model._meta.get_field(name).null
+        except FieldDoesNotExist:
+            nullable = True
+        # NULLS LAST only where a NULL can be: on a NOT NULL column it would keep PostgreSQL
+        # from reading the order off the column's index, and sort the whole table instead.
+        nulls_last = True if nullable else None
+        if field.startswith("-"):
+            return F(name).desc(nulls_last=nulls_last)
+        return F(name).asc(nulls_last=nulls_last)

@@ -6,7 +6,9 @@ import secrets
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import IntegrityError, models, transaction
-from django.db.models import Avg, Count, Q
+from django.db.models import Avg, Count, Q, TextField
+from django.db.models import Value as V
+from django.db.models.functions import Cast, Concat, Lower
 from django.utils import timezone
 
 from coprocessor.artifact import BaseModelSpec, read_header, validate
@@ -106,6 +108,25 @@ class Expert(models.Model):
     measured_gain = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Name, title, summary and tags lower-cased in one column the database keeps up to date:
+    # search is then one plain LIKE per word, not four case-folding scans of every row. On
+    # PostgreSQL a trigram index (migration 0002) answers that LIKE without a scan.
+    search_text = models.GeneratedField(
+        expression=Lower(
+            Concat(
+                "name",
+                V(" "),
+                "title",
+                V(" "),
+                "summary",
+                V(" "),
+                Cast("tags", TextField()),
+                output_field=TextField(),
+            )
+        ),
+        output_field=TextField(),
+        db_persist=True,
+    )
 
     objects = ExpertQuerySet.as_manager()
 

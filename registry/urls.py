@@ -25,6 +25,7 @@ review_detail = views.ReviewViewSet.as_view(
 expert = "experts/<str:owner>/<str:name>/"
 urlpatterns = [
     path("", include(router.urls)),
+    path("health/", views.HealthView.as_view(), name="health"),
     path("experts/", expert_list, name="expert-list"),
     path(expert, expert_detail, name="expert-detail"),
     path(expert + "versions/", version_list, name="version-list"),

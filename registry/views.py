@@ -1,19 +1,23 @@
 """REST API of the registry under /api/v1/."""
 
+import hashlib
+
 import django_filters
 from django.conf import settings
+from django.core.cache import cache
 from django.db import IntegrityError
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import OuterRef, Subquery
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import mixins, status, viewsets
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
-from rest_framework.permissions import IsAuthenticated, IsAuthenticatedOrReadOnly
+from rest_framework.permissions import AllowAny, IsAuthenticated, IsAuthenticatedOrReadOnly
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from . import storage
 from .api import Conflict, NullsLastOrderingFilter, PayloadTooLarge
@@ -28,6 +32,18 @@ from .serializers import (
     ReviewSerializer,
     VersionUploadSerializer,
 )
+
+
+class HealthView(APIView):
+    """Liveness for load balancers and monitors: answers without touching the database."""
+
+    # No authentication: a monitor's stale or revoked key must not turn "up" into a 401.
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses=inline_serializer("Health", {"status": serializers.CharField()}))
+    def get(self, request):
+        return Response({"status": "ok"})
 
 
 class BaseModelViewSet(viewsets.ReadOnlyModelViewSet):
@@ -57,12 +73,7 @@ class ExpertFilter(django_filters.FilterSet):
 
     def search(self, queryset, name, value):
         for word in value.split()[:8]:
-            queryset = queryset.filter(
-                Q(name__icontains=word)
-                | Q(title__icontains=word)
-                | Q(summary__icontains=word)
-                | Q(tags__icontains=word)
-            )
+            queryset = queryset.filter(search_text__contains=word.lower())
         return queryset
 
 
@@ -85,12 +96,32 @@ class ExpertViewSet(viewsets.ModelViewSet):
     ordering = ["-created_at"]
 
     def get_queryset(self):
-        experts = Expert.objects.select_related("owner", "domain", "base_model").annotate(
-            latest_version=latest_ready_version()
+        experts = (
+            Expert.objects.select_related("owner", "domain", "base_model")
+            # A base model's shapes name every weight tensor: a large JSON document that the
+            # serializer never reads, decoded once per row if it were fetched.
+            .defer("base_model__param_shapes")
+            .annotate(latest_version=latest_ready_version())
         )
         if self.action == "list":
             return experts.listed_for(self.request.user)
         return experts.visible_to(self.request.user)
+
+    def list(self, request, *args, **kwargs):
+        """The catalog. Pages seen signed out, searches aside, may be a few seconds old."""
+        # Browsing signed out is most of the traffic, and building a page costs about ten times
+        # serving a cached one. Signed-in users (who also see their own experts) and searches
+        # (too many distinct ones to be worth keeping) are always answered fresh.
+        seconds = settings.LATENTRY_CATALOG_CACHE_SECONDS
+        if not seconds or request.user.is_authenticated or request.query_params.get("q"):
+            return super().list(request, *args, **kwargs)
+        uri = request.build_absolute_uri()  # the page links in it are absolute
+        key = "catalog:" + hashlib.sha256(uri.encode()).hexdigest()
+        data = cache.get(key)
+        if data is None:
+            data = super().list(request, *args, **kwargs).data
+            cache.set(key, data, seconds)
+        return Response(data)
 
     def get_object(self):
         expert = get_object_or_404(

@@ -70,19 +70,23 @@ def test_cache_continuation_with_padding_matches_a_full_forward(family):
     prefix[1, 5:], visible[1, 5:] = short[:5], True
     past, past_bias, positions = prefill(model, prefix, visible)
     tokens = torch.stack([long[10:14], short[5:9]])
-    out = augmented_forward(model, None, past=past, past_bias=past_bias, tokens=tokens,
-                            positions=positions)
-    torch.testing.assert_close(out.logits[0], model(long[None]).logits[0, 10:], atol=1e-4,
-                               rtol=1e-4)
-    torch.testing.assert_close(out.logits[1], model(short[None]).logits[0, 5:], atol=1e-4,
-                               rtol=1e-4)
+    out = augmented_forward(
+        model, None, past=past, past_bias=past_bias, tokens=tokens, positions=positions
+    )
+    torch.testing.assert_close(
+        out.logits[0], model(long[None]).logits[0, 10:], atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        out.logits[1], model(short[None]).logits[0, 5:], atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_untrained_expert_does_no_harm(family):
     model = frozen(FAMILIES[family])
-    heldout = heldout_set(phrase_corpus(length=1200, seed=3), window=48, ahead=4,
-                          positions_per_window=4, min_prefix=4)
+    heldout = heldout_set(
+        phrase_corpus(length=1200, seed=3), window=48, ahead=4, positions_per_window=4, min_prefix=4
+    )
     report = evaluate(model, Coprocessor(model, CoprocessorConfig(n_latents=8)), heldout)
     harm = (report["augmented"]["ppl"] - report["base"]["ppl"]) / report["base"]["ppl"]
     assert abs(harm) < 0.05
@@ -98,8 +102,9 @@ def test_gradients_reach_every_part_of_the_expert_and_none_the_decoder(family):
             b.normal_(0, 0.1)
     ids = torch.randint(0, VOCAB, (2, 10))
     past, past_bias, positions = prefill(model, ids[:, :6], torch.ones(2, 6, dtype=torch.bool))
-    out = augmented_forward(model, expert, past=past, past_bias=past_bias, tokens=ids[:, 6:],
-                            positions=positions)
+    out = augmented_forward(
+        model, expert, past=past, past_bias=past_bias, tokens=ids[:, 6:], positions=positions
+    )
     out.logits.logsumexp(-1).sum().backward()
     for name, p in expert.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -116,10 +121,15 @@ def test_lora_tensors_load_into_peft_and_match(family, tmp_path):
     expert.save(path, base_fingerprint="f" * 64)
     tensors, metadata = artifact.load_expert(path)
 
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=int(metadata["lora_rank"]), lora_alpha=float(metadata["lora_alpha"]),
-        target_modules=json.loads(metadata["lora_target_modules"]),
-        fan_in_fan_out=family == "gpt2"))
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(
+            r=int(metadata["lora_rank"]),
+            lora_alpha=float(metadata["lora_alpha"]),
+            target_modules=json.loads(metadata["lora_target_modules"]),
+            fan_in_fan_out=family == "gpt2",
+        ),
+    )
     lora = {k: v for k, v in tensors.items() if ".lora_" in k}
     result = set_peft_model_state_dict(peft_model, lora)
     assert not [k for k in result.unexpected_keys if "lora" in k]
@@ -138,8 +148,10 @@ def test_a_saved_expert_reloads_to_the_same_outputs(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 10))
     past, past_bias, positions = prefill(model, ids[:, :6], torch.ones(1, 6, dtype=torch.bool))
     args = dict(past=past, past_bias=past_bias, tokens=ids[:, 6:], positions=positions)
-    torch.testing.assert_close(augmented_forward(model, again, **args).logits,
-                               augmented_forward(model, expert, **args).logits)
+    torch.testing.assert_close(
+        augmented_forward(model, again, **args).logits,
+        augmented_forward(model, expert, **args).logits,
+    )
 
 
 def test_a_full_expert_trains_its_own_copy_and_round_trips(tmp_path):

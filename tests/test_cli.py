@@ -27,26 +27,79 @@ def run(capsys, *argv):
 
 def test_train_evaluate_generate_export_import(workspace, capsys):
     base, out = str(workspace / "base"), str(workspace / "expert.safetensors")
-    printed = run(capsys, "train", "--base", base, "--data", str(workspace / "corpus.jsonl"),
-                  "--out", out, "--steps", "3", "--window", "32", "--ahead-tokens", "4",
-                  "--positions-per-window", "2", "--n-latents", "2", "--lora-rank", "2")
+    printed = run(
+        capsys,
+        "train",
+        "--base",
+        base,
+        "--data",
+        str(workspace / "corpus.jsonl"),
+        "--out",
+        out,
+        "--steps",
+        "3",
+        "--window",
+        "32",
+        "--ahead-tokens",
+        "4",
+        "--positions-per-window",
+        "2",
+        "--n-latents",
+        "2",
+        "--lora-rank",
+        "2",
+    )
     assert "3 steps (done)" in printed
     header = artifact.read_header_from_path(out)
     assert header.kind == "lora" and header.n_latents == 2
     assert header.config["training"]["steps_done"] == 3
 
-    report = json.loads(run(capsys, "evaluate", "--base", base, "--expert", out, "--data",
-                            str(workspace / "corpus.txt"), "--window", "32", "--ahead", "4",
-                            "--json"))
+    report = json.loads(
+        run(
+            capsys,
+            "evaluate",
+            "--base",
+            base,
+            "--expert",
+            out,
+            "--data",
+            str(workspace / "corpus.txt"),
+            "--window",
+            "32",
+            "--ahead",
+            "4",
+            "--json",
+        )
+    )
     assert len(report["augmented"]["ppl_by_position"]) == 4
 
-    text = run(capsys, "generate", "--base", base, "--expert", out, "--prompt", "w3 w4 w5",
-               "--max-new-tokens", "3")
+    text = run(
+        capsys,
+        "generate",
+        "--base",
+        base,
+        "--expert",
+        out,
+        "--prompt",
+        "w3 w4 w5",
+        "--max-new-tokens",
+        "3",
+    )
     assert text.strip()
 
     folder = workspace / "exported"
-    run(capsys, "export", "--expert", out, "--out", str(folder), "--name", "phrases",
-        "--summary", "Learns phrases.")
+    run(
+        capsys,
+        "export",
+        "--expert",
+        out,
+        "--out",
+        str(folder),
+        "--name",
+        "phrases",
+        "--summary",
+        "Learns phrases.",
+    )
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nbase_model: ")
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -57,9 +110,29 @@ def test_train_evaluate_generate_export_import(workspace, capsys):
 
 def test_import_refuses_a_tampered_folder(workspace, tmp_path):
     out = tmp_path / "expert.safetensors"
-    main(["train", "--base", str(workspace / "base"), "--data", str(workspace / "corpus.txt"),
-          "--out", str(out), "--steps", "1", "--window", "32", "--ahead-tokens", "4",
-          "--n-latents", "2", "--lora-rank", "2", "--threads", "1"])
+    main(
+        [
+            "train",
+            "--base",
+            str(workspace / "base"),
+            "--data",
+            str(workspace / "corpus.txt"),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--window",
+            "32",
+            "--ahead-tokens",
+            "4",
+            "--n-latents",
+            "2",
+            "--lora-rank",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
     folder = artifact.export_folder(out, tmp_path / "f", name="x", base_model_source="b")
     data = bytearray((folder / "expert.safetensors").read_bytes())
     data[-1] ^= 0xFF
@@ -72,5 +145,16 @@ def test_bad_jsonl_is_named_with_its_line(workspace, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        main(["train", "--base", str(workspace / "base"), "--data", str(bad), "--out",
-              str(tmp_path / "x.safetensors"), "--threads", "1"])
+        main(
+            [
+                "train",
+                "--base",
+                str(workspace / "base"),
+                "--data",
+                str(bad),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                "--threads",
+                "1",
+            ]
+        )

@@ -139,6 +139,7 @@ def test_search_matches_words_in_name_title_summary_and_tags(anon_client, make_e
     assert names(anon_client.get("/api/v1/experts/?q=standard")) == ["alice/pydoc"]
     assert names(anon_client.get("/api/v1/experts/?q=legal")) == ["alice/lawyer"]
     assert names(anon_client.get("/api/v1/experts/?q=contract law")) == ["alice/lawyer"]
+    assert names(anon_client.get("/api/v1/experts/?q=PyDoc STANDARD")) == ["alice/pydoc"]
     assert names(anon_client.get("/api/v1/experts/?q=nothing-like-it")) == []
 
 
@@ -199,6 +200,22 @@ def test_the_catalog_runs_a_constant_number_of_queries(
         response = anon_client.get("/api/v1/experts/?page_size=30")
     assert len(response.json()["results"]) == 30
     assert len(small.captured_queries) == 2
+
+
+def test_anonymous_catalog_pages_are_cached_for_a_few_seconds(
+    anon_client, alice_client, make_expert, settings, django_assert_num_queries
+):
+    settings.LATENTRY_CATALOG_CACHE_SECONDS = 60
+    make_expert("first")
+    assert names(anon_client.get("/api/v1/experts/")) == ["alice/first"]
+    make_expert("second")
+    with django_assert_num_queries(0):
+        assert names(anon_client.get("/api/v1/experts/")) == ["alice/first"]
+    # Signed-in users and searches are always answered fresh.
+    assert names(alice_client.get("/api/v1/experts/")) == ["alice/second", "alice/first"]
+    assert names(anon_client.get("/api/v1/experts/?q=second")) == ["alice/second"]
+    settings.LATENTRY_CATALOG_CACHE_SECONDS = 0
+    assert names(anon_client.get("/api/v1/experts/")) == ["alice/second", "alice/first"]
 
 
 def test_base_models_and_domains_are_readable(anon_client, base_model, domain):

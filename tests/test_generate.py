@@ -15,7 +15,7 @@ def reference_greedy(model, prompt, n):
     for _ in range(n):
         next_id = model(ids).logits[0, -1].argmax()
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -37,8 +37,7 @@ def test_a_mixed_batch_equals_each_request_alone(family):
         Request([3, 8, 1, 9, 14, 2], expert=first, max_new_tokens=8),
         Request([7, 7], expert=None, max_new_tokens=5),
         Request([12, 5, 33], expert=second, max_new_tokens=8),
-        Request([1, 2, 3, 4], expert=first, max_new_tokens=8, temperature=0.9, top_p=0.8,
-                seed=42),
+        Request([1, 2, 3, 4], expert=first, max_new_tokens=8, temperature=0.9, top_p=0.8, seed=42),
         Request([9], expert=second, max_new_tokens=4),
     ]
     batched = [o.token_ids for o in generate(model, requests)]
@@ -59,12 +58,14 @@ def test_generation_stops_at_eos_and_stop_tokens():
     model = frozen(FAMILIES["llama"])
     greedy = reference_greedy(model, [5, 9, 2], 6)
     first_new = next(k for k in range(1, 6) if greedy[k] not in greedy[:k])
-    output = generate(model, [Request([5, 9, 2], max_new_tokens=6)],
-                      eos_token_id=greedy[first_new])[0]
+    output = generate(
+        model, [Request([5, 9, 2], max_new_tokens=6)], eos_token_id=greedy[first_new]
+    )[0]
     assert output.token_ids == greedy[:first_new]
     assert output.finish_reason == "stop"
-    output = generate(model, [Request([5, 9, 2], max_new_tokens=6,
-                                      stop_ids=(greedy[first_new],))])[0]
+    output = generate(model, [Request([5, 9, 2], max_new_tokens=6, stop_ids=(greedy[first_new],))])[
+        0
+    ]
     assert output.token_ids == greedy[:first_new]
 
 

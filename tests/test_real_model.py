@@ -33,14 +33,19 @@ def test_our_generation_matches_transformers_greedy_generate(smollm2):
     ids = base_models.chat_prompt_ids(tokenizer, [{"role": "user", "content": "What is a list?"}])
     reference = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     ours = generate(model, [Request(ids, max_new_tokens=8)], eos_token_id=None)[0]
-    assert ours.token_ids == reference[0, len(ids):].tolist()
+    assert ours.token_ids == reference[0, len(ids) :].tolist()
 
 
 def test_an_untrained_expert_leaves_smollm2_within_5_percent(smollm2):
     model, tokenizer = smollm2
     _, heldout_texts = corpus.demo_split()
-    heldout = heldout_set(corpus.tokenize(tokenizer, heldout_texts), window=128, ahead=16,
-                          positions_per_window=2, max_windows=4)
+    heldout = heldout_set(
+        corpus.tokenize(tokenizer, heldout_texts),
+        window=128,
+        ahead=16,
+        positions_per_window=2,
+        max_windows=4,
+    )
     space = tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
     expert = Coprocessor(model, CoprocessorConfig(n_latents=8, anchor_token_id=space))
     report = evaluate(model, expert, heldout)

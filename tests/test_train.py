@@ -9,9 +9,21 @@ from tests.tiny_models import frozen, phrase_corpus, tiny_llama
 
 
 def small_config(**overrides):
-    settings = dict(n_latents=4, ahead_tokens=4, window=32, positions_per_window=4,
-                    windows_per_step=2, min_prefix=4, lora_rank=4, lora_alpha=8, steps=6,
-                    lr=3e-3, warmup_steps=2, checkpoint_every=3, seed=7)
+    settings = dict(
+        n_latents=4,
+        ahead_tokens=4,
+        window=32,
+        positions_per_window=4,
+        windows_per_step=2,
+        min_prefix=4,
+        lora_rank=4,
+        lora_alpha=8,
+        steps=6,
+        lr=3e-3,
+        warmup_steps=2,
+        checkpoint_every=3,
+        seed=7,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -42,8 +54,13 @@ def test_progress_is_reported_every_step(model, corpus):
 def test_it_stops_when_asked_between_steps(model, corpus):
     seen = []
     with pytest.raises(Cancelled, match="step 2"):
-        train(model, corpus, small_config(), on_progress=seen.append,
-              should_stop=lambda: len(seen) >= 2)
+        train(
+            model,
+            corpus,
+            small_config(),
+            on_progress=seen.append,
+            should_stop=lambda: len(seen) >= 2,
+        )
     assert len(seen) == 2
 
 
@@ -58,8 +75,14 @@ def test_an_interrupted_run_resumes_to_the_same_weights(model, corpus, tmp_path)
     checkpoint = tmp_path / "ckpt.pt"
     saved = []
     with pytest.raises(Cancelled):
-        train(model, corpus, small_config(), checkpoint_path=checkpoint,
-              on_checkpoint=saved.append, should_stop=lambda: len(saved) >= 1)
+        train(
+            model,
+            corpus,
+            small_config(),
+            checkpoint_path=checkpoint,
+            on_checkpoint=saved.append,
+            should_stop=lambda: len(saved) >= 1,
+        )
     assert saved == [checkpoint]
     resumed = train(model, corpus, small_config(), resume_from=checkpoint)
     assert resumed.steps == 6
@@ -71,8 +94,13 @@ def test_training_lowers_held_out_perplexity(model):
     """A random decoder spreads its bets over 64 tokens; the domain uses 12. The latents must
     open their gate and carry that to the decoder's predictions."""
     corpus = phrase_corpus(length=6000, seed=1, vocab=12)
-    heldout = heldout_set(phrase_corpus(length=1600, seed=2, vocab=12), window=32, ahead=4,
-                          positions_per_window=4, min_prefix=4)
+    heldout = heldout_set(
+        phrase_corpus(length=1600, seed=2, vocab=12),
+        window=32,
+        ahead=4,
+        positions_per_window=4,
+        min_prefix=4,
+    )
     config = small_config(steps=100, lr=1e-2, gate_lr=0.1, warmup_steps=5)
     result = train(model, corpus, config)
     report = evaluate(model, result.expert, heldout)

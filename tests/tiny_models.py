@@ -14,20 +14,37 @@ VOCAB = 64
 
 
 def tiny_llama():
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def tiny_qwen2():
-    return Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def tiny_gpt2():
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    )
 
 
 FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
@@ -42,8 +59,9 @@ def frozen(make, seed=0):
 def phrase_corpus(n_phrases=12, phrase_len=6, length=4000, seed=0, vocab=VOCAB):
     """Random phrases (over the first ``vocab`` token ids) repeated in random order."""
     generator = torch.Generator().manual_seed(seed)
-    phrases = [torch.randint(0, vocab, (phrase_len,), generator=generator)
-               for _ in range(n_phrases)]
+    phrases = [
+        torch.randint(0, vocab, (phrase_len,), generator=generator) for _ in range(n_phrases)
+    ]
     order = torch.randint(0, n_phrases, (length // phrase_len,), generator=generator)
     return torch.cat([phrases[i] for i in order.tolist()])
 
@@ -58,5 +76,6 @@ def word_tokenizer():
         vocab[f"w{i}"] = i
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
-                                   eos_token="<eos>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )

@@ -21,8 +21,11 @@ class Command(BaseCommand):
     help = "Create demo domains, a demo user and the default base model. Safe to run twice."
 
     def add_arguments(self, parser):
-        parser.add_argument("--no-base-model", action="store_true",
-                            help="skip importing SmolLM2-135M-Instruct (slow the first time)")
+        parser.add_argument(
+            "--no-base-model",
+            action="store_true",
+            help="skip importing SmolLM2-135M-Instruct (slow the first time)",
+        )
 
     def handle(self, no_base_model, **options):
         for slug, name, description, parent in DOMAINS:

@@ -38,7 +38,8 @@ class Command(BaseCommand):
             slug=slug,
             source=str(source or base_models.default_gguf_path()),
             revision=revision,
-            architecture=model.config.architectures[0] if model.config.architectures
+            architecture=model.config.architectures[0]
+            if model.config.architectures
             else type(model).__name__,
             hidden_size=model.config.hidden_size,
             num_layers=model.config.num_hidden_layers,
@@ -48,8 +49,10 @@ class Command(BaseCommand):
             weights_location=str(folder),
             param_shapes=base_models.param_shapes(model),
         )
-        self.stdout.write(f"imported {slug}: {record.architecture}, {record.num_layers} layers, "
-                          f"fingerprint {record.fingerprint[:12]}")
+        self.stdout.write(
+            f"imported {slug}: {record.architecture}, {record.num_layers} layers, "
+            f"fingerprint {record.fingerprint[:12]}"
+        )
 
 
 def _slug_of(source):

@@ -1,0 +1,485 @@
+"""Load on the REST API: catalog, search and expert detail against a trivial endpoint.
+
+What it measures: requests/s and p50/p95 latency of the read endpoints a visitor hits most
+(the catalog list, the catalog by downloads, search, one expert), each under the same number of
+concurrent clients for the same time, next to ``GET /api/v1/health/`` on the same server. The
+health check goes through the same middleware and DRF view stack but does no database work, so it
+is the framework's floor; the catalog is reported as a ratio of it.
+
+How:
+
+1. Drop and re-create a PostgreSQL database (``latentry_bench`` by default), migrate it with
+   production settings (``DEBUG=false``), and seed it with bulk inserts: users, domains, base
+   models with real-sized parameter tables, and 10,000 experts of mixed visibility (80% public,
+   10% unlisted, 10% private) with heavy-tailed downloads, ratings, measured gains, ages and
+   versions, so that ordering, filtering and the "latest version" subquery have real work to do.
+2. Serve ``config.wsgi`` with gunicorn on a free local port, as production would. The server's
+   environment is this one's plus those settings, so ``LATENTRY_CATALOG_CACHE_SECONDS=0`` in
+   front of the command measures the catalog built afresh for every request.
+3. Drive each endpoint with ``--clients`` threads, each with its own keep-alive ``http.client``
+   connection, recording each request's latency and counting non-2xx answers and exceptions as
+   errors. The ``--seconds`` per endpoint are split over ``--rounds`` rounds that visit every
+   endpoint in turn, so background load hits all alike. The client shares the cores with the
+   server and PostgreSQL, so it is kept cheap: threads, persistent connections, no JSON decoding.
+
+Usage::
+
+    .venv/bin/python bench/api_load.py [--seconds 20] [--rounds 4] [--clients 16]
+        [--experts 10000] [--database-url postgres://postgres@127.0.0.1:5432/latentry_bench]
+
+The last line is ``RESULT catalog_rps_vs_floor=<ratio> search_p95_ms=<ms> errors=<n>``; the
+target is a catalog at least 0.5x the floor's requests/s with zero errors.
+"""
+
+import argparse
+import http.client
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_bench"
+
+# One worker per core: the work is CPU-bound Python, and PostgreSQL and the clients need the same
+# two cores. gthread rather than sync because sync closes the connection after every response:
+# a TCP handshake per request on both sides cost the floor about 20% of its requests/s here,
+# which would measure connection set-up rather than the framework. Two threads let a worker
+# start one request while another waits on the database; 1, 2 and 4 threads measured the same
+# within noise, and more only add GIL contention. The 16 keep-alive connections wait in each
+# worker's poller between requests, not in a thread.
+GUNICORN_WORKERS = 2
+GUNICORN_THREADS = 2
+
+TOPICS = {
+    "code": ["refactoring", "compiler", "rust", "typescript", "kernel", "sql", "regex", "api"],
+    "python": ["asyncio", "numpy", "pandas", "django", "typing", "pytest", "packaging", "stdlib"],
+    "science": ["physics", "chemistry", "astronomy", "climate", "geology", "optics", "energy"],
+    "biomed": ["protein", "genomics", "oncology", "radiology", "cardiology", "pharmacology"],
+    "math": ["algebra", "topology", "calculus", "proofs", "statistics", "combinatorics"],
+    "law": ["contract", "patent", "privacy", "employment", "tax", "litigation", "gdpr"],
+    "finance": ["accounting", "derivatives", "audit", "banking", "valuation", "crypto"],
+    "general": ["cooking", "travel", "writing", "history", "music", "gardening", "sports"],
+}
+KINDS = ["expert", "helper", "tutor", "reviewer", "assistant", "explainer", "notes", "qa"]
+FILLER = ["fast", "careful", "concise", "detailed", "multilingual", "beginner", "advanced"]
+BASE_MODELS = [
+    ("smollm2-135m-instruct", "LlamaForCausalLM", 576, 30, 49152),
+    ("smollm2-360m-instruct", "LlamaForCausalLM", 960, 32, 49152),
+    ("qwen2.5-0.5b-instruct", "Qwen2ForCausalLM", 896, 24, 151936),
+    ("llama-3.2-1b-instruct", "LlamaForCausalLM", 2048, 16, 128256),
+    ("gemma-2-2b-it", "Gemma2ForCausalLM", 2304, 26, 256000),
+]
+SEARCH_WORDS = [w for words in TOPICS.values() for w in words] + KINDS + ["missing-word"]
+
+
+# --- database -------------------------------------------------------------------------------
+
+
+def server_env(database_url, var_dir):
+    """The environment of migrate, the seeding and gunicorn: production settings, local DB."""
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": database_url,
+        "DEBUG": "false",
+        "SECRET_KEY": "bench-only-secret-key-not-for-production-use-0123456789abcdef",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "LATENTRY_VAR_DIR": str(var_dir),
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def recreate_database(database_url):
+    """Drop and create the database named in the URL, through the server's 'postgres' DB."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin_url = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        database = sql.Identifier(name)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(database))
+
+
+def migrate(env):
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True
+    )
+
+
+def seed(env, n_experts, rng):
+    """Fill the database with production settings; return the URLs of the public experts."""
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    seed_domains()
+    users = seed_users(200)
+    base_models = seed_base_models()
+    experts = seed_experts(n_experts, users, base_models, rng)
+    seed_versions(experts, rng)
+    with connection.cursor() as cursor:
+        # auto_now_add stamps every row with the same instant; spread them over a year.
+        cursor.execute("SELECT setseed(0.42)")
+        cursor.execute(
+            "UPDATE registry_expert SET created_at = now() - random() * interval '365 days'"
+        )
+        # Compact the table the UPDATE doubled, then do what autovacuum does soon after a bulk
+        # load: statistics for the planner, and the visibility map for index-only counts.
+        cursor.execute("VACUUM FULL registry_expert")
+        cursor.execute("VACUUM ANALYZE")
+    connection.close()
+    return [
+        f"/api/v1/experts/{e.owner.username}/{e.name}/" for e in experts if e.visibility == e.PUBLIC
+    ]
+
+
+def seed_domains():
+    from registry.models import Domain
+
+    Domain.objects.bulk_create(Domain(slug=slug, name=slug.title()) for slug in TOPICS)
+
+
+def seed_users(n):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+
+    User = get_user_model()
+    unusable = make_password(None)
+    User.objects.bulk_create(User(username=f"user{i:03d}", password=unusable) for i in range(n))
+    return list(User.objects.filter(username__startswith="user"))
+
+
+def seed_base_models():
+    from registry.models import BaseModel
+
+    BaseModel.objects.bulk_create(
+        BaseModel(
+            slug=slug,
+            source=f"hub/{slug}",
+            architecture=arch,
+            hidden_size=hidden,
+            num_layers=layers,
+            vocab_size=vocab,
+            fingerprint=f"{i:064x}",
+            param_shapes=llama_param_shapes(hidden, layers, vocab),
+        )
+        for i, (slug, arch, hidden, layers, vocab) in enumerate(BASE_MODELS)
+    )
+    return list(BaseModel.objects.all())
+
+
+def llama_param_shapes(hidden, layers, vocab):
+    """What describe() stores for a real decoder: one entry per weight tensor."""
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{prefix}.self_attn.{name}.weight"] = [hidden, hidden]
+        for name in ("gate_proj", "up_proj"):
+            shapes[f"{prefix}.mlp.{name}.weight"] = [4 * hidden, hidden]
+        shapes[f"{prefix}.mlp.down_proj.weight"] = [hidden, 4 * hidden]
+        shapes[f"{prefix}.input_layernorm.weight"] = [hidden]
+        shapes[f"{prefix}.post_attention_layernorm.weight"] = [hidden]
+    return shapes
+
+
+def seed_experts(n, users, base_models, rng):
+    from registry.models import Domain, Expert
+
+    domains = {d.slug: d for d in Domain.objects.all()}
+    visibility = [Expert.PUBLIC] * 8 + [Expert.UNLISTED, Expert.PRIVATE]
+    experts = []
+    for i in range(n):
+        domain = rng.choice(list(TOPICS))
+        topic, kind = rng.choice(TOPICS[domain]), rng.choice(KINDS)
+        rated = rng.random() < 0.7
+        experts.append(
+            Expert(
+                owner=users[i % len(users)],
+                name=f"{topic}-{kind}-{i}",
+                title=f"{topic.title()} {kind} ({rng.choice(FILLER)})",
+                summary=" ".join(rng.choices(TOPICS[domain] + FILLER + KINDS, k=12)),
+                model_card=f"# {topic}\n\n" + "Trained on curated data. " * 20,
+                domain=domains[domain],
+                base_model=rng.choice(base_models),
+                visibility=rng.choice(visibility),
+                tags=rng.sample(TOPICS[domain], 3),
+                download_count=int(rng.paretovariate(1.1) * 10),
+                rating=round(rng.uniform(1, 5), 1) if rated else None,
+                review_count=rng.randint(1, 40) if rated else 0,
+                measured_gain=round(rng.uniform(0, 25), 2) if rng.random() < 0.6 else None,
+            )
+        )
+    return Expert.objects.bulk_create(experts, batch_size=2000)
+
+
+def seed_versions(experts, rng):
+    from registry.models import ExpertVersion
+
+    versions = []
+    for expert in experts:
+        for number in range(1, rng.choice([0, 1, 1, 2, 3]) + 1):
+            digest = f"{expert.pk:032x}{number:032x}"
+            versions.append(
+                ExpertVersion(
+                    expert=expert,
+                    number=number,
+                    artifact_key=f"experts/{digest}.safetensors",
+                    sha256=digest,
+                    size=rng.randint(10**5, 10**8),
+                    kind="lora",
+                    n_latents=16,
+                    status=ExpertVersion.READY if rng.random() < 0.9 else ExpertVersion.REJECTED,
+                )
+            )
+    ExpertVersion.objects.bulk_create(versions, batch_size=5000)
+
+
+# --- server ---------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gunicorn(env, port, log):
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "config.wsgi",
+        f"--bind=127.0.0.1:{port}",
+        f"--workers={GUNICORN_WORKERS}",
+        "--worker-class=gthread",
+        f"--threads={GUNICORN_THREADS}",
+        "--keep-alive=30",
+        "--graceful-timeout=10",
+        "--log-level=warning",
+    ]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until_ready(server, port, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {server.returncode}")
+        try:
+            if get(port, "/api/v1/health/") == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("gunicorn did not answer in time")
+
+
+def stop(server):
+    """SIGTERM lets the workers finish their requests; kill only if that hangs."""
+    if server.poll() is not None:
+        return
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def get(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+# --- load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    name: str
+    latencies: list = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rps(self):
+        return len(self.latencies) / self.seconds
+
+    def percentile_ms(self, p):
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def client(port, paths, deadline, stats, lock, seed):
+    """One client: a keep-alive connection, requests back to back until the deadline."""
+    rng = random.Random(seed)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    latencies, errors = [], 0
+    while time.perf_counter() < deadline:
+        path = rng.choice(paths)
+        start = time.perf_counter()
+        try:
+            conn.request("GET", path, headers={"Accept": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            ok = 200 <= response.status < 300
+        except (OSError, http.client.HTTPException):
+            ok = False
+            conn.close()  # the next request reconnects
+        if ok:
+            latencies.append(time.perf_counter() - start)
+        else:
+            errors += 1
+    conn.close()
+    with lock:
+        stats.latencies += latencies
+        stats.errors += errors
+
+
+def drive(port, stats, paths, clients, seconds):
+    """Run ``clients`` concurrent clients over ``paths`` for ``seconds``, adding to ``stats``."""
+    lock = threading.Lock()
+    start = time.perf_counter()
+    threads = [
+        threading.Thread(target=client, args=(port, paths, start + seconds, stats, lock, i))
+        for i in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats.seconds += time.perf_counter() - start
+
+
+def endpoints(detail_paths, rng):
+    searches = [f"/api/v1/experts/?q={word}" for word in SEARCH_WORDS]
+    details = rng.sample(detail_paths, min(2000, len(detail_paths)))
+    return [
+        ("floor /health/", ["/api/v1/health/"]),
+        ("catalog", ["/api/v1/experts/"]),
+        ("catalog by downloads", ["/api/v1/experts/?ordering=-download_count"]),
+        ("search ?q=", searches),
+        ("expert detail", details),
+    ]
+
+
+def serve_and_drive(env, log, plan, args):
+    """Start gunicorn, drive the endpoints of the plan in rounds, always stop gunicorn.
+
+    Each round gives every endpoint its share of the time, so a change in background load
+    during the run falls on all of them alike and leaves the ratios alone.
+    """
+    port = free_port()
+    server = start_gunicorn(env, port, log)
+    try:
+        wait_until_ready(server, port)
+        for _, paths in plan:  # open every worker thread's DB connection, warm every code path
+            drive(port, Stats("warm-up"), paths, args.clients, 1)
+        results = [Stats(name) for name, _ in plan]
+        for _ in range(args.rounds):
+            for stats, (_, paths) in zip(results, plan, strict=True):
+                drive(port, stats, paths, args.clients, args.seconds / args.rounds)
+        return results
+    finally:
+        stop(server)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def print_settings(args):
+    import django
+
+    print(
+        f"experts={args.experts} clients={args.clients} seconds={args.seconds} per endpoint "
+        f"in {args.rounds} rounds"
+    )
+    print(f"database={args.database_url}")
+    print(
+        f"gunicorn config.wsgi workers={GUNICORN_WORKERS} gthread threads={GUNICORN_THREADS}; "
+        f"cpus={os.cpu_count()} python={platform.python_version()} django={django.__version__}"
+    )
+
+
+def print_table(results):
+    print(f"{'endpoint':<22} {'requests':>9} {'rps':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}")
+    for s in results:
+        print(
+            f"{s.name:<22} {len(s.latencies) + s.errors:>9} {s.rps:>8.1f} "
+            f"{s.percentile_ms(50):>8.2f} {s.percentile_ms(95):>8.2f} {s.errors:>7}"
+        )
+
+
+def prepare(args, var_dir):
+    """A fresh, migrated, seeded database; return the server's environment and detail URLs."""
+    (var_dir / "staticfiles").mkdir()  # whitenoise warns in every worker when it is missing
+    env = server_env(args.database_url, var_dir)
+    started = time.perf_counter()
+    recreate_database(args.database_url)
+    migrate(env)
+    detail_paths = seed(env, args.experts, random.Random(0))
+    print(f"seeded {args.experts} experts in {time.perf_counter() - started:.1f}s")
+    from django.conf import settings
+
+    print(f"LATENTRY_CATALOG_CACHE_SECONDS={settings.LATENTRY_CATALOG_CACHE_SECONDS}")
+    return env, detail_paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=20, help="per endpoint")
+    parser.add_argument("--rounds", type=int, default=4, help="the seconds are split over these")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--experts", type=int, default=10_000)
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    args = parser.parse_args()
+    print_settings(args)
+
+    with tempfile.TemporaryDirectory(prefix="latentry-bench-") as tmp:
+        env, detail_paths = prepare(args, Path(tmp))
+        plan = endpoints(detail_paths, random.Random(1))
+        with open(Path(tmp) / "gunicorn.log", "w+") as log:
+            try:
+                results = serve_and_drive(env, log, plan, args)
+            finally:
+                log.seek(0)
+                if problems := log.read().strip():
+                    print(f"gunicorn log:\n{problems[-3000:]}")
+
+    print_table(results)
+    floor, catalog, search = results[0], results[1], results[3]
+    print(
+        f"RESULT catalog_rps_vs_floor={catalog.rps / floor.rps:.2f} "
+        f"search_p95_ms={search.percentile_ms(95):.1f} "
+        f"errors={sum(s.errors for s in results)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
