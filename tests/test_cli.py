@@ -103,9 +103,26 @@ def test_train_evaluate_generate_export_import(workspace, capsys):
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nbase_model: ")
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert_peft_loads_the_adapter(folder, workspace / "base", out)
     path, info, body = artifact.import_folder(folder)
     assert info["kind"] == "lora" and "Learns phrases." in body
     assert path.read_bytes() == (workspace / "expert.safetensors").read_bytes()
+
+
+def assert_peft_loads_the_adapter(folder, base_folder, expert_path):
+    """PeftModel.from_pretrained reads the exported adapter; it equals our hooked LoRA."""
+    import torch
+    from peft import PeftModel
+
+    from coprocessor.augment import Coprocessor
+
+    base, _ = base_models.load(base_folder)
+    expert = Coprocessor.load(base, expert_path)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with expert.active():
+        ours = base(ids).logits
+    peft_model = PeftModel.from_pretrained(base_models.load(base_folder)[0], folder)
+    torch.testing.assert_close(peft_model(ids).logits, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_import_refuses_a_tampered_folder(workspace, tmp_path):
