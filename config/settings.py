@@ -46,6 +46,8 @@ def env_list(name, default):
 
 
 VAR_DIR = Path(env_str("LATENTRY_VAR_DIR", str(BASE_DIR / "var")))
+# Local state (SQLite file, broker folders, artifacts) lives here; a fresh checkout has none.
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 DEBUG = env_bool("DEBUG", True)
 SECRET_KEY = env_str("SECRET_KEY", "")
