@@ -54,4 +54,4 @@ def corpus_ids(args, tokenizer):
 
 
 def space_token(tokenizer):
-    return tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+    return base_models.space_token_id(tokenizer)

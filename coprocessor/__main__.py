@@ -109,7 +109,7 @@ def cmd_train(args):
     model, tokenizer = load_base(args.base)
     ids = corpus.tokenize(tokenizer, corpus.read_texts(args.data))
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
-    config = TrainConfig(**fields)
+    config = TrainConfig(**fields, anchor_token_id=base_models.space_token_id(tokenizer))
     bar = tqdm(total=config.steps, unit="step")
 
     def on_progress(progress):

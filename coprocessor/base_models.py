@@ -147,3 +147,9 @@ def chat_prompt_ids(tokenizer, messages):
         messages, add_generation_prompt=True, tokenize=True, return_dict=True
     )
     return list(encoded["input_ids"])
+
+
+def space_token_id(tokenizer):
+    """A space's token id: the in-distribution embedding latents start from (None: no such)."""
+    ids = tokenizer(" ", add_special_tokens=False)["input_ids"]
+    return ids[-1] if ids else None

@@ -46,7 +46,7 @@ def test_an_untrained_expert_leaves_smollm2_within_5_percent(smollm2):
         positions_per_window=2,
         max_windows=4,
     )
-    space = tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
+    space = base_models.space_token_id(tokenizer)
     expert = Coprocessor(model, CoprocessorConfig(n_latents=8, anchor_token_id=space))
     report = evaluate(model, expert, heldout)
     harm = (report["augmented"]["ppl"] - report["base"]["ppl"]) / report["base"]["ppl"]
