@@ -1,6 +1,7 @@
 """Shared set-up of the ML benchmarks: threads, the real base model, the corpus."""
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -55,3 +56,20 @@ def corpus_ids(args, tokenizer):
 
 def space_token(tokenizer):
     return base_models.space_token_id(tokenizer)
+
+
+def peft_lora_copy(model, rank, alpha):
+    """A PEFT LoRA fine-tune of a copy of ``model`` on every linear layer of its blocks: the
+    baseline a user would pick instead of an expert (it changes the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n
+        }
+    )
+    return get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    )

@@ -11,11 +11,10 @@ Ends with RESULT ppl_base ppl_expert reduction_pct lora_finetune_reduction_pct
 soft_tokens_reduction_pct step0_harm_pct.
 """
 
-import copy
 import time
 
 import torch
-from common import corpus_ids, parser, setup, space_token
+from common import corpus_ids, parser, peft_lora_copy, setup, space_token
 
 from coprocessor.augment import Coprocessor, SoftTokens
 from coprocessor.evaluate import evaluate, heldout_set
@@ -136,19 +135,7 @@ def train_with_curve(model, train_ids, config, heldout, points):
 
 def lora_finetune(model, train_ids, config, args):
     """What a user would pick instead: PEFT LoRA on the decoder itself, plain LM loss."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = sorted(
-        {
-            n.rsplit(".", 1)[-1]
-            for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in n
-        }
-    )
-    tuned = get_peft_model(
-        copy.deepcopy(model),
-        LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets),
-    )
+    tuned = peft_lora_copy(model, args.lora_rank, 2 * args.lora_rank)
     optimizer = torch.optim.AdamW(
         [p for p in tuned.parameters() if p.requires_grad], lr=args.finetune_lr
     )

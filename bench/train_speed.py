@@ -9,11 +9,10 @@ same process, after a warm-up step each.
 Ends with RESULT train_speed_ratio=<coprocessor/finetune tokens per second>.
 """
 
-import copy
 import time
 
 import torch
-from common import corpus_ids, parser, setup, space_token
+from common import corpus_ids, parser, peft_lora_copy, setup, space_token
 
 from coprocessor.augment import Coprocessor
 from coprocessor.train import TrainConfig, _train_step, make_optimizer, sample_windows
@@ -71,19 +70,7 @@ def time_coprocessor(model, train_ids, config, steps, device):
 
 
 def time_finetune(model, train_ids, config, steps, device):
-    from peft import LoraConfig, get_peft_model
-
-    targets = sorted(
-        {
-            n.rsplit(".", 1)[-1]
-            for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in n
-        }
-    )
-    tuned = get_peft_model(
-        copy.deepcopy(model),
-        LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets),
-    )
+    tuned = peft_lora_copy(model, config.lora_rank, config.lora_alpha)
     tuned.train()
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=5e-4)
     generator = torch.Generator().manual_seed(0)
