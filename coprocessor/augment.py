@@ -106,6 +106,16 @@ def run_decoder(decoder, *, past, past_bias, inputs_embeds, new_bias, positions,
     """
     mask = attention_bias(past_bias, new_bias.to(inputs_embeds.dtype))
     cache = as_cache(past)
+    hidden = forward_with_mask(
+        decoder, cache=cache, mask=mask, inputs_embeds=inputs_embeds, positions=positions
+    )
+    if logits_last:
+        hidden = decoder.get_output_embeddings()(hidden[:, -logits_last:])
+    return hidden, cache_tensors(cache)
+
+
+def forward_with_mask(decoder, *, cache, mask, inputs_embeds, positions):
+    """D's last hidden states over new positions, with a ready 4D mask; ``cache`` is mutated."""
     out = decoder.base_model(
         inputs_embeds=inputs_embeds,
         past_key_values=cache,
@@ -113,10 +123,24 @@ def run_decoder(decoder, *, past, past_bias, inputs_embeds, new_bias, positions,
         position_ids=positions,
         use_cache=True,
     )
-    hidden = out.last_hidden_state
-    if logits_last:
-        hidden = decoder.get_output_embeddings()(hidden[:, -logits_last:])
-    return hidden, cache_tensors(cache)
+    return out.last_hidden_state
+
+
+def block_attention_bias(past_visible, blocks, new_bias):
+    """The 4D mask for several independent blocks packed after one cache: [B, 1, Q, P + Q].
+
+    past_visible: [B, Q, P] which cached keys each new position may see; blocks: [Q] block id of
+    each new position (a position sees the earlier positions of its own block only); new_bias:
+    [B, Q] bias of each new position as a key (the gate for latents). Packing K augmentation
+    points of one window this way shares the window's cache instead of copying it K times.
+    """
+    neg = negative(new_bias.dtype)
+    past = torch.where(past_visible, 0.0, neg).to(new_bias.dtype)
+    queries = blocks.shape[0]
+    causal = torch.ones(queries, queries, dtype=torch.bool, device=blocks.device).tril()
+    allowed = causal & (blocks[:, None] == blocks[None, :])
+    new = torch.where(allowed, new_bias[:, None, :], torch.full_like(new_bias[:, None, :], neg))
+    return torch.cat([past, new], dim=-1)[:, None]
 
 
 def embed(decoder, token_ids):
@@ -261,20 +285,35 @@ class Coprocessor(nn.Module):
         """
         batch = past_bias.shape[0]
         n_latents = self.config.n_latents
+        dtype = self.body_dtype()
+        new_bias = torch.zeros(batch, n_latents, dtype=dtype, device=past_bias.device)
+        mask = attention_bias(past_bias.to(dtype), new_bias)
+        return self.encode(past, mask, positions[:, None].expand(batch, n_latents), copies=1)
+
+    def body_dtype(self):
+        body = self.full if self.config.kind == "full" else self.decoder
+        return next(body.parameters()).dtype
+
+    def encode(self, past, mask, positions, copies):
+        """Latents for ``copies`` blocks of soft tokens at once, under a ready 4D mask.
+
+        positions: (B, copies * n_latents). Returns z: (B, copies * n_latents, H).
+        """
         body = self.full if self.config.kind == "full" else self.decoder
         dtype = next(body.parameters()).dtype
-        soft = self.soft_tokens.to(dtype).unsqueeze(0).expand(batch, -1, -1)
-        new_bias = torch.zeros(batch, n_latents, dtype=dtype, device=soft.device)
+        soft = self.soft_tokens.to(dtype).repeat(copies, 1)
+        soft = soft.unsqueeze(0).expand(positions.shape[0], -1, -1)
         with self.active():
-            hidden, _ = run_decoder(
+            hidden = forward_with_mask(
                 body,
-                past=past,
-                past_bias=past_bias.to(dtype),
+                cache=as_cache(past),
+                mask=mask.to(dtype),
                 inputs_embeds=soft,
-                new_bias=new_bias,
-                positions=positions[:, None].expand(batch, n_latents),
+                positions=positions,
             )
-        return self.latent_head(hidden.float())
+        batch, _, width = hidden.shape
+        hidden = hidden.float().view(batch, copies, self.config.n_latents, width)
+        return self.latent_head(hidden).reshape(batch, -1, width)
 
     def gate_bias(self, batch):
         return self.latent_head.gate.unsqueeze(0).expand(batch, -1)
@@ -380,6 +419,10 @@ class SoftTokens(nn.Module):
 
     def latents(self, past, past_bias, positions):
         return self.latent_head.anchors.unsqueeze(0).expand(past_bias.shape[0], -1, -1)
+
+    def encode(self, past, mask, positions, copies):
+        anchors = self.latent_head.anchors.repeat(copies, 1)
+        return anchors.unsqueeze(0).expand(positions.shape[0], -1, -1)
 
     def gate_bias(self, batch):
         return self.latent_head.gate.unsqueeze(0).expand(batch, -1)

@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .augment import Coprocessor, CoprocessorConfig, augmented_forward, negative, prefill
+from .augment import (
+    Coprocessor,
+    CoprocessorConfig,
+    as_cache,
+    block_attention_bias,
+    embed,
+    forward_with_mask,
+    negative,
+    prefill,
+)
 
 
 @dataclass
@@ -112,6 +121,66 @@ def position_batch(decoder, windows, positions, ahead):
     tokens = windows[rows[:, None], fed]
     targets = windows[rows[:, None], fed + 1]
     return past, past_bias, tokens, targets, p - 1
+
+
+def packed_losses(decoder, expert, windows, positions, ahead):
+    """Per-token losses (W, K, A) for K augmentation points per window, packed in one row.
+
+    Each window's cache is computed once and shared: the K blocks of soft tokens (C pass) and
+    of [latents, tokens] (D pass) sit side by side after it, each block seeing only its own
+    prefix ``x[:p-1]`` and itself. Equal to one row per point (``position_batch``), without
+    copying the cache K times. ``expert=None`` gives the plain decoder's losses.
+    """
+    n_windows, length = windows.shape
+    per_window = positions.shape[1]
+    device = windows.device
+    with torch.no_grad():
+        past, _, _ = prefill(decoder, windows, torch.ones_like(windows, dtype=torch.bool))
+    dtype = past[0][0].dtype
+    starts = positions - 1  # (W, K) position of x[p-1], the first fed token
+    visible = torch.arange(length, device=device)[None, None, :] < starts[:, :, None]
+    offsets = torch.arange(ahead, device=device)
+    fed = starts[:, :, None] + offsets  # (W, K, A)
+    rows = torch.arange(n_windows, device=device)[:, None, None]
+    tokens, targets = windows[rows, fed], windows[rows, fed + 1]
+    inputs = embed(decoder, tokens)  # (W, K, A, H)
+    new_bias = torch.zeros(n_windows, per_window, ahead, dtype=dtype, device=device)
+    new_positions = fed
+    n_latents = 0
+    if expert is not None:
+        n_latents = expert.latent_head.gate.numel()
+        latent_positions = starts[:, :, None].expand(-1, -1, n_latents)
+        blocks = torch.arange(per_window, device=device).repeat_interleave(n_latents)
+        soft_mask = block_attention_bias(
+            visible.repeat_interleave(n_latents, dim=1),
+            blocks,
+            torch.zeros(n_windows, per_window * n_latents, dtype=dtype, device=device),
+        )
+        z = expert.encode(
+            past, soft_mask, latent_positions.reshape(n_windows, -1), copies=per_window
+        ).to(dtype)
+        z = z.view(n_windows, per_window, n_latents, -1)
+        inputs = torch.cat([z, inputs], dim=2)
+        gate = expert.gate_bias(n_windows).to(dtype)[:, None, :].expand(-1, per_window, -1)
+        new_bias = torch.cat([gate, new_bias], dim=2)
+        new_positions = torch.cat([latent_positions, fed], dim=2)
+    block = n_latents + ahead
+    blocks = torch.arange(per_window, device=device).repeat_interleave(block)
+    mask = block_attention_bias(
+        visible.repeat_interleave(block, dim=1), blocks, new_bias.reshape(n_windows, -1)
+    )
+    hidden = forward_with_mask(
+        decoder,
+        cache=as_cache(past),
+        mask=mask,
+        inputs_embeds=inputs.reshape(n_windows, per_window * block, -1),
+        positions=new_positions.reshape(n_windows, -1),
+    )
+    hidden = hidden.view(n_windows, per_window, block, -1)[:, :, n_latents:]
+    logits = decoder.get_output_embeddings()(hidden)  # (W, K, A, V)
+    return F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none").view(
+        n_windows, per_window, ahead
+    )
 
 
 def sample_windows(token_ids, config, count, generator):
@@ -238,13 +307,8 @@ def _train_step(decoder, expert, token_ids, config, optimizer, generator, device
         with torch.autocast(
             device.type, dtype=autocast or torch.float32, enabled=autocast is not None
         ):
-            past, past_bias, tokens, targets, starts = position_batch(
-                decoder, windows, positions, config.ahead_tokens
-            )
-            out = augmented_forward(
-                decoder, expert, past=past, past_bias=past_bias, tokens=tokens, positions=starts
-            )
-            loss = ahead_losses(out.logits, targets).mean() / config.grad_accum
+            losses = packed_losses(decoder, expert, windows, positions, config.ahead_tokens)
+            loss = losses.mean() / config.grad_accum
         loss.backward()
         total += loss.item()
     torch.nn.utils.clip_grad_norm_(expert.parameters(), config.max_grad_norm)

@@ -105,3 +105,29 @@ def test_training_lowers_held_out_perplexity(model):
     result = train(model, corpus, config)
     report = evaluate(model, result.expert, heldout)
     assert report["reduction_pct"] > 5, report
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("with_expert", [False, True], ids=["plain", "expert"])
+def test_packed_positions_give_the_same_losses_as_one_row_each(family, with_expert):
+    """Training packs K points of a window after one shared cache; evaluation uses one row per
+    point. Both must compute the same thing."""
+    from coprocessor.augment import Coprocessor, CoprocessorConfig, augmented_forward
+    from coprocessor.train import ahead_losses, packed_losses, position_batch
+    from tests.test_augment import randomize
+    from tests.tiny_models import FAMILIES, VOCAB
+
+    model = frozen(FAMILIES[family])
+    expert = None
+    if with_expert:
+        expert = randomize(Coprocessor(model, CoprocessorConfig(n_latents=3, lora_rank=2)))
+    windows = torch.randint(0, VOCAB, (2, 40))
+    positions = torch.tensor([[5, 20, 30], [10, 11, 33]])
+    past, past_bias, tokens, targets, starts = position_batch(model, windows, positions, 4)
+    rows = augmented_forward(
+        model, expert, past=past, past_bias=past_bias, tokens=tokens, positions=starts
+    )
+    packed = packed_losses(model, expert, windows, positions, 4)
+    torch.testing.assert_close(
+        packed.reshape(-1, 4), ahead_losses(rows.logits, targets), atol=1e-5, rtol=1e-5
+    )
