@@ -54,6 +54,37 @@ def corpus_ids(args, tokenizer):
     return train_ids, heldout_ids
 
 
+def add_expert_arguments(p):
+    """The expert's shape and optimiser, shared by the benchmarks that train one."""
+    p.add_argument("--n-latents", type=int, default=8)
+    p.add_argument("--ahead", type=int, default=16)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--positions", type=int, default=8, help="augmentation points per window")
+    p.add_argument("--windows-per-step", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gate-lr", type=float, default=5e-2)
+
+
+def train_config(args, tokenizer, **overrides):
+    """The TrainConfig those arguments describe; latents start from a space token."""
+    from coprocessor.train import TrainConfig
+
+    settings = dict(
+        n_latents=args.n_latents,
+        ahead_tokens=args.ahead,
+        window=args.window,
+        positions_per_window=args.positions,
+        windows_per_step=args.windows_per_step,
+        lora_rank=args.lora_rank,
+        lora_alpha=2 * args.lora_rank,
+        lr=args.lr,
+        gate_lr=args.gate_lr,
+        anchor_token_id=space_token(tokenizer),
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
 def space_token(tokenizer):
     return base_models.space_token_id(tokenizer)
 

@@ -14,24 +14,17 @@ soft_tokens_reduction_pct step0_harm_pct.
 import time
 
 import torch
-from common import corpus_ids, parser, peft_lora_copy, setup, space_token
+from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
 
 from coprocessor.augment import Coprocessor, SoftTokens
 from coprocessor.evaluate import evaluate, heldout_set
-from coprocessor.train import TrainConfig, sample_windows, train
+from coprocessor.train import sample_windows, train
 
 
 def main():
     p = parser(__doc__)
     p.add_argument("--budget-min", type=float, default=15.0, help="training minutes per arm")
-    p.add_argument("--n-latents", type=int, default=8)
-    p.add_argument("--ahead", type=int, default=16)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--positions", type=int, default=8, help="augmentation points per window")
-    p.add_argument("--windows-per-step", type=int, default=1)
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--gate-lr", type=float, default=5e-2)
+    add_expert_arguments(p)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--curve-points", type=int, default=5)
     p.add_argument(
@@ -46,20 +39,7 @@ def main():
     heldout = heldout_set(
         heldout_ids, window=args.window, ahead=args.ahead, positions_per_window=4, max_windows=21
     )
-    config = TrainConfig(
-        n_latents=args.n_latents,
-        ahead_tokens=args.ahead,
-        window=args.window,
-        positions_per_window=args.positions,
-        windows_per_step=args.windows_per_step,
-        lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank,
-        lr=args.lr,
-        gate_lr=args.gate_lr,
-        steps=100_000,
-        time_budget_s=args.budget_min * 60,
-        anchor_token_id=space_token(tokenizer),
-    )
+    config = train_config(args, tokenizer, steps=100_000, time_budget_s=args.budget_min * 60)
     print(f"settings: {config.to_dict()}")
     print(
         f"held-out: {heldout.pairs} (window, position) pairs, {heldout.pairs * args.ahead} "

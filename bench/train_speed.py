@@ -12,32 +12,20 @@ Ends with RESULT train_speed_ratio=<coprocessor/finetune tokens per second>.
 import time
 
 import torch
-from common import corpus_ids, parser, peft_lora_copy, setup, space_token
+from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
 
 from coprocessor.augment import Coprocessor
-from coprocessor.train import TrainConfig, _train_step, make_optimizer, sample_windows
+from coprocessor.train import _train_step, make_optimizer, sample_windows
 
 
 def main():
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--n-latents", type=int, default=8)
-    p.add_argument("--ahead", type=int, default=16)
-    p.add_argument("--positions", type=int, default=8)
-    p.add_argument("--windows-per-step", type=int, default=1)
-    p.add_argument("--lora-rank", type=int, default=16)
+    add_expert_arguments(p)
     args = p.parse_args()
     model, tokenizer = setup(args)
     train_ids, _ = corpus_ids(args, tokenizer)
-    config = TrainConfig(
-        n_latents=args.n_latents,
-        ahead_tokens=args.ahead,
-        positions_per_window=args.positions,
-        windows_per_step=args.windows_per_step,
-        lora_rank=args.lora_rank,
-        lora_alpha=2 * args.lora_rank,
-        anchor_token_id=space_token(tokenizer),
-    )
+    config = train_config(args, tokenizer)
     print(f"settings: {config.to_dict()}")
     coprocessor_s = time_coprocessor(model, train_ids, config, args.steps, args.device)
     finetune_s = time_finetune(model, train_ids, config, args.steps, args.device)

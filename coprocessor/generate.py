@@ -94,10 +94,7 @@ def _latents(decoder, requests, past, past_bias, positions, dtype):
         if request.expert is not None:
             experts.setdefault(id(request.expert), (request.expert, []))[1].append(row)
     width = max(
-        (
-            e.config.n_latents if hasattr(e, "config") else e.latent_head.gate.numel()
-            for e, _ in experts.values()
-        ),
+        (e.latent_head.gate.numel() for e, _ in experts.values()),
         default=0,
     )
     hidden = decoder.config.hidden_size

@@ -2,6 +2,7 @@
 
 import hashlib
 import secrets
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
@@ -344,8 +345,14 @@ class ApiKey(models.Model):
     def has_scope(self, scope):
         return scope in self.scopes
 
+    TOUCH_EVERY = timedelta(minutes=1)
+
     def touch(self):
+        """Record use, at most once a minute: a database write per API request is hot-path
+        work that "last used" does not need."""
         now = timezone.now()
+        if self.last_used_at is not None and now - self.last_used_at < self.TOUCH_EVERY:
+            return
         ApiKey.objects.filter(pk=self.pk).update(last_used_at=now)
         self.last_used_at = now
 

@@ -7,6 +7,7 @@ once. Errors of the backend become StorageUnavailable, which the API answers wit
 import hashlib
 import logging
 
+from botocore.exceptions import BotoCoreError, ClientError
 from django.core.files import File
 from django.core.files.storage import storages
 from django.http import FileResponse, HttpResponseRedirect
@@ -18,18 +19,7 @@ class StorageUnavailable(Exception):
     """The artifact store could not be reached or refused the operation."""
 
 
-def _storage_errors():
-    errors = (OSError,)
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        errors += (BotoCoreError, ClientError)
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        pass
-    return errors
-
-
-STORAGE_ERRORS = _storage_errors()
+STORAGE_ERRORS = (OSError, BotoCoreError, ClientError)
 
 
 def artifacts():

@@ -20,25 +20,13 @@ from rest_framework.test import APIClient
 from coprocessor import artifact
 from coprocessor.base_models import describe
 from registry.models import ApiKey, BaseModel, Domain, Expert
-
-TINY_LLAMA = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+from tests.tiny_models import LLAMA_SHAPE, frozen, tiny_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_spec():
     """The spec (shapes, fingerprint) of a tiny randomly initialised llama model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return describe(LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)))
+    return describe(frozen(tiny_llama))
 
 
 @pytest.fixture
@@ -49,7 +37,7 @@ def base_model(db, tiny_spec):
         architecture="LlamaForCausalLM",
         hidden_size=tiny_spec.hidden_size,
         num_layers=tiny_spec.num_layers,
-        vocab_size=TINY_LLAMA["vocab_size"],
+        vocab_size=LLAMA_SHAPE["vocab_size"],
         fingerprint=tiny_spec.fingerprint,
         param_shapes=tiny_spec.param_shapes,
     )

@@ -84,3 +84,14 @@ def test_the_command_prints_a_working_key(alice, capsys):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
     assert client.get("/api/v1/api-keys/").json()["results"][0]["scopes"] == ["read"]
+
+
+def test_last_use_is_written_at_most_once_a_minute(alice):
+    client = bearer_client(alice)
+    client.get("/api/v1/experts/")
+    first = ApiKey.objects.get().last_used_at
+    client.get("/api/v1/experts/")
+    assert ApiKey.objects.get().last_used_at == first
+    ApiKey.objects.update(last_used_at=first - ApiKey.TOUCH_EVERY)
+    client.get("/api/v1/experts/")
+    assert ApiKey.objects.get().last_used_at > first

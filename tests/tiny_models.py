@@ -13,32 +13,24 @@ from transformers import (
 VOCAB = 64
 
 
+# llama and qwen2 share a shape: grouped-query attention (4 heads, 2 kv heads), gated MLP.
+LLAMA_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
 def tiny_llama():
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-    )
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE))
 
 
 def tiny_qwen2():
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-    )
+    return Qwen2ForCausalLM(Qwen2Config(**LLAMA_SHAPE))
 
 
 def tiny_gpt2():
