@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format migrate clean
+.PHONY: install run worker test lint format migrate clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,10 +21,18 @@ install: $(STAMP)
 migrate: install
 	$(PY) manage.py migrate --noinput
 
+# The web server and one job worker (queue "gpu"; CPU where there is no GPU) together;
+# stopping the server stops the worker.
 run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
+	$(PY) manage.py seed_demo_job
+	$(PY) -m celery -A config worker -Q gpu -c 1 -n worker@%h -l info & \
+	trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
 	$(PY) manage.py runserver $(HOST):$(PORT)
+
+worker: migrate
+	$(PY) -m celery -A config worker -Q gpu -c 1 -n worker@%h -l info
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -29,13 +29,21 @@ def env_bool(name, default=False):
 
 
 def env_int(name, default):
+    return _env_number(name, default, int, "an integer")
+
+
+def env_float(name, default):
+    return _env_number(name, default, float, "a number")
+
+
+def _env_number(name, default, parse, what):
     value = os.environ.get(name)
     if value is None or value == "":
         return default
     try:
-        return int(value)
+        return parse(value)
     except ValueError:
-        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
+        raise ImproperlyConfigured(f"{name} must be {what}, got {value!r}") from None
 
 
 def env_list(name, default):
@@ -118,6 +126,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # "database is locked" halfway through a transaction.
     DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # A file, not memory, so that worker processes started by the tests share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test_latentry.sqlite3")}
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -142,7 +152,7 @@ MEDIA_ROOT = VAR_DIR / "media"
 # Weights and datasets live in the "artifacts" storage: local disk by default, S3 (or any
 # S3-compatible store) when S3_BUCKET is set. Credentials come from the usual AWS_* variables.
 S3_BUCKET = env_str("S3_BUCKET")
-ARTIFACTS_DIR = VAR_DIR / "artifacts"
+ARTIFACTS_DIR = Path(env_str("LATENTRY_ARTIFACTS_DIR", str(VAR_DIR / "artifacts")))
 # Converted base models (safetensors folders) that workers and the router load from.
 BASE_MODELS_DIR = Path(env_str("BASE_MODELS_DIR", str(VAR_DIR / "base_models")))
 if S3_BUCKET:
@@ -216,17 +226,36 @@ SPECTACULAR_SETTINGS = {
 CELERY_BROKER_DIR = VAR_DIR / "broker"
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
 if CELERY_BROKER_URL == "filesystem://":
+    for folder in ("queue", "processed"):
+        (CELERY_BROKER_DIR / folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_BROKER_DIR / "queue"),
         "data_folder_out": str(CELERY_BROKER_DIR / "queue"),
         "processed_folder": str(CELERY_BROKER_DIR / "processed"),
         "store_processed": False,
+        # Workers poll the folder; the default (1 s) would add up to a second per job.
+        "polling_interval": 0.1,
     }
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# Jobs. Training and evaluation run on queue LATENTRY_JOB_QUEUE ("gpu": one worker per GPU,
+# CPU workers where there is none). A worker writes progress and a heartbeat every
+# LATENTRY_PROGRESS_SECONDS; a running job whose heartbeat is older than the lease is taken
+# over by the next worker that starts or receives it.
+LATENTRY_JOB_QUEUE = env_str("LATENTRY_JOB_QUEUE", "gpu")
+LATENTRY_PROGRESS_SECONDS = env_float("LATENTRY_PROGRESS_SECONDS", 2.0)
+LATENTRY_JOB_LEASE_SECONDS = env_int("LATENTRY_JOB_LEASE_SECONDS", 120)
+LATENTRY_JOB_TIME_LIMIT = env_int("LATENTRY_JOB_TIME_LIMIT", 12 * 3600)
+LATENTRY_JOB_STORAGE_RETRIES = env_int("LATENTRY_JOB_STORAGE_RETRIES", 3)
+LATENTRY_JOB_RETRY_DELAY = env_int("LATENTRY_JOB_RETRY_DELAY", 10)
+LATENTRY_MAX_DATASET_BYTES = env_int("LATENTRY_MAX_DATASET_BYTES", 100 * 1024 * 1024)
+# "cpu", "cuda" or "" (cuda when available).
+LATENTRY_DEVICE = env_str("LATENTRY_DEVICE", "")
 
 LOGGING = {
     "version": 1,

@@ -9,20 +9,26 @@ import torch
 def read_texts(path):
     """Documents of a .jsonl file (one {"text": ...} per line) or a plain text file (one)."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{path}:{number}: expected an object with a "text" string')
-            texts.append(record["text"])
-        return texts
-    return [path.read_text(encoding="utf-8")]
+    return parse_texts(path.read_text(encoding="utf-8"), jsonl=path.suffix == ".jsonl", source=path)
+
+
+def parse_texts(data, *, jsonl, source="line"):
+    """Documents of a text: itself, or one per JSONL line. ValueError names the bad line."""
+    if not jsonl:
+        return [data]
+    texts = []
+    where = f"{source}:" if source != "line" else "line "
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}{number}: not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f'{where}{number}: expected an object with a "text" string')
+        texts.append(record["text"])
+    return texts
 
 
 def tokenize(tokenizer, texts, separator="\n\n"):

@@ -194,6 +194,18 @@ class ExpertVersion(models.Model):
     status_reason = models.TextField(blank=True)
     changelog = models.TextField(blank=True)
     download_count = models.PositiveBigIntegerField(default=0)
+    # Lineage: the job that trained it (None for uploads). One version per job, even when a
+    # job is delivered twice.
+    training_job = models.OneToOneField(
+        "training.TrainingJob",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="version",
+    )
+    # Mean-pooled hidden states of the base model over the training data: what `auto` routing
+    # compares prompts with. Empty for uploads until an evaluation computes one.
+    routing_profile = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -207,7 +219,17 @@ class ExpertVersion(models.Model):
 
     @classmethod
     def publish(
-        cls, expert, fileobj, *, sha256, size, number=None, changelog="", claimed_metrics=None
+        cls,
+        expert,
+        fileobj,
+        *,
+        sha256,
+        size,
+        number=None,
+        changelog="",
+        claimed_metrics=None,
+        training_job=None,
+        routing_profile=None,
     ):
         """Validate an expert file, store it, and make it the expert's next ready version.
 
@@ -215,6 +237,8 @@ class ExpertVersion(models.Model):
         2. Lock the expert row so concurrent uploads to one expert take turns.
         3. Store the bytes under their content address, then create the row.
         4. If anything fails after storing, remove the object unless another version uses it.
+
+        A training job publishes at most once: publishing again returns its version.
         """
         header = read_header(fileobj, size)
         validate(
@@ -228,6 +252,10 @@ class ExpertVersion(models.Model):
         try:
             with transaction.atomic():
                 locked = Expert.objects.select_for_update().get(pk=expert.pk)
+                if training_job is not None:
+                    made = cls.objects.filter(training_job=training_job).first()
+                    if made is not None:
+                        return made
                 number = number or locked.next_version_number()
                 if cls.objects.filter(expert=locked, number=number).exists():
                     raise VersionConflict(f"version {number} of {expert.full_name} exists")
@@ -243,6 +271,8 @@ class ExpertVersion(models.Model):
                     config=header.config,
                     claimed_metrics=claimed_metrics or {},
                     changelog=changelog,
+                    training_job=training_job,
+                    routing_profile=routing_profile or [],
                     status=cls.READY,
                 )
         except IntegrityError:

@@ -18,9 +18,9 @@ from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from coprocessor import artifact
-from coprocessor.base_models import describe
+from coprocessor.base_models import convert, describe
 from registry.models import ApiKey, BaseModel, Domain, Expert
-from tests.tiny_models import LLAMA_SHAPE, frozen, tiny_llama
+from tests.tiny_models import LLAMA_SHAPE, frozen, tiny_llama, word_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +29,16 @@ def tiny_spec():
     return describe(frozen(tiny_llama))
 
 
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """The tiny llama and a word-level tokenizer saved as a base-model folder workers load."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    convert(frozen(tiny_llama), word_tokenizer(), folder)
+    return folder
+
+
 @pytest.fixture
-def base_model(db, tiny_spec):
+def base_model(db, tiny_spec, tiny_base_dir):
     return BaseModel.objects.create(
         slug="tiny-llama",
         source="tests/tiny-llama",
@@ -38,7 +46,9 @@ def base_model(db, tiny_spec):
         hidden_size=tiny_spec.hidden_size,
         num_layers=tiny_spec.num_layers,
         vocab_size=LLAMA_SHAPE["vocab_size"],
+        context_length=LLAMA_SHAPE["max_position_embeddings"],
         fingerprint=tiny_spec.fingerprint,
+        weights_location=str(tiny_base_dir),
         param_shapes=tiny_spec.param_shapes,
     )
 

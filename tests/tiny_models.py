@@ -71,3 +71,9 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
     )
+
+
+def phrase_text(**kwargs):
+    """phrase_corpus as text for word_tokenizer: token id i is the word "w<i>" (i >= 2)."""
+    ids = phrase_corpus(**kwargs, vocab=VOCAB - 2) + 2
+    return " ".join(f"w{i}" for i in ids.tolist())

@@ -1,0 +1,194 @@
+"""Training and evaluation jobs through the API, run in-process (Celery eager mode).
+
+Real worker processes (kill, resume, cancel, storage faults) are in test_job_workers.py.
+"""
+
+import io
+
+import pytest
+
+from config.celery import app
+from registry.models import Expert, ExpertVersion
+from tests.conftest import stored_keys
+from tests.tiny_models import phrase_text
+from training import datasets, tasks
+from training.models import EvaluationJob, Job, TrainingJob
+
+JOBS = "/api/v1/jobs/training/"
+EVALS = "/api/v1/jobs/evaluation/"
+SMALL = dict(
+    steps=30,
+    window=64,
+    ahead_tokens=4,
+    positions_per_window=4,
+    checkpoint_every=10,
+    n_latents=2,
+    lora_rank=2,
+)
+
+
+@pytest.fixture
+def eager():
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = False
+
+
+def make_dataset(owner, name="words", text=None, public=False, base_model=None):
+    data = (text or phrase_text(length=3000)).encode()
+    return datasets.create(
+        owner,
+        name,
+        io.BytesIO(data),
+        sha256=__import__("hashlib").sha256(data).hexdigest(),
+        size=len(data),
+        fmt="text",
+        public=public,
+        base_model=base_model,
+    )
+
+
+@pytest.fixture
+def words(alice, base_model):
+    return make_dataset(alice, base_model=base_model)
+
+
+def start(client, expert="words-expert", params=None, datasets=("words",), **fields):
+    body = {"expert": expert, "datasets": list(datasets), "params": params or SMALL, **fields}
+    return client.post(JOBS, body, format="json")
+
+
+def test_a_training_job_publishes_one_version_then_evaluates_it(
+    alice_client, words, domain, eager, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        response = start(alice_client, domain="python")
+    assert response.status_code == 201, response.json()
+    job = TrainingJob.objects.get(pk=response.json()["id"])
+    assert job.status == Job.SUCCEEDED, job.error
+    assert (job.device, job.attempts, job.step) == ("cpu", 1, 30)
+    assert job.history and job.history[-1][0] == 30
+    version = ExpertVersion.objects.get(training_job=job)
+    assert (version.expert.full_name, version.number, version.n_latents) == (
+        "alice/words-expert",
+        1,
+        2,
+    )
+    assert len(version.routing_profile) == 32
+    assert not job.checkpoint_key and not [k for k in stored_keys() if "checkpoint" in k]
+    evaluation = EvaluationJob.objects.get(version=version)
+    assert evaluation.status == Job.SUCCEEDED, evaluation.error
+    version.refresh_from_db()
+    measured = version.metrics["evaluations"][0]
+    assert measured["dataset"] == "alice/words" and measured["split"] == "heldout"
+    assert len(measured["ppl_expert_by_position"]) == 4 and measured["ppl_base"] > 1
+    assert Expert.objects.get(pk=version.expert_id).measured_gain == pytest.approx(
+        measured["reduction_pct"], abs=1e-3
+    )
+    detail = alice_client.get(f"{JOBS}{job.pk}/").json()
+    assert detail["version"] == 1 and detail["progress_pct"] == 100.0
+
+
+def test_a_job_delivered_again_never_makes_a_second_version(alice, words, make_expert, eager):
+    from training.jobs import start_training
+
+    expert = make_expert("again")
+    job = start_training(alice, expert, [words], SMALL)
+    tasks.train_expert.apply((job.pk,))
+    tasks.train_expert.apply((job.pk,))  # a late duplicate: the job already ended
+    # A crash after publishing but before recording success: delivered again, it only ends.
+    TrainingJob.objects.filter(pk=job.pk).update(status=Job.RUNNING, heartbeat_at=None)
+    tasks.train_expert.apply((job.pk,))
+    job.refresh_from_db()
+    assert job.status == Job.SUCCEEDED
+    assert ExpertVersion.objects.filter(expert=expert).count() == 1
+
+
+def test_a_dataset_too_short_fails_the_job_with_a_readable_error(
+    alice, base_model, make_expert, eager
+):
+    from training.jobs import start_training
+
+    tiny = make_dataset(alice, "short", text=phrase_text(length=30))
+    job = start_training(alice, make_expert("short"), [tiny], SMALL)
+    tasks.train_expert.apply((job.pk,))
+    job.refresh_from_db()
+    assert job.status == Job.FAILED
+    assert "fewer than one window" in job.error
+    assert not ExpertVersion.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"n_latents": 0}, "n_latents"),
+        ({"lr": 5.0}, "lr"),
+        ({"steps": 0}, "steps"),
+        ({"kind": "qlora"}, "kind"),
+        ({"learning_rate": 0.1}, "learning_rate"),
+        ({"window": 32, "ahead_tokens": 16, "positions_per_window": 8}, "window"),
+        ({"window": 4096}, "window"),  # over the tiny model's 256-token context
+    ],
+)
+def test_out_of_bounds_hyper_parameters_get_400_naming_them(
+    alice_client, words, domain, params, field
+):
+    response = start(alice_client, params=params, domain="python")
+    assert response.status_code == 400
+    assert field in response.json()["params"]
+    assert not TrainingJob.objects.exists() and not Expert.objects.exists()
+
+
+def test_jobs_need_your_expert_usable_datasets_and_a_domain_for_new_experts(
+    alice_client, bob_client, words, make_expert, domain
+):
+    make_expert("taken")
+    assert start(bob_client, expert="alice/taken", domain="python").status_code == 400
+    assert "words" in str(start(bob_client, datasets=["alice/words"], domain="python").json())
+    missing_domain = start(alice_client, expert="brand-new")
+    assert missing_domain.status_code == 400 and "domain" in missing_domain.json()
+    assert not TrainingJob.objects.exists()
+
+
+def test_jobs_are_private_to_their_creator_and_cancel_ends_a_queued_job(
+    alice_client, bob_client, words, domain
+):
+    job_id = start(alice_client, domain="python").json()["id"]
+    assert bob_client.get(f"{JOBS}{job_id}/").status_code == 404
+    assert bob_client.get(JOBS).json()["count"] == 0
+    assert bob_client.post(f"{JOBS}{job_id}/cancel/").status_code == 404
+    cancelled = alice_client.post(f"{JOBS}{job_id}/cancel/")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert alice_client.post(f"{JOBS}{job_id}/cancel/").status_code == 409
+
+
+def test_evaluation_jobs_are_for_owners_and_staff(
+    alice_client, bob_client, alice, words, make_expert, expert_file, eager
+):
+    expert = make_expert("uploaded")
+    from tests.conftest import upload
+
+    assert upload(alice_client, expert, expert_file()).status_code == 201
+    body = {"expert": "alice/uploaded", "datasets": ["alice/words"], "window": 64, "ahead": 4}
+    assert bob_client.post(EVALS, body, format="json").status_code == 400  # not bob's dataset
+    make_dataset(alice, "shared", public=True)
+    shared = {**body, "datasets": ["alice/shared"]}
+    assert bob_client.post(EVALS, shared, format="json").status_code == 403
+    assert alice_client.post(EVALS, {**body, "version": 9}, format="json").status_code == 409
+    response = alice_client.post(EVALS, body, format="json")
+    assert response.status_code == 201, response.json()
+
+
+def test_the_demo_seed_queues_one_python_docs_job(django_user_model, base_model):
+    from django.core.management import call_command
+
+    django_user_model.objects.create_user("demo")
+    out = io.StringIO()
+    call_command("seed_demo_job", "--base-model", "tiny-llama", "--minutes", "1", stdout=out)
+    call_command("seed_demo_job", "--base-model", "tiny-llama", stdout=out)
+    job = TrainingJob.objects.get()
+    assert job.expert.full_name == "demo/python-docs" and job.status == Job.QUEUED
+    assert job.params["time_budget_s"] == 60
+    dataset = job.datasets.get()
+    assert dataset.public and dataset.documents > 50 and dataset.token_count > 0
+    assert "exists" in out.getvalue()

@@ -1,0 +1,291 @@
+"""The operators' panel for datasets and jobs: watch progress, launch, cancel, retry, evaluate."""
+
+from django import forms
+from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+
+from registry import storage
+from registry.admin import ExpertVersionAdmin
+from registry.charts import line_chart
+from registry.models import ExpertVersion
+
+from . import datasets, jobs
+from .models import Dataset, EvaluationJob, Job, TrainingJob
+from .serializers import TrainingParamsSerializer
+
+
+def admin_link(obj, text=None):
+    if obj is None:
+        return "—"
+    meta = obj._meta
+    url = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk])
+    return format_html('<a href="{}">{}</a>', url, text or obj)
+
+
+def progress_bar(job):
+    return format_html(
+        '<progress max="100" value="{}" title="{}%"></progress> {}/{}',
+        f"{job.progress_pct:.0f}",
+        f"{job.progress_pct:.0f}",
+        job.step,
+        job.total_steps or "?",
+    )
+
+
+def evaluation_table(evaluations):
+    if not evaluations:
+        return "—"
+    rows = format_html_join(
+        "",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                e["dataset"],
+                e["split"],
+                e["pairs"],
+                f"{e['ppl_base']:.3f}",
+                f"{e['ppl_expert']:.3f}",
+                f"{e['reduction_pct']:+.2f}%",
+            )
+            for e in evaluations
+        ),
+    )
+    return format_html(
+        "<table><tr><th>dataset</th><th>split</th><th>pairs</th><th>ppl base</th>"
+        "<th>ppl expert</th><th>reduction</th></tr>{}</table>",
+        rows,
+    )
+
+
+class DatasetAdminForm(forms.ModelForm):
+    upload = forms.FileField(required=False, help_text="UTF-8 text, or .jsonl of {'text': ...}")
+
+    class Meta:
+        model = Dataset
+        fields = ["owner", "name", "description", "domain", "public", "base_model"]
+
+    def clean(self):
+        cleaned = super().clean()
+        upload = cleaned.get("upload")
+        if self.instance.pk is None and upload is None:
+            self.add_error("upload", "choose the dataset's file")
+        elif upload is not None:
+            try:
+                sha256 = getattr(upload, "sha256", None) or storage.sha256_of(upload)
+                self.stored = datasets.store_file(
+                    upload,
+                    sha256=sha256,
+                    size=upload.size,
+                    fmt=datasets.format_of(upload.name),
+                    base_model=cleaned.get("base_model"),
+                )
+            except datasets.DatasetError as exc:
+                self.add_error("upload", str(exc))
+        return cleaned
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    form = DatasetAdminForm
+    list_display = ["__str__", "domain", "format", "size", "documents", "token_count", "public"]
+    list_filter = ["public", "format", "domain"]
+    search_fields = ["name", "owner__username", "description", "sha256"]
+    list_select_related = ["owner", "domain"]
+    readonly_fields = ["format", "file_key", "sha256", "size", "documents", "token_count"]
+
+    def save_model(self, request, obj, form, change):
+        for name, value in getattr(form, "stored", {}).items():
+            setattr(obj, name, value)
+        super().save_model(request, obj, form, change)
+
+
+class JobAdmin(admin.ModelAdmin):
+    list_filter = ["status", "device"]
+    actions = ["cancel", "retry"]
+    job_fields = [
+        "status",
+        "progress",
+        "loss",
+        "tokens_per_s",
+        "eta_s",
+        "cancel_requested",
+        "worker",
+        "device",
+        "attempts",
+        "error",
+        "created_by",
+        "created_at",
+        "started_at",
+        "heartbeat_at",
+        "finished_at",
+    ]
+
+    @admin.display(description="progress")
+    def progress(self, job):
+        return progress_bar(job)
+
+    @admin.display(description="eta")
+    def eta(self, job):
+        if job.eta_s is None or job.finished:
+            return "—"
+        minutes, seconds = divmod(int(job.eta_s), 60)
+        return f"{minutes}m {seconds:02d}s"
+
+    @admin.display(description="loss")
+    def loss_value(self, job):
+        return "—" if job.loss is None else f"{job.loss:.4f}"
+
+    @admin.action(description="Cancel selected jobs")
+    def cancel(self, request, queryset):
+        cancelled = sum(job.request_cancel() for job in queryset)
+        self.message_user(request, f"cancel requested for {cancelled} job(s)")
+
+    @admin.action(description="Retry selected failed or cancelled jobs")
+    def retry(self, request, queryset):
+        retried = 0
+        for job in queryset:
+            if job.status in (Job.FAILED, Job.CANCELLED):
+                jobs.retry(job)
+                retried += 1
+        level = messages.SUCCESS if retried else messages.WARNING
+        self.message_user(request, f"{retried} job(s) queued again", level)
+
+
+class TrainingJobForm(forms.ModelForm):
+    params = forms.JSONField(
+        initial=dict, required=False, help_text="hyper-parameters; defaults fill what is left out"
+    )
+
+    class Meta:
+        model = TrainingJob
+        fields = ["expert", "datasets", "params"]
+
+    def clean_params(self):
+        checked = TrainingParamsSerializer(data=self.cleaned_data.get("params") or {})
+        if not checked.is_valid():
+            raise forms.ValidationError(f"{checked.errors}")
+        return dict(checked.validated_data)
+
+
+@admin.register(TrainingJob)
+class TrainingJobAdmin(JobAdmin):
+    form = TrainingJobForm
+    list_display = [
+        "id",
+        "expert",
+        "status",
+        "progress",
+        "loss_value",
+        "eta",
+        "device",
+        "created_by",
+        "created_at",
+    ]
+    list_select_related = ["expert__owner", "created_by"]
+    search_fields = ["expert__name", "expert__owner__username", "created_by__username"]
+    autocomplete_fields = ["expert"]
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["expert", "datasets", "params"]
+        return ["expert", "base_model", "dataset_links", "version_link", "params"] + [
+            "loss_curve",
+            "evaluations",
+            "train_tokens",
+            "checkpoint_step",
+            "resumed_from_step",
+            *self.job_fields,
+        ]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.get_fields(request, obj)
+
+    @admin.display(description="datasets")
+    def dataset_links(self, job):
+        return format_html_join(", ", "{}", ((admin_link(d),) for d in job.datasets.all()))
+
+    @admin.display(description="version")
+    def version_link(self, job):
+        version = ExpertVersion.objects.filter(training_job=job).first()
+        return admin_link(version, f"version {version.number}" if version else None)
+
+    @admin.display(description="loss curve")
+    def loss_curve(self, job):
+        points = [(step, loss) for step, _, loss in job.history]
+        return line_chart({"training loss": points}, x_label="step", y_label="loss")
+
+    @admin.display(description="evaluation")
+    def evaluations(self, job):
+        version = ExpertVersion.objects.filter(training_job=job).first()
+        return evaluation_table(version.metrics.get("evaluations", []) if version else [])
+
+    def save_model(self, request, obj, form, change):
+        obj.created_by = request.user
+        obj.base_model = obj.expert.base_model
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        if not change:
+            jobs.enqueue(form.instance)
+            self.message_user(request, f"{form.instance} queued")
+
+
+@admin.register(EvaluationJob)
+class EvaluationJobAdmin(JobAdmin):
+    list_display = ["id", "version", "status", "progress", "device", "created_by", "created_at"]
+    list_select_related = ["version__expert__owner", "created_by"]
+    search_fields = ["version__expert__name", "version__expert__owner__username"]
+    fields = ["version", "params", "results", *JobAdmin.job_fields]
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False  # launched from a version: "Evaluate selected versions"
+
+    @admin.display(description="results")
+    def results(self, job):
+        return evaluation_table(job.result.get("evaluations", []))
+
+
+admin.site.unregister(ExpertVersion)
+
+
+@admin.register(ExpertVersion)
+class TrainedExpertVersionAdmin(ExpertVersionAdmin):
+    """Versions, with their lineage, their measurements, and an action that measures them."""
+
+    actions = ["evaluate"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*super().get_readonly_fields(request, obj), "lineage", "evaluations"]
+
+    @admin.display(description="trained by")
+    def lineage(self, version):
+        return admin_link(version.training_job, None) if version.training_job_id else "upload"
+
+    @admin.display(description="measured")
+    def evaluations(self, version):
+        return evaluation_table(version.metrics.get("evaluations", []))
+
+    @admin.action(description="Evaluate selected versions (on their training data, or domain's)")
+    def evaluate(self, request, queryset):
+        started = []
+        for version in queryset.select_related("expert", "training_job"):
+            sources = evaluation_datasets(version)
+            if not sources:
+                self.message_user(
+                    request, f"{version}: no dataset to evaluate on", messages.WARNING
+                )
+                continue
+            params = jobs.evaluation_params(version)
+            started.append(jobs.start_evaluation(request.user, version, sources, params))
+        if started:
+            self.message_user(request, f"queued {len(started)} evaluation job(s)")
+
+
+def evaluation_datasets(version):
+    """The held-out part of what it was trained on; else the datasets of its domain."""
+    if version.training_job_id:
+        return list(version.training_job.datasets.all())
+    return list(Dataset.objects.filter(domain=version.expert.domain))

@@ -1,0 +1,99 @@
+"""Dataset files: validated on the way in, stored content-addressed, read back as documents."""
+
+import functools
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+
+from coprocessor import corpus
+from registry import storage
+
+from .models import Dataset
+
+
+class DatasetError(ValueError):
+    """The file is not a usable dataset; the message says why."""
+
+
+def format_of(filename, declared=""):
+    if declared:
+        return declared
+    return Dataset.JSONL if Path(filename or "").suffix.lower() == ".jsonl" else Dataset.TEXT
+
+
+def parse(data, fmt):
+    """Documents of a dataset file's bytes, or DatasetError naming the problem."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"not UTF-8 text: invalid byte at offset {exc.start}") from None
+    try:
+        texts = corpus.parse_texts(text, jsonl=fmt == Dataset.JSONL)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DatasetError("the file holds no text")
+    return texts
+
+
+def create(owner, name, fileobj, *, sha256, size, fmt, base_model=None, **fields):
+    """Validate, store and record a dataset. Nothing is stored if validation fails."""
+    stored = store_file(fileobj, sha256=sha256, size=size, fmt=fmt, base_model=base_model)
+    try:
+        with transaction.atomic():
+            return Dataset.objects.create(owner=owner, name=name, **stored, **fields)
+    except BaseException:
+        discard_unused(stored["file_key"])
+        raise
+
+
+def store_file(fileobj, *, sha256, size, fmt, base_model=None):
+    """Validate a dataset file and store it; returns the Dataset fields that describe it."""
+    limit = settings.LATENTRY_MAX_DATASET_BYTES
+    if size > limit:
+        raise DatasetError(f"file is over the dataset limit of {limit} bytes")
+    fileobj.seek(0)
+    texts = parse(fileobj.read(), fmt)
+    suffix = ".jsonl" if fmt == Dataset.JSONL else ".txt"
+    key = storage.content_key(sha256, "datasets", suffix)
+    token_count = count_tokens(base_model, texts) if base_model is not None else None
+    storage.put(key, fileobj)
+    return dict(
+        format=fmt,
+        file_key=key,
+        sha256=sha256,
+        size=size,
+        documents=len(texts),
+        base_model=base_model,
+        token_count=token_count,
+    )
+
+
+def discard_unused(key):
+    """Remove a stored dataset file that no dataset row names (any more)."""
+    if not Dataset.objects.filter(file_key=key).exists():
+        storage.delete(key)
+
+
+def read_texts(dataset):
+    with storage.open_artifact(dataset.file_key) as f:
+        return parse(f.read(), dataset.format)
+
+
+def count_tokens(base_model, texts):
+    """Tokens of ``texts`` under the base model's tokenizer; None if it has no local copy."""
+    tokenizer = tokenizer_for(base_model.weights_location)
+    if tokenizer is None:
+        return None
+    return len(corpus.tokenize(tokenizer, texts))
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_for(weights_location):
+    if not weights_location or not Path(weights_location).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(weights_location)

@@ -1,0 +1,80 @@
+import json
+
+from django.contrib.auth import get_user_model
+from django.core.files.base import ContentFile
+from django.core.management.base import BaseCommand, CommandError
+
+from coprocessor import base_models, corpus
+from registry import storage
+from registry.models import BaseModel, Domain, Expert
+from training import datasets
+from training.jobs import start_training
+from training.models import Dataset, TrainingJob
+from training.serializers import TrainingParamsSerializer
+
+CARD = """# Python documentation expert
+
+Trained on the Python documentation that CPython ships (`pydoc_data.topics`) by the demo job
+that `make run` queues. Its measured perplexity reduction on held-out topics appears on this
+page when the evaluation job that follows the training finishes.
+"""
+
+
+class Command(BaseCommand):
+    help = (
+        "Demo data for jobs: the Python documentation as a public dataset and one queued "
+        "training job that publishes demo/python-docs. Does nothing if that job exists."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--base-model", default=base_models.DEFAULT_SLUG)
+        parser.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+
+    def handle(self, base_model, minutes, **options):
+        user = get_user_model().objects.filter(username="demo").first()
+        base = BaseModel.objects.filter(slug=base_model).first()
+        if user is None or base is None:
+            raise CommandError("run seed_demo first (the demo user and base model)")
+        dataset = self.python_docs(user, base)
+        expert, _ = Expert.objects.get_or_create(
+            owner=user,
+            name="python-docs",
+            defaults={
+                "title": "Python documentation",
+                "summary": "Knows the Python language reference and library docs.",
+                "model_card": CARD,
+                "domain": Domain.objects.get_or_create(slug="python", defaults={"name": "Python"})[
+                    0
+                ],
+                "base_model": base,
+                "tags": ["python", "docs", "demo"],
+            },
+        )
+        if TrainingJob.objects.filter(expert=expert).exists():
+            self.stdout.write(f"demo training job for {expert} exists")
+            return
+        params = TrainingParamsSerializer(data={"steps": 100_000, "time_budget_s": minutes * 60})
+        params.is_valid(raise_exception=True)
+        job = start_training(user, expert, [dataset], dict(params.validated_data))
+        self.stdout.write(f"queued {job} ({minutes:g} minutes of training)")
+
+    def python_docs(self, user, base):
+        found = Dataset.objects.filter(owner=user, name="python-docs").first()
+        if found is not None:
+            return found
+        lines = "\n".join(json.dumps({"text": text}) for _, text in corpus.pydoc_topics())
+        data = ContentFile(lines.encode(), name="python-docs.jsonl")
+        dataset = datasets.create(
+            user,
+            "python-docs",
+            data,
+            sha256=storage.sha256_of(data),
+            size=data.size,
+            fmt=Dataset.JSONL,
+            base_model=base,
+            domain=Domain.objects.filter(slug="python").first(),
+            description="The Python documentation that CPython ships (pydoc_data.topics).",
+            public=True,
+        )
+        self.stdout.write(f"created dataset {dataset} ({dataset.token_count} tokens)")
+        return dataset

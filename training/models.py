@@ -1,0 +1,234 @@
+"""Datasets and the jobs that train or evaluate experts on them.
+
+A job row is the truth about its job: the Celery task only carries the id. Status changes
+happen under ``select_for_update``; a worker holds a job by writing its name and a heartbeat,
+so a delivery of a job whose worker is alive is dropped and one whose worker died takes over.
+"""
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models, transaction
+from django.utils import timezone
+
+from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
+
+
+class JobHeld(Exception):
+    """A live worker runs this job; another delivery of it must not."""
+
+
+class DatasetQuerySet(models.QuerySet):
+    def usable_by(self, user):
+        """Datasets ``user`` may train or evaluate on: their own and public ones."""
+        if user.is_staff:
+            return self
+        return self.filter(models.Q(owner=user) | models.Q(public=True))
+
+
+class Dataset(models.Model):
+    TEXT, JSONL = "text", "jsonl"
+    FORMAT_CHOICES = [(TEXT, "Plain text"), (JSONL, 'JSON lines ({"text": ...})')]
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets"
+    )
+    name = models.CharField(max_length=100, validators=[slug_validator])
+    description = models.TextField(blank=True)
+    domain = models.ForeignKey(
+        Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="datasets"
+    )
+    public = models.BooleanField(default=False, help_text="others may train on it")
+    format = models.CharField(max_length=10, choices=FORMAT_CHOICES)
+    file_key = models.CharField(max_length=200, help_text="datasets/<sha256>.<format>")
+    sha256 = models.CharField(max_length=64)
+    size = models.PositiveBigIntegerField()
+    documents = models.PositiveIntegerField(default=0)
+    base_model = models.ForeignKey(
+        BaseModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="datasets"
+    )
+    token_count = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="tokens under base_model's tokenizer"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = DatasetQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="unique_dataset_per_owner")
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.owner.username}/{self.name}"
+
+    @property
+    def full_name(self):
+        return str(self)
+
+
+class Job(models.Model):
+    """What training and evaluation jobs share: status, progress, the worker that holds it."""
+
+    QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+        "queued",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+    )
+    STATUS_CHOICES = [
+        (QUEUED, "Queued"),
+        (RUNNING, "Running"),
+        (SUCCEEDED, "Succeeded"),
+        (FAILED, "Failed"),
+        (CANCELLED, "Cancelled"),
+    ]
+    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=QUEUED)
+    cancel_requested = models.BooleanField(default=False)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    loss = models.FloatField(null=True, blank=True)
+    tokens_per_s = models.FloatField(null=True, blank=True)
+    eta_s = models.FloatField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="Celery node holding it")
+    device = models.CharField(max_length=20, blank=True, help_text="cpu or cuda")
+    attempts = models.PositiveSmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["-created_at"]
+
+    @property
+    def finished(self):
+        return self.status in self.FINISHED
+
+    @property
+    def progress_pct(self):
+        if self.status == self.SUCCEEDED:
+            return 100.0
+        return 100.0 * self.step / self.total_steps if self.total_steps else 0.0
+
+    def lease_expired(self, now=None):
+        lease = timedelta(seconds=settings.LATENTRY_JOB_LEASE_SECONDS)
+        return self.heartbeat_at is None or (now or timezone.now()) - self.heartbeat_at > lease
+
+    @classmethod
+    def claim(cls, pk, worker, device):
+        """Take the job for ``worker``; None if it ended (or never existed).
+
+        Queued jobs are taken, and running ones whose worker stopped heart-beating (it died).
+        A running job with a live heartbeat raises JobHeld: someone is on it.
+        """
+        with transaction.atomic():
+            job = cls.objects.select_for_update().filter(pk=pk).first()
+            if job is None or job.finished:
+                return None
+            if job.cancel_requested:
+                job.finish(cls.CANCELLED, error="cancelled before it started")
+                return None
+            if job.status == cls.RUNNING and not job.lease_expired():
+                raise JobHeld(f"{job} is held by {job.worker}")
+            now = timezone.now()
+            job.status, job.worker, job.device = cls.RUNNING, worker, device
+            job.attempts += 1
+            job.heartbeat_at = now
+            job.started_at = job.started_at or now
+            job.error = ""
+            job.save()
+            return job
+
+    def release(self, reason=""):
+        """Give the job back to the queue (a retry will come, or the worker holding it died)."""
+        type(self).objects.filter(pk=self.pk, status=self.RUNNING).update(
+            status=self.QUEUED, worker="", heartbeat_at=None, error=reason
+        )
+
+    def report(self, **fields):
+        """Write progress and the heartbeat; True if the job should stop (cancel requested)."""
+        fields["heartbeat_at"] = timezone.now()
+        type(self).objects.filter(pk=self.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return type(self).objects.filter(pk=self.pk, cancel_requested=True).exists()
+
+    def finish(self, status, *, error="", **fields):
+        """Record the end under the row lock, unless the job already ended (first end wins)."""
+        with transaction.atomic():
+            locked = type(self).objects.select_for_update().get(pk=self.pk)
+            if locked.finished:
+                return False
+            fields.update(status=status, error=error, finished_at=timezone.now())
+            type(self).objects.filter(pk=self.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return True
+
+    def request_cancel(self):
+        """Queued jobs end now; running ones stop at their next step."""
+        with transaction.atomic():
+            locked = type(self).objects.select_for_update().get(pk=self.pk)
+            if locked.finished:
+                return False
+            type(self).objects.filter(pk=self.pk).update(cancel_requested=True)
+            if locked.status == self.QUEUED:
+                locked.finish(self.CANCELLED, error="cancelled before it started")
+        self.refresh_from_db()
+        return True
+
+    def requeue(self):
+        """Reset a failed or cancelled job so that it runs again from its last checkpoint."""
+        type(self).objects.filter(pk=self.pk).update(
+            status=self.QUEUED, cancel_requested=False, error="", finished_at=None, worker=""
+        )
+        self.refresh_from_db()
+
+
+class TrainingJob(Job):
+    """Train an expert on datasets and publish the result as the expert's next version."""
+
+    expert = models.ForeignKey(Expert, on_delete=models.CASCADE, related_name="training_jobs")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="+")
+    datasets = models.ManyToManyField(Dataset, related_name="training_jobs")
+    params = models.JSONField(default=dict, help_text="hyper-parameters (TrainConfig fields)")
+    history = models.JSONField(default=list, blank=True, help_text="[step, seconds, loss]")
+    checkpoint_key = models.CharField(max_length=200, blank=True)
+    checkpoint_step = models.PositiveIntegerField(default=0)
+    resumed_from_step = models.PositiveIntegerField(
+        null=True, blank=True, help_text="the checkpoint the last attempt continued from"
+    )
+    train_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta(Job.Meta):
+        pass
+
+    def __str__(self):
+        return f"training #{self.pk} → {self.expert}"
+
+
+class EvaluationJob(Job):
+    """Measure a version's held-out perplexity, base vs augmented, on datasets."""
+
+    version = models.ForeignKey(
+        ExpertVersion, on_delete=models.CASCADE, related_name="evaluation_jobs"
+    )
+    datasets = models.ManyToManyField(Dataset, related_name="evaluation_jobs")
+    params = models.JSONField(default=dict, help_text="window, ahead, max_windows, split")
+    result = models.JSONField(default=dict, blank=True, help_text="report per dataset")
+
+    class Meta(Job.Meta):
+        pass
+
+    def __str__(self):
+        return f"evaluation #{self.pk} of {self.version.expert}@{self.version.number}"

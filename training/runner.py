@@ -1,0 +1,240 @@
+"""Running a claimed job: everything between "a worker holds it" and "it ended".
+
+Plain functions over model rows, so tests can run them in-process; ``tasks.py`` wraps them in
+Celery with claiming, retries and the error-to-status mapping.
+"""
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from coprocessor import base_models, corpus, routing
+from coprocessor.evaluate import evaluate, heldout_set
+from coprocessor.train import Cancelled, TrainConfig, train
+from registry import storage
+from registry.models import Expert, ExpertVersion
+
+from . import datasets, runtime
+from .models import Job, TrainingJob
+
+logger = logging.getLogger(__name__)
+
+HELDOUT_FRACTION = 0.1  # the tail of each dataset that training never sees
+
+
+class Reporter:
+    """Progress callback: writes to the job row every few seconds, not every step, and
+    turns a cancel request into ``should_stop()``."""
+
+    def __init__(self, job, history=()):
+        self.job = job
+        self.every = settings.LATENTRY_PROGRESS_SECONDS
+        self.history = list(history)
+        self.last_write = 0.0
+        self.cancelled = False
+        self.losses = []
+        self.step = 0
+
+    def progress(self, p):
+        self.step = p.step
+        self.losses.append(p.loss)
+        now = time.monotonic()
+        if now - self.last_write < self.every and p.step < p.total:
+            return
+        self.last_write = now
+        loss = sum(self.losses) / len(self.losses)  # mean since the last write: a smoother curve
+        self.losses = []
+        self.history.append([p.step, round(p.elapsed_s, 2), round(loss, 4)])
+        self.cancelled = self.job.report(
+            step=p.step,
+            total_steps=p.total,
+            loss=loss,
+            tokens_per_s=p.tokens_per_s,
+            eta_s=p.eta_s,
+            history=self.history,
+        )
+
+    def should_stop(self):
+        return self.cancelled
+
+
+def dataset_splits(dataset):
+    """(train texts, held-out texts) of a dataset: the same split for every job."""
+    return corpus.split_texts(datasets.read_texts(dataset), HELDOUT_FRACTION)
+
+
+def train_config(job, tokenizer):
+    params = {**job.params, "anchor_token_id": base_models.space_token_id(tokenizer)}
+    return TrainConfig(**params)
+
+
+def run_training(job, device):
+    """Train, publish the next version (once), profile it, and queue its evaluation."""
+    made = ExpertVersion.objects.filter(training_job=job).first()
+    if made is not None:  # published before a crash: only the ending is left to do
+        return _succeed(job, made)
+    decoder, tokenizer = runtime.base_model(job.base_model, device)
+    texts = [text for d in job.datasets.all() for text in dataset_splits(d)[0]]
+    token_ids = corpus.tokenize(tokenizer, texts)
+    config = train_config(job, tokenizer)
+    with tempfile.TemporaryDirectory(prefix=f"latentry-job-{job.pk}-") as scratch:
+        checkpoint = Path(scratch) / "checkpoint.pt"
+        resume = _fetch_checkpoint(job, checkpoint)
+        history = [h for h in job.history if h[0] <= job.checkpoint_step] if resume else []
+        reporter = Reporter(job, history)
+        job.report(
+            train_tokens=len(token_ids),
+            total_steps=config.steps,
+            resumed_from_step=job.checkpoint_step if resume else None,
+        )
+        result = train(
+            decoder,
+            token_ids,
+            config,
+            on_progress=reporter.progress,
+            should_stop=reporter.should_stop,
+            checkpoint_path=checkpoint,
+            on_checkpoint=lambda path: _store_checkpoint(job, path, reporter),
+            resume_from=checkpoint if resume else None,
+        )
+        profile = routing.profile(decoder, token_ids, window=config.window)
+        out = Path(scratch) / "expert.safetensors"
+        result.expert.save(
+            out,
+            job.base_model.fingerprint,
+            job.base_model.slug,
+            training={**config.to_dict(), "steps_done": result.steps, "job": job.pk},
+        )
+        with out.open("rb") as f:
+            version = ExpertVersion.publish(
+                job.expert,
+                f,
+                sha256=storage.sha256_of(f),
+                size=out.stat().st_size,
+                changelog=f"trained by job #{job.pk}: {result.steps} steps ({result.stopped})",
+                training_job=job,
+                routing_profile=profile,
+            )
+    return _succeed(job, version)
+
+
+def _succeed(job, version):
+    if job.finish(Job.SUCCEEDED):
+        discard_checkpoint(job)
+        from .jobs import evaluation_params, start_evaluation  # jobs -> tasks -> runner
+
+        start_evaluation(job.created_by, version, job.datasets.all(), evaluation_params(version))
+    return version
+
+
+def _fetch_checkpoint(job, local):
+    if not job.checkpoint_key:
+        return False
+    try:
+        with storage.open_artifact(job.checkpoint_key) as stored:
+            local.write_bytes(stored.read())
+    except FileNotFoundError:
+        logger.warning("checkpoint %s of job %s is gone; starting over", job.checkpoint_key, job.pk)
+        return False
+    return True
+
+
+def _store_checkpoint(job, path, reporter):
+    """Upload under a new key per step, then point the job at it, then drop the old one:
+    the job always names a complete checkpoint."""
+    step = reporter.step
+    key = f"checkpoints/training-job-{job.pk}-step-{step}.pt"
+    with path.open("rb") as f:
+        storage.put(key, f)
+    previous = job.checkpoint_key
+    job.report(checkpoint_key=key, checkpoint_step=step, history=reporter.history)
+    if previous and previous != key:
+        storage.delete(previous)
+
+
+def discard_checkpoint(job):
+    if job.checkpoint_key:
+        storage.delete(job.checkpoint_key)
+        TrainingJob.objects.filter(pk=job.pk).update(checkpoint_key="")
+
+
+def run_evaluation(job, device):
+    """Held-out perplexity per dataset, stored on the version as platform-measured metrics."""
+    version = job.version
+    base = version.expert.base_model
+    decoder, tokenizer = runtime.base_model(base, device)
+    expert = runtime.load_version(version, decoder)
+    params = job.params
+    reports, profile_texts = [], []
+    datasets_list = list(job.datasets.all())
+    job.report(total_steps=len(datasets_list))
+    for done, dataset in enumerate(datasets_list):
+        train_texts, heldout_texts = dataset_splits(dataset)
+        texts = heldout_texts if params.get("split", "heldout") == "heldout" else train_texts
+        profile_texts += train_texts
+        report = _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset)
+        reports.append(report)
+        if job.report(step=done + 1):
+            raise Cancelled(f"cancelled after {done + 1} of {len(datasets_list)} datasets")
+    profile = None
+    if not version.routing_profile and profile_texts:
+        profile = routing.profile(decoder, corpus.tokenize(tokenizer, profile_texts))
+    _record_metrics(job, version, reports, profile)
+    return reports
+
+
+def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
+    ids = corpus.tokenize(tokenizer, texts)
+    ahead = params.get("ahead", 16)
+    needed = 16 + ahead + 4
+    window = min(params.get("window", 256), len(ids))
+    if window < needed:
+        raise runtime.JobError(
+            f"dataset {dataset.full_name} has {len(ids)} held-out tokens; "
+            f"evaluation needs at least {needed}"
+        )
+    heldout = heldout_set(
+        ids, window=window, ahead=ahead, max_windows=params.get("max_windows", 32)
+    )
+    report = evaluate(decoder, expert, heldout)
+    return {
+        "dataset": dataset.full_name,
+        "dataset_sha256": dataset.sha256,
+        "split": params.get("split", "heldout"),
+        "window": window,
+        "ahead": ahead,
+        "pairs": report["pairs"],
+        "ppl_base": report["base"]["ppl"],
+        "ppl_expert": report["augmented"]["ppl"],
+        "reduction_pct": report["reduction_pct"],
+        "ppl_base_by_position": report["base"]["ppl_by_position"],
+        "ppl_expert_by_position": report["augmented"]["ppl_by_position"],
+    }
+
+
+def _record_metrics(job, version, reports, profile):
+    """Merge into the version's metrics (newest result per dataset and split) and, for the
+    expert's newest ready version, its catalog figure."""
+    with transaction.atomic():
+        locked = ExpertVersion.objects.select_for_update().get(pk=version.pk)
+        kept = [
+            e
+            for e in locked.metrics.get("evaluations", [])
+            if not any(e["dataset"] == r["dataset"] and e["split"] == r["split"] for r in reports)
+        ]
+        measured_at = timezone.now().isoformat()
+        evaluations = kept + [{**r, "job": job.pk, "measured_at": measured_at} for r in reports]
+        gain = sum(e["reduction_pct"] for e in evaluations) / len(evaluations)
+        locked.metrics = {**locked.metrics, "evaluations": evaluations, "reduction_pct": gain}
+        if profile is not None:
+            locked.routing_profile = profile
+        locked.save(update_fields=["metrics", "routing_profile"])
+        latest = locked.expert.latest_ready_version()
+        if latest is not None and latest.pk == locked.pk:
+            Expert.objects.filter(pk=locked.expert_id).update(measured_gain=round(gain, 3))
+        job.finish(Job.SUCCEEDED, result={"evaluations": reports})

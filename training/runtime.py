@@ -1,0 +1,55 @@
+"""What a worker process keeps between jobs: its device and the base models it loaded."""
+
+import functools
+import hashlib
+import tempfile
+
+import torch
+from django.conf import settings
+
+from coprocessor import base_models
+from coprocessor.augment import Coprocessor
+from registry import storage
+
+
+class JobError(Exception):
+    """A job cannot run as asked; the message is shown to the user as the job's error."""
+
+
+def device():
+    if settings.LATENTRY_DEVICE:
+        return settings.LATENTRY_DEVICE
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def base_model(record, device):
+    """(decoder, tokenizer) for a registry BaseModel, loaded once per process and device."""
+    if not record.weights_location:
+        raise JobError(f"base model {record.slug} has no local weights; import it on the worker")
+    return _load(record.weights_location, record.fingerprint, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(weights_location, fingerprint, device):
+    try:
+        decoder, tokenizer = base_models.load(weights_location, device=device)
+    except OSError as exc:
+        raise JobError(f"cannot load the base model from {weights_location}: {exc}") from exc
+    if base_models.fingerprint(decoder) != fingerprint:
+        raise JobError(f"the weights at {weights_location} are not the registered base model")
+    return decoder, tokenizer
+
+
+def load_version(version, decoder):
+    """The expert of an ExpertVersion, read from storage with its sha256 checked."""
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as local:
+        digest = hashlib.sha256()
+        with storage.open_artifact(version.artifact_key) as stored:
+            while chunk := stored.read(1024 * 1024):
+                digest.update(chunk)
+                local.write(chunk)
+        local.flush()
+        if digest.hexdigest() != version.sha256:
+            raise JobError(f"stored file of version {version.number} does not match its sha256")
+        device = next(decoder.parameters()).device
+        return Coprocessor.load(decoder, local.name).to(device).eval()

@@ -1,0 +1,252 @@
+from django.conf import settings
+from rest_framework import serializers
+
+from coprocessor.train import TrainConfig
+from registry.api import PayloadTooLarge, StrictModelSerializer, StrictSerializer
+from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
+
+from .models import Dataset, EvaluationJob, TrainingJob
+
+DEFAULTS = TrainConfig()
+
+
+class DatasetSerializer(StrictModelSerializer):
+    id = serializers.CharField(source="full_name", read_only=True)
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    domain = serializers.SlugRelatedField(
+        slug_field="slug", queryset=Domain.objects.all(), required=False, allow_null=True
+    )
+    base_model = serializers.SlugRelatedField(
+        slug_field="slug",
+        queryset=BaseModel.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="count tokens with this base model's tokenizer",
+    )
+    file = serializers.FileField(write_only=True, help_text="UTF-8 text, or JSONL of {'text'}")
+    format = serializers.ChoiceField(
+        choices=Dataset.FORMAT_CHOICES, required=False, help_text="default: from the file name"
+    )
+
+    class Meta:
+        model = Dataset
+        fields = [
+            "id",
+            "owner",
+            "name",
+            "description",
+            "domain",
+            "public",
+            "file",
+            "format",
+            "sha256",
+            "size",
+            "documents",
+            "base_model",
+            "token_count",
+            "created_at",
+        ]
+        read_only_fields = ["sha256", "size", "documents", "token_count"]
+
+    def validate_file(self, upload):
+        limit = settings.LATENTRY_MAX_DATASET_BYTES
+        if getattr(upload, "too_large", False) or upload.size > limit:
+            raise PayloadTooLarge(f"file is over the dataset limit of {limit} bytes")
+        return upload
+
+
+class TrainingParamsSerializer(StrictSerializer):
+    """Hyper-parameters with the bounds a job may ask for; defaults are TrainConfig's."""
+
+    n_latents = serializers.IntegerField(min_value=1, max_value=64, default=DEFAULTS.n_latents)
+    kind = serializers.ChoiceField(choices=["lora", "full"], default=DEFAULTS.kind)
+    lora_rank = serializers.IntegerField(min_value=1, max_value=256, default=DEFAULTS.lora_rank)
+    ahead_tokens = serializers.IntegerField(
+        min_value=1, max_value=128, default=DEFAULTS.ahead_tokens
+    )
+    window = serializers.IntegerField(min_value=32, max_value=8192, default=DEFAULTS.window)
+    positions_per_window = serializers.IntegerField(
+        min_value=1, max_value=64, default=DEFAULTS.positions_per_window
+    )
+    windows_per_step = serializers.IntegerField(
+        min_value=1, max_value=64, default=DEFAULTS.windows_per_step
+    )
+    grad_accum = serializers.IntegerField(min_value=1, max_value=64, default=DEFAULTS.grad_accum)
+    steps = serializers.IntegerField(min_value=1, max_value=1_000_000, default=DEFAULTS.steps)
+    time_budget_s = serializers.FloatField(
+        min_value=0, max_value=7 * 24 * 3600, default=DEFAULTS.time_budget_s
+    )
+    lr = serializers.FloatField(min_value=1e-6, max_value=1.0, default=DEFAULTS.lr)
+    warmup_steps = serializers.IntegerField(
+        min_value=0, max_value=100_000, default=DEFAULTS.warmup_steps
+    )
+    seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=DEFAULTS.seed)
+    checkpoint_every = serializers.IntegerField(
+        min_value=1, max_value=100_000, default=DEFAULTS.checkpoint_every
+    )
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        needed = DEFAULTS.min_prefix + attrs["ahead_tokens"] + attrs["positions_per_window"]
+        if attrs["window"] < needed:
+            raise serializers.ValidationError(
+                {"window": [f"must be at least {needed} (16 + ahead_tokens + positions)"]}
+            )
+        return attrs
+
+
+class JobSerializer(serializers.ModelSerializer):
+    """Fields every job shows."""
+
+    created_by = serializers.CharField(source="created_by.username", read_only=True)
+    progress_pct = serializers.FloatField(read_only=True)
+    datasets = serializers.SerializerMethodField()
+
+    job_fields = [
+        "id",
+        "created_by",
+        "status",
+        "cancel_requested",
+        "step",
+        "total_steps",
+        "progress_pct",
+        "loss",
+        "tokens_per_s",
+        "eta_s",
+        "worker",
+        "device",
+        "attempts",
+        "error",
+        "created_at",
+        "started_at",
+        "heartbeat_at",
+        "finished_at",
+        "datasets",
+    ]
+
+    def get_datasets(self, job) -> list[str]:
+        return [d.full_name for d in job.datasets.all()]
+
+
+class TrainingJobSerializer(JobSerializer):
+    expert = serializers.CharField(source="expert.full_name", read_only=True)
+    base_model = serializers.CharField(source="base_model.slug", read_only=True)
+    version = serializers.SerializerMethodField()
+
+    class Meta:
+        model = TrainingJob
+        fields = JobSerializer.job_fields + [
+            "expert",
+            "base_model",
+            "params",
+            "train_tokens",
+            "checkpoint_step",
+            "history",
+            "version",
+        ]
+        read_only_fields = fields
+
+    def get_version(self, job) -> int | None:
+        version = ExpertVersion.objects.filter(training_job=job).only("number").first()
+        return version.number if version else None
+
+
+class TrainingJobCreateSerializer(StrictSerializer):
+    expert = serializers.CharField(
+        help_text="an expert of yours by name; created if it does not exist (give domain)"
+    )
+    domain = serializers.SlugRelatedField(
+        slug_field="slug", queryset=Domain.objects.all(), required=False
+    )
+    base_model = serializers.SlugRelatedField(
+        slug_field="slug", queryset=BaseModel.objects.all(), required=False
+    )
+    visibility = serializers.ChoiceField(choices=Expert.VISIBILITY_CHOICES, required=False)
+    datasets = serializers.ListField(
+        child=serializers.CharField(), min_length=1, max_length=20, help_text="owner/name each"
+    )
+    params = serializers.DictField(required=False, default=dict)
+
+    def validate_expert(self, name):
+        name = name.rsplit("/", 1)[-1] if name.startswith(self.user.username + "/") else name
+        if "/" in name:
+            raise serializers.ValidationError("you can only train your own experts")
+        slug_validator(name)
+        return name
+
+    def validate_datasets(self, names):
+        return resolve_datasets(self.user, names)
+
+    def validate_params(self, params):
+        checked = TrainingParamsSerializer(data=params)
+        if not checked.is_valid():
+            raise serializers.ValidationError(checked.errors)
+        return dict(checked.validated_data)
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        expert = Expert.objects.filter(owner=self.user, name=attrs["expert"]).first()
+        if expert is None:
+            if "domain" not in attrs:
+                raise serializers.ValidationError(
+                    {"domain": ["needed to create the new expert " + attrs["expert"]]}
+                )
+            base = attrs.get("base_model") or BaseModel.objects.order_by("created_at").first()
+            if base is None:
+                raise serializers.ValidationError({"base_model": ["no base model is imported"]})
+            attrs["base_model"] = base
+        else:
+            if attrs.get("base_model", expert.base_model) != expert.base_model:
+                raise serializers.ValidationError(
+                    {"base_model": [f"{expert.full_name} is for {expert.base_model.slug}"]}
+                )
+            attrs["base_model"] = expert.base_model
+        attrs["expert_obj"] = expert
+        context = attrs["base_model"].context_length
+        if attrs["params"]["window"] > context:
+            raise serializers.ValidationError(
+                {"params": {"window": [f"must be at most the base model's context ({context})"]}}
+            )
+        return attrs
+
+    @property
+    def user(self):
+        return self.context["request"].user
+
+
+def resolve_datasets(user, names):
+    found, missing = [], []
+    for name in names:
+        owner, _, short = name.rpartition("/")
+        dataset = (
+            Dataset.objects.usable_by(user)
+            .filter(owner__username=owner or user.username, name=short)
+            .first()
+        )
+        (found if dataset else missing).append(dataset or name)
+    if missing:
+        raise serializers.ValidationError(f"no such dataset you can use: {', '.join(missing)}")
+    return found
+
+
+class EvaluationJobSerializer(JobSerializer):
+    expert = serializers.CharField(source="version.expert.full_name", read_only=True)
+    version = serializers.IntegerField(source="version.number", read_only=True)
+
+    class Meta:
+        model = EvaluationJob
+        fields = JobSerializer.job_fields + ["expert", "version", "params", "result"]
+        read_only_fields = fields
+
+
+class EvaluationJobCreateSerializer(StrictSerializer):
+    expert = serializers.CharField(help_text="owner/name")
+    version = serializers.IntegerField(min_value=1, required=False, help_text="default: latest")
+    datasets = serializers.ListField(child=serializers.CharField(), min_length=1, max_length=20)
+    window = serializers.IntegerField(min_value=32, max_value=8192, default=256)
+    ahead = serializers.IntegerField(min_value=1, max_value=128, default=16)
+    max_windows = serializers.IntegerField(min_value=1, max_value=512, default=32)
+    split = serializers.ChoiceField(choices=["heldout", "all"], default="heldout")
+
+    def validate_datasets(self, names):
+        return resolve_datasets(self.context["request"].user, names)

@@ -1,0 +1,128 @@
+"""Celery tasks: claim the job row, run it, map the outcome to the job's status.
+
+Tasks carry only the job id. ``acks_late`` + ``reject_on_worker_lost`` (settings) mean a
+message is acknowledged after the job ends, so a killed worker's job is delivered again; the
+claim in ``Job.claim`` makes every extra delivery harmless. Storage outages are retried with
+a delay; anything else ends the job ``failed`` with a readable error.
+"""
+
+import logging
+from datetime import timedelta
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_ready
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from coprocessor.artifact import ArtifactError
+from coprocessor.train import Cancelled
+from registry.storage import StorageUnavailable
+
+from . import runner, runtime
+from .datasets import DatasetError
+from .models import EvaluationJob, Job, JobHeld, TrainingJob
+
+logger = logging.getLogger(__name__)
+
+USER_ERRORS = (runtime.JobError, DatasetError, ArtifactError, ValueError)
+
+task_options = dict(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    time_limit=settings.LATENTRY_JOB_TIME_LIMIT,
+    soft_time_limit=max(60, settings.LATENTRY_JOB_TIME_LIMIT - 60),
+)
+
+
+@shared_task(name="training.train_expert", **task_options)
+def train_expert(self, job_id):
+    _run(self, TrainingJob, job_id, runner.run_training)
+
+
+@shared_task(name="training.evaluate_version", **task_options)
+def evaluate_version(self, job_id):
+    _run(self, EvaluationJob, job_id, runner.run_evaluation)
+
+
+def _run(task, model, job_id, work):
+    device = runtime.device()
+    try:
+        job = model.claim(job_id, task.request.hostname or "local", device)
+    except JobHeld as exc:
+        # Someone is on it. If they die, this delivery comes back after a lease and takes over.
+        logger.info("%s; checking again in %ss", exc, settings.LATENTRY_JOB_LEASE_SECONDS)
+        task.apply_async(
+            (job_id,),
+            queue=settings.LATENTRY_JOB_QUEUE,
+            countdown=settings.LATENTRY_JOB_LEASE_SECONDS,
+        )
+        return
+    if job is None:
+        return
+    try:
+        work(job, device)
+    except Cancelled:
+        job.finish(Job.CANCELLED, error="cancelled by request")
+        _cleanup(job)
+    except StorageUnavailable as exc:
+        if task.request.retries < settings.LATENTRY_JOB_STORAGE_RETRIES:
+            job.release(f"storage unavailable, retry {task.request.retries + 1}: {exc}")
+            raise task.retry(exc=exc, countdown=settings.LATENTRY_JOB_RETRY_DELAY) from exc
+        job.finish(Job.FAILED, error=f"storage unavailable after retries: {exc}")
+    except SoftTimeLimitExceeded:
+        job.finish(Job.FAILED, error="stopped at the job time limit")
+    except USER_ERRORS as exc:
+        job.finish(Job.FAILED, error=str(exc))
+        _cleanup(job)
+    except Exception as exc:
+        logger.exception("%s failed", job)
+        job.finish(Job.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _cleanup(job):
+    if isinstance(job, TrainingJob):
+        runner.discard_checkpoint(job)
+
+
+def task_for(job):
+    return train_expert if isinstance(job, TrainingJob) else evaluate_version
+
+
+def enqueue(job):
+    """Send the job to the workers once the transaction that made it commits."""
+    task = task_for(job)
+    transaction.on_commit(lambda: task.apply_async((job.pk,), queue=settings.LATENTRY_JOB_QUEUE))
+
+
+def recover_orphans(hostname=None):
+    """Send again the jobs whose worker died, and queued jobs whose message may have died
+    with one. Run when a worker starts: its own running jobs are orphans by definition (it
+    runs nothing yet), others' once their heartbeat lapsed. Extra deliveries are harmless."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.LATENTRY_JOB_LEASE_SECONDS)
+    recovered = []
+    for model in (TrainingJob, EvaluationJob):
+        if hostname:
+            model.objects.filter(status=Job.RUNNING, worker=hostname).update(
+                status=Job.QUEUED, worker="", heartbeat_at=None
+            )
+        orphans = model.objects.filter(
+            Q(status=Job.RUNNING, heartbeat_at__lt=stale)
+            | Q(status=Job.QUEUED, created_at__lt=stale)
+            | Q(status=Job.QUEUED, worker="", attempts__gt=0)
+        )
+        for job in orphans:
+            enqueue(job)
+            recovered.append(job)
+    if recovered:
+        logger.warning("re-sent %d jobs whose worker or message was lost", len(recovered))
+    return recovered
+
+
+@worker_ready.connect
+def _recover_on_start(sender, **kwargs):
+    recover_orphans(getattr(sender, "hostname", None))

@@ -1,0 +1,13 @@
+from rest_framework.routers import DefaultRouter
+
+from . import views
+
+app_name = "training_api"
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("datasets", views.DatasetViewSet, basename="dataset")
+router.register("jobs/training", views.TrainingJobViewSet, basename="trainingjob")
+router.register("jobs/evaluation", views.EvaluationJobViewSet, basename="evaluationjob")
+
+urlpatterns = router.urls

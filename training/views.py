@@ -1,0 +1,172 @@
+"""REST API of datasets and jobs under /api/v1/. Jobs are visible to their creator and staff."""
+
+from django.db import IntegrityError, transaction
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+
+from registry import storage
+from registry.api import Conflict
+from registry.models import Expert, ExpertVersion
+from registry.permissions import ApiKeyScope, IsOwnerOrReadOnly
+
+from . import datasets, jobs
+from .models import Dataset, EvaluationJob, TrainingJob
+from .serializers import (
+    DatasetSerializer,
+    EvaluationJobCreateSerializer,
+    EvaluationJobSerializer,
+    TrainingJobCreateSerializer,
+    TrainingJobSerializer,
+)
+
+
+class DatasetViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Datasets you can train on: yours and public ones. Upload is multipart."""
+
+    serializer_class = DatasetSerializer
+    permission_classes = [ApiKeyScope, IsAuthenticated, IsOwnerOrReadOnly]
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    filter_backends = []
+
+    def get_queryset(self):
+        return Dataset.objects.usable_by(self.request.user).select_related(
+            "owner", "domain", "base_model"
+        )
+
+    def perform_create(self, serializer):
+        data = serializer.validated_data
+        upload = data.pop("file")
+        owner = self.request.user
+        if Dataset.objects.filter(owner=owner, name=data["name"]).exists():
+            raise Conflict(f"you already have a dataset named {data['name']!r}")
+        try:
+            serializer.instance = datasets.create(
+                owner,
+                fileobj=upload,
+                sha256=getattr(upload, "sha256", None) or storage.sha256_of(upload),
+                size=upload.size,
+                fmt=datasets.format_of(upload.name, data.pop("format", "")),
+                **data,
+            )
+        except datasets.DatasetError as exc:
+            raise ValidationError({"file": [str(exc)]}) from None
+        except IntegrityError:
+            raise Conflict(f"you already have a dataset named {data['name']!r}") from None
+
+    def perform_destroy(self, dataset):
+        if dataset.training_jobs.exists() or dataset.evaluation_jobs.exists():
+            raise Conflict("jobs used this dataset; it is kept as their record")
+        key = dataset.file_key
+        with transaction.atomic():
+            dataset.delete()
+            transaction.on_commit(lambda: datasets.discard_unused(key))
+
+
+class JobViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    viewsets.GenericViewSet,
+):
+    permission_classes = [ApiKeyScope, IsAuthenticated]
+    filter_backends = []
+    model = None
+
+    def get_queryset(self):
+        queryset = self.model.objects.prefetch_related("datasets__owner").select_related(
+            "created_by"
+        )
+        if self.request.user.is_staff:
+            return queryset
+        return queryset.filter(created_by=self.request.user)
+
+    def create(self, request, *args, **kwargs):
+        create = self.create_serializer_class(data=request.data, context={"request": request})
+        create.is_valid(raise_exception=True)
+        job = self.start(create.validated_data)
+        return Response(self.get_serializer(job).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel: a queued job ends at once, a running one stops at its next step."""
+        job = self.get_object()
+        if job.finished:
+            raise Conflict(f"the job already ended ({job.status})")
+        job.request_cancel()
+        return Response(self.get_serializer(job).data)
+
+
+class TrainingJobViewSet(JobViewSet):
+    """Jobs that train an expert of yours on datasets and publish its next version."""
+
+    model = TrainingJob
+    serializer_class = TrainingJobSerializer
+    create_serializer_class = TrainingJobCreateSerializer
+
+    def get_queryset(self):
+        return super().get_queryset().select_related("expert__owner", "base_model")
+
+    @extend_schema(request=TrainingJobCreateSerializer, responses={201: TrainingJobSerializer})
+    def create(self, request, *args, **kwargs):
+        return super().create(request, *args, **kwargs)
+
+    def start(self, data):
+        expert = data["expert_obj"] or self._new_expert(data)
+        return jobs.start_training(self.request.user, expert, data["datasets"], data["params"])
+
+    def _new_expert(self, data):
+        try:
+            return Expert.objects.create(
+                owner=self.request.user,
+                name=data["expert"],
+                title=data["expert"],
+                domain=data["domain"],
+                base_model=data["base_model"],
+                visibility=data.get("visibility", Expert.PUBLIC),
+            )
+        except IntegrityError:
+            raise Conflict(f"you already have an expert named {data['expert']!r}") from None
+
+
+class EvaluationJobViewSet(JobViewSet):
+    """Jobs that measure an expert version's held-out perplexity on datasets."""
+
+    model = EvaluationJob
+    serializer_class = EvaluationJobSerializer
+    create_serializer_class = EvaluationJobCreateSerializer
+
+    def get_queryset(self):
+        return super().get_queryset().select_related("version__expert__owner")
+
+    @extend_schema(request=EvaluationJobCreateSerializer, responses={201: EvaluationJobSerializer})
+    def create(self, request, *args, **kwargs):
+        return super().create(request, *args, **kwargs)
+
+    def start(self, data):
+        owner, _, name = data["expert"].rpartition("/")
+        expert = get_object_or_404(
+            Expert.objects.visible_to(self.request.user), owner__username=owner, name=name
+        )
+        if expert.owner != self.request.user and not self.request.user.is_staff:
+            raise PermissionDenied("only the owner or staff may evaluate an expert")
+        versions = expert.versions.filter(status=ExpertVersion.READY).order_by("-number")
+        if "version" in data:
+            versions = versions.filter(number=data["version"])
+        version = versions.first()
+        if version is None:
+            raise Conflict(f"{expert.full_name} has no such ready version to evaluate")
+        params = {k: data[k] for k in ("window", "ahead", "max_windows", "split")}
+        return jobs.start_evaluation(self.request.user, version, data["datasets"], params)
