@@ -382,6 +382,19 @@ def load_expert(path, device="cpu"):
     return tensors, metadata
 
 
+def load_expert_bytes(data, spec=None, max_bytes=None):
+    """(tensors, metadata) of an expert file held in memory, validated against ``spec`` first
+    when given. safetensors only; nothing is unpickled."""
+    import io
+
+    from safetensors.torch import load
+
+    header = read_header(io.BytesIO(data), len(data))
+    if spec is not None:
+        validate(header, spec, file_size=len(data), max_bytes=max_bytes)
+    return load(data), header.metadata
+
+
 # --- Hub-style folders ------------------------------------------------------------------------
 
 EXPERT_FILENAME = "expert.safetensors"

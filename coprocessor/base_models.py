@@ -96,6 +96,14 @@ def load_default(cache_folder, **kwargs):
     return model, tokenizer
 
 
+def load_verified(folder, expected_fingerprint, **kwargs):
+    """Load a converted base model and check it is the one the registry recorded."""
+    model, tokenizer = load(folder, **kwargs)
+    if fingerprint(model) != expected_fingerprint:
+        raise ValueError(f"the weights in {folder} are not the registered base model")
+    return model, tokenizer
+
+
 def param_shapes(model):
     """Parameter name -> shape, the names as the bare decoder (no PEFT prefix) knows them."""
     return {name: list(p.shape) for name, p in model.named_parameters()}

@@ -23,6 +23,8 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    # Called with each new token id as it is chosen (streaming); a true result stops the row.
+    on_token: object = None
 
 
 @dataclass
@@ -129,6 +131,9 @@ def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id)
                 finished[row] = "stop"
                 continue
             tokens[row].append(token)
+            if request.on_token is not None and request.on_token(token):
+                finished[row] = "stop"
+                continue
             if len(tokens[row]) >= request.max_new_tokens:
                 finished[row] = "length"
         if all(finished):

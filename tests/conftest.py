@@ -3,6 +3,7 @@
 Personas: alice owns experts, bob is another signed-up user, charlie is staff.
 """
 
+import hashlib
 import io
 import os
 import shutil
@@ -17,9 +18,10 @@ import torch
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from coprocessor import artifact
+from coprocessor import artifact, base_models, routing
+from coprocessor.augment import Coprocessor, CoprocessorConfig
 from coprocessor.base_models import convert, describe
-from registry.models import ApiKey, BaseModel, Domain, Expert
+from registry.models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
 from tests.tiny_models import LLAMA_SHAPE, frozen, tiny_llama, word_tokenizer
 
 
@@ -33,7 +35,9 @@ def tiny_spec():
 def tiny_base_dir(tmp_path_factory):
     """The tiny llama and a word-level tokenizer saved as a base-model folder workers load."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    convert(frozen(tiny_llama), word_tokenizer(), folder)
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    convert(frozen(tiny_llama), tokenizer, folder)
     return folder
 
 
@@ -116,6 +120,49 @@ def make_expert(base_model, domain, alice):
         )
 
     return make
+
+
+# --- working experts on the tiny base model (router, jobs) ------------------------------------
+
+
+@pytest.fixture
+def decoder(tiny_base_dir):
+    model, tokenizer = base_models.load(tiny_base_dir)
+    return model, tokenizer
+
+
+def expert_bytes(decoder, fingerprint, seed, folder):
+    """A small expert with a visible effect: open gate, random latents."""
+    torch.manual_seed(seed)
+    expert = Coprocessor(decoder, CoprocessorConfig(n_latents=2, lora_rank=2, gate_init=0.0))
+    with torch.no_grad():
+        expert.latent_head.proj.weight.normal_(0, 1.0)
+        for b in expert.lora_b:
+            b.normal_(0, 0.5)
+    path = folder / f"expert-{seed}.safetensors"
+    expert.save(path, fingerprint, "tiny-llama")
+    return path.read_bytes()
+
+
+@pytest.fixture
+def publish(decoder, base_model, tmp_path):
+    """Publish a working expert (and, from ``profile_text``, its routing profile)."""
+
+    def publish(expert, seed=0, profile_text=None):
+        data = expert_bytes(decoder[0], base_model.fingerprint, seed, tmp_path)
+        profile = []
+        if profile_text is not None:
+            ids = torch.tensor(decoder[1](profile_text)["input_ids"])
+            profile = routing.profile(decoder[0], ids, window=64)
+        return ExpertVersion.publish(
+            expert,
+            io.BytesIO(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            routing_profile=profile,
+        )
+
+    return publish
 
 
 def expert_file_bytes(

@@ -32,12 +32,9 @@ def base_model(record, device):
 @functools.lru_cache(maxsize=2)
 def _load(weights_location, fingerprint, device):
     try:
-        decoder, tokenizer = base_models.load(weights_location, device=device)
-    except OSError as exc:
+        return base_models.load_verified(weights_location, fingerprint, device=device)
+    except (OSError, ValueError) as exc:
         raise JobError(f"cannot load the base model from {weights_location}: {exc}") from exc
-    if base_models.fingerprint(decoder) != fingerprint:
-        raise JobError(f"the weights at {weights_location} are not the registered base model")
-    return decoder, tokenizer
 
 
 def load_version(version, decoder):

@@ -1,0 +1,121 @@
+"""Which expert a request gets: named, ``auto``, or none.
+
+Named: ``owner/name`` or ``owner/name@version`` (latest ready version by default), through the
+same visibility gate as everything else. ``auto``: the prompt's mean-pooled last hidden state
+under the base model, compared (cosine, after removing the mean of all profiles, which is
+what every text has in common) with the routing profile of each expert the caller may list;
+the best one above the threshold wins, else none.
+"""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from django.conf import settings
+
+from registry.models import Expert, ExpertVersion
+
+
+@dataclass
+class Choice:
+    version: ExpertVersion | None = None
+    name: str | None = None  # owner/name@number of the chosen version
+    score: float | None = None
+    reason: str = ""  # why there is no expert (or why it was dropped)
+
+
+def named(spec, base_record, user):
+    """Choice for ``owner/name[@version]``; a missing or invisible expert gives no expert."""
+    ref, _, number = spec.partition("@")
+    owner, _, name = ref.partition("/")
+    not_found = Choice(reason=f"expert {spec} not found for {base_record.slug}")
+    if not owner or not name or (number and not number.isdigit()):
+        return Choice(reason=f"expert {spec!r} is not owner/name or owner/name@version")
+    expert = (
+        Expert.objects.visible_to(user)
+        .filter(owner__username=owner, name=name, base_model=base_record)
+        .first()
+    )
+    if expert is None:
+        return not_found
+    versions = expert.versions.filter(status=ExpertVersion.READY).order_by("-number")
+    version = versions.filter(number=int(number)).first() if number else versions.first()
+    if version is None:
+        return Choice(reason=f"expert {spec} has no such ready version")
+    return Choice(version=version, name=f"{owner}/{name}@{version.number}")
+
+
+class Profiles:
+    """Routing profiles of the newest ready version of every expert, per base model, read
+    from the database at most every ``LATENTRY_PROFILE_REFRESH_S``."""
+
+    def __init__(self):
+        self.cache = {}
+        self.lock = threading.Lock()
+
+    def for_base(self, base_record):
+        now = time.monotonic()
+        with self.lock:
+            entry = self.cache.get(base_record.pk)
+            if entry is None or now - entry[0] > settings.LATENTRY_PROFILE_REFRESH_S:
+                entry = (now, *self._load(base_record))
+                self.cache[base_record.pk] = entry
+            return entry[1:]
+
+    def _load(self, base_record):
+        rows = []
+        versions = (
+            ExpertVersion.objects.filter(status=ExpertVersion.READY, expert__base_model=base_record)
+            .exclude(routing_profile=[])
+            .select_related("expert__owner")
+            .order_by("expert_id", "-number")
+        )
+        seen = set()
+        for version in versions:
+            if version.expert_id in seen:
+                continue
+            seen.add(version.expert_id)
+            rows.append(version)
+        if not rows:
+            return [], None
+        raw = torch.tensor([v.routing_profile for v in rows], dtype=torch.float32)
+        # With one profile there is nothing to tell apart: compare raw directions.
+        centre = raw.mean(0) if len(rows) > 1 else torch.zeros(raw.shape[1])
+        return rows, (F.normalize(raw - centre, dim=-1), centre)
+
+    def clear(self):
+        with self.lock:
+            self.cache.clear()
+
+
+profiles = Profiles()
+
+
+def auto(prompt_hidden, base_record, user):
+    """Choice for ``auto`` from the prompt's mean hidden state (1-D tensor)."""
+    rows, table = profiles.for_base(base_record)
+    allowed = [i for i, v in enumerate(rows) if _listed(v.expert, user)]
+    if not allowed:
+        return Choice(reason="auto: no expert with a routing profile for this base model")
+    matrix, centre = table
+    scores = matrix[allowed] @ F.normalize(prompt_hidden.float() - centre, dim=-1)
+    best = int(scores.argmax())
+    score = float(scores[best])
+    version = rows[allowed[best]]
+    name = f"{version.expert.full_name}@{version.number}"
+    if score < settings.LATENTRY_AUTO_THRESHOLD:
+        threshold = settings.LATENTRY_AUTO_THRESHOLD
+        return Choice(
+            score=score,
+            reason=f"auto: best match {name} scored {score:.3f}, under the threshold {threshold}",
+        )
+    return Choice(version=version, name=name, score=score)
+
+
+def _listed(expert, user):
+    """What auto may pick for ``user``: public experts and their own."""
+    if expert.visibility == Expert.PUBLIC:
+        return True
+    return user is not None and user.is_authenticated and expert.owner_id == user.pk

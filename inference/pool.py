@@ -1,0 +1,181 @@
+"""What a serving process keeps: each base model loaded once, and an LRU cache of experts.
+
+Experts never change the shared decoder: LoRA deltas are applied by hooks only inside the
+context of the request that uses them (``Coprocessor.active``), so concurrent requests through
+one decoder each see their own expert or none.
+"""
+
+import hashlib
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from django.conf import settings
+
+from coprocessor import artifact, base_models
+from coprocessor.augment import Coprocessor
+from registry import storage
+from registry.models import BaseModel
+
+from .batching import Batcher
+
+
+class ExpertUnavailable(Exception):
+    """The expert could not be used for this request; the message says why."""
+
+
+@dataclass
+class LoadedBase:
+    record: BaseModel
+    decoder: torch.nn.Module
+    tokenizer: object
+    batcher: Batcher = field(repr=False)
+
+    @property
+    def eos_token_id(self):
+        return self.tokenizer.eos_token_id
+
+
+class ExpertCache:
+    """Experts by sha256, least recently used first out once over ``capacity_bytes``.
+
+    A load runs once per key even when many requests ask for it at the same time; callers
+    wait for it at most ``timeout`` seconds (the load goes on and fills the cache for later).
+    """
+
+    def __init__(self, capacity_bytes):
+        self.capacity = capacity_bytes
+        self.items = OrderedDict()  # key -> (expert, bytes)
+        self.size = 0
+        self.loading = {}
+        self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="expert-load")
+        self.hits = self.misses = 0
+
+    def get(self, key, load, timeout=None):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                self.hits += 1
+                return self.items[key][0]
+            self.misses += 1
+            future = self.loading.get(key)
+            if future is None:
+                future = self.loading[key] = self.executor.submit(self._load, key, load)
+        return future.result(timeout=timeout)
+
+    def _load(self, key, load):
+        try:
+            expert, nbytes = load()
+            with self.lock:
+                self.items[key] = (expert, nbytes)
+                self.size += nbytes
+                while self.size > self.capacity and len(self.items) > 1:
+                    _, (_, dropped) = self.items.popitem(last=False)
+                    self.size -= dropped
+            return expert
+        finally:
+            with self.lock:
+                self.loading.pop(key, None)
+
+    def clear(self):
+        with self.lock:
+            self.items.clear()
+            self.size = 0
+
+
+class ModelPool:
+    def __init__(self):
+        self.bases = {}
+        self.lock = threading.Lock()
+        self.experts = ExpertCache(settings.LATENTRY_EXPERT_CACHE_BYTES)
+
+    def base(self, record):
+        """The loaded base model of a registry BaseModel (loaded on first use)."""
+        loaded = self.bases.get(record.slug)
+        if loaded is not None:
+            return loaded
+        with self.lock:
+            if record.slug not in self.bases:
+                device = settings.LATENTRY_DEVICE or (
+                    "cuda" if torch.cuda.is_available() else "cpu"
+                )
+                decoder, tokenizer = base_models.load_verified(
+                    record.weights_location, record.fingerprint, device=device
+                )
+                batcher = Batcher(
+                    decoder,
+                    tokenizer.eos_token_id,
+                    max_batch=settings.LATENTRY_MAX_BATCH,
+                    wait_s=settings.LATENTRY_BATCH_WAIT_MS / 1000,
+                )
+                self.bases[record.slug] = LoadedBase(record, decoder, tokenizer, batcher)
+            return self.bases[record.slug]
+
+    def expert(self, base, version):
+        """The Coprocessor of an ExpertVersion; ExpertUnavailable with the reason if it cannot
+        be had within the load budget."""
+
+        def load():
+            return load_expert(base, version)
+
+        try:
+            return self.experts.get(
+                version.sha256, load, timeout=settings.LATENTRY_EXPERT_LOAD_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise ExpertUnavailable("the expert took too long to load") from None
+        except artifact.ArtifactError as exc:
+            raise ExpertUnavailable(f"the expert file failed validation: {exc}") from None
+        except (storage.StorageUnavailable, OSError) as exc:
+            raise ExpertUnavailable(f"the expert could not be read from storage: {exc}") from None
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_expert(base, version):
+    """Read, check (sha256, then the header against the base model) and build an expert."""
+    with storage.open_artifact(version.artifact_key) as stored:
+        data = stored.read()
+    if hashlib.sha256(data).hexdigest() != version.sha256:
+        raise artifact.ArtifactError("stored bytes do not match the version's sha256")
+    tensors, metadata = artifact.load_expert_bytes(data, base.record.spec())
+    device = next(base.decoder.parameters()).device
+    expert = Coprocessor.from_tensors(base.decoder, tensors, metadata).to(device).eval()
+    return expert, len(data)
+
+
+def warm_up():
+    """Load every served base model and run one tiny generation through it, so the first
+    request does not pay for loading (gunicorn.conf.py calls this in each worker)."""
+    from coprocessor.generate import Request
+
+    for record in BaseModel.objects.exclude(weights_location=""):
+        loaded = pool().base(record)
+        loaded.batcher.submit(Request(prompt_ids=[0, 0], max_new_tokens=1)).result()
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def pool():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ModelPool()
+        return _pool
+
+
+def reset():
+    """Forget every loaded model (tests)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            for base in _pool.bases.values():
+                base.batcher.stop()
+        _pool = None

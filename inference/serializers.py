@@ -1,0 +1,134 @@
+from rest_framework import serializers
+
+from registry.api import StrictSerializer
+
+from .models import Usage
+
+EXPERT_HELP = '"owner/name", "owner/name@version", "auto", or empty for the plain base model'
+
+
+class SamplingFields(StrictSerializer):
+    temperature = serializers.FloatField(min_value=0.0, max_value=5.0, default=0.0)
+    top_p = serializers.FloatField(min_value=0.0, max_value=1.0, default=1.0)
+    seed = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False)
+    stop = serializers.ListField(
+        child=serializers.CharField(max_length=100), max_length=8, default=list
+    )
+
+
+class PromptFields(serializers.Serializer):
+    prompt = serializers.CharField(required=False, max_length=100_000, trim_whitespace=False)
+    messages = serializers.ListField(child=serializers.DictField(), required=False, max_length=256)
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if ("prompt" in attrs) == ("messages" in attrs):
+            raise serializers.ValidationError("give exactly one of prompt or messages")
+        for message in attrs.get("messages", []):
+            if message.get("role") not in ("system", "user", "assistant"):
+                raise serializers.ValidationError(
+                    {"messages": ["each message needs a role: system, user or assistant"]}
+                )
+            if not isinstance(message.get("content"), str):
+                raise serializers.ValidationError(
+                    {"messages": ["each message needs a string content"]}
+                )
+        return attrs
+
+
+class GenerateSerializer(PromptFields, SamplingFields):
+    base = serializers.SlugField(help_text="base model slug")
+    expert = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text=EXPERT_HELP
+    )
+    max_new_tokens = serializers.IntegerField(min_value=1, default=64)
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        attrs.setdefault("seed", None)
+        return attrs
+
+    class Answer(serializers.Serializer):
+        text = serializers.CharField()
+        expert = serializers.CharField(allow_null=True, help_text="owner/name@version used")
+        augmented = serializers.BooleanField()
+        reason = serializers.CharField(help_text="why no expert was used, if none was")
+        score = serializers.FloatField(allow_null=True, help_text="auto routing similarity")
+        finish_reason = serializers.CharField()
+        prompt_tokens = serializers.IntegerField()
+        completion_tokens = serializers.IntegerField()
+        timings_ms = serializers.DictField(child=serializers.FloatField())
+
+
+class AttachSerializer(PromptFields, StrictSerializer):
+    base = serializers.SlugField()
+    expert = serializers.CharField(help_text=EXPERT_HELP)
+
+    class Answer(serializers.Serializer):
+        expert = serializers.CharField(allow_null=True)
+        augmented = serializers.BooleanField()
+        reason = serializers.CharField()
+        score = serializers.FloatField(allow_null=True)
+        prompt_tokens = serializers.IntegerField()
+        insert_before = serializers.IntegerField(help_text="index of the prompt token")
+        position = serializers.IntegerField(help_text="position id the latents take")
+        shape = serializers.ListField(child=serializers.IntegerField(), required=False)
+        safetensors_base64 = serializers.CharField(
+            required=False, help_text="safetensors with latents (L, H) and gate_bias (L,)"
+        )
+
+
+class StopField(serializers.Field):
+    """OpenAI's ``stop``: a string or a list of up to 4 strings."""
+
+    def to_internal_value(self, data):
+        stops = [data] if isinstance(data, str) else data
+        if (
+            not isinstance(stops, list)
+            or len(stops) > 4
+            or not all(isinstance(s, str) and 0 < len(s) <= 100 for s in stops)
+        ):
+            raise serializers.ValidationError("a string or a list of up to 4 strings")
+        return stops
+
+    def to_representation(self, value):
+        return value
+
+
+class OpenAIFields(StrictSerializer):
+    model = serializers.CharField(help_text="<base>, <base>:auto or <base>:<owner>/<name>[@n]")
+    max_tokens = serializers.IntegerField(min_value=1, default=16, source="max_new_tokens")
+    max_completion_tokens = serializers.IntegerField(min_value=1, required=False)
+    temperature = serializers.FloatField(min_value=0.0, max_value=2.0, default=1.0)
+    top_p = serializers.FloatField(min_value=0.0, max_value=1.0, default=1.0)
+    seed = serializers.IntegerField(min_value=0, required=False, default=None)
+    stop = StopField(required=False, default=list)
+    stream = serializers.BooleanField(default=False)
+    n = serializers.IntegerField(min_value=1, max_value=1, required=False)
+    user = serializers.CharField(required=False, max_length=256)
+    stream_options = serializers.DictField(required=False)
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if "max_completion_tokens" in attrs:
+            attrs["max_new_tokens"] = attrs.pop("max_completion_tokens")
+        for ignored in ("n", "user", "stream_options"):
+            attrs.pop(ignored, None)
+        return attrs
+
+
+class CompletionSerializer(OpenAIFields):
+    prompt = serializers.CharField(max_length=100_000, trim_whitespace=False)
+
+
+class ChatCompletionSerializer(PromptFields, OpenAIFields):
+    messages = serializers.ListField(child=serializers.DictField(), min_length=1, max_length=256)
+
+
+class UsageSerializer(serializers.ModelSerializer):
+    api_key = serializers.CharField(source="api_key.name")
+    prefix = serializers.CharField(source="api_key.prefix")
+
+    class Meta:
+        model = Usage
+        fields = ["api_key", "prefix", "day", "requests", "prompt_tokens", "completion_tokens"]

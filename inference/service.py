@@ -1,0 +1,210 @@
+"""One generation request from names to text: choose, load, generate, degrade, account.
+
+Views (native and OpenAI-compatible) parse their own request shapes into ``Ask`` and render
+``Answer``; everything they share is here.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from django.conf import settings
+
+from coprocessor import base_models, routing
+from coprocessor.augment import prefill
+from coprocessor.generate import Request
+from registry.models import BaseModel
+
+from . import choose
+from .pool import ExpertUnavailable, pool
+
+MAX_LATENTS = 64  # the most soft tokens an expert may put in the cache
+
+
+class BadRequest(ValueError):
+    """The request cannot be served as asked (400); the message says why."""
+
+
+class UnknownModel(LookupError):
+    """No such base model (404)."""
+
+
+@dataclass
+class Ask:
+    base: str
+    expert: str = ""  # "", "auto", "owner/name" or "owner/name@N"
+    prompt: str | None = None
+    messages: list | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list
+    finish_reason: str
+    expert: str | None
+    augmented: bool
+    reason: str
+    score: float | None
+    prompt_tokens: int
+    timings_ms: dict
+
+
+def parse_model(model):
+    """OpenAI ``model``: ``<base>``, ``<base>:auto`` or ``<base>:<owner>/<name>[@<n>]``."""
+    base, _, expert = (model or "").partition(":")
+    return base, expert
+
+
+def base_record(slug):
+    record = BaseModel.objects.filter(slug=slug).first()
+    if record is None or not record.weights_location:
+        raise UnknownModel(f"no base model {slug!r} is served here")
+    return record
+
+
+def prompt_ids(loaded, ask):
+    if ask.messages is not None:
+        return base_models.chat_prompt_ids(loaded.tokenizer, ask.messages)
+    ids = loaded.tokenizer(ask.prompt or "", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise BadRequest("the prompt is empty")
+    return list(ids)
+
+
+def check_length(loaded, ids, max_new_tokens):
+    context = loaded.record.context_length
+    if max_new_tokens > settings.LATENTRY_MAX_NEW_TOKENS:
+        raise BadRequest(
+            f"max_new_tokens {max_new_tokens} is over the limit of "
+            f"{settings.LATENTRY_MAX_NEW_TOKENS}"
+        )
+    if len(ids) + max_new_tokens + MAX_LATENTS > context:
+        raise BadRequest(
+            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) does not "
+            f"fit the context of {context} tokens (with {MAX_LATENTS} kept for latents)"
+        )
+
+
+def pick(loaded, ask, ids, user):
+    """(Choice, expert module or None) for the request, degrading to none with a reason."""
+    spec = (ask.expert or "").strip()
+    if not spec:
+        return choose.Choice(reason="no expert requested"), None
+    if spec == "auto":
+        visible = torch.ones(1, len(ids), dtype=torch.bool)
+        device = next(loaded.decoder.parameters()).device
+        hidden = routing.mean_hidden(
+            loaded.decoder, torch.tensor([ids], device=device), visible.to(device)
+        )[0].cpu()
+        choice = choose.auto(hidden, loaded.record, user)
+    else:
+        choice = choose.named(spec, loaded.record, user)
+    if choice.version is None:
+        return choice, None
+    try:
+        return choice, pool().expert(loaded, choice.version)
+    except ExpertUnavailable as exc:
+        return choose.Choice(score=choice.score, reason=f"{choice.name}: {exc}"), None
+
+
+def run(ask, user, on_text=None):
+    """Serve ``ask``; ``on_text(delta)`` streams the text as it is generated."""
+    record = base_record(ask.base)
+    loaded = pool().base(record)
+    ids = prompt_ids(loaded, ask)
+    check_length(loaded, ids, ask.max_new_tokens)
+    started = time.perf_counter()
+    choice, expert = pick(loaded, ask, ids, user)
+    routing_ms = (time.perf_counter() - started) * 1000
+    stream = TextStream(loaded.tokenizer, ask.stop, on_text)
+    request = Request(
+        prompt_ids=ids,
+        expert=expert,
+        max_new_tokens=ask.max_new_tokens,
+        temperature=ask.temperature,
+        top_p=ask.top_p,
+        seed=ask.seed,
+        on_token=stream.push,
+    )
+    generation = loaded.batcher.submit(request).result()
+    stream.finish()
+    timings = {f"{k.removesuffix('_s')}_ms": v * 1000 for k, v in generation.timings.items()}
+    return Answer(
+        text=stream.text,
+        token_ids=generation.token_ids,
+        finish_reason=generation.finish_reason,
+        expert=choice.name if expert is not None else None,
+        augmented=expert is not None,
+        reason="" if expert is not None else choice.reason,
+        score=choice.score,
+        prompt_tokens=len(ids),
+        timings_ms={"routing_ms": routing_ms, **timings},
+    )
+
+
+def attach(ask, user):
+    """The latents an expert writes for a prompt, for callers who run their own decoder.
+
+    Returns (Choice, tensors or None, prompt_ids): ``latents`` (L, H) go into the cache before
+    the prompt's last token, at that token's position, with ``gate_bias`` (L,) added to the
+    attention scores of every later query to them.
+    """
+    record = base_record(ask.base)
+    loaded = pool().base(record)
+    ids = prompt_ids(loaded, ask)
+    check_length(loaded, ids, 0)
+    choice, expert = pick(loaded, ask, ids, user)
+    if expert is None:
+        return choice, None, ids
+    device = next(loaded.decoder.parameters()).device
+    with torch.no_grad():
+        prefix = torch.tensor([ids[:-1]], device=device)
+        past, past_bias, positions = prefill(
+            loaded.decoder, prefix, torch.ones_like(prefix, dtype=torch.bool)
+        )
+        latents = expert.latents(past, past_bias, positions)[0]
+        gate = expert.gate_bias(1)[0]
+    return choice, {"latents": latents.float().cpu(), "gate_bias": gate.float().cpu()}, ids
+
+
+class TextStream:
+    """Token ids to text as they come: decodes the whole so far (merged bytes come out right),
+    hands on only what is new, and ends the row at a stop string (which is not returned)."""
+
+    def __init__(self, tokenizer, stops, on_text):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.on_text = on_text
+        self.ids = []
+        self.text = ""
+        self.sent = 0
+
+    def push(self, token_id):
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stopped = False
+        for stop in self.stops:
+            at = self.text.find(stop)
+            if at != -1:
+                self.text, stopped = self.text[:at], True
+        # Hold back what could be the start of a stop string until it is decided, and a
+        # trailing half of a multi-byte character until its other bytes arrive.
+        hold = 0 if stopped else max((len(s) - 1 for s in self.stops), default=0)
+        if self.text.endswith("\ufffd"):
+            hold = max(hold, 1)
+        self._send(len(self.text) - hold)
+        return stopped
+
+    def finish(self):
+        self._send(len(self.text))
+
+    def _send(self, upto):
+        if self.on_text is not None and upto > self.sent:
+            self.on_text(self.text[self.sent : upto])
+            self.sent = upto

@@ -1,0 +1,261 @@
+"""The router's HTTP interfaces: /api/v1/generate, /api/v1/attach, /api/v1/usage/ and the
+OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions (with streaming)."""
+
+import base64
+import json
+import queue
+import threading
+import time
+import uuid
+
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, serializers
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+from safetensors.torch import save
+
+from registry.models import ApiKey, BaseModel, Expert, ExpertVersion
+
+from . import service
+from .models import Usage
+from .serializers import (
+    AttachSerializer,
+    ChatCompletionSerializer,
+    CompletionSerializer,
+    GenerateSerializer,
+    UsageSerializer,
+)
+
+
+class RouterView(APIView):
+    """Generation is not a write: read-only API keys may use it; anyone may try it."""
+
+    permission_classes = [AllowAny]
+
+    def serve(self, ask, on_text=None):
+        try:
+            answer = service.run(ask, self.request.user, on_text=on_text)
+        except service.UnknownModel as exc:
+            raise NotFound(str(exc)) from None
+        except service.BadRequest as exc:
+            raise ValidationError({"detail": str(exc)}) from None
+        if isinstance(self.request.auth, ApiKey):
+            Usage.record(self.request.auth, answer.prompt_tokens, len(answer.token_ids))
+        return answer
+
+
+class GenerateView(RouterView):
+    @extend_schema(request=GenerateSerializer, responses=GenerateSerializer.Answer)
+    def post(self, request):
+        data = validated(GenerateSerializer, request.data)
+        answer = self.serve(service.Ask(**data))
+        return Response(answer_json(answer))
+
+
+def answer_json(answer):
+    return {
+        "text": answer.text,
+        "expert": answer.expert,
+        "augmented": answer.augmented,
+        "reason": answer.reason,
+        "score": answer.score,
+        "finish_reason": answer.finish_reason,
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": len(answer.token_ids),
+        "timings_ms": {k: round(v, 2) for k, v in answer.timings_ms.items()},
+    }
+
+
+class AttachView(RouterView):
+    @extend_schema(request=AttachSerializer, responses=AttachSerializer.Answer)
+    def post(self, request):
+        data = validated(AttachSerializer, request.data)
+        try:
+            choice, tensors, ids = service.attach(service.Ask(**data), request.user)
+        except service.UnknownModel as exc:
+            raise NotFound(str(exc)) from None
+        except service.BadRequest as exc:
+            raise ValidationError({"detail": str(exc)}) from None
+        body = {
+            "expert": choice.name if tensors else None,
+            "augmented": tensors is not None,
+            "reason": "" if tensors else choice.reason,
+            "score": choice.score,
+            "prompt_tokens": len(ids),
+            "insert_before": len(ids) - 1,
+            "position": len(ids) - 1,
+        }
+        if tensors is not None:
+            body["shape"] = list(tensors["latents"].shape)
+            body["safetensors_base64"] = base64.b64encode(save(tensors)).decode()
+        return Response(body)
+
+
+class UsageView(generics.ListAPIView):
+    """Your generation usage per API key and day."""
+
+    serializer_class = UsageSerializer
+    permission_classes = [IsAuthenticated]
+    filter_backends = []
+
+    def get_queryset(self):
+        return Usage.objects.filter(api_key__user=self.request.user).select_related("api_key")
+
+
+def validated(serializer_class, data):
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return dict(serializer.validated_data)
+
+
+# --- OpenAI-compatible ------------------------------------------------------------------------
+
+
+class ModelsView(APIView):
+    """Base models, their ``auto`` router, and every expert you may list, as OpenAI models."""
+
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses=serializers.JSONField())
+    def get(self, request):
+        created = int(time.time())
+        data = []
+        for base in BaseModel.objects.exclude(weights_location="").order_by("slug"):
+            data.append(model_entry(base.slug, "latentry", created))
+            data.append(model_entry(f"{base.slug}:auto", "latentry", created))
+        experts = (
+            Expert.objects.listed_for(request.user)
+            .filter(versions__status=ExpertVersion.READY)
+            .exclude(base_model__weights_location="")
+            .select_related("owner", "base_model")
+            .distinct()
+            .order_by("base_model__slug", "owner__username", "name")
+        )
+        for expert in experts:
+            model_id = f"{expert.base_model.slug}:{expert.full_name}"
+            data.append(model_entry(model_id, expert.owner.username, created))
+        return Response({"object": "list", "data": data})
+
+
+def model_entry(model_id, owner, created):
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
+
+
+class OpenAIView(RouterView):
+    chat = False
+    serializer_class = None
+
+    def post(self, request):
+        data = validated(self.serializer_class, request.data)
+        base, expert = service.parse_model(data.pop("model"))
+        stream = data.pop("stream")
+        ask = service.Ask(base=base, expert=expert, **data)
+        completion_id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if stream:
+            return self.stream(ask, completion_id, base, expert)
+        answer = self.serve(ask)
+        return Response(self.completion(answer, completion_id, base, expert))
+
+    def completion(self, answer, completion_id, base, expert):
+        choice = {"index": 0, "finish_reason": answer.finish_reason, "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": answer.text}
+        else:
+            choice["text"] = answer.text
+        return {
+            "id": completion_id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name(base, expert),
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": len(answer.token_ids),
+                "total_tokens": answer.prompt_tokens + len(answer.token_ids),
+            },
+            "latentry": latentry_fields(answer),
+        }
+
+    def stream(self, ask, completion_id, base, expert):
+        """Server-sent events: a chunk per piece of text, then one with the finish reason."""
+        try:  # name problems as a plain 4xx before the stream starts
+            service.base_record(base)
+        except service.UnknownModel as exc:
+            raise NotFound(str(exc)) from None
+        pieces = queue.Queue()
+        outcome = {}
+
+        def work():
+            try:
+                outcome["answer"] = self.serve(ask, on_text=pieces.put)
+            except Exception as exc:  # reported in the stream, which has already begun
+                outcome["error"] = exc
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        created = int(time.time())
+
+        def chunk(delta, finish_reason=None, extra=None):
+            choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+            if self.chat:
+                choice["delta"] = delta
+            else:
+                choice["text"] = delta.get("content", "")
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": created,
+                "model": model_name(base, expert),
+                "choices": [choice],
+                **(extra or {}),
+            }
+            return f"data: {json.dumps(body)}\n\n"
+
+        def events():
+            if self.chat:
+                yield chunk({"role": "assistant", "content": ""})
+            while (piece := pieces.get()) is not None:
+                yield chunk({"content": piece})
+            if "error" in outcome:
+                error = {"message": str(outcome["error"]), "type": "invalid_request_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            else:
+                answer = outcome["answer"]
+                yield chunk({}, answer.finish_reason, {"latentry": latentry_fields(answer)})
+            yield "data: [DONE]\n\n"
+
+        response = StreamingHttpResponse(events(), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # proxies must not hold the stream back
+        return response
+
+
+def model_name(base, expert):
+    return f"{base}:{expert}" if expert else base
+
+
+def latentry_fields(answer):
+    body = answer_json(answer)
+    return {k: body[k] for k in ("expert", "augmented", "reason", "score", "timings_ms")}
+
+
+class CompletionsView(OpenAIView):
+    chat = False
+    serializer_class = CompletionSerializer
+
+    @extend_schema(request=CompletionSerializer, responses=serializers.JSONField())
+    def post(self, request):
+        return super().post(request)
+
+
+class ChatCompletionsView(OpenAIView):
+    chat = True
+    serializer_class = ChatCompletionSerializer
+
+    @extend_schema(request=ChatCompletionSerializer, responses=serializers.JSONField())
+    def post(self, request):
+        return super().post(request)

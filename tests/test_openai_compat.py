@@ -1,0 +1,65 @@
+"""The OpenAI-compatible endpoints, driven by the official openai client against a live server."""
+
+import openai
+import pytest
+
+from inference import choose, pool
+from registry.models import ApiKey
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def client(live_server, alice):
+    pool.reset()
+    choose.profiles.clear()
+    _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
+    yield openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    pool.reset()
+
+
+def test_models_list_base_models_auto_and_listed_experts(client, make_expert, publish, bob):
+    publish(make_expert("words"), seed=1)
+    publish(make_expert("hidden", visibility="private", owner=bob), seed=2)
+    ids = {model.id for model in client.models.list()}
+    assert {"tiny-llama", "tiny-llama:auto", "tiny-llama:alice/words"} <= ids
+    assert not any("hidden" in model_id for model_id in ids)
+
+
+def test_completions_and_chat_with_an_expert_streamed_or_not(client, make_expert, publish):
+    publish(make_expert("words"), seed=1)
+    model = "tiny-llama:alice/words"
+    completion = client.completions.create(
+        model=model, prompt="w5 w6 w7", max_tokens=5, temperature=0
+    )
+    assert completion.object == "text_completion" and completion.model == model
+    assert completion.usage.prompt_tokens == 3
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    streamed = client.completions.create(
+        model=model, prompt="w5 w6 w7", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[0].text
+
+    messages = [{"role": "user", "content": "w5 w6"}]
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=5, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant"
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=5, temperature=0, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chat.model_extra["latentry"]["augmented"] is True
+
+
+def test_errors_come_back_as_openai_errors(client, base_model):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-base", prompt="w5", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-llama", prompt="w5", max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-llama", messages=[], max_tokens=2)

@@ -1,0 +1,256 @@
+"""The router: named, pinned and automatic experts, degrading, batching, attach, usage."""
+
+import base64
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from django.db import connection
+from safetensors.torch import load
+
+from coprocessor.augment import Coprocessor, prefill
+from coprocessor.generate import Request, generate
+from inference import choose, pool
+from inference.models import Usage
+from registry.models import ApiKey
+from tests.conftest import bearer_client, client_for
+from tests.tiny_models import phrase_text
+
+GENERATE = "/api/v1/generate"
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool():
+    pool.reset()
+    choose.profiles.clear()
+    yield
+    pool.reset()
+
+
+def ask(client, **body):
+    return client.post(GENERATE, {"base": "tiny-llama", "max_new_tokens": 6, **body}, format="json")
+
+
+def loaded_expert(model, version, tmp_path):
+    path = tmp_path / "expert.safetensors"
+    with version.open_artifact() as f:
+        path.write_bytes(f.read())
+    return Coprocessor.load(model, path).eval()
+
+
+def direct(decoder, version, prompt, tmp_path, max_new_tokens=6):
+    """The same generation without the router: what the answer must equal."""
+    model, tokenizer = decoder
+    expert = loaded_expert(model, version, tmp_path) if version is not None else None
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    (out,) = generate(model, [Request(ids, expert, max_new_tokens)], tokenizer.eos_token_id)
+    return out.token_ids
+
+
+def test_plain_generation_names_no_expert_and_times_its_parts(alice_client, base_model, decoder):
+    response = ask(alice_client, prompt="w5 w6 w7")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["augmented"] is False and body["expert"] is None
+    assert body["reason"] == "no expert requested"
+    assert body["prompt_tokens"] == 3 and 1 <= body["completion_tokens"] <= 6
+    assert set(body["timings_ms"]) == {"routing_ms", "prefill_ms", "coprocessor_ms", "decode_ms"}
+
+
+def test_a_named_expert_is_attached_and_equals_the_library_s_output(
+    alice_client, make_expert, publish, decoder, tmp_path
+):
+    expert = make_expert("words")
+    version = publish(expert, seed=1)
+    body = ask(alice_client, prompt="w5 w6 w7", expert="alice/words").json()
+    assert body["augmented"] is True and body["expert"] == "alice/words@1"
+    tokenizer = decoder[1]
+    assert body["text"] == tokenizer.decode(direct(decoder, version, "w5 w6 w7", tmp_path))
+    assert body["text"] != ask(alice_client, prompt="w5 w6 w7").json()["text"]
+    pinned = ask(alice_client, prompt="w5 w6 w7", expert="alice/words@1").json()
+    assert pinned["expert"] == "alice/words@1"
+
+
+@pytest.mark.parametrize(
+    "spec, reason",
+    [
+        ("alice/words@9", "no such ready version"),
+        ("alice/nothing", "alice/nothing not found"),
+        ("alice/secret", "alice/secret not found"),  # private: the same answer as missing
+        ("not-a-name", "is not owner/name"),
+    ],
+)
+def test_missing_or_invisible_experts_degrade_to_the_plain_model_and_say_why(
+    bob_client, make_expert, publish, spec, reason
+):
+    publish(make_expert("words"))
+    publish(make_expert("secret", visibility="private"), seed=2)
+    body = ask(bob_client, prompt="w5 w6", expert=spec).json()
+    assert body["augmented"] is False and reason in body["reason"]
+
+
+def test_a_corrupted_stored_file_degrades_with_the_reason(alice_client, make_expert, publish):
+    version = publish(make_expert("broken"))
+    from registry import storage
+
+    path = Path(storage.artifacts().path(version.artifact_key))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    body = ask(alice_client, prompt="w5 w6", expert="alice/broken").json()
+    assert body["augmented"] is False and "sha256" in body["reason"]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"base": "no-such-model"}, 404, "no base model"),
+        ({"prompt": "w5 " * 250}, 400, "does not fit the context"),
+        ({"max_new_tokens": 100_000}, 400, "over the limit"),
+        ({"messages": [{"role": "user", "content": "w5"}]}, 400, "exactly one of"),
+        ({"prompt": "   "}, 400, "empty"),
+        ({"temperature": -1}, 400, "temperature"),
+    ],
+)
+def test_bad_requests_get_clear_errors(alice_client, base_model, body, status, message):
+    response = ask(alice_client, **{"prompt": "w5 w6", **body})
+    assert response.status_code == status
+    assert message in str(response.json())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_requests_share_batches_and_equal_one_at_a_time(
+    alice, make_expert, publish, settings
+):
+    settings.LATENTRY_BATCH_WAIT_MS = 200  # make the concurrent requests land in one batch
+    for i in range(3):
+        publish(make_expert(f"e{i}"), seed=10 + i)
+    specs = ["", "alice/e0", "alice/e1", "", "alice/e2", "alice/e0"]
+    prompts = ["w5 w6 w7", "w8 w9", "w10 w11 w12 w13", "w3", "w20 w21", "w30 w31 w32"]
+    alone = [
+        ask(client_for(alice), prompt=p, expert=s).json()["text"]
+        for p, s in zip(prompts, specs, strict=True)
+    ]
+    results = [None] * len(specs)
+
+    def one(i):
+        try:
+            results[i] = ask(client_for(alice), prompt=prompts[i], expert=specs[i]).json()["text"]
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(specs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == alone
+    assert max(pool.pool().bases["tiny-llama"].batcher.batch_sizes) > 1
+
+
+def test_auto_routes_by_the_prompt_and_never_to_others_private_experts(
+    alice, bob, alice_client, bob_client, make_expert, publish
+):
+    text_a = phrase_text(length=1500, seed=1)
+    text_b = phrase_text(length=1500, seed=2)
+    publish(make_expert("topic-a"), seed=1, profile_text=text_a)
+    publish(make_expert("topic-b"), seed=2, profile_text=text_b)
+    prompt_a = " ".join(text_a.split()[-40:])
+    prompt_b = " ".join(text_b.split()[-40:])
+    routed_a = ask(alice_client, prompt=prompt_a, expert="auto").json()
+    routed_b = ask(alice_client, prompt=prompt_b, expert="auto").json()
+    assert routed_a["expert"] == "alice/topic-a@1" and routed_a["score"] > 0
+    assert routed_b["expert"] == "alice/topic-b@1"
+    choose.profiles.clear()
+    publish(make_expert("topic-c", owner=alice, visibility="private"), 3, profile_text=text_b)
+    publish(make_expert("other", owner=bob), seed=4, profile_text=text_a)
+    for client in (bob_client,):
+        seen = ask(client, prompt=prompt_b, expert="auto").json()
+        assert seen["expert"] != "alice/topic-c@1"
+
+
+def test_auto_below_the_threshold_uses_no_expert(alice_client, make_expert, publish, settings):
+    settings.LATENTRY_AUTO_THRESHOLD = 1.01
+    publish(make_expert("topic-a"), seed=1, profile_text=phrase_text(length=600, seed=1))
+    publish(make_expert("topic-b"), seed=2, profile_text=phrase_text(length=600, seed=2))
+    body = ask(alice_client, prompt="w5 w6 w7", expert="auto").json()
+    assert body["augmented"] is False and "under the threshold" in body["reason"]
+
+
+def test_attach_returns_the_expert_s_latents(alice_client, make_expert, publish, decoder, tmp_path):
+    version = publish(make_expert("words"), seed=5)
+    response = alice_client.post(
+        "/api/v1/attach",
+        {"base": "tiny-llama", "expert": "alice/words", "prompt": "w5 w6 w7"},
+        format="json",
+    )
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["shape"] == [2, 32] and body["insert_before"] == 2
+    tensors = load(base64.b64decode(body["safetensors_base64"]))
+    model = decoder[0]
+    expert = loaded_expert(model, version, tmp_path)
+    with torch.no_grad():
+        prefix = torch.tensor([[5, 6]])
+        past, bias, positions = prefill(model, prefix, torch.ones_like(prefix, dtype=torch.bool))
+        expected = expert.latents(past, bias, positions)[0]
+    torch.testing.assert_close(tensors["latents"], expected)
+    assert tensors["gate_bias"].shape == (2,)
+
+
+def test_usage_is_recorded_per_api_key_and_shown_to_its_owner(alice, bob, base_model):
+    client = bearer_client(alice, scopes=[ApiKey.READ])  # generating is not a write
+    for _ in range(2):
+        assert ask(client, prompt="w5 w6").status_code == 200
+    usage = Usage.objects.get()
+    assert usage.requests == 2 and usage.prompt_tokens == 4 and usage.completion_tokens > 0
+    rows = client.get("/api/v1/usage/").json()["results"]
+    assert rows[0]["requests"] == 2 and rows[0]["api_key"] == "test"
+    assert client_for(bob).get("/api/v1/usage/").json()["count"] == 0
+
+
+def test_the_expert_cache_is_lru_by_bytes_and_loads_each_key_once():
+    cache = pool.ExpertCache(capacity_bytes=100)
+    loads = []
+
+    def loader(key, size):
+        def load():
+            loads.append(key)
+            return f"expert-{key}", size
+
+        return load
+
+    assert cache.get("a", loader("a", 40)) == "expert-a"
+    cache.get("b", loader("b", 40))
+    cache.get("a", loader("a", 40))  # a is now the most recent
+    cache.get("c", loader("c", 40))  # over 100 bytes: b goes
+    assert list(cache.items) == ["a", "c"] and cache.size == 80
+    assert loads == ["a", "b", "c"]
+
+    gate = threading.Event()
+
+    def slow():
+        gate.wait(5)
+        loads.append("d")
+        return "expert-d", 10
+
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get("d", slow))) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    gate.set()
+    for thread in threads:
+        thread.join()
+    assert results == ["expert-d"] * 4 and loads.count("d") == 1
+
+
+def test_a_slow_expert_load_degrades_instead_of_waiting(
+    alice_client, make_expert, publish, settings
+):
+    publish(make_expert("slow"))
+    settings.LATENTRY_EXPERT_LOAD_TIMEOUT_S = 0.0
+    body = ask(alice_client, prompt="w5 w6", expert="alice/slow").json()
+    assert body["augmented"] is False and "took too long" in body["reason"]
