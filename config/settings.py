@@ -196,12 +196,13 @@ LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)
 
 # The router (inference/). Each serving process loads a base model once and keeps experts in
 # an LRU cache bounded by bytes; requests arriving within LATENTRY_BATCH_WAIT_MS of each other
-# decode together, up to LATENTRY_MAX_BATCH.
+# decode together (for at most LATENTRY_BATCH_MAX_WAIT_MS of gathering), up to LATENTRY_MAX_BATCH.
 LATENTRY_EXPERT_CACHE_BYTES = env_int("LATENTRY_EXPERT_CACHE_BYTES", 2 * 1024**3)
 LATENTRY_EXPERT_LOAD_TIMEOUT_S = env_float("LATENTRY_EXPERT_LOAD_TIMEOUT_S", 10.0)
 LATENTRY_MAX_NEW_TOKENS = env_int("LATENTRY_MAX_NEW_TOKENS", 512)
 LATENTRY_MAX_BATCH = env_int("LATENTRY_MAX_BATCH", 16)
 LATENTRY_BATCH_WAIT_MS = env_float("LATENTRY_BATCH_WAIT_MS", 5.0)
+LATENTRY_BATCH_MAX_WAIT_MS = env_float("LATENTRY_BATCH_MAX_WAIT_MS", 50.0)
 # auto: the least centred cosine between prompt and profile that picks an expert.
 LATENTRY_AUTO_THRESHOLD = env_float("LATENTRY_AUTO_THRESHOLD", 0.2)
 LATENTRY_PROFILE_REFRESH_S = env_float("LATENTRY_PROFILE_REFRESH_S", 30.0)

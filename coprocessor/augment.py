@@ -172,9 +172,74 @@ def _lora_hook(module, args, output):
     adapter = active.get(id(module))
     if adapter is None:
         return None
-    lora_a, lora_b, scale = adapter
     x = args[0]
+    if isinstance(adapter, list):  # per-row experts (row_adapters): [(rows, A, B, scale)]
+        output = output.clone()
+        for rows, lora_a, lora_b, scale in adapter:
+            delta = x[rows].to(lora_a.dtype) @ lora_a.t() @ lora_b.t()
+            output[rows] += (delta * scale).to(output.dtype)
+        return output
+    lora_a, lora_b, scale = adapter
     return output + (x.to(lora_a.dtype) @ lora_a.t() @ lora_b.t()).to(output.dtype) * scale
+
+
+@contextlib.contextmanager
+def row_adapters(experts_by_row):
+    """Within this block, row i of a batch through D carries the LoRA of experts_by_row[i].
+
+    Different LoRA experts then share one forward of D (each adds its delta on its own rows),
+    instead of one forward per expert. Used for the latents of a batch of mixed requests.
+    """
+    device = experts_by_row[0].soft_tokens.device
+    rows_of = {}
+    for row, expert in enumerate(experts_by_row):
+        rows_of.setdefault(id(expert), (expert, []))[1].append(row)
+    adapters = {}
+    for expert, rows in rows_of.values():
+        index = torch.tensor(rows, device=device)
+        for module, a, b in zip(
+            expert._modules_by_index, expert.lora_a, expert.lora_b, strict=True
+        ):
+            adapters.setdefault(id(module), []).append((index, a, b, expert.lora_scale))
+    token = _ACTIVE_LORA.set(adapters)
+    try:
+        yield
+    finally:
+        _ACTIVE_LORA.reset(token)
+
+
+def batched_latents(decoder, experts_by_row, past, past_bias, positions):
+    """Latents for a batch whose rows use different LoRA experts, in one pass through D.
+
+    Equal to each expert's ``latents`` on its own rows. Soft tokens are padded at the end to
+    the longest expert's count (causal among themselves, so the padding changes nothing before
+    it). Returns (z, gate): (B, L, H) and (B, L) with ``negative`` on padding columns.
+    """
+    batch = len(experts_by_row)
+    width = max(e.config.n_latents for e in experts_by_row)
+    hidden_size = decoder.config.hidden_size
+    dtype = next(decoder.parameters()).dtype
+    device = past_bias.device
+    soft = torch.zeros(batch, width, hidden_size, dtype=dtype, device=device)
+    for row, expert in enumerate(experts_by_row):
+        soft[row, : expert.config.n_latents] = expert.soft_tokens.to(dtype)
+    new_bias = torch.zeros(batch, width, dtype=dtype, device=device)
+    mask = attention_bias(past_bias.to(dtype), new_bias)
+    with row_adapters(experts_by_row):
+        hidden = forward_with_mask(
+            decoder,
+            cache=as_cache(past),
+            mask=mask,
+            inputs_embeds=soft,
+            positions=positions[:, None].expand(batch, width),
+        )
+    z = torch.zeros(batch, width, hidden_size, dtype=torch.float32, device=device)
+    gate = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
+    for row, expert in enumerate(experts_by_row):
+        count = expert.config.n_latents
+        z[row, :count] = expert.latent_head(hidden[row : row + 1, :count].float())[0]
+        gate[row, :count] = expert.latent_head.gate.to(dtype)
+    return z, gate
 
 
 def install_lora_hooks(decoder):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .augment import embed, negative, prefill, run_decoder, select_rows
+from .augment import batched_latents, embed, negative, prefill, run_decoder, select_rows
 
 
 @dataclass
@@ -89,27 +89,39 @@ def _left_pad(sequences, device):
 
 
 def _latents(decoder, requests, past, past_bias, positions, dtype):
-    """Each expert's latents on its own rows, padded to the longest with hidden columns."""
+    """Each request's latents on its row, padded to the longest with hidden columns.
+
+    The rows of LoRA experts go through D together, each with its own expert's deltas (one
+    pass for the batch, whatever the mix); full-copy experts run their own copy on their rows.
+    """
     batch, device = len(requests), positions.device
-    experts = {}
-    for row, request in enumerate(requests):
-        if request.expert is not None:
-            experts.setdefault(id(request.expert), (request.expert, []))[1].append(row)
-    width = max(
-        (e.latent_head.gate.numel() for e, _ in experts.values()),
-        default=0,
-    )
-    hidden = decoder.config.hidden_size
-    latents = torch.zeros(batch, width, hidden, dtype=dtype, device=device)
+    width = max((r.expert.config.n_latents for r in requests if r.expert is not None), default=0)
+    latents = torch.zeros(batch, width, decoder.config.hidden_size, dtype=dtype, device=device)
     bias = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
-    for expert, rows in experts.values():
-        index = torch.tensor(rows, device=device)
-        rows_past = select_rows(past, index) if past is not None else None
-        z = expert.latents(rows_past, past_bias[index], positions[index])
-        count = z.shape[1]
-        latents[index, :count] = z.to(dtype)
-        bias[index, :count] = expert.gate_bias(len(rows)).to(dtype)
+    lora_rows = [i for i, r in enumerate(requests) if _kind(r.expert) == "lora"]
+    if lora_rows:
+        index = torch.tensor(lora_rows, device=device)
+        z, gate = batched_latents(
+            decoder,
+            [requests[i].expert for i in lora_rows],
+            select_rows(past, index) if past is not None else None,
+            past_bias[index],
+            positions[index],
+        )
+        latents[index, : z.shape[1]] = z.to(dtype)
+        bias[index, : z.shape[1]] = gate
+    for row, request in enumerate(requests):
+        if _kind(request.expert) == "full":
+            index = torch.tensor([row], device=device)
+            rows_past = select_rows(past, index) if past is not None else None
+            z = request.expert.latents(rows_past, past_bias[index], positions[index])
+            latents[index, : z.shape[1]] = z.to(dtype)
+            bias[index, : z.shape[1]] = request.expert.gate_bias(1).to(dtype)
     return latents, bias
+
+
+def _kind(expert):
+    return None if expert is None else expert.config.kind
 
 
 def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id):

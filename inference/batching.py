@@ -1,7 +1,7 @@
 """Shared decode batches: requests that arrive together are generated together.
 
 One thread per base model runs the decoder. It takes the first waiting request, gathers what
-else arrives within ``wait_s`` (up to ``max_batch``), and generates them as one batch; each
+else keeps arriving (up to ``max_batch``), and generates them as one batch; each
 request's coprocessor pass is its own, decoding is shared, and a request's output does not
 depend on its batch-mates (coprocessor.generate).
 """
@@ -15,11 +15,12 @@ from coprocessor.generate import generate
 
 
 class Batcher:
-    def __init__(self, decoder, eos_token_id, *, max_batch=16, wait_s=0.005):
+    def __init__(self, decoder, eos_token_id, *, max_batch=16, wait_s=0.005, max_wait_s=0.05):
         self.decoder = decoder
         self.eos_token_id = eos_token_id
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.max_wait_s = max(max_wait_s, wait_s)
         self.waiting = queue.Queue()
         self.thread = None
         self.lock = threading.Lock()
@@ -60,7 +61,10 @@ class Batcher:
                 future.set_result(output)
 
     def _gather(self, batch):
-        deadline = time.monotonic() + self.wait_s
+        """Take more requests while they keep coming (each arrival waits ``wait_s`` more for
+        the next), for at most ``max_wait_s`` in all."""
+        started = time.monotonic()
+        deadline = started + self.wait_s
         while len(batch) < self.max_batch:
             try:
                 item = self.waiting.get(timeout=max(deadline - time.monotonic(), 0))
@@ -70,3 +74,4 @@ class Batcher:
                 self.waiting.put(None)
                 return
             batch.append(item)
+            deadline = min(time.monotonic() + self.wait_s, started + self.max_wait_s)

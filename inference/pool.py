@@ -110,6 +110,7 @@ class ModelPool:
                     tokenizer.eos_token_id,
                     max_batch=settings.LATENTRY_MAX_BATCH,
                     wait_s=settings.LATENTRY_BATCH_WAIT_MS / 1000,
+                    max_wait_s=settings.LATENTRY_BATCH_MAX_WAIT_MS / 1000,
                 )
                 self.bases[record.slug] = LoadedBase(record, decoder, tokenizer, batcher)
             return self.bases[record.slug]

@@ -4,7 +4,7 @@ each request served alone."""
 import pytest
 import torch
 
-from coprocessor.augment import Coprocessor, CoprocessorConfig
+from coprocessor.augment import Coprocessor, CoprocessorConfig, batched_latents, prefill
 from coprocessor.generate import Request, generate
 from tests.test_augment import randomize
 from tests.tiny_models import FAMILIES, VOCAB, frozen
@@ -84,3 +84,31 @@ def test_timings_are_reported():
     model = frozen(FAMILIES["llama"])
     output = generate(model, [Request([1, 2, 3], max_new_tokens=2)])[0]
     assert set(output.timings) == {"prefill_s", "coprocessor_s", "decode_s"}
+
+
+def test_one_pass_for_mixed_lora_experts_equals_a_pass_per_expert():
+    decoder = frozen(FAMILIES["llama"])
+    experts = []
+    for seed, (n_latents, rank) in enumerate([(2, 2), (3, 4)]):
+        torch.manual_seed(seed)
+        expert = Coprocessor(decoder, CoprocessorConfig(n_latents=n_latents, lora_rank=rank))
+        with torch.no_grad():
+            for b in expert.lora_b:
+                b.normal_(0, 0.5)
+            expert.latent_head.proj.weight.normal_(0, 0.5)
+        experts.append(expert.eval())
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+    visible = torch.ones_like(ids, dtype=torch.bool)
+    past, bias, positions = prefill(decoder, ids, visible)
+    rows = [experts[0], experts[1], experts[0]]
+    with torch.no_grad():
+        z, gate = batched_latents(decoder, rows, past, bias, positions)
+        for row, expert in enumerate(rows):
+            index = torch.tensor([row])
+            alone = expert.latents(
+                [(k[index], v[index]) for k, v in past], bias[index], positions[index]
+            )
+            count = expert.config.n_latents
+            torch.testing.assert_close(z[row, :count], alone[0].float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gate[row, :count], expert.latent_head.gate)
+            assert (gate[row, count:] < -1e30).all()

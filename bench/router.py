@@ -1,0 +1,270 @@
+"""The router on the real base model (SmolLM2-135M-Instruct): overhead, switching, cold loads,
+mixed batches and automatic routing, all through inference.service (choice, expert cache,
+batcher, generation) as a request would go, warm unless said otherwise.
+
+1. overhead: a 256-token prompt and 32 greedy new tokens with an expert (N_L=8, LoRA r=16)
+   vs plain; median of ``--repeats`` alternating runs. ``overhead_ratio`` = augmented / plain.
+2. switching: 50 distinct experts asked in turn, all in the cache, vs one expert asked 50
+   times (64-token prompts, 8 new tokens). ``switch_ratio`` = distinct / repeated.
+   ``cold_load_ms``: one expert read from storage, checked and built, cache empty.
+3. mixed batches: 16 concurrent requests each for a different expert vs 16 plain ones, both
+   decoded in shared batches (64-token prompts, 32 new tokens).
+   ``mixed_throughput_ratio`` = requests/s mixed / requests/s plain.
+4. auto routing: one expert per domain (Python docs, software licences, Unix manual pages by
+   default; ``--domain name=file.txt`` adds or replaces) with its routing profile from that
+   domain's training text; held-out prompts of 128 tokens from each domain are routed with
+   ``auto``. ``auto_accuracy`` = share routed to their own domain's expert. The experts'
+   weights are random: what routing reads is the profile, not the weights.
+
+It uses a scratch database and artifact folder, and the converted base model under
+var/base_models (converted on first use).
+
+    .venv/bin/python bench/router.py [--repeats 5] [--threads 2]
+
+Ends with ``RESULT overhead_ratio=... switch_ratio=... cold_load_ms=...
+mixed_throughput_ratio=... auto_accuracy=...``. Targets: overhead <= 1.15, switch <= 1.05,
+mixed throughput >= 0.9, auto accuracy >= 0.9.
+"""
+
+import argparse
+import gzip
+import io
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SCRATCH = Path(tempfile.mkdtemp(prefix="latentry-bench-router-"))
+os.environ["LATENTRY_VAR_DIR"] = str(SCRATCH)
+os.environ.setdefault("BASE_MODELS_DIR", str(ROOT / "var" / "base_models"))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.pop("DATABASE_URL", None)
+os.environ.pop("S3_BUCKET", None)
+
+import django  # noqa: E402
+
+django.setup()
+
+import torch  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from coprocessor import base_models, corpus, routing  # noqa: E402
+from coprocessor.augment import Coprocessor, CoprocessorConfig  # noqa: E402
+from inference import choose, pool, service  # noqa: E402
+from registry import storage  # noqa: E402
+from registry.models import BaseModel, Domain, Expert, ExpertVersion  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--experts", type=int, default=50, help="distinct experts for switching")
+    p.add_argument("--prompts-per-domain", type=int, default=20)
+    p.add_argument("--domain", action="append", default=[], help="name=corpus.txt")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    settings.LATENTRY_BATCH_WAIT_MS = 20.0  # lets the 16 concurrent requests meet
+    settings.LATENTRY_BATCH_MAX_WAIT_MS = 200.0
+
+    call_command("migrate", verbosity=0)
+    call_command("import_base_model", verbosity=0)
+    record = BaseModel.objects.get(slug=base_models.DEFAULT_SLUG)
+    user = get_user_model().objects.create_user("bench")
+    loaded = pool.pool().base(record)
+    train, heldout = corpus.demo_split()
+    text = "\n\n".join(heldout)
+    maker = ExpertMaker(loaded, record, user)
+    print(f"base model {record.slug}; {torch.get_num_threads()} threads; scratch {SCRATCH}")
+
+    overhead = measure_overhead(loaded, maker, text, args.repeats)
+    switch, cold_ms = measure_switching(loaded, maker, text, args.experts)
+    mixed = measure_mixed(loaded, maker, text)
+    accuracy = measure_auto(loaded, maker, args)
+    print(
+        f"RESULT overhead_ratio={overhead:.3f} switch_ratio={switch:.3f} "
+        f"cold_load_ms={cold_ms:.1f} mixed_throughput_ratio={mixed:.3f} "
+        f"auto_accuracy={accuracy:.3f}"
+    )
+
+
+class ExpertMaker:
+    """Publishes randomly initialised experts of the default shape (what a request pays for
+    does not depend on how well the expert was trained)."""
+
+    def __init__(self, loaded, record, user):
+        self.loaded, self.record, self.user = loaded, record, user
+        self.domain = Domain.objects.create(slug="bench", name="Bench")
+        self.count = 0
+
+    def publish(self, name, profile=None, domain=None):
+        self.count += 1
+        torch.manual_seed(self.count)
+        expert = Coprocessor(self.loaded.decoder, CoprocessorConfig())
+        path = SCRATCH / "expert.safetensors"
+        expert.save(path, self.record.fingerprint, self.record.slug)
+        owner = Expert.objects.create(
+            owner=self.user, name=name, domain=domain or self.domain, base_model=self.record
+        )
+        data = path.read_bytes()
+        ExpertVersion.publish(
+            owner,
+            io.BytesIO(data),
+            sha256=storage.sha256_of(io.BytesIO(data)),
+            size=len(data),
+            routing_profile=profile,
+        )
+        return f"bench/{name}"
+
+
+def prompt_of(loaded, text, tokens, offset=0):
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][offset : offset + tokens]
+    return loaded.tokenizer.decode(ids)
+
+
+def timed(ask, user=None):
+    started = time.perf_counter()
+    answer = service.run(ask, user)
+    return time.perf_counter() - started, answer
+
+
+def measure_overhead(loaded, maker, text, repeats):
+    name = maker.publish("overhead")
+    prompt = prompt_of(loaded, text, 256)
+    plain = service.Ask(base=maker.record.slug, prompt=prompt, max_new_tokens=32)
+    augmented = service.Ask(base=maker.record.slug, expert=name, prompt=prompt, max_new_tokens=32)
+    timed(plain), timed(augmented)  # warm: the expert is cached, kernels are ready
+    plain_s, augmented_s = [], []
+    for _ in range(repeats):
+        plain_s.append(timed(plain)[0])
+        seconds, answer = timed(augmented)
+        assert answer.augmented, answer.reason
+        augmented_s.append(seconds)
+    ratio = statistics.median(augmented_s) / statistics.median(plain_s)
+    print(
+        f"\noverhead: plain {statistics.median(plain_s) * 1000:.0f} ms, augmented "
+        f"{statistics.median(augmented_s) * 1000:.0f} ms (timings {answer.timings_ms})"
+    )
+    return ratio
+
+
+def measure_switching(loaded, maker, text, count):
+    names = [maker.publish(f"switch-{i}") for i in range(count)]
+    prompt = prompt_of(loaded, text, 64, offset=1000)
+
+    def ask(name):
+        return service.Ask(base=maker.record.slug, expert=name, prompt=prompt, max_new_tokens=8)
+
+    pool.pool().experts.clear()
+    version = ExpertVersion.objects.get(expert__name="switch-0")
+    started = time.perf_counter()
+    pool.pool().expert(loaded, version)
+    cold_ms = (time.perf_counter() - started) * 1000
+    for name in names:  # every expert into the cache
+        assert timed(ask(name))[1].augmented
+    distinct = sum(timed(ask(name))[0] for name in names)
+    repeated = sum(timed(ask(names[0]))[0] for _ in names)
+    cache = pool.pool().experts
+    print(
+        f"switching: {count} distinct {distinct * 1000 / count:.1f} ms/request, one repeated "
+        f"{repeated * 1000 / count:.1f} ms/request; cache {len(cache.items)} experts, "
+        f"{cache.size / 2**20:.0f} MiB; cold load {cold_ms:.0f} ms"
+    )
+    return distinct / repeated, cold_ms
+
+
+def measure_mixed(loaded, maker, text, concurrent=16):
+    names = [maker.publish(f"mixed-{i}") for i in range(concurrent)]
+    prompts = [prompt_of(loaded, text, 64, offset=64 * i) for i in range(concurrent)]
+
+    def burst(experts):
+        asks = [
+            service.Ask(base=maker.record.slug, expert=e, prompt=p, max_new_tokens=32)
+            for e, p in zip(experts, prompts, strict=True)
+        ]
+        threads = [threading.Thread(target=service.run, args=(a, None)) for a in asks]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started
+
+    burst(names), burst([""] * concurrent)  # warm: experts cached
+    batcher = loaded.batcher
+    batcher.batch_sizes.clear()
+    mixed = statistics.median(burst(names) for _ in range(3))
+    plain = statistics.median(burst([""] * concurrent) for _ in range(3))
+    print(
+        f"mixed batches: {concurrent} requests, plain {plain:.2f} s, mixed {mixed:.2f} s; "
+        f"batch sizes {batcher.batch_sizes}"
+    )
+    return plain / mixed
+
+
+def domain_corpora(extra):
+    domains = {"python-docs": "\n\n".join(text for _, text in corpus.pydoc_topics())}
+    licences = sorted(Path("/usr/share/common-licenses").glob("*"))
+    if licences:
+        domains["licences"] = "\n\n".join(p.read_text(errors="replace") for p in licences)
+    manuals = sorted(Path("/usr/share/man/man1").glob("*.1.gz"))[:400]
+    if manuals:
+        domains["unix-manuals"] = "\n\n".join(strip_troff(m) for m in manuals)
+    for item in extra:
+        name, _, path = item.partition("=")
+        domains[name] = Path(path).read_text(errors="replace")
+    return domains
+
+
+def strip_troff(path):
+    lines = []
+    with gzip.open(path, "rt", errors="replace") as f:
+        source = f.readlines()
+    for line in source:
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith("."):
+            line = line.split(" ", 1)[1] if " " in line else ""
+        lines.append(re.sub(r"\\f[A-Z]|\\f\(..|\\[-&|^e(]|\\\*\(..", "", line))
+    return "".join(lines)
+
+
+def measure_auto(loaded, maker, args):
+    choose.profiles.clear()
+    domains = domain_corpora(args.domain)
+    tokenizer, decoder = loaded.tokenizer, loaded.decoder
+    prompts = []
+    for name, text in domains.items():
+        train, heldout = corpus.split_texts([text], 0.2)
+        ids = corpus.tokenize(tokenizer, train)
+        profile = routing.profile(decoder, ids, window=256, max_windows=64)
+        expert = maker.publish(f"auto-{name}", profile=profile)
+        held = corpus.tokenize(tokenizer, heldout)
+        step = max(128, (len(held) - 128) // args.prompts_per_domain)
+        for start in range(0, len(held) - 128, step)[: args.prompts_per_domain]:
+            prompts.append((expert, tokenizer.decode(held[start : start + 128])))
+        print(f"domain {name}: {len(ids)} training tokens, {len(held)} held-out")
+    right, confusion = 0, {}
+    for expected, prompt in prompts:
+        ask = service.Ask(base=maker.record.slug, expert="auto", prompt=prompt, max_new_tokens=1)
+        answer = service.run(ask, None)
+        chosen = (answer.expert or "none").split("@")[0]
+        confusion[(expected, chosen)] = confusion.get((expected, chosen), 0) + 1
+        right += chosen == expected
+    for (expected, chosen), n in sorted(confusion.items()):
+        print(f"  {expected:24} -> {chosen:24} {n}")
+    accuracy = right / len(prompts)
+    print(f"auto routing: {right}/{len(prompts)} right")
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()
