@@ -190,13 +190,19 @@ def measure_mixed(loaded, maker, text, concurrent=16):
             service.Ask(base=maker.record.slug, expert=e, prompt=p, max_new_tokens=32)
             for e, p in zip(experts, prompts, strict=True)
         ]
-        threads = [threading.Thread(target=service.run, args=(a, None)) for a in asks]
+        answers = []
+        threads = [
+            threading.Thread(target=lambda a=a: answers.append(service.run(a, None))) for a in asks
+        ]
         started = time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        timings = {k: round(v) for k, v in answers[0].timings_ms.items()}
+        print(f"  {'mixed' if experts[0] else 'plain'} burst {seconds:.2f} s, batch {timings}")
+        return seconds
 
     burst(names), burst([""] * concurrent)  # warm: experts cached
     batcher = loaded.batcher

@@ -6,6 +6,7 @@ are padded to the longest with hidden columns, and decoding is plain D for every
 output does not depend on what else is in the batch: sampling uses a generator per request.
 """
 
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -127,7 +128,9 @@ def _kind(expert):
 def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id):
     batch, device = len(requests), logits.device
     generators = [
-        torch.Generator(device="cpu").manual_seed(r.seed if r.seed is not None else 0)
+        torch.Generator(device="cpu").manual_seed(
+            r.seed if r.seed is not None else secrets.randbits(63)  # unseeded: fresh each time
+        )
         for r in requests
     ]
     tokens = [[] for _ in requests]
@@ -174,6 +177,7 @@ def _choose(logits, request, generator):
     if request.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < request.top_p
+        keep[0] = True  # the likeliest token always stays
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -6,6 +6,7 @@ request's coprocessor pass is its own, decoding is shared, and a request's outpu
 depend on its batch-mates (coprocessor.generate).
 """
 
+import collections
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ class Batcher:
         self.waiting = queue.Queue()
         self.thread = None
         self.lock = threading.Lock()
-        self.batch_sizes = []
+        self.batch_sizes = collections.deque(maxlen=1000)  # recent batch sizes, for benches
 
     def submit(self, request):
         """Queue a coprocessor.generate.Request; the Future gives its Generation."""

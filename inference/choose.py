@@ -105,6 +105,11 @@ def auto(prompt_hidden, base_record, user):
     score = float(scores[best])
     version = rows[allowed[best]]
     name = f"{version.expert.full_name}@{version.number}"
+    still_listed = ExpertVersion.objects.filter(
+        pk=version.pk, status=ExpertVersion.READY, expert__in=Expert.objects.listed_for(user)
+    )
+    if not still_listed.exists():  # changed since the profiles were read
+        return Choice(reason="auto: no expert with a routing profile for this base model")
     if score < settings.LATENTRY_AUTO_THRESHOLD:
         threshold = settings.LATENTRY_AUTO_THRESHOLD
         return Choice(

@@ -15,7 +15,7 @@ import torch
 from django.conf import settings
 
 from coprocessor import artifact, base_models
-from coprocessor.augment import Coprocessor
+from coprocessor.augment import Coprocessor, install_lora_hooks
 from registry import storage
 from registry.models import BaseModel
 
@@ -105,6 +105,9 @@ class ModelPool:
                 decoder, tokenizer = base_models.load_verified(
                     record.weights_location, record.fingerprint, device=device
                 )
+                # Hooks go in now, before any request runs through the decoder: adding them
+                # later (with the first expert) would change it under concurrent forwards.
+                install_lora_hooks(decoder)
                 batcher = Batcher(
                     decoder,
                     tokenizer.eos_token_id,
@@ -122,16 +125,18 @@ class ModelPool:
         def load():
             return load_expert(base, version)
 
+        # An expert is built on one loaded decoder's modules: the key names both.
+        key = (base.record.slug, version.sha256)
         try:
-            return self.experts.get(
-                version.sha256, load, timeout=settings.LATENTRY_EXPERT_LOAD_TIMEOUT_S
-            )
+            return self.experts.get(key, load, timeout=settings.LATENTRY_EXPERT_LOAD_TIMEOUT_S)
         except TimeoutError:
             raise ExpertUnavailable("the expert took too long to load") from None
         except artifact.ArtifactError as exc:
             raise ExpertUnavailable(f"the expert file failed validation: {exc}") from None
         except (storage.StorageUnavailable, OSError) as exc:
             raise ExpertUnavailable(f"the expert could not be read from storage: {exc}") from None
+        except Exception as exc:  # whatever a bad file makes the loader raise: degrade
+            raise ExpertUnavailable(f"the expert could not be loaded: {exc}") from None
 
 
 def default_device():

@@ -7,10 +7,24 @@ from .models import Usage
 EXPERT_HELP = '"owner/name", "owner/name@version", "auto", or empty for the plain base model'
 
 
+def check_sampling(attrs):
+    """Refuse settings that would make sampling divide by ~0 or keep no token."""
+    temperature = attrs.get("temperature", 0.0)
+    if 0 < temperature < 1e-3:
+        raise serializers.ValidationError({"temperature": ["use 0 (greedy) or at least 0.001"]})
+    if attrs.get("top_p", 1.0) <= 0:
+        raise serializers.ValidationError({"top_p": ["must be above 0"]})
+    return attrs
+
+
 class SamplingFields(StrictSerializer):
     temperature = serializers.FloatField(min_value=0.0, max_value=5.0, default=0.0)
     top_p = serializers.FloatField(min_value=0.0, max_value=1.0, default=1.0)
     seed = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False)
+
+    def validate(self, attrs):
+        return check_sampling(super().validate(attrs))
+
     stop = serializers.ListField(
         child=serializers.CharField(max_length=100), max_length=8, default=list
     )
@@ -101,7 +115,7 @@ class OpenAIFields(StrictSerializer):
     max_completion_tokens = serializers.IntegerField(min_value=1, required=False)
     temperature = serializers.FloatField(min_value=0.0, max_value=2.0, default=1.0)
     top_p = serializers.FloatField(min_value=0.0, max_value=1.0, default=1.0)
-    seed = serializers.IntegerField(min_value=0, required=False, default=None)
+    seed = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False, default=None)
     stop = StopField(required=False, default=list)
     stream = serializers.BooleanField(default=False)
     n = serializers.IntegerField(min_value=1, max_value=1, required=False)
@@ -114,7 +128,7 @@ class OpenAIFields(StrictSerializer):
             attrs["max_new_tokens"] = attrs.pop("max_completion_tokens")
         for ignored in ("n", "user", "stream_options"):
             attrs.pop(ignored, None)
-        return attrs
+        return check_sampling(attrs)
 
 
 class CompletionSerializer(OpenAIFields):

@@ -113,16 +113,23 @@ def pick(loaded, ask, ids, user):
         return choose.Choice(score=choice.score, reason=f"{choice.name}: {exc}"), None
 
 
-def run(ask, user, on_text=None):
-    """Serve ``ask``; ``on_text(delta)`` streams the text as it is generated."""
-    record = base_record(ask.base)
-    loaded = pool().base(record)
+def prepare(ask):
+    """(loaded base, prompt ids) for ``ask``, or UnknownModel / BadRequest: everything that
+    can be refused before any work is done."""
+    loaded = pool().base(base_record(ask.base))
     ids = prompt_ids(loaded, ask)
     check_length(loaded, ids, ask.max_new_tokens)
+    return loaded, ids
+
+
+def run(ask, user, on_text=None, prepared=None, should_stop=None):
+    """Serve ``ask``; ``on_text(delta)`` streams the text as it is generated, and a true
+    ``should_stop()`` (the client went away) ends the generation early."""
+    loaded, ids = prepared or prepare(ask)
     started = time.perf_counter()
     choice, expert = pick(loaded, ask, ids, user)
     routing_ms = (time.perf_counter() - started) * 1000
-    stream = TextStream(loaded.tokenizer, ask.stop, on_text)
+    stream = TextStream(loaded.tokenizer, ask.stop, on_text, should_stop)
     request = Request(
         prompt_ids=ids,
         expert=expert,
@@ -155,10 +162,7 @@ def attach(ask, user):
     the prompt's last token, at that token's position, with ``gate_bias`` (L,) added to the
     attention scores of every later query to them.
     """
-    record = base_record(ask.base)
-    loaded = pool().base(record)
-    ids = prompt_ids(loaded, ask)
-    check_length(loaded, ids, 0)
+    loaded, ids = prepare(Ask(**{**ask.__dict__, "max_new_tokens": 0}))
     choice, expert = pick(loaded, ask, ids, user)
     if expert is None:
         return choice, None, ids
@@ -177,7 +181,8 @@ class TextStream:
     """Token ids to text as they come: decodes the whole so far (merged bytes come out right),
     hands on only what is new, and ends the row at a stop string (which is not returned)."""
 
-    def __init__(self, tokenizer, stops, on_text):
+    def __init__(self, tokenizer, stops, on_text, should_stop=None):
+        self.should_stop = should_stop
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.on_text = on_text
@@ -186,6 +191,8 @@ class TextStream:
         self.sent = 0
 
     def push(self, token_id):
+        if self.should_stop is not None and self.should_stop():
+            return True
         self.ids.append(token_id)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         stopped = False

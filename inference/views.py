@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 
+from django.db import connection
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, serializers
@@ -35,13 +36,19 @@ class RouterView(APIView):
 
     permission_classes = [AllowAny]
 
-    def serve(self, ask, on_text=None):
+    def prepare(self, ask):
         try:
-            answer = service.run(ask, self.request.user, on_text=on_text)
+            return service.prepare(ask)
         except service.UnknownModel as exc:
             raise NotFound(str(exc)) from None
         except service.BadRequest as exc:
             raise ValidationError({"detail": str(exc)}) from None
+
+    def serve(self, ask, on_text=None, should_stop=None):
+        prepared = self.prepare(ask)
+        answer = service.run(
+            ask, self.request.user, on_text=on_text, prepared=prepared, should_stop=should_stop
+        )
         if isinstance(self.request.auth, ApiKey):
             Usage.record(self.request.auth, answer.prompt_tokens, len(answer.token_ids))
         return answer
@@ -72,13 +79,9 @@ def answer_json(answer):
 class AttachView(RouterView):
     @extend_schema(request=AttachSerializer, responses=AttachSerializer.Answer)
     def post(self, request):
-        data = validated(AttachSerializer, request.data)
-        try:
-            choice, tensors, ids = service.attach(service.Ask(**data), request.user)
-        except service.UnknownModel as exc:
-            raise NotFound(str(exc)) from None
-        except service.BadRequest as exc:
-            raise ValidationError({"detail": str(exc)}) from None
+        ask = service.Ask(**validated(AttachSerializer, request.data))
+        self.prepare(service.Ask(**{**ask.__dict__, "max_new_tokens": 0}))
+        choice, tensors, ids = service.attach(ask, request.user)
         body = {
             "expert": choice.name if tensors else None,
             "augmented": tensors is not None,
@@ -148,6 +151,22 @@ class OpenAIView(RouterView):
     chat = False
     serializer_class = None
 
+    def handle_exception(self, exc):
+        """Errors in OpenAI's shape, which its clients read the message from."""
+        response = super().handle_exception(exc)
+        if response is not None and response.status_code >= 400:
+            response.data = {
+                "error": {
+                    "message": error_message(response.data),
+                    "type": "not_found_error"
+                    if response.status_code == 404
+                    else ("invalid_request_error"),
+                    "param": None,
+                    "code": response.status_code,
+                }
+            }
+        return response
+
     def post(self, request):
         data = validated(self.serializer_class, request.data)
         base, expert = service.parse_model(data.pop("model"))
@@ -181,20 +200,19 @@ class OpenAIView(RouterView):
 
     def stream(self, ask, completion_id, base, expert):
         """Server-sent events: a chunk per piece of text, then one with the finish reason."""
-        try:  # name problems as a plain 4xx before the stream starts
-            service.base_record(base)
-        except service.UnknownModel as exc:
-            raise NotFound(str(exc)) from None
+        self.prepare(ask)  # refuse a bad request with a plain 4xx before the stream starts
         pieces = queue.Queue()
         outcome = {}
+        gone = threading.Event()  # the client closed the stream: stop generating for it
 
         def work():
             try:
-                outcome["answer"] = self.serve(ask, on_text=pieces.put)
+                outcome["answer"] = self.serve(ask, on_text=pieces.put, should_stop=gone.is_set)
             except Exception as exc:  # reported in the stream, which has already begun
                 outcome["error"] = exc
             finally:
                 pieces.put(None)
+                connection.close()  # this thread's own database connection
 
         threading.Thread(target=work, daemon=True).start()
         created = int(time.time())
@@ -216,22 +234,36 @@ class OpenAIView(RouterView):
             return f"data: {json.dumps(body)}\n\n"
 
         def events():
-            if self.chat:
-                yield chunk({"role": "assistant", "content": ""})
-            while (piece := pieces.get()) is not None:
-                yield chunk({"content": piece})
-            if "error" in outcome:
-                error = {"message": str(outcome["error"]), "type": "invalid_request_error"}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-            else:
-                answer = outcome["answer"]
-                yield chunk({}, answer.finish_reason, {"latentry": latentry_fields(answer)})
-            yield "data: [DONE]\n\n"
+            try:
+                if self.chat:
+                    yield chunk({"role": "assistant", "content": ""})
+                while (piece := pieces.get()) is not None:
+                    yield chunk({"content": piece})
+                if "error" in outcome:
+                    error = {"message": str(outcome["error"]), "type": "invalid_request_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                else:
+                    answer = outcome["answer"]
+                    yield chunk({}, answer.finish_reason, {"latentry": latentry_fields(answer)})
+                yield "data: [DONE]\n\n"
+            finally:
+                gone.set()  # also when the server closes the stream because the client left
 
         response = StreamingHttpResponse(events(), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # proxies must not hold the stream back
         return response
+
+
+def error_message(data):
+    """One readable line from DRF's error data: {"field": ["problem"]} -> "field: problem"."""
+    if isinstance(data, dict):
+        if set(data) == {"detail"}:
+            return error_message(data["detail"])
+        return "; ".join(f"{key}: {error_message(value)}" for key, value in data.items())
+    if isinstance(data, list):
+        return " ".join(error_message(item) for item in data)
+    return str(data)
 
 
 def model_name(base, expert):

@@ -192,3 +192,69 @@ def test_the_demo_seed_queues_one_python_docs_job(django_user_model, base_model)
     dataset = job.datasets.get()
     assert dataset.public and dataset.documents > 50 and dataset.token_count > 0
     assert "exists" in out.getvalue()
+
+
+def test_a_worker_that_lost_its_job_to_another_stops_writing(alice, words, make_expert):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from training.jobs import start_training
+    from training.models import JobLost
+
+    job = start_training(alice, make_expert("contested"), [words], SMALL)
+    first = TrainingJob.claim(job.pk, "a@host", "cpu")
+    TrainingJob.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    second = TrainingJob.claim(job.pk, "b@host", "cpu")
+    assert (second.worker, second.attempts) == ("b@host", 2)
+    with pytest.raises(JobLost):
+        first.report(step=5)
+    assert first.finish(Job.FAILED, error="stale") is False
+    second.report(step=7)
+    assert second.finish(Job.SUCCEEDED) is True
+    job.refresh_from_db()
+    assert (job.status, job.step, job.worker) == (Job.SUCCEEDED, 7, "b@host")
+
+
+def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(
+    alice, words, make_expert, settings
+):
+    from training.jobs import retry, start_training
+
+    settings.LATENTRY_JOB_MAX_ATTEMPTS = 2
+    job = start_training(alice, make_expert("crashy"), [words], SMALL)
+    TrainingJob.objects.filter(pk=job.pk).update(attempts=2)
+    assert TrainingJob.claim(job.pk, "w@host", "cpu") is None
+    job.refresh_from_db()
+    assert job.status == Job.FAILED and "gave up after 2 attempts" in job.error
+    assert retry(job) is True and job.status == Job.QUEUED and job.attempts == 0
+    assert retry(job) is False  # queued: nothing to retry
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"temperature": 1e-5}, "temperature"),
+        ({"temperature": 1.0, "top_p": 0}, "top_p"),
+        ({"seed": 2**64}, "seed"),
+    ],
+)
+def test_sampling_settings_that_would_break_a_batch_are_refused(
+    alice_client, base_model, body, field
+):
+    response = alice_client.post(
+        "/api/v1/generate", {"base": "tiny-llama", "prompt": "w5", **body}, format="json"
+    )
+    assert response.status_code == 400 and field in response.json()
+
+
+def test_a_job_page_in_the_admin_cannot_be_saved_over_the_worker(
+    admin_client, words, alice, make_expert
+):
+    from training.jobs import start_training
+
+    job = start_training(alice, make_expert("read-only"), [words], SMALL)
+    TrainingJob.objects.filter(pk=job.pk).update(step=9)
+    admin_client.post(f"/admin/training/trainingjob/{job.pk}/change/", {"params": "{}"})
+    job.refresh_from_db()
+    assert job.step == 9 and job.created_by == alice

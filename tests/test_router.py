@@ -254,3 +254,11 @@ def test_a_slow_expert_load_degrades_instead_of_waiting(
     settings.LATENTRY_EXPERT_LOAD_TIMEOUT_S = 0.0
     body = ask(alice_client, prompt="w5 w6", expert="alice/slow").json()
     assert body["augmented"] is False and "took too long" in body["reason"]
+
+
+def test_warm_up_loads_every_served_base_model_before_requests(base_model):
+    assert "tiny-llama" not in pool.pool().bases
+    pool.warm_up()
+    loaded = pool.pool().bases["tiny-llama"]
+    assert list(loaded.batcher.batch_sizes) == [1]
+    assert loaded.decoder._latentry_hooked  # hooks in before any expert or request

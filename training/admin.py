@@ -11,7 +11,7 @@ from registry.charts import line_chart
 from registry.models import ExpertVersion
 
 from . import datasets, jobs
-from .models import Dataset, EvaluationJob, Job, TrainingJob
+from .models import Dataset, EvaluationJob, TrainingJob
 from .serializers import TrainingParamsSerializer
 
 
@@ -73,7 +73,7 @@ class DatasetAdminForm(forms.ModelForm):
         elif upload is not None:
             try:
                 sha256 = getattr(upload, "sha256", None) or storage.sha256_of(upload)
-                self.stored = datasets.store_file(
+                self.stored, self.created = datasets.store_file(
                     upload,
                     sha256=sha256,
                     size=upload.size,
@@ -121,6 +121,10 @@ class JobAdmin(admin.ModelAdmin):
         "finished_at",
     ]
 
+    def has_change_permission(self, request, obj=None):
+        # A job's page is read-only: saving it would write over what its worker reports.
+        return False
+
     @admin.display(description="progress")
     def progress(self, job):
         return progress_bar(job)
@@ -145,9 +149,7 @@ class JobAdmin(admin.ModelAdmin):
     def retry(self, request, queryset):
         retried = 0
         for job in queryset:
-            if job.status in (Job.FAILED, Job.CANCELLED):
-                jobs.retry(job)
-                retried += 1
+            retried += bool(jobs.retry(job))
         level = messages.SUCCESS if retried else messages.WARNING
         self.message_user(request, f"{retried} job(s) queued again", level)
 
@@ -221,9 +223,10 @@ class TrainingJobAdmin(JobAdmin):
         return evaluation_table(version.metrics.get("evaluations", []) if version else [])
 
     def save_model(self, request, obj, form, change):
-        obj.created_by = request.user
-        obj.base_model = obj.expert.base_model
-        super().save_model(request, obj, form, change)
+        if not change:  # launching; an existing job is never saved over a worker's writes
+            obj.created_by = request.user
+            obj.base_model = obj.expert.base_model
+            super().save_model(request, obj, form, change)
 
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)

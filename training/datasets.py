@@ -40,17 +40,19 @@ def parse(data, fmt):
 
 def create(owner, name, fileobj, *, sha256, size, fmt, base_model=None, **fields):
     """Validate, store and record a dataset. Nothing is stored if validation fails."""
-    stored = store_file(fileobj, sha256=sha256, size=size, fmt=fmt, base_model=base_model)
+    stored, created = store_file(fileobj, sha256=sha256, size=size, fmt=fmt, base_model=base_model)
     try:
         with transaction.atomic():
             return Dataset.objects.create(owner=owner, name=name, **stored, **fields)
     except BaseException:
-        discard_unused(stored["file_key"])
+        if created:  # never a file that was there before this upload
+            discard_unused(stored["file_key"])
         raise
 
 
 def store_file(fileobj, *, sha256, size, fmt, base_model=None):
-    """Validate a dataset file and store it; returns the Dataset fields that describe it."""
+    """Validate a dataset file and store it; returns (the Dataset fields that describe it,
+    whether this call created the stored file)."""
     limit = settings.LATENTRY_MAX_DATASET_BYTES
     if size > limit:
         raise DatasetError(f"file is over the dataset limit of {limit} bytes")
@@ -59,7 +61,7 @@ def store_file(fileobj, *, sha256, size, fmt, base_model=None):
     suffix = ".jsonl" if fmt == Dataset.JSONL else ".txt"
     key = storage.content_key(sha256, "datasets", suffix)
     token_count = count_tokens(base_model, texts) if base_model is not None else None
-    storage.put(key, fileobj)
+    created = storage.put(key, fileobj)
     return dict(
         format=fmt,
         file_key=key,
@@ -68,7 +70,7 @@ def store_file(fileobj, *, sha256, size, fmt, base_model=None):
         documents=len(texts),
         base_model=base_model,
         token_count=token_count,
-    )
+    ), created
 
 
 def discard_unused(key):

@@ -38,8 +38,10 @@ def evaluation_params(version):
 
 
 def retry(job):
-    """Run a failed or cancelled job again; training continues from its last checkpoint."""
+    """Queue a failed or cancelled job again; False if it is neither. Training continues from
+    a kept checkpoint (a storage outage keeps it); cancelled and failed runs start over."""
     with transaction.atomic():
-        job.requeue()
+        if not job.requeue():
+            return False
         enqueue(job)
-    return job
+    return True

@@ -18,6 +18,10 @@ class JobHeld(Exception):
     """A live worker runs this job; another delivery of it must not."""
 
 
+class JobLost(Exception):
+    """Another worker took this job over (this one looked dead): stop without writing."""
+
+
 class DatasetQuerySet(models.QuerySet):
     def usable_by(self, user):
         """Datasets ``user`` may train or evaluate on: their own and public ones."""
@@ -129,7 +133,8 @@ class Job(models.Model):
         """Take the job for ``worker``; None if it ended (or never existed).
 
         Queued jobs are taken, and running ones whose worker stopped heart-beating (it died).
-        A running job with a live heartbeat raises JobHeld: someone is on it.
+        A running job with a live heartbeat raises JobHeld: someone is on it. A job that has
+        been taken LATENTRY_JOB_MAX_ATTEMPTS times (it keeps killing its workers) fails.
         """
         with transaction.atomic():
             job = cls.objects.select_for_update().filter(pk=pk).first()
@@ -140,6 +145,9 @@ class Job(models.Model):
                 return None
             if job.status == cls.RUNNING and not job.lease_expired():
                 raise JobHeld(f"{job} is held by {job.worker}")
+            if job.attempts >= settings.LATENTRY_JOB_MAX_ATTEMPTS:
+                job.finish(cls.FAILED, error=f"gave up after {job.attempts} attempts")
+                return None
             now = timezone.now()
             job.status, job.worker, job.device = cls.RUNNING, worker, device
             job.attempts += 1
@@ -149,25 +157,37 @@ class Job(models.Model):
             job.save()
             return job
 
-    def release(self, reason=""):
-        """Give the job back to the queue (a retry will come, or the worker holding it died)."""
-        type(self).objects.filter(pk=self.pk, status=self.RUNNING).update(
-            status=self.QUEUED, worker="", heartbeat_at=None, error=reason
+    def _held(self):
+        """This attempt's row: a worker writes only while it still holds the job."""
+        return type(self).objects.filter(
+            pk=self.pk, status=self.RUNNING, worker=self.worker, attempts=self.attempts
         )
 
+    def release(self, reason=""):
+        """Give the job back to the queue (a retry will come)."""
+        self._held().update(status=self.QUEUED, worker="", heartbeat_at=None, error=reason)
+
     def report(self, **fields):
-        """Write progress and the heartbeat; True if the job should stop (cancel requested)."""
+        """Write progress and the heartbeat; True if the job should stop (cancel requested).
+        Raises JobLost if another worker has taken the job over meanwhile."""
         fields["heartbeat_at"] = timezone.now()
-        type(self).objects.filter(pk=self.pk).update(**fields)
+        if not self._held().update(**fields):
+            raise JobLost(f"{self} is no longer held by {self.worker} (attempt {self.attempts})")
         for name, value in fields.items():
             setattr(self, name, value)
-        return type(self).objects.filter(pk=self.pk, cancel_requested=True).exists()
+        return self._held().filter(cancel_requested=True).exists()
 
     def finish(self, status, *, error="", **fields):
-        """Record the end under the row lock, unless the job already ended (first end wins)."""
+        """Record the end under the row lock, unless the job already ended (first end wins)
+        or, for the worker's own ends, another attempt holds it now."""
         with transaction.atomic():
             locked = type(self).objects.select_for_update().get(pk=self.pk)
             if locked.finished:
+                return False
+            if self.status == self.RUNNING and (locked.worker, locked.attempts) != (
+                self.worker,
+                self.attempts,
+            ):
                 return False
             fields.update(status=status, error=error, finished_at=timezone.now())
             type(self).objects.filter(pk=self.pk).update(**fields)
@@ -176,23 +196,36 @@ class Job(models.Model):
         return True
 
     def request_cancel(self):
-        """Queued jobs end now; running ones stop at their next step."""
+        """Queued jobs (and running ones whose worker died) end now; running ones stop at
+        their next progress write."""
         with transaction.atomic():
             locked = type(self).objects.select_for_update().get(pk=self.pk)
             if locked.finished:
                 return False
             type(self).objects.filter(pk=self.pk).update(cancel_requested=True)
-            if locked.status == self.QUEUED:
-                locked.finish(self.CANCELLED, error="cancelled before it started")
+            if locked.status == self.QUEUED or locked.lease_expired():
+                type(self).objects.filter(pk=self.pk).update(
+                    status=self.CANCELLED, error="cancelled", finished_at=timezone.now()
+                )
         self.refresh_from_db()
         return True
 
     def requeue(self):
-        """Reset a failed or cancelled job so that it runs again from its last checkpoint."""
-        type(self).objects.filter(pk=self.pk).update(
-            status=self.QUEUED, cancel_requested=False, error="", finished_at=None, worker=""
-        )
+        """Queue a failed or cancelled job again; False if it is in neither state."""
+        with transaction.atomic():
+            locked = type(self).objects.select_for_update().get(pk=self.pk)
+            if locked.status not in (self.FAILED, self.CANCELLED):
+                return False
+            type(self).objects.filter(pk=self.pk).update(
+                status=self.QUEUED,
+                cancel_requested=False,
+                error="",
+                finished_at=None,
+                worker="",
+                attempts=0,
+            )
         self.refresh_from_db()
+        return True
 
 
 class TrainingJob(Job):

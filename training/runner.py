@@ -25,6 +25,7 @@ from .models import Job, TrainingJob
 logger = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.1  # the tail of each dataset that training never sees
+MAX_HISTORY = 1000  # loss-curve points kept on a job
 
 
 class Reporter:
@@ -50,6 +51,8 @@ class Reporter:
         loss = sum(self.losses) / len(self.losses)  # mean since the last write: a smoother curve
         self.losses = []
         self.history.append([p.step, round(p.elapsed_s, 2), round(loss, 4)])
+        if len(self.history) > MAX_HISTORY:  # a long job: keep every other point
+            self.history = self.history[::2]
         self.cancelled = self.job.report(
             step=p.step,
             total_steps=p.total,
@@ -148,7 +151,7 @@ def _store_checkpoint(job, path, reporter):
     """Upload under a new key per step, then point the job at it, then drop the old one:
     the job always names a complete checkpoint."""
     step = reporter.step
-    key = f"checkpoints/training-job-{job.pk}-step-{step}.pt"
+    key = f"checkpoints/training-job-{job.pk}-attempt-{job.attempts}-step-{step}.pt"
     with path.open("rb") as f:
         storage.put(key, f)
     previous = job.checkpoint_key
@@ -175,7 +178,8 @@ def run_evaluation(job, device):
     job.report(total_steps=len(datasets_list))
     for done, dataset in enumerate(datasets_list):
         train_texts, heldout_texts = dataset_splits(dataset)
-        texts = heldout_texts if params.get("split", "heldout") == "heldout" else train_texts
+        everything = params.get("split", "heldout") == "all"
+        texts = train_texts + heldout_texts if everything else heldout_texts
         profile_texts += train_texts
         report = _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset)
         reports.append(report)
@@ -229,12 +233,15 @@ def _record_metrics(job, version, reports, profile):
         ]
         measured_at = timezone.now().isoformat()
         evaluations = kept + [{**r, "job": job.pk, "measured_at": measured_at} for r in reports]
-        gain = sum(e["reduction_pct"] for e in evaluations) / len(evaluations)
+        # The catalog's figure counts held-out text only: text the expert was trained on
+        # (split "all") would flatter it.
+        heldout = [e["reduction_pct"] for e in evaluations if e["split"] == "heldout"]
+        gain = sum(heldout) / len(heldout) if heldout else None
         locked.metrics = {**locked.metrics, "evaluations": evaluations, "reduction_pct": gain}
         if profile is not None:
             locked.routing_profile = profile
         locked.save(update_fields=["metrics", "routing_profile"])
         latest = locked.expert.latest_ready_version()
-        if latest is not None and latest.pk == locked.pk:
+        if gain is not None and latest is not None and latest.pk == locked.pk:
             Expert.objects.filter(pk=locked.expert_id).update(measured_gain=round(gain, 3))
         job.finish(Job.SUCCEEDED, result={"evaluations": reports})

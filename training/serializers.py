@@ -87,6 +87,11 @@ class TrainingParamsSerializer(StrictSerializer):
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
+        longest = settings.LATENTRY_JOB_TIME_LIMIT - 300
+        if attrs["time_budget_s"] > longest:
+            raise serializers.ValidationError(
+                {"time_budget_s": [f"must be at most {longest} s (the job time limit, less 5 min)"]}
+            )
         needed = DEFAULTS.min_prefix + attrs["ahead_tokens"] + attrs["positions_per_window"]
         if attrs["window"] < needed:
             raise serializers.ValidationError(

@@ -7,13 +7,14 @@ a delay; anything else ends the job ``failed`` with a readable error.
 """
 
 import logging
+import threading
 from datetime import timedelta
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -23,7 +24,7 @@ from registry.storage import StorageUnavailable
 
 from . import runner, runtime
 from .datasets import DatasetError
-from .models import EvaluationJob, Job, JobHeld, TrainingJob
+from .models import EvaluationJob, Job, JobHeld, JobLost, TrainingJob
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,10 @@ def _run(task, model, job_id, work):
     if job is None:
         return
     try:
-        work(job, device)
+        with Heartbeat(job):
+            work(job, device)
+    except JobLost as exc:
+        logger.warning("%s; leaving it to the worker that has it now", exc)
     except Cancelled:
         job.finish(Job.CANCELLED, error="cancelled by request")
         _cleanup(job)
@@ -81,6 +85,32 @@ def _run(task, model, job_id, work):
     except Exception as exc:
         logger.exception("%s failed", job)
         job.finish(Job.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+
+
+class Heartbeat:
+    """Keeps the job's lease alive from a thread while the work runs, through phases that
+    report no progress (loading models, reading datasets, evaluating)."""
+
+    def __init__(self, job):
+        self.job = job
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job.pk}", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopped.set()
+        self.thread.join()
+
+    def _beat(self):
+        try:
+            while not self.stopped.wait(settings.LATENTRY_PROGRESS_SECONDS):
+                if not self.job._held().update(heartbeat_at=timezone.now()):
+                    return  # taken over: the work finds out at its next report
+        finally:
+            connection.close()  # this thread's own database connection
 
 
 def _cleanup(job):
