@@ -70,6 +70,9 @@ def main():
     p.add_argument("--experts", type=int, default=50, help="distinct experts for switching")
     p.add_argument("--prompts-per-domain", type=int, default=20)
     p.add_argument("--domain", action="append", default=[], help="name=corpus.txt")
+    p.add_argument(
+        "--parts", default="overhead,switch,mixed,auto", help="which measurements to take"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     settings.LATENTRY_BATCH_WAIT_MS = 20.0  # lets the 16 concurrent requests meet
@@ -85,10 +88,14 @@ def main():
     maker = ExpertMaker(loaded, record, user)
     print(f"base model {record.slug}; {torch.get_num_threads()} threads; scratch {SCRATCH}")
 
-    overhead = measure_overhead(loaded, maker, text, args.repeats)
-    switch, cold_ms = measure_switching(loaded, maker, text, args.experts)
-    mixed = measure_mixed(loaded, maker, text)
-    accuracy = measure_auto(loaded, maker, args)
+    parts = set(args.parts.split(","))
+    nan = float("nan")
+    overhead = measure_overhead(loaded, maker, text, args.repeats) if "overhead" in parts else nan
+    switch, cold_ms = (
+        measure_switching(loaded, maker, text, args.experts) if "switch" in parts else (nan, nan)
+    )
+    mixed = measure_mixed(loaded, maker, text) if "mixed" in parts else nan
+    accuracy = measure_auto(loaded, maker, args) if "auto" in parts else nan
     print(
         f"RESULT overhead_ratio={overhead:.3f} switch_ratio={switch:.3f} "
         f"cold_load_ms={cold_ms:.1f} mixed_throughput_ratio={mixed:.3f} "

@@ -174,7 +174,8 @@ def _lora_hook(module, args, output):
         return None
     x = args[0]
     if isinstance(adapter, list):  # per-row experts (row_adapters): [(rows, A, B, scale)]
-        output = output.clone()
+        if torch.is_grad_enabled():
+            output = output.clone()  # autograd needs the linear's own output unchanged
         for rows, lora_a, lora_b, scale in adapter:
             delta = x[rows].to(lora_a.dtype) @ lora_a.t() @ lora_b.t()
             output[rows] += (delta * scale).to(output.dtype)
@@ -196,7 +197,9 @@ def row_adapters(experts_by_row):
         rows_of.setdefault(id(expert), (expert, []))[1].append(row)
     adapters = {}
     for expert, rows in rows_of.values():
-        index = torch.tensor(rows, device=device)
+        contiguous = rows == list(range(rows[0], rows[-1] + 1))
+        # A slice selects its rows as a view; only scattered rows need an index (a copy).
+        index = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)
         for module, a, b in zip(
             expert._modules_by_index, expert.lora_a, expert.lora_b, strict=True
         ):
