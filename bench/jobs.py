@@ -48,9 +48,10 @@ from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 from coprocessor.base_models import convert, describe  # noqa: E402
-from registry.models import BaseModel, Domain, Expert  # noqa: E402
+from registry.models import Domain, Expert  # noqa: E402
+from tests.conftest import register_tiny_llama  # noqa: E402
 from tests.test_jobs import make_dataset  # noqa: E402
-from tests.tiny_models import LLAMA_SHAPE, frozen, tiny_llama, word_tokenizer  # noqa: E402
+from tests.tiny_models import frozen, tiny_llama, word_tokenizer  # noqa: E402
 from tests.workers import Worker, new_queue, wait_for, worker_env  # noqa: E402
 from training.jobs import start_training  # noqa: E402
 from training.models import EvaluationJob, Job, TrainingJob  # noqa: E402
@@ -93,19 +94,7 @@ def setup_registry():
     folder = SCRATCH / "tiny-llama"
     model = frozen(tiny_llama)
     convert(model, word_tokenizer(), folder)
-    spec = describe(model)
-    base = BaseModel.objects.create(
-        slug="tiny-llama",
-        source=str(folder),
-        architecture="LlamaForCausalLM",
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        vocab_size=LLAMA_SHAPE["vocab_size"],
-        context_length=LLAMA_SHAPE["max_position_embeddings"],
-        fingerprint=spec.fingerprint,
-        weights_location=str(folder),
-        param_shapes=spec.param_shapes,
-    )
+    base = register_tiny_llama(describe(model), folder)
     return user, base, Domain.objects.create(slug="bench", name="Bench")
 
 

@@ -41,20 +41,25 @@ def tiny_base_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def base_model(db, tiny_spec, tiny_base_dir):
+def register_tiny_llama(spec, folder):
+    """The registry row of the tiny llama whose weights are saved in ``folder``."""
     return BaseModel.objects.create(
         slug="tiny-llama",
         source="tests/tiny-llama",
         architecture="LlamaForCausalLM",
-        hidden_size=tiny_spec.hidden_size,
-        num_layers=tiny_spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
         vocab_size=LLAMA_SHAPE["vocab_size"],
         context_length=LLAMA_SHAPE["max_position_embeddings"],
-        fingerprint=tiny_spec.fingerprint,
-        weights_location=str(tiny_base_dir),
-        param_shapes=tiny_spec.param_shapes,
+        fingerprint=spec.fingerprint,
+        weights_location=str(folder),
+        param_shapes=spec.param_shapes,
     )
+
+
+@pytest.fixture
+def base_model(db, tiny_spec, tiny_base_dir):
+    return register_tiny_llama(tiny_spec, tiny_base_dir)
 
 
 @pytest.fixture
