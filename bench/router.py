@@ -75,7 +75,7 @@ def main():
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    settings.LATENTRY_BATCH_WAIT_MS = 20.0  # lets the 16 concurrent requests meet
+    settings.LATENTRY_BATCH_WAIT_MS = 50.0  # lets the 16 concurrent requests meet
     settings.LATENTRY_BATCH_MAX_WAIT_MS = 200.0
 
     call_command("migrate", verbosity=0)

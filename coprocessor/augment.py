@@ -173,6 +173,10 @@ def _lora_hook(module, args, output):
     if adapter is None:
         return None
     x = args[0]
+    if isinstance(adapter, tuple) and adapter[0].dim() == 3:  # one (A, B) per row: bmm
+        lora_a, lora_b, scale = adapter
+        delta = torch.bmm(torch.bmm(x.to(lora_a.dtype), lora_a.transpose(1, 2)), lora_b.mT)
+        return output + (delta * scale[:, None, None]).to(output.dtype)
     if isinstance(adapter, list):  # per-row experts (row_adapters): [(rows, A, B, scale)]
         if torch.is_grad_enabled():
             output = output.clone()  # autograd needs the linear's own output unchanged
@@ -192,6 +196,39 @@ def row_adapters(experts_by_row):
     instead of one forward per expert. Used for the latents of a batch of mixed requests.
     """
     device = experts_by_row[0].soft_tokens.device
+    if _same_shape(experts_by_row):
+        adapters = _stacked_adapters(experts_by_row, device)
+    else:
+        adapters = _grouped_adapters(experts_by_row, device)
+    token = _ACTIVE_LORA.set(adapters)
+    try:
+        yield
+    finally:
+        _ACTIVE_LORA.reset(token)
+
+
+def _same_shape(experts):
+    first = experts[0]
+    return all(
+        e.config.lora_rank == first.config.lora_rank and e.lora_names == first.lora_names
+        for e in experts
+    )
+
+
+def _stacked_adapters(experts_by_row, device):
+    """Experts of one shape: each module gets [B, r, in] / [B, out, r] stacks, one bmm."""
+    first = experts_by_row[0]
+    scale = torch.tensor([e.lora_scale for e in experts_by_row], device=device)
+    adapters = {}
+    for index, module in enumerate(first._modules_by_index):
+        a = torch.stack([e.lora_a[index] for e in experts_by_row])
+        b = torch.stack([e.lora_b[index] for e in experts_by_row])
+        adapters[id(module)] = (a, b, scale.to(a.dtype))
+    return adapters
+
+
+def _grouped_adapters(experts_by_row, device):
+    """Experts of different shapes: per module, each expert's delta on its own rows."""
     rows_of = {}
     for row, expert in enumerate(experts_by_row):
         rows_of.setdefault(id(expert), (expert, []))[1].append(row)
@@ -204,11 +241,7 @@ def row_adapters(experts_by_row):
             expert._modules_by_index, expert.lora_a, expert.lora_b, strict=True
         ):
             adapters.setdefault(id(module), []).append((index, a, b, expert.lora_scale))
-    token = _ACTIVE_LORA.set(adapters)
-    try:
-        yield
-    finally:
-        _ACTIVE_LORA.reset(token)
+    return adapters
 
 
 def batched_latents(decoder, experts_by_row, past, past_bias, positions):

@@ -86,10 +86,15 @@ def test_timings_are_reported():
     assert set(output.timings) == {"prefill_s", "coprocessor_s", "decode_s"}
 
 
-def test_one_pass_for_mixed_lora_experts_equals_a_pass_per_expert():
+@pytest.mark.parametrize(
+    "shapes",
+    [[(2, 2), (3, 4)], [(2, 2), (2, 2)]],
+    ids=["different shapes: grouped rows", "one shape: stacked bmm"],
+)
+def test_one_pass_for_mixed_lora_experts_equals_a_pass_per_expert(shapes):
     decoder = frozen(FAMILIES["llama"])
     experts = []
-    for seed, (n_latents, rank) in enumerate([(2, 2), (3, 4)]):
+    for seed, (n_latents, rank) in enumerate(shapes):
         torch.manual_seed(seed)
         expert = Coprocessor(decoder, CoprocessorConfig(n_latents=n_latents, lora_rank=rank))
         with torch.no_grad():
