@@ -56,10 +56,10 @@ def corpus_ids(args, tokenizer):
 
 def add_expert_arguments(p):
     """The expert's shape and optimiser, shared by the benchmarks that train one."""
-    p.add_argument("--n-latents", type=int, default=8)
+    p.add_argument("--n-latents", type=int, default=4)
     p.add_argument("--ahead", type=int, default=16)
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--positions", type=int, default=8, help="augmentation points per window")
+    p.add_argument("--positions", type=int, default=16, help="augmentation points per window")
     p.add_argument("--windows-per-step", type=int, default=1)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -24,7 +24,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--n-latents", type=int, default=8)
+    p.add_argument("--n-latents", type=int, default=4)
     args = p.parse_args()
     model, tokenizer = setup(args)
     _, heldout_ids = corpus_ids(args, tokenizer)

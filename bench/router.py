@@ -2,7 +2,7 @@
 mixed batches and automatic routing, all through inference.service (choice, expert cache,
 batcher, generation) as a request would go, warm unless said otherwise.
 
-1. overhead: a 256-token prompt and 32 greedy new tokens with an expert (N_L=8, LoRA r=16)
+1. overhead: a 256-token prompt and 32 greedy new tokens with an expert (default N_L, LoRA r=16)
    vs plain; median of ``--repeats`` alternating runs. ``overhead_ratio`` = augmented / plain.
 2. switching: 50 distinct experts asked in turn, all in the cache, vs one expert asked 50
    times (64-token prompts, 8 new tokens). ``switch_ratio`` = distinct / repeated.

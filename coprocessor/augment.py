@@ -36,7 +36,7 @@ _ACTIVE_LORA = contextvars.ContextVar("latentry_active_lora", default=None)
 
 @dataclass
 class CoprocessorConfig:
-    n_latents: int = 8
+    n_latents: int = 4
     kind: str = "lora"  # "lora": deltas on D's weights (MBs); "full": a trainable copy of D
     lora_rank: int = 16
     lora_alpha: float = 32.0

@@ -142,6 +142,8 @@ def test_import_refuses_a_tampered_folder(workspace, tmp_path):
             "32",
             "--ahead-tokens",
             "4",
+            "--positions-per-window",
+            "4",
             "--n-latents",
             "2",
             "--lora-rank",

@@ -77,7 +77,7 @@ def test_launching_from_the_admin_validates_params_and_queues_the_job(
         ok = admin_client.post(f"{CHANGELIST}add/", {**form, "params": '{"steps": 5}'})
     assert ok.status_code == 302
     job = TrainingJob.objects.get()
-    assert job.params["steps"] == 5 and job.params["n_latents"] == 8
+    assert job.params["steps"] == 5 and job.params["n_latents"] == 4
     assert job.status == Job.QUEUED and len(sent) == 1
 
 
