@@ -474,6 +474,14 @@ class Coprocessor(nn.Module):
         return expert
 
     @classmethod
+    def from_bytes(cls, decoder, data, spec=None):
+        """An expert from a file held in memory, validated against ``spec`` when given, on
+        the decoder's device."""
+        tensors, metadata = artifact.load_expert_bytes(data, spec)
+        device = next(decoder.parameters()).device
+        return cls.from_tensors(decoder, tensors, metadata).to(device).eval()
+
+    @classmethod
     def load(cls, decoder, path):
         tensors, metadata = artifact.load_expert(path)
         return cls.from_tensors(decoder, tensors, metadata)

@@ -96,6 +96,10 @@ def load_default(cache_folder, **kwargs):
     return model, tokenizer
 
 
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_verified(folder, expected_fingerprint, **kwargs):
     """Load a converted base model and check it is the one the registry recorded."""
     model, tokenizer = load(folder, **kwargs)

@@ -5,7 +5,6 @@ context of the request that uses them (``Coprocessor.active``), so concurrent re
 one decoder each see their own expert or none.
 """
 
-import hashlib
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -99,9 +98,7 @@ class ModelPool:
             return loaded
         with self.lock:
             if record.slug not in self.bases:
-                device = settings.LATENTRY_DEVICE or (
-                    "cuda" if torch.cuda.is_available() else "cpu"
-                )
+                device = settings.LATENTRY_DEVICE or base_models.default_device()
                 decoder, tokenizer = base_models.load_verified(
                     record.weights_location, record.fingerprint, device=device
                 )
@@ -139,20 +136,10 @@ class ModelPool:
             raise ExpertUnavailable(f"the expert could not be loaded: {exc}") from None
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_expert(base, version):
     """Read, check (sha256, then the header against the base model) and build an expert."""
-    with storage.open_artifact(version.artifact_key) as stored:
-        data = stored.read()
-    if hashlib.sha256(data).hexdigest() != version.sha256:
-        raise artifact.ArtifactError("stored bytes do not match the version's sha256")
-    tensors, metadata = artifact.load_expert_bytes(data, base.record.spec())
-    device = next(base.decoder.parameters()).device
-    expert = Coprocessor.from_tensors(base.decoder, tensors, metadata).to(device).eval()
-    return expert, len(data)
+    data = version.read_verified()
+    return Coprocessor.from_bytes(base.decoder, data, base.record.spec()), len(data)
 
 
 def warm_up():

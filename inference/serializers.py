@@ -20,7 +20,7 @@ def check_sampling(attrs):
 class SamplingFields(StrictSerializer):
     temperature = serializers.FloatField(min_value=0.0, max_value=5.0, default=0.0)
     top_p = serializers.FloatField(min_value=0.0, max_value=1.0, default=1.0)
-    seed = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False)
+    seed = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False, default=None)
 
     def validate(self, attrs):
         return check_sampling(super().validate(attrs))
@@ -56,11 +56,6 @@ class GenerateSerializer(PromptFields, SamplingFields):
         required=False, allow_blank=True, default="", help_text=EXPERT_HELP
     )
     max_new_tokens = serializers.IntegerField(min_value=1, default=64)
-
-    def validate(self, attrs):
-        attrs = super().validate(attrs)
-        attrs.setdefault("seed", None)
-        return attrs
 
     class Answer(serializers.Serializer):
         text = serializers.CharField()

@@ -4,6 +4,7 @@ Views (native and OpenAI-compatible) parse their own request shapes into ``Ask``
 ``Answer``; everything they share is here.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -162,7 +163,7 @@ def attach(ask, user):
     the prompt's last token, at that token's position, with ``gate_bias`` (L,) added to the
     attention scores of every later query to them.
     """
-    loaded, ids = prepare(Ask(**{**ask.__dict__, "max_new_tokens": 0}))
+    loaded, ids = prepare(dataclasses.replace(ask, max_new_tokens=0))
     choice, expert = pick(loaded, ask, ids, user)
     if expert is None:
         return choice, None, ids

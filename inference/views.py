@@ -2,6 +2,7 @@
 OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions (with streaming)."""
 
 import base64
+import contextlib
 import json
 import queue
 import threading
@@ -31,21 +32,28 @@ from .serializers import (
 )
 
 
+@contextlib.contextmanager
+def service_errors():
+    """The router's refusals as HTTP errors: unknown base model 404, bad request 400."""
+    try:
+        yield
+    except service.UnknownModel as exc:
+        raise NotFound(str(exc)) from None
+    except service.BadRequest as exc:
+        raise ValidationError({"detail": str(exc)}) from None
+
+
 class RouterView(APIView):
     """Generation is not a write: read-only API keys may use it; anyone may try it."""
 
     permission_classes = [AllowAny]
 
     def prepare(self, ask):
-        try:
+        with service_errors():
             return service.prepare(ask)
-        except service.UnknownModel as exc:
-            raise NotFound(str(exc)) from None
-        except service.BadRequest as exc:
-            raise ValidationError({"detail": str(exc)}) from None
 
-    def serve(self, ask, on_text=None, should_stop=None):
-        prepared = self.prepare(ask)
+    def serve(self, ask, on_text=None, should_stop=None, prepared=None):
+        prepared = prepared or self.prepare(ask)
         answer = service.run(
             ask, self.request.user, on_text=on_text, prepared=prepared, should_stop=should_stop
         )
@@ -79,9 +87,10 @@ def answer_json(answer):
 class AttachView(RouterView):
     @extend_schema(request=AttachSerializer, responses=AttachSerializer.Answer)
     def post(self, request):
-        ask = service.Ask(**validated(AttachSerializer, request.data))
-        self.prepare(service.Ask(**{**ask.__dict__, "max_new_tokens": 0}))
-        choice, tensors, ids = service.attach(ask, request.user)
+        with service_errors():
+            choice, tensors, ids = service.attach(
+                service.Ask(**validated(AttachSerializer, request.data)), request.user
+            )
         body = {
             "expert": choice.name if tensors else None,
             "augmented": tensors is not None,
@@ -200,14 +209,16 @@ class OpenAIView(RouterView):
 
     def stream(self, ask, completion_id, base, expert):
         """Server-sent events: a chunk per piece of text, then one with the finish reason."""
-        self.prepare(ask)  # refuse a bad request with a plain 4xx before the stream starts
+        prepared = self.prepare(ask)  # refuse a bad request with a 4xx before the stream starts
         pieces = queue.Queue()
         outcome = {}
         gone = threading.Event()  # the client closed the stream: stop generating for it
 
         def work():
             try:
-                outcome["answer"] = self.serve(ask, on_text=pieces.put, should_stop=gone.is_set)
+                outcome["answer"] = self.serve(
+                    ask, on_text=pieces.put, should_stop=gone.is_set, prepared=prepared
+                )
             except Exception as exc:  # reported in the stream, which has already begun
                 outcome["error"] = exc
             finally:

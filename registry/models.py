@@ -12,7 +12,7 @@ from django.db.models import Value as V
 from django.db.models.functions import Cast, Concat, Lower
 from django.utils import timezone
 
-from coprocessor.artifact import BaseModelSpec, read_header, validate
+from coprocessor.artifact import ArtifactError, BaseModelSpec, read_header, validate
 
 from . import storage
 
@@ -289,6 +289,14 @@ class ExpertVersion(models.Model):
 
     def open_artifact(self):
         return storage.open_artifact(self.artifact_key)
+
+    def read_verified(self):
+        """The stored file's bytes; ArtifactError if they are not the ones published."""
+        with self.open_artifact() as stored:
+            data = stored.read()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise ArtifactError(f"stored bytes of version {self.number} do not match its sha256")
+        return data
 
     def download_filename(self):
         return f"{self.expert.owner.username}--{self.expert.name}--v{self.number}.safetensors"

@@ -1,15 +1,11 @@
 """What a worker process keeps between jobs: its device and the base models it loaded."""
 
 import functools
-import hashlib
-import tempfile
 
-import torch
 from django.conf import settings
 
 from coprocessor import base_models
 from coprocessor.augment import Coprocessor
-from registry import storage
 
 
 class JobError(Exception):
@@ -17,9 +13,7 @@ class JobError(Exception):
 
 
 def device():
-    if settings.LATENTRY_DEVICE:
-        return settings.LATENTRY_DEVICE
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return settings.LATENTRY_DEVICE or base_models.default_device()
 
 
 def base_model(record, device):
@@ -39,14 +33,4 @@ def _load(weights_location, fingerprint, device):
 
 def load_version(version, decoder):
     """The expert of an ExpertVersion, read from storage with its sha256 checked."""
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as local:
-        digest = hashlib.sha256()
-        with storage.open_artifact(version.artifact_key) as stored:
-            while chunk := stored.read(1024 * 1024):
-                digest.update(chunk)
-                local.write(chunk)
-        local.flush()
-        if digest.hexdigest() != version.sha256:
-            raise JobError(f"stored file of version {version.number} does not match its sha256")
-        device = next(decoder.parameters()).device
-        return Coprocessor.load(decoder, local.name).to(device).eval()
+    return Coprocessor.from_bytes(decoder, version.read_verified())
