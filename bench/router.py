@@ -94,7 +94,7 @@ def main():
     switch, cold_ms = (
         measure_switching(loaded, maker, text, args.experts) if "switch" in parts else (nan, nan)
     )
-    mixed = measure_mixed(loaded, maker, text) if "mixed" in parts else nan
+    mixed = measure_mixed(loaded, maker, text, args.repeats) if "mixed" in parts else nan
     accuracy = measure_auto(loaded, maker, args) if "auto" in parts else nan
     print(
         f"RESULT overhead_ratio={overhead:.3f} switch_ratio={switch:.3f} "
@@ -188,7 +188,7 @@ def measure_switching(loaded, maker, text, count):
     return distinct / repeated, cold_ms
 
 
-def measure_mixed(loaded, maker, text, concurrent=16):
+def measure_mixed(loaded, maker, text, repeats, concurrent=16):
     names = [maker.publish(f"mixed-{i}") for i in range(concurrent)]
     prompts = [prompt_of(loaded, text, 64, offset=64 * i) for i in range(concurrent)]
 
@@ -214,8 +214,11 @@ def measure_mixed(loaded, maker, text, concurrent=16):
     burst(names), burst([""] * concurrent)  # warm: experts cached
     batcher = loaded.batcher
     batcher.batch_sizes.clear()
-    mixed = statistics.median(burst(names) for _ in range(3))
-    plain = statistics.median(burst([""] * concurrent) for _ in range(3))
+    mixed_s, plain_s = [], []
+    for _ in range(repeats):  # alternating, so drifts in machine speed hit both alike
+        mixed_s.append(burst(names))
+        plain_s.append(burst([""] * concurrent))
+    mixed, plain = statistics.median(mixed_s), statistics.median(plain_s)
     print(
         f"mixed batches: {concurrent} requests, plain {plain:.2f} s, mixed {mixed:.2f} s; "
         f"batch sizes {batcher.batch_sizes}"

@@ -169,38 +169,45 @@ def _lora_hook(module, args, output):
     active = _ACTIVE_LORA.get()
     if not active:
         return None
-    adapter = active.get(id(module))
+    adapters, tail = active
+    adapter = adapters.get(id(module))
     if adapter is None:
         return None
-    x = args[0]
-    if isinstance(adapter, tuple) and adapter[0].dim() == 3:  # one (A, B) per row: bmm
+    x = args[0] if tail is None else args[0][:, -tail:]
+    if isinstance(adapter, list):  # per-row experts of different shapes: [(rows, A, B, scale)]
+        deltas = [
+            (rows, (x[rows].to(a.dtype) @ a.t() @ b.t()) * scale) for rows, a, b, scale in adapter
+        ]
+    elif adapter[0].dim() == 3:  # one (A, B) per row, stacked: bmm
         lora_a, lora_b, scale = adapter
         delta = torch.bmm(torch.bmm(x.to(lora_a.dtype), lora_a.transpose(1, 2)), lora_b.mT)
-        return output + (delta * scale[:, None, None]).to(output.dtype)
-    if isinstance(adapter, list):  # per-row experts (row_adapters): [(rows, A, B, scale)]
-        if torch.is_grad_enabled():
-            output = output.clone()  # autograd needs the linear's own output unchanged
-        for rows, lora_a, lora_b, scale in adapter:
-            delta = x[rows].to(lora_a.dtype) @ lora_a.t() @ lora_b.t()
-            output[rows] += (delta * scale).to(output.dtype)
-        return output
-    lora_a, lora_b, scale = adapter
-    return output + (x.to(lora_a.dtype) @ lora_a.t() @ lora_b.t()).to(output.dtype) * scale
+        deltas = [(slice(None), delta * scale[:, None, None])]
+    else:
+        lora_a, lora_b, scale = adapter
+        deltas = [(slice(None), (x.to(lora_a.dtype) @ lora_a.t() @ lora_b.t()) * scale)]
+    if torch.is_grad_enabled():
+        output = output.clone()  # autograd needs the linear's own output unchanged
+    columns = slice(None) if tail is None else slice(-tail, None)
+    for rows, delta in deltas:
+        output[rows, columns] += delta.to(output.dtype)
+    return output
 
 
 @contextlib.contextmanager
-def row_adapters(experts_by_row):
+def row_adapters(experts_by_row, tail=None):
     """Within this block, row i of a batch through D carries the LoRA of experts_by_row[i].
 
     Different LoRA experts then share one forward of D (each adds its delta on its own rows),
-    instead of one forward per expert. Used for the latents of a batch of mixed requests.
+    instead of one forward per expert. Rows whose expert is None stay plain. With ``tail``,
+    the deltas apply to each row's last ``tail`` positions only (soft tokens packed after a
+    prompt in one pass); the positions before it see plain D.
     """
-    device = experts_by_row[0].soft_tokens.device
-    if _same_shape(experts_by_row):
-        adapters = _stacked_adapters(experts_by_row, device)
+    experts = [e for e in experts_by_row if e is not None]
+    if _same_shape(experts):
+        adapters = _stacked_adapters(experts_by_row, experts[0])
     else:
-        adapters = _grouped_adapters(experts_by_row, device)
-    token = _ACTIVE_LORA.set(adapters)
+        adapters = _grouped_adapters(experts_by_row)
+    token = _ACTIVE_LORA.set((adapters, tail))
     try:
         yield
     finally:
@@ -215,27 +222,35 @@ def _same_shape(experts):
     )
 
 
-def _stacked_adapters(experts_by_row, device):
-    """Experts of one shape: each module gets [B, r, in] / [B, out, r] stacks, one bmm."""
-    first = experts_by_row[0]
-    scale = torch.tensor([e.lora_scale for e in experts_by_row], device=device)
+def _stacked_adapters(experts_by_row, first):
+    """Experts of one shape: each module gets [B, r, in] / [B, out, r] stacks, one bmm.
+
+    A plain row borrows ``first``'s weights with a scale of 0, so its delta is exactly 0.
+    """
+    donors = [first if e is None else e for e in experts_by_row]
+    scale = torch.tensor(
+        [0.0 if e is None else e.lora_scale for e in experts_by_row],
+        device=first.soft_tokens.device,
+    )
     adapters = {}
     for index, module in enumerate(first._modules_by_index):
-        a = torch.stack([e.lora_a[index] for e in experts_by_row])
-        b = torch.stack([e.lora_b[index] for e in experts_by_row])
+        a = torch.stack([e.lora_a[index] for e in donors])
+        b = torch.stack([e.lora_b[index] for e in donors])
         adapters[id(module)] = (a, b, scale.to(a.dtype))
     return adapters
 
 
-def _grouped_adapters(experts_by_row, device):
+def _grouped_adapters(experts_by_row):
     """Experts of different shapes: per module, each expert's delta on its own rows."""
     rows_of = {}
     for row, expert in enumerate(experts_by_row):
-        rows_of.setdefault(id(expert), (expert, []))[1].append(row)
+        if expert is not None:
+            rows_of.setdefault(id(expert), (expert, []))[1].append(row)
     adapters = {}
     for expert, rows in rows_of.values():
         contiguous = rows == list(range(rows[0], rows[-1] + 1))
         # A slice selects its rows as a view; only scattered rows need an index (a copy).
+        device = expert.soft_tokens.device
         index = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)
         for module, a, b in zip(
             expert._modules_by_index, expert.lora_a, expert.lora_b, strict=True
@@ -251,30 +266,78 @@ def batched_latents(decoder, experts_by_row, past, past_bias, positions):
     the longest expert's count (causal among themselves, so the padding changes nothing before
     it). Returns (z, gate): (B, L, H) and (B, L) with ``negative`` on padding columns.
     """
-    batch = len(experts_by_row)
-    width = max(e.config.n_latents for e in experts_by_row)
-    hidden_size = decoder.config.hidden_size
-    dtype = next(decoder.parameters()).dtype
-    device = past_bias.device
-    soft = torch.zeros(batch, width, hidden_size, dtype=dtype, device=device)
-    for row, expert in enumerate(experts_by_row):
-        soft[row, : expert.config.n_latents] = expert.soft_tokens.to(dtype)
-    new_bias = torch.zeros(batch, width, dtype=dtype, device=device)
-    mask = attention_bias(past_bias.to(dtype), new_bias)
+    soft = _soft_tokens(decoder, experts_by_row)
+    batch, width, _ = soft.shape
+    new_bias = torch.zeros(batch, width, dtype=soft.dtype, device=soft.device)
     with row_adapters(experts_by_row):
         hidden = forward_with_mask(
             decoder,
             cache=as_cache(past),
-            mask=mask,
+            mask=attention_bias(past_bias.to(soft.dtype), new_bias),
             inputs_embeds=soft,
             positions=positions[:, None].expand(batch, width),
         )
-    z = torch.zeros(batch, width, hidden_size, dtype=torch.float32, device=device)
-    gate = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
+    return _latent_heads(experts_by_row, hidden)
+
+
+def prefill_with_latents(decoder, token_ids, visible, experts_by_row):
+    """``prefill`` and ``batched_latents`` in one forward of D (None rows get no latents).
+
+    Each row's soft tokens go after its prompt prefix: causal order keeps the prefix from
+    seeing them, LoRA deltas act on those trailing positions only, and their keys and values
+    are cut from the cache afterwards. This saves a whole pass of D per batch, which on a small
+    model is mostly fixed per-layer cost. Returns (past, past_bias, next_positions, z, gate).
+    """
+    soft = _soft_tokens(decoder, experts_by_row)
+    batch, width, _ = soft.shape
+    prompt_width = token_ids.shape[1]
+    bias = torch.where(visible, 0.0, negative(soft.dtype)).to(soft.dtype)
+    next_positions = visible.long().sum(-1)
+    positions = torch.cat(
+        [
+            (visible.long().cumsum(-1) - 1).clamp(min=0),
+            next_positions[:, None].expand(batch, width),
+        ],
+        dim=1,
+    )
+    new_bias = torch.cat([bias, torch.zeros(batch, width, dtype=soft.dtype, device=soft.device)], 1)
+    cache = DynamicCache()
+    with row_adapters(experts_by_row, tail=width):
+        hidden = forward_with_mask(
+            decoder,
+            cache=cache,
+            mask=attention_bias(bias[:, :0], new_bias),
+            inputs_embeds=torch.cat([embed(decoder, token_ids), soft], dim=1),
+            positions=positions,
+        )
+    past = [(k[:, :, :prompt_width], v[:, :, :prompt_width]) for k, v in cache_tensors(cache)]
+    z, gate = _latent_heads(experts_by_row, hidden[:, prompt_width:])
+    return past, bias, next_positions, z, gate
+
+
+def _soft_tokens(decoder, experts_by_row):
+    """Each row's soft tokens, zero-padded to the longest count: (B, L, H)."""
+    width = max(e.config.n_latents for e in experts_by_row if e is not None)
+    weight = decoder.get_input_embeddings().weight
+    soft = torch.zeros(len(experts_by_row), width, weight.shape[1], dtype=weight.dtype)
+    soft = soft.to(weight.device)
     for row, expert in enumerate(experts_by_row):
-        count = expert.config.n_latents
-        z[row, :count] = expert.latent_head(hidden[row : row + 1, :count].float())[0]
-        gate[row, :count] = expert.latent_head.gate.to(dtype)
+        if expert is not None:
+            soft[row, : expert.config.n_latents] = expert.soft_tokens.to(weight.dtype)
+    return soft
+
+
+def _latent_heads(experts_by_row, hidden):
+    """Each row's expert head over its soft tokens' last hidden states: (z, gate)."""
+    batch, width, hidden_size = hidden.shape
+    z = torch.zeros(batch, width, hidden_size, dtype=torch.float32, device=hidden.device)
+    gate = torch.full((batch, width), negative(hidden.dtype), dtype=hidden.dtype)
+    gate = gate.to(hidden.device)
+    for row, expert in enumerate(experts_by_row):
+        if expert is not None:
+            count = expert.config.n_latents
+            z[row, :count] = expert.latent_head(hidden[row : row + 1, :count].float())[0]
+            gate[row, :count] = expert.latent_head.gate.to(hidden.dtype)
     return z, gate
 
 
@@ -373,7 +436,7 @@ class Coprocessor(nn.Module):
             id(module): (a, b, self.lora_scale)
             for module, a, b in zip(self._modules_by_index, self.lora_a, self.lora_b, strict=True)
         }
-        token = _ACTIVE_LORA.set(adapters)
+        token = _ACTIVE_LORA.set((adapters, None))
         try:
             yield
         finally:

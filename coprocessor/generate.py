@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .augment import batched_latents, embed, negative, prefill, run_decoder, select_rows
+from .augment import (
+    batched_latents,
+    embed,
+    negative,
+    prefill,
+    prefill_with_latents,
+    run_decoder,
+    select_rows,
+)
 
 
 @dataclass
@@ -47,11 +55,22 @@ def generate(decoder, requests, eos_token_id=None):
     timings = {}
     started = time.perf_counter()
     prefix_ids, visible = _left_pad([r.prompt_ids[:-1] for r in requests], device)
-    past, past_bias, positions = prefill(decoder, prefix_ids, visible)
+    lora_experts = [r.expert if _kind(r.expert) == "lora" else None for r in requests]
+    if any(lora_experts) and prefix_ids.shape[1]:
+        # The LoRA experts' pass rides along with the prefill (its time counts as prefill).
+        past, past_bias, positions, z, gate = prefill_with_latents(
+            decoder, prefix_ids, visible, lora_experts
+        )
+        lora_latents = (z, gate)
+    else:
+        past, past_bias, positions = prefill(decoder, prefix_ids, visible)
+        lora_latents = None
     timings["prefill_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    latents, latent_bias = _latents(decoder, requests, past, past_bias, positions, dtype)
+    latents, latent_bias = _latents(
+        decoder, requests, past, past_bias, positions, dtype, lora_latents
+    )
     timings["coprocessor_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -89,18 +108,23 @@ def _left_pad(sequences, device):
     return ids, visible
 
 
-def _latents(decoder, requests, past, past_bias, positions, dtype):
+def _latents(decoder, requests, past, past_bias, positions, dtype, lora_latents=None):
     """Each request's latents on its row, padded to the longest with hidden columns.
 
     The rows of LoRA experts go through D together, each with its own expert's deltas (one
-    pass for the batch, whatever the mix); full-copy experts run their own copy on their rows.
+    pass for the batch, whatever the mix; ``lora_latents`` when prefill already made them);
+    full-copy experts run their own copy on their rows.
     """
     batch, device = len(requests), positions.device
     width = max((r.expert.config.n_latents for r in requests if r.expert is not None), default=0)
     latents = torch.zeros(batch, width, decoder.config.hidden_size, dtype=dtype, device=device)
     bias = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
     lora_rows = [i for i, r in enumerate(requests) if _kind(r.expert) == "lora"]
-    if lora_rows:
+    if lora_latents is not None:
+        z, gate = lora_latents
+        latents[:, : z.shape[1]] = z.to(dtype)
+        bias[:, : z.shape[1]] = gate
+    elif lora_rows:
         index = torch.tensor(lora_rows, device=device)
         z, gate = batched_latents(
             decoder,

@@ -4,7 +4,13 @@ each request served alone."""
 import pytest
 import torch
 
-from coprocessor.augment import Coprocessor, CoprocessorConfig, batched_latents, prefill
+from coprocessor.augment import (
+    Coprocessor,
+    CoprocessorConfig,
+    batched_latents,
+    prefill,
+    prefill_with_latents,
+)
 from coprocessor.generate import Request, generate
 from tests.test_augment import randomize
 from tests.tiny_models import FAMILIES, VOCAB, frozen
@@ -117,3 +123,43 @@ def test_one_pass_for_mixed_lora_experts_equals_a_pass_per_expert(shapes):
             torch.testing.assert_close(z[row, :count], alone[0].float(), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(gate[row, :count], expert.latent_head.gate)
             assert (gate[row, count:] < -1e30).all()
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(2, 2), (3, 4)], [(2, 2), (2, 2)]],
+    ids=["different shapes: grouped rows", "one shape: stacked bmm"],
+)
+def test_latents_folded_into_the_prefill_equal_a_separate_pass(shapes):
+    """prefill_with_latents: same cache as prefill, same latents as batched_latents, plain rows
+    untouched, for left-padded rows."""
+    decoder = frozen(FAMILIES["llama"])
+    experts = [
+        randomize(Coprocessor(decoder, CoprocessorConfig(n_latents=n, lora_rank=r, seed=i)), i)
+        for i, (n, r) in enumerate(shapes)
+    ]
+    rows = [experts[0], None, experts[1], experts[0]]
+    ids = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(0))
+    visible = torch.ones_like(ids, dtype=torch.bool)
+    visible[1, :3] = visible[2, :5] = False
+    with torch.no_grad():
+        past, bias, positions, z, gate = prefill_with_latents(decoder, ids, visible, rows)
+        plain_past, plain_bias, plain_positions = prefill(decoder, ids, visible)
+        for (k, v), (plain_k, plain_v) in zip(past, plain_past, strict=True):
+            # Padding positions hold values nobody sees; compare the visible ones.
+            shown = visible[:, None, :, None].expand_as(k)
+            torch.testing.assert_close(k[shown], plain_k[shown], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[shown], plain_v[shown], atol=1e-5, rtol=1e-5)
+        assert torch.equal(bias, plain_bias) and torch.equal(positions, plain_positions)
+        lora = [0, 2, 3]
+        index = torch.tensor(lora)
+        separate_z, separate_gate = batched_latents(
+            decoder,
+            [rows[i] for i in lora],
+            [(k[index], v[index]) for k, v in plain_past],
+            plain_bias[index],
+            plain_positions[index],
+        )
+    torch.testing.assert_close(z[index], separate_z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gate[index], separate_gate)
+    assert (z[1] == 0).all() and (gate[1] < -1e30).all()
