@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run worker test lint format migrate clean
+.PHONY: install chromium run worker test lint format migrate clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,7 +34,14 @@ run: migrate
 worker: migrate
 	$(PY) -m celery -A config worker -Q gpu -c 1 -n worker@%h -l info
 
-test: install
+# The browser tests drive Debian's Chromium; install it (root, or sudo) where it is missing.
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get install -y -q chromium || \
+	  { $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium; }; }
+
+test: install chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,10 +1,38 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path
-from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from inference import pages as inference_pages
+from registry import pages as registry_pages
+from training import pages as training_pages
+
+expert = "experts/<str:owner>/<str:name>/"
+
+pages = [
+    path("", registry_pages.catalog, name="catalog"),
+    path("experts/new/", registry_pages.expert_new, name="expert-new"),
+    path(expert, registry_pages.expert_detail, name="expert"),
+    path(expert + "edit/", registry_pages.expert_edit, name="expert-edit"),
+    path(expert + "upload/", registry_pages.expert_upload, name="expert-upload"),
+    path(expert + "review/", registry_pages.review, name="expert-review"),
+    path(expert + "try/", inference_pages.try_expert, name="expert-try"),
+    path(expert + "train/", training_pages.train, name="expert-train"),
+    path("publishers/<str:owner>/", registry_pages.publisher, name="publisher"),
+    path("accounts/signup/", registry_pages.signup, name="signup"),
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("account/", registry_pages.account, name="account"),
+    path("account/keys/<str:prefix>/revoke/", registry_pages.revoke_key, name="revoke-key"),
+    path("account/usage/", inference_pages.usage, name="usage-page"),
+    path("datasets/", training_pages.dataset_list, name="datasets"),
+    path("jobs/", training_pages.job_list, name="jobs"),
+    path("jobs/<int:pk>/", training_pages.job_detail, name="job"),
+    path("jobs/<int:pk>/cancel/", training_pages.job_cancel, name="job-cancel"),
+]
+
 urlpatterns = [
-    path("", TemplateView.as_view(template_name="home.html"), name="home"),
+    *pages,
     path("admin/", admin.site.urls),
     path("api/v1/", include("registry.urls")),
     path("api/v1/", include("training.urls")),

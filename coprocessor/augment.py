@@ -375,7 +375,9 @@ class Coprocessor(nn.Module):
     ``parameters()`` and ``state_dict()`` hold only the expert.
     """
 
-    def __init__(self, decoder, config=None, anchor_token_id=None):
+    def __init__(self, decoder, config=None, anchor_token_id=None, lora_modules=None):
+        """``lora_modules``: the exact linear layers to adapt (a loaded file's), instead of
+        every one whose leaf name is in ``config.lora_targets``."""
         super().__init__()
         self.config = config = config or CoprocessorConfig()
         self._decoder = (decoder,)
@@ -391,7 +393,7 @@ class Coprocessor(nn.Module):
         self.latent_head = LatentHead(hidden, config.n_latents, anchor.float(), config.gate_init)
         self.lora_names = []
         if config.kind == "lora":
-            self._init_lora(decoder, generator)
+            self._init_lora(decoder, generator, lora_modules)
         elif config.kind == "full":
             self.full = copy.deepcopy(decoder)
             self.full.requires_grad_(True)
@@ -402,12 +404,14 @@ class Coprocessor(nn.Module):
     def decoder(self):
         return self._decoder[0]
 
-    def _init_lora(self, decoder, generator):
+    def _init_lora(self, decoder, generator, lora_modules=None):
         install_lora_hooks(decoder)
         targets = set(self.config.lora_targets)
         self.lora_a, self.lora_b = nn.ParameterList(), nn.ParameterList()
         self._modules_by_index = []
         for name, module in linear_layers(decoder):
+            if lora_modules is not None and name not in lora_modules:
+                continue
             if targets and name.rsplit(".", 1)[-1] not in targets:
                 continue
             fan_in, fan_out = in_out_features(module)
@@ -529,10 +533,18 @@ class Coprocessor(nn.Module):
         config = CoprocessorConfig(
             **{**saved, "n_latents": int(metadata["n_latents"]), "kind": metadata["kind"]}
         )
+        lora_modules = None
         if config.kind == "lora":
             config.lora_rank = int(metadata["lora_rank"])
             config.lora_alpha = float(metadata["lora_alpha"])
-        expert = cls(decoder, config)
+            # Adapt exactly the layers the file has LoRA for: a file made elsewhere (PEFT, or
+            # with other targets) need not cover every linear layer that ours would.
+            lora_modules = {
+                key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                for key in tensors
+                if key.endswith(".lora_A.weight")
+            }
+        expert = cls(decoder, config, lora_modules=lora_modules)
         expert.load_expert_tensors(tensors)
         return expert
 
@@ -544,6 +556,15 @@ class Coprocessor(nn.Module):
         device = next(decoder.parameters()).device
         return cls.from_tensors(decoder, tensors, metadata).to(device).eval()
 
+    def _passthrough_head(self):
+        hidden = self.latent_head.proj.in_features
+        return {
+            "latent_head.proj.weight": torch.eye(hidden),
+            "latent_head.proj.bias": torch.zeros(hidden),
+            "latent_head.anchors": torch.zeros_like(self.latent_head.anchors),
+            "latent_head.gate": torch.zeros_like(self.latent_head.gate),
+        }
+
     @classmethod
     def load(cls, decoder, path):
         tensors, metadata = artifact.load_expert(path)
@@ -551,6 +572,10 @@ class Coprocessor(nn.Module):
 
     def load_expert_tensors(self, tensors):
         own = self.expert_tensors()
+        if not any(name in tensors for name in artifact.HEAD_TENSORS):
+            # A file without our latent head (soft tokens and LoRA only, as the paper has it):
+            # the latents are C's last hidden states themselves, with no gate bias.
+            tensors = {**tensors, **self._passthrough_head()}
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:

@@ -43,8 +43,10 @@ def line_chart(series, *, width=640, height=240, x_label="", y_label="", title="
             f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">'
             f"{_tick(value)}</text>"
         )
+    whole_xs = all(float(x).is_integer() for x in xs)  # steps, positions: no 15.8 on the axis
     for i in range(5):
         value = x0 + (x1 - x0) * i / 4
+        value = round(value) if whole_xs else value
         parts.append(
             f'<text x="{sx(value):.1f}" y="{height - bottom + 16}" font-size="11" '
             f'text-anchor="middle">{_tick(value)}</text>'

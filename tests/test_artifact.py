@@ -166,3 +166,19 @@ def test_a_full_expert_must_match_the_base_models_parameters(tiny_spec):
     )
     with pytest.raises(artifact.ArtifactError, match="the base model's is"):
         check(bad, tiny_spec)
+
+
+def test_a_file_with_lora_on_some_layers_only_loads_as_exactly_those(tiny_spec, tiny_base_dir):
+    """A valid upload (LoRA on q and v only, no latent head: the paper's latents are C's
+    hidden states) loads for the router, too."""
+    from coprocessor import base_models
+    from coprocessor.augment import Coprocessor
+
+    decoder, _ = base_models.load(tiny_base_dir)
+    data = expert_file_bytes(tiny_spec, targets=("q_proj", "v_proj"))
+    expert = Coprocessor.from_bytes(decoder, data, tiny_spec)
+    leaves = {name.rsplit(".", 1)[-1] for name in expert.lora_names}
+    assert leaves == {"q_proj", "v_proj"} and len(expert.lora_names) == 2 * tiny_spec.num_layers
+    hidden = torch.randn(1, 4, tiny_spec.hidden_size)
+    torch.testing.assert_close(expert.latent_head(hidden), hidden)
+    assert (expert.latent_head.gate == 0).all()

@@ -1,0 +1,73 @@
+"""Pages of the router: "try it" on an expert's page (plain model beside the expert), and the
+account's usage per API key."""
+
+from django import forms
+from django.contrib.auth.decorators import login_required
+from django.db.models import Max, Sum
+from django.shortcuts import get_object_or_404, render
+from django.views.decorators.http import require_POST
+
+from registry.models import ApiKey, Expert
+
+from . import service
+from .models import Usage
+
+
+class TryForm(forms.Form):
+    prompt = forms.CharField(max_length=4000, widget=forms.Textarea(attrs={"rows": 4}))
+    max_new_tokens = forms.IntegerField(min_value=1, max_value=256, initial=48)
+
+
+@require_POST
+def try_expert(request, owner, name):
+    """The same prompt through the plain base model and with the expert, greedy, side by side.
+
+    The answer is a fragment for htmx to put under the form, or a page of its own without it.
+    """
+    expert = get_object_or_404(
+        Expert.objects.visible_to(request.user).select_related("owner", "base_model"),
+        owner__username=owner,
+        name=name,
+    )
+    form = TryForm(request.POST)
+    context = {"expert": expert, "form": form}
+    status = 200
+    if form.is_valid():
+        try:
+            context["answers"] = compare(expert, request.user, **form.cleaned_data)
+        except (service.BadRequest, service.UnknownModel) as exc:
+            context["error"] = str(exc)
+            status = 400
+    else:
+        status = 400
+    template = "inference/_try_result.html" if request.htmx else "inference/try.html"
+    return render(request, template, context, status=status)
+
+
+def compare(expert, user, prompt, max_new_tokens):
+    asks = [
+        service.Ask(base=expert.base_model.slug, prompt=prompt, max_new_tokens=max_new_tokens),
+        service.Ask(
+            base=expert.base_model.slug,
+            expert=expert.full_name,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+        ),
+    ]
+    return [service.run(ask, user) for ask in asks]
+
+
+@login_required
+def usage(request):
+    keys = (
+        ApiKey.objects.filter(user=request.user)
+        .annotate(
+            requests=Sum("usage__requests"),
+            prompt_tokens=Sum("usage__prompt_tokens"),
+            completion_tokens=Sum("usage__completion_tokens"),
+            last_day=Max("usage__day"),
+        )
+        .order_by("-created_at")
+    )
+    days = Usage.objects.filter(api_key__user=request.user).select_related("api_key")[:60]
+    return render(request, "inference/usage.html", {"keys": keys, "days": days})

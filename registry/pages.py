@@ -1,0 +1,286 @@
+"""The pages of the registry: catalog, expert pages, publishing, publishers, account, API keys.
+
+Server-rendered; htmx swaps parts of a page where it is present (``request.htmx``), and every
+page also works as plain links and forms.
+"""
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
+from django.core.paginator import Paginator
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseClientRedirect
+
+from coprocessor.artifact import ArtifactError
+
+from . import storage
+from .charts import line_chart
+from .forms import ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
+from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review, VersionConflict
+
+CATALOG_PAGE_SIZE = 12
+SORTS = {
+    "downloads": [F("download_count").desc(), "-created_at"],
+    "rating": [F("rating").desc(nulls_last=True), "-review_count"],
+    "gain": [F("measured_gain").desc(nulls_last=True), "-created_at"],
+    "newest": ["-created_at"],
+}
+
+
+def catalog(request):
+    """Every listed expert, searched, filtered and sorted from the query string."""
+    params = request.GET
+    experts = Expert.objects.listed_for(request.user).select_related(
+        "owner", "domain", "base_model"
+    )
+    experts = filter_experts(experts, params)
+    sort = params.get("sort") if params.get("sort") in SORTS else "downloads"
+    page = Paginator(experts.order_by(*SORTS[sort]), CATALOG_PAGE_SIZE).get_page(params.get("page"))
+    context = {
+        "page": page,
+        "params": params,
+        "sort": sort,
+        "sorts": list(SORTS),
+        "domains": Domain.objects.all(),
+        "base_models": BaseModel.objects.only("slug"),
+        "kinds": ExpertVersion.KIND_CHOICES,
+        "query_without_page": query_without(params, "page"),
+    }
+    template = "registry/_catalog_results.html" if request.htmx else "registry/catalog.html"
+    return render(request, template, context)
+
+
+def filter_experts(experts, params):
+    for word in params.get("q", "").split()[:8]:
+        experts = experts.filter(search_text__contains=word.lower())
+    if params.get("domain"):
+        experts = experts.filter(domain__slug=params["domain"])
+    if params.get("base_model"):
+        experts = experts.filter(base_model__slug=params["base_model"])
+    if params.get("kind"):
+        ready = ExpertVersion.objects.filter(status=ExpertVersion.READY, kind=params["kind"])
+        experts = experts.filter(pk__in=ready.values("expert"))
+    return experts
+
+
+def query_without(params, *names):
+    query = params.copy()
+    for name in names:
+        query.pop(name, None)
+    return query.urlencode()
+
+
+def expert_by_name(request, owner, name):
+    """The gate: others' private experts are 404 here exactly as if they did not exist."""
+    return get_object_or_404(
+        Expert.objects.visible_to(request.user).select_related("owner", "domain", "base_model"),
+        owner__username=owner,
+        name=name,
+    )
+
+
+def owned_expert(request, owner, name):
+    expert = expert_by_name(request, owner, name)
+    if expert.owner != request.user:
+        raise Http404("only the owner may change this expert")
+    return expert
+
+
+def expert_detail(request, owner, name, try_result=None, review_form=None):
+    expert = expert_by_name(request, owner, name)
+    versions = expert.versions.order_by("-number")
+    if expert.owner != request.user:
+        versions = versions.filter(status=ExpertVersion.READY)
+    latest = next((v for v in versions if v.status == ExpertVersion.READY), None)
+    reviews = expert.reviews.select_related("user").order_by("-updated_at")
+    mine = request.user.is_authenticated and reviews.filter(user=request.user).first()
+    can_review = request.user.is_authenticated and request.user != expert.owner
+    context = {
+        "expert": expert,
+        "versions": versions,
+        "latest": latest,
+        "chart": perplexity_chart(latest),
+        "evaluations": latest.metrics.get("evaluations", []) if latest else [],
+        "reviews": reviews,
+        "review_form": review_form or (ReviewForm(instance=mine or None) if can_review else None),
+        "try_result": try_result,
+        "is_owner": request.user == expert.owner,
+    }
+    return render(request, "registry/expert_detail.html", context)
+
+
+def perplexity_chart(version):
+    """Per-position held-out perplexity, base vs expert, from the newest evaluation."""
+    if version is None:
+        return None
+    evaluations = version.metrics.get("evaluations", [])
+    measured = [e for e in evaluations if e.get("ppl_base_by_position")]
+    if not measured:
+        return None
+    heldout = [e for e in measured if e.get("split") == "heldout"] or measured
+    report = heldout[-1]
+    return {
+        "svg": line_chart(
+            {
+                "base model": list(enumerate(report["ppl_base_by_position"], start=1)),
+                "with expert": list(enumerate(report["ppl_expert_by_position"], start=1)),
+            },
+            x_label="tokens ahead",
+            y_label="perplexity",
+        ),
+        "report": report,
+    }
+
+
+@login_required
+@require_POST
+def review(request, owner, name):
+    expert = expert_by_name(request, owner, name)
+    if expert.owner == request.user:
+        raise Http404("you cannot review your own expert")
+    mine = expert.reviews.filter(user=request.user).first()
+    form = ReviewForm(request.POST, instance=mine)
+    if not form.is_valid():
+        return expert_detail(request, owner, name, review_form=form)
+    # One review per user and expert: a second submit edits the first.
+    Review.objects.update_or_create(user=request.user, expert=expert, defaults=form.cleaned_data)
+    expert.update_rating()
+    messages.success(request, "Thank you: your review is saved.")
+    return redirect(expert_url(expert) + "#reviews")
+
+
+def expert_url(expert):
+    return reverse("expert", args=[expert.owner.username, expert.name])
+
+
+def publisher(request, owner):
+    user = get_object_or_404(User, username=owner, is_active=True)
+    experts = (
+        Expert.objects.listed_for(request.user)
+        .filter(owner=user)
+        .select_related("owner", "domain", "base_model")
+        .order_by(F("download_count").desc(), "name")
+    )
+    return render(request, "registry/publisher.html", {"publisher": user, "experts": experts})
+
+
+def signup(request):
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        messages.success(request, f"Welcome, {user.username}. Publish your first expert below.")
+        return redirect("expert-new")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+@login_required
+def expert_new(request):
+    form = ExpertForm(request.POST or None, owner=request.user)
+    if request.method == "POST" and form.is_valid():
+        expert = form.save(commit=False)
+        expert.owner = request.user
+        try:
+            expert.save()
+        except IntegrityError:
+            form.add_error("name", f"you already have an expert named {expert.name!r}")
+        else:
+            messages.success(request, "Expert created. Upload its first version, or train one.")
+            return redirect("expert-upload", request.user.username, expert.name)
+    return render(request, "registry/expert_form.html", {"form": form})
+
+
+@login_required
+def expert_edit(request, owner, name):
+    expert = owned_expert(request, owner, name)
+    form = ExpertForm(request.POST or None, instance=expert, owner=request.user)
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        messages.success(request, "Saved.")
+        return redirect(expert_url(expert))
+    return render(request, "registry/expert_form.html", {"form": form, "expert": expert})
+
+
+@login_required
+def expert_upload(request, owner, name):
+    """Upload a version. Errors come back next to the field with status 400, so the page's
+    script (drag and drop, progress) can show them in place."""
+    expert = owned_expert(request, owner, name)
+    form = VersionUploadForm(request.POST or None, request.FILES or None)
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        upload = form.cleaned_data["file"]
+        try:
+            version = publish_upload(expert, upload, form.cleaned_data["changelog"])
+        except (ArtifactError, VersionConflict) as exc:
+            form.add_error("file", str(exc))
+        except storage.StorageUnavailable:
+            form.add_error("file", "storage is unavailable right now; nothing was saved, try again")
+            status = 503
+        else:
+            messages.success(request, f"Version {version.number} is ready.")
+            if request.htmx:  # the page's script sent it; it navigates there itself
+                return HttpResponseClientRedirect(expert_url(expert))
+            return redirect(expert_url(expert))
+    if form.errors and status == 200:
+        status = 413 if is_too_large(form) else 400
+    context = {"form": form, "expert": expert}
+    return render(request, "registry/expert_upload.html", context, status=status)
+
+
+def is_too_large(form):
+    return any("over the limit" in str(e) for e in form.errors.get("file", []))
+
+
+def publish_upload(expert, upload, changelog):
+    limit = settings.LATENTRY_MAX_ARTIFACT_BYTES
+    if getattr(upload, "too_large", False) or upload.size > limit:
+        raise ArtifactError(f"the file is over the limit of {limit} bytes")
+    return ExpertVersion.publish(
+        expert,
+        upload,
+        sha256=getattr(upload, "sha256", None) or storage.sha256_of(upload),
+        size=upload.size,
+        changelog=changelog,
+    )
+
+
+@login_required
+def account(request):
+    """API keys (the secret shown once, on creation), and the user's experts."""
+    form = ApiKeyForm(request.POST or None)
+    created = None
+    if request.method == "POST" and form.is_valid():
+        key, plaintext = ApiKey.create_for(
+            request.user, form.cleaned_data["name"], form.cleaned_data["scopes"]
+        )
+        created = {"key": key, "plaintext": plaintext}
+        form = ApiKeyForm()
+    context = {
+        "form": form,
+        "created": created,
+        "keys": ApiKey.objects.filter(user=request.user).order_by("-created_at"),
+        "experts": Expert.objects.filter(owner=request.user)
+        .select_related("domain", "base_model")
+        .order_by("name"),
+    }
+    response = render(request, "registry/account.html", context)
+    response["Cache-Control"] = "no-store"  # a new key's secret must not be kept by caches
+    return response
+
+
+@login_required
+@require_POST
+def revoke_key(request, prefix):
+    with transaction.atomic():
+        key = get_object_or_404(ApiKey, user=request.user, prefix=prefix)
+        key.revoke()
+    messages.success(request, f"Key {key.name} ({key.prefix}) is revoked.")
+    return redirect("account")

@@ -1,0 +1,213 @@
+"""The pages in a real browser: Debian's Chromium, headless, driven by Playwright against a live
+server and a real job worker. Screenshots of the main pages go to var/screenshots/."""
+
+import os
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+
+from registry.models import ApiKey, Expert, ExpertVersion
+from tests.tiny_models import phrase_text
+from tests.workers import Worker, new_queue, worker_env
+from training.models import TrainingJob
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(django_settings.VAR_DIR) / "screenshots"
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
+    # Playwright's sync API runs an event loop in this thread; the ORM calls of the test body
+    # are still plain synchronous code.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield browser
+        browser.close()
+    os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+@pytest.fixture
+def page(browser, live_server):
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"script errors on the page: {errors}"
+
+
+def shoot(page, name):
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_a_visitor_searches_filters_and_opens_an_expert(page, make_expert, publish, domain):
+    from registry.models import Domain
+
+    licences = Domain.objects.create(slug="licences", name="Licences")
+    pydoc = make_expert(
+        "pydoc",
+        summary="Python's documentation, in the cache",
+        model_card="## What it knows\n\nThe **standard library**.",
+        measured_gain=6.56,
+        download_count=120,
+    )
+    publish(pydoc)
+    make_expert("pytest-guru", summary="pytest fixtures and plugins", download_count=30)
+    make_expert("gpl", summary="Software licences", domain=licences, measured_gain=2.1)
+    make_expert("secret-python", visibility=Expert.PRIVATE, summary="Python, private")
+
+    page.goto("/")
+    cards = page.locator(".card")
+    assert cards.count() == 3
+    shoot(page, "catalog")
+    page.get_by_placeholder("Search experts").press_sequentially("py")
+    page.wait_for_url("**/?q=py*")  # htmx swapped the results and pushed the address
+    assert page.locator(".card h2").all_inner_texts() == ["alice/pydoc", "alice/pytest-guru"]
+    page.get_by_label("Domain").select_option("licences")
+    page.wait_for_function("document.querySelectorAll('.card').length === 0")
+    page.get_by_placeholder("Search experts").fill("")
+    page.wait_for_function("document.querySelectorAll('.card').length === 1")
+    assert page.locator(".card h2").inner_text() == "alice/gpl"
+    page.get_by_label("Domain").select_option("")
+    page.get_by_label("Sort").select_option("gain")
+    page.wait_for_function("document.querySelectorAll('.card').length === 3")
+    assert page.locator(".card h2").first.inner_text() == "alice/pydoc"
+    page.get_by_role("link", name="alice/pydoc").click()
+    page.wait_for_url("**/experts/alice/pydoc/")
+    assert page.get_by_role("heading", name="What it knows").is_visible()
+    assert "+6.56%" in page.locator(".expert-head").inner_text()
+    assert page.get_by_role("link", name="Download v1").is_visible()
+    shoot(page, "expert")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    shoot(page, "expert-phone")
+
+
+def test_a_model_card_with_scripts_and_javascript_links_renders_inert(page, make_expert):
+    make_expert(
+        "evil",
+        model_card=(
+            "<script>window.pwned = 1</script>\n\n[click me](javascript:window.pwned=2)\n\n"
+            '<a href="javascript:window.pwned=3" onclick="window.pwned=4">also</a> '
+            '<img src="x" onerror="window.pwned=5">'
+        ),
+    )
+    page.goto("/experts/alice/evil/")
+    card = page.locator(".model-card")
+    assert card.locator("script").count() == 0
+    for link in card.locator("a").all():
+        assert not (link.get_attribute("href") or "").startswith("javascript:")
+        assert link.get_attribute("onclick") is None
+        link.click()
+    assert page.evaluate("window.pwned") is None
+
+
+@pytest.fixture
+def worker(settings, tmp_path):
+    settings.LATENTRY_JOB_QUEUE = new_queue()
+    artifacts = Path(settings.STORAGES["artifacts"]["OPTIONS"]["location"])
+    env = worker_env(settings.LATENTRY_JOB_QUEUE, artifacts)
+    started = Worker(settings.LATENTRY_JOB_QUEUE, env, log_path=tmp_path / "worker.log")
+    yield started
+    started.stop()
+
+
+def test_a_user_publishes_tries_trains_and_manages_keys(
+    page, base_model, domain, expert_file, worker, tmp_path
+):
+    # Sign up.
+    page.goto("/")
+    page.get_by_role("link", name="Sign up").click()
+    page.get_by_label("Username").fill("dora")
+    page.locator("#id_password1").fill("a-long-pass-42")
+    page.locator("#id_password2").fill("a-long-pass-42")
+    page.get_by_role("button", name="Create account").click()
+
+    # Create an expert.
+    page.wait_for_url("**/experts/new/")
+    page.get_by_label("Name").fill("words")
+    page.get_by_label("Title").fill("Phrases of w-words")
+    page.get_by_label("Domain").select_option(label="Python")
+    page.get_by_label("Model card").fill("# Words\n\nTrained on phrases.")
+    shoot(page, "expert-new")
+    page.get_by_role("button", name="Create expert").click()
+
+    # Upload an invalid file: the error shows next to the field, nothing is stored.
+    page.wait_for_url("**/experts/dora/words/upload/")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"this is not a safetensors file")
+    page.locator("input[type=file]").set_input_files(str(bad))
+    page.get_by_role("button", name="Upload").click()
+    error = page.locator("#file-error")
+    error.wait_for()
+    assert "safetensors" in error.inner_text()
+    assert not ExpertVersion.objects.exists()
+    shoot(page, "upload-error")
+
+    # Upload a valid one: the expert's page, with version 1.
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(expert_file())
+    page.locator("input[type=file]").set_input_files(str(good))
+    page.get_by_role("button", name="Upload").click()
+    page.wait_for_url("**/experts/dora/words/")
+    assert page.get_by_text("Version 1 is ready.").is_visible()
+
+    # Try it: the plain model beside the expert.
+    page.get_by_label("Prompt").fill("w5 w6 w7")
+    page.get_by_label("New tokens").fill("6")
+    page.get_by_role("button", name="Compare with the plain model").click()
+    page.locator(".answer").nth(1).wait_for()
+    assert page.locator(".answer.augmented").count() == 1, page.locator("#try-result").inner_text()
+    assert "With dora/words@1" in page.locator(".answer.augmented h3").inner_text()
+    assert "decode" in page.locator(".answer.augmented .timings").inner_text()
+    shoot(page, "try-it")
+
+    # Upload a dataset and train.
+    page.get_by_role("link", name="Datasets").click()
+    text = tmp_path / "phrases.txt"
+    text.write_text(phrase_text(length=3000))
+    page.get_by_label("Name").fill("phrases")
+    page.locator("input[type=file]").set_input_files(str(text))
+    page.get_by_role("button", name="Upload dataset").click()
+    assert page.get_by_text("Dataset dora/phrases is ready").is_visible()
+    page.goto("/experts/dora/words/train/")
+    page.get_by_label("dora/phrases").check()
+    page.get_by_label("Time budget minutes").fill("2")
+    page.get_by_text("Advanced settings").click()
+    small = {"Steps": 60, "N latents": 2, "Lora rank": 2, "Window": 64, "Ahead tokens": 4}
+    for label, value in {**small, "Positions per window": 4}.items():
+        page.get_by_label(label, exact=True).fill(str(value))
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url("**/jobs/*/")
+    job = TrainingJob.objects.get()
+    page.wait_for_function(
+        "() => document.querySelector('progress').value > 0", timeout=60_000
+    )  # live progress, swapped in by htmx while the worker writes it
+    shoot(page, "job-running")
+    page.locator('[data-status="succeeded"]').wait_for(timeout=120_000)
+    page.locator("table.evaluation").wait_for(timeout=120_000)  # the evaluation it queued
+    job.refresh_from_db()
+    assert job.status == TrainingJob.SUCCEEDED and page.locator("svg.chart polyline").count()
+    shoot(page, "job-done")
+
+    # An API key: shown once, then revoked.
+    page.get_by_role("link", name="dora", exact=True).click()
+    page.get_by_label("Name").fill("laptop")
+    page.get_by_role("button", name="Create key").click()
+    secret = page.locator("#new-key").inner_text()
+    assert ApiKey.objects.get(name="laptop").matches(secret)
+    shoot(page, "account")
+    page.get_by_role("button", name="Revoke laptop").click()
+    assert "revoked" in page.locator("table").first.inner_text()
+    assert ApiKey.objects.get(name="laptop").revoked_at is not None
+    assert secret not in page.content()

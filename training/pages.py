@@ -1,0 +1,133 @@
+"""Training from the browser: datasets, starting a job for an expert, watching it, cancelling.
+
+A running job's page polls a fragment with htmx every couple of seconds (a plain page
+refreshes itself instead) until the job ends and its evaluation is in.
+"""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db import IntegrityError
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from registry import storage
+from registry.charts import line_chart
+from registry.models import Expert, ExpertVersion
+
+from . import datasets, jobs
+from .forms import DatasetForm, TrainingForm
+from .models import Dataset, EvaluationJob, TrainingJob
+
+
+@login_required
+def dataset_list(request):
+    form = DatasetForm(request.POST or None, request.FILES or None)
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            dataset = create_dataset(request.user, form)
+            if dataset is not None:
+                messages.success(request, f"Dataset {dataset.full_name} is ready to train on.")
+                return redirect("datasets")
+        status = 503 if getattr(form, "storage_down", False) else 400
+    mine = Dataset.objects.filter(owner=request.user).select_related("domain").order_by("name")
+    return render(
+        request, "training/datasets.html", {"form": form, "datasets": mine}, status=status
+    )
+
+
+def create_dataset(user, form):
+    """The Dataset, or None with the problem put on the form."""
+    data = dict(form.cleaned_data)
+    upload = data.pop("file")
+    try:
+        return datasets.create(
+            user,
+            fileobj=upload,
+            sha256=getattr(upload, "sha256", None) or storage.sha256_of(upload),
+            size=upload.size,
+            fmt=datasets.format_of(upload.name),
+            **data,
+        )
+    except datasets.DatasetError as exc:
+        form.add_error("file", str(exc))
+    except IntegrityError:
+        form.add_error("name", f"you already have a dataset named {data['name']!r}")
+    except storage.StorageUnavailable:
+        form.storage_down = True
+        form.add_error("file", "storage is unavailable right now; nothing was saved, try again")
+    return None
+
+
+@login_required
+def train(request, owner, name):
+    expert = get_object_or_404(
+        Expert.objects.select_related("owner", "base_model"), owner__username=owner, name=name
+    )
+    if expert.owner != request.user:
+        raise Http404("you can only train your own experts")
+    form = TrainingForm(request.POST or None, user=request.user, expert=expert)
+    if request.method == "POST" and form.is_valid():
+        job = jobs.start_training(
+            request.user, expert, form.cleaned_data["datasets"], form.cleaned_data["params"]
+        )
+        return redirect("job", job.pk)
+    status = 400 if form.errors else 200
+    return render(request, "training/train.html", {"form": form, "expert": expert}, status=status)
+
+
+@login_required
+def job_list(request):
+    training = TrainingJob.objects.filter(created_by=request.user).select_related("expert__owner")
+    evaluations = EvaluationJob.objects.filter(created_by=request.user).select_related(
+        "version__expert__owner"
+    )
+    context = {
+        "training_jobs": training.order_by("-created_at")[:50],
+        "evaluation_jobs": evaluations.order_by("-created_at")[:50],
+    }
+    return render(request, "training/jobs.html", context)
+
+
+def own_job(request, pk):
+    """A job of the user's (staff see all); anyone else's is 404."""
+    jobs_seen = TrainingJob.objects.select_related("expert__owner", "base_model")
+    if not request.user.is_staff:
+        jobs_seen = jobs_seen.filter(created_by=request.user)
+    return get_object_or_404(jobs_seen, pk=pk)
+
+
+@login_required
+def job_detail(request, pk):
+    job = own_job(request, pk)
+    template = "training/_job_status.html" if request.htmx else "training/job.html"
+    return render(request, template, job_context(job))
+
+
+def job_context(job):
+    version = ExpertVersion.objects.filter(training_job=job).first()
+    evaluation = (
+        EvaluationJob.objects.filter(version=version).order_by("-created_at").first()
+        if version
+        else None
+    )
+    points = [(step, loss) for step, _, loss in job.history]
+    return {
+        "job": job,
+        "version": version,
+        "evaluation": evaluation,
+        "evaluations": version.metrics.get("evaluations", []) if version else [],
+        "loss_chart": line_chart({"training loss": points}, x_label="step", y_label="loss"),
+        # Keep polling until the job and the evaluation it queued have both ended.
+        "live": not job.finished or (evaluation is not None and not evaluation.finished),
+    }
+
+
+@login_required
+@require_POST
+def job_cancel(request, pk):
+    job = own_job(request, pk)
+    if job.request_cancel():
+        messages.info(request, "Cancelling: the job stops at its next progress report.")
+    return redirect("job", job.pk)
