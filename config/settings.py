@@ -245,12 +245,14 @@ SPECTACULAR_SETTINGS = {
 CELERY_BROKER_DIR = VAR_DIR / "broker"
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
 if CELERY_BROKER_URL == "filesystem://":
-    for folder in ("queue", "processed"):
+    for folder in ("queue", "processed", "control"):
         (CELERY_BROKER_DIR / folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_BROKER_DIR / "queue"),
         "data_folder_out": str(CELERY_BROKER_DIR / "queue"),
         "processed_folder": str(CELERY_BROKER_DIR / "processed"),
+        # Exchange tables; kombu's default is "control" in the working directory.
+        "control_folder": str(CELERY_BROKER_DIR / "control"),
         "store_processed": False,
         # Workers poll the folder; the default (1 s) would add up to a second per job.
         "polling_interval": 0.1,
