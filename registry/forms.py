@@ -79,7 +79,7 @@ class ExpertForm(forms.ModelForm):
 
 class VersionUploadForm(forms.Form):
     file = forms.FileField(
-        help_text="the expert's .safetensors file (made by `python -m coprocessor train`)"
+        help_text="the expert's .safetensors file, as python -m coprocessor train writes it"
     )
     changelog = forms.CharField(required=False, max_length=5000, widget=forms.Textarea({"rows": 3}))
 

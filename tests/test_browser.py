@@ -93,6 +93,31 @@ def test_a_visitor_searches_filters_and_opens_an_expert(page, make_expert, publi
     shoot(page, "expert-phone")
 
 
+def test_the_catalog_works_by_keyboard_and_without_javascript(browser, live_server, make_expert):
+    make_expert("pydoc", summary="Python docs")
+    make_expert("gpl", summary="Licences")
+    context = browser.new_context(base_url=live_server.url, java_script_enabled=False)
+    page = context.new_page()
+    page.goto("/?q=python")
+    assert page.locator(".card h2").all_inner_texts() == ["alice/pydoc"]
+    page.get_by_role("link", name="alice/pydoc").click()
+    assert page.get_by_role("heading", name="alice/pydoc").is_visible()
+    context.close()
+
+    context = browser.new_context(base_url=live_server.url)
+    page = context.new_page()
+    page.goto("/")
+    page.keyboard.press("Tab")  # the skip link first
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    for _ in range(20):  # on to the first expert card, and open it with Enter
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.closest('.card') !== null"):
+            break
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/experts/alice/*/")
+    context.close()
+
+
 def test_a_model_card_with_scripts_and_javascript_links_renders_inert(page, make_expert):
     make_expert(
         "evil",
