@@ -179,10 +179,17 @@ def test_a_user_publishes_tries_trains_and_manages_keys(
     assert not ExpertVersion.objects.exists()
     shoot(page, "upload-error")
 
-    # Upload a valid one: the expert's page, with version 1.
-    good = tmp_path / "good.safetensors"
-    good.write_bytes(expert_file())
-    page.locator("input[type=file]").set_input_files(str(good))
+    # Drop a valid one on the field: the expert's page, with version 1.
+    page.evaluate(
+        """(bytes) => {
+            const data = new DataTransfer();
+            data.items.add(new File([new Uint8Array(bytes)], "good.safetensors"));
+            const zone = document.querySelector("[data-dropzone]");
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+        }""",
+        list(expert_file()),
+    )
+    assert page.locator("[data-chosen]").inner_text() == "good.safetensors"
     page.get_by_role("button", name="Upload").click()
     page.wait_for_url("**/experts/dora/words/")
     assert page.get_by_text("Version 1 is ready.").is_visible()
