@@ -193,7 +193,22 @@ FILE_UPLOAD_TEMP_DIR = env_str("FILE_UPLOAD_TEMP_DIR") or None
 LATENTRY_MAX_ARTIFACT_BYTES = env_int("LATENTRY_MAX_ARTIFACT_BYTES", 600 * 1024 * 1024)
 
 # Each server process keeps its own small cache in memory; nothing here needs to be shared.
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Per process by default; share one (CACHE_URL=redis://...) when several processes serve, so
+# that rate limits and the catalog cache hold across them.
+CACHE_URL = env_str("CACHE_URL", "")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+        if CACHE_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+# Rate limits per user (or client address when signed out), answered with 429 and Retry-After:
+# generation (native and OpenAI-compatible) and uploads (versions, datasets). Empty: no limit.
+LATENTRY_THROTTLE_RATES = {
+    "generate": env_str("LATENTRY_GENERATE_RATE", "120/min") or None,
+    "upload": env_str("LATENTRY_UPLOAD_RATE", "60/hour") or None,
+}
 # Anonymous catalog pages (no search) are served from that cache for this long: browsing is most
 # of the traffic, and building a page costs ten times what serving the cached one does. 0: off.
 LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)

@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 from safetensors.torch import save
 
+from registry.api import GenerateThrottle
 from registry.models import ApiKey, BaseModel, Expert, ExpertVersion
 
 from . import service
@@ -47,6 +48,7 @@ class RouterView(APIView):
     """Generation is not a write: read-only API keys may use it; anyone may try it."""
 
     permission_classes = [AllowAny]
+    throttle_classes = [GenerateThrottle]
 
     def prepare(self, ask):
         with service_errors():
@@ -156,6 +158,9 @@ def model_entry(model_id, owner, created):
     return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
 
 
+ERROR_TYPES = {404: "not_found_error", 429: "rate_limit_error"}
+
+
 class OpenAIView(RouterView):
     chat = False
     serializer_class = None
@@ -167,9 +172,7 @@ class OpenAIView(RouterView):
             response.data = {
                 "error": {
                     "message": error_message(response.data),
-                    "type": "not_found_error"
-                    if response.status_code == 404
-                    else ("invalid_request_error"),
+                    "type": ERROR_TYPES.get(response.status_code, "invalid_request_error"),
                     "param": None,
                     "code": response.status_code,
                 }

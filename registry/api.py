@@ -1,8 +1,10 @@
 """What the whole API version shares: pagination, errors, strict serializers, ordering."""
 
+from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist
 from django.db.models import F
-from rest_framework import exceptions, filters, pagination, serializers, status
+from rest_framework import exceptions, filters, pagination, permissions, serializers, status
+from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from coprocessor.artifact import ArtifactError
@@ -14,6 +16,34 @@ from .storage import StorageUnavailable
 class Pagination(pagination.PageNumberPagination):
     page_size_query_param = "page_size"
     max_page_size = 100
+
+
+class RateThrottle(SimpleRateThrottle):
+    """A limit per user, or per client address when signed out, at the rate that
+    settings.LATENTRY_THROTTLE_RATES gives its scope (read per request; None: no limit)."""
+
+    def get_rate(self):
+        return settings.LATENTRY_THROTTLE_RATES.get(self.scope)
+
+    def get_cache_key(self, request, view):
+        user = request.user
+        ident = f"user-{user.pk}" if user and user.is_authenticated else self.get_ident(request)
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+class GenerateThrottle(RateThrottle):
+    scope = "generate"
+
+
+class UploadThrottle(RateThrottle):
+    """Uploads only: reading versions and datasets is not limited."""
+
+    scope = "upload"
+
+    def allow_request(self, request, view):
+        if request.method in permissions.SAFE_METHODS:
+            return True
+        return super().allow_request(request, view)
 
 
 class Conflict(exceptions.APIException):

@@ -20,7 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from . import storage
-from .api import Conflict, NullsLastOrderingFilter, PayloadTooLarge
+from .api import Conflict, NullsLastOrderingFilter, PayloadTooLarge, UploadThrottle
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
 from .permissions import ApiKeyScope, IsAuthor, IsOwnerOrReadOnly
 from .serializers import (
@@ -169,6 +169,7 @@ class ExpertVersionViewSet(
     serializer_class = ExpertVersionSerializer
     permission_classes = [ApiKeyScope, IsAuthenticatedOrReadOnly]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
+    throttle_classes = [UploadThrottle]
     lookup_field = "number"
     lookup_value_regex = r"\d+"
     filter_backends = []

@@ -11,7 +11,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
 from registry import storage
-from registry.api import Conflict
+from registry.api import Conflict, UploadThrottle
 from registry.models import Expert, ExpertVersion
 from registry.permissions import ApiKeyScope, IsOwnerOrReadOnly
 
@@ -37,6 +37,7 @@ class DatasetViewSet(
 
     serializer_class = DatasetSerializer
     permission_classes = [ApiKeyScope, IsAuthenticated, IsOwnerOrReadOnly]
+    throttle_classes = [UploadThrottle]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
     filter_backends = []
 

@@ -1,0 +1,48 @@
+"""Rate limits: generation and uploads answer 429 with Retry-After past their rate, per user,
+and a refused upload stores nothing."""
+
+import io
+
+import openai
+import pytest
+
+from registry.models import ApiKey, ExpertVersion
+from tests.conftest import client_for, upload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def tight(settings):
+    settings.LATENTRY_THROTTLE_RATES = {"generate": "2/min", "upload": "1/min"}
+
+
+def test_generation_past_its_rate_is_429_per_user(tight, alice, bob, base_model):
+    body = {"base": base_model.slug, "prompt": "w5 w6", "max_new_tokens": 1}
+    alice_client = client_for(alice)
+    assert [alice_client.post("/api/v1/generate", body).status_code for _ in range(2)] == [200] * 2
+    refused = alice_client.post("/api/v1/generate", body)
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    assert "throttled" in refused.json()["detail"].lower()
+    assert client_for(bob).post("/api/v1/generate", body).status_code == 200
+
+
+def test_uploads_past_their_rate_are_429_and_store_nothing(tight, alice, make_expert, expert_file):
+    expert = make_expert("pydoc")
+    client = client_for(alice)
+    assert upload(client, expert, expert_file(seed=1)).status_code == 201
+    refused = upload(client, expert, expert_file(seed=2))
+    assert refused.status_code == 429
+    assert ExpertVersion.objects.filter(expert=expert).count() == 1
+    assert client.get("/api/v1/experts/alice/pydoc/versions/").status_code == 200  # reads: free
+    dataset = {"name": "notes", "file": io.BytesIO(b"some text")}
+    assert client.post("/api/v1/datasets/", dataset, format="multipart").status_code == 429
+
+
+def test_the_openai_client_sees_a_rate_limit_error(tight, live_server, base_model, alice):
+    _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    for _ in range(2):
+        client.completions.create(model=base_model.slug, prompt="w5", max_tokens=1)
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=base_model.slug, prompt="w5", max_tokens=1)
