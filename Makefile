@@ -21,13 +21,14 @@ install: $(STAMP)
 migrate: install
 	$(PY) manage.py migrate --noinput
 
-# The web server and one job worker (queue "gpu"; CPU where there is no GPU) together;
+# The web server and one job worker (queue "gpu"; CPU where there is no GPU; with the beat
+# that re-sends dead workers' jobs) together;
 # stopping the server stops the worker.
 run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
 	$(PY) manage.py seed_demo_job
-	$(PY) -m celery -A config worker -Q gpu -c 1 -n worker@%h -l info & \
+	$(PY) -m celery -A config worker -B -Q gpu -c 1 -n worker@%h -l info & \
 	trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
 	$(PY) manage.py runserver $(HOST):$(PORT)
 

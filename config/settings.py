@@ -293,6 +293,16 @@ LATENTRY_JOB_RETRY_DELAY = env_int("LATENTRY_JOB_RETRY_DELAY", 10)
 LATENTRY_MAX_DATASET_BYTES = env_int("LATENTRY_MAX_DATASET_BYTES", 100 * 1024 * 1024)
 # "cpu", "cuda" or "" (cuda when available).
 LATENTRY_DEVICE = env_str("LATENTRY_DEVICE", "")
+# celery beat (`make run` embeds it in its worker; production runs one `beat` process): re-send
+# the jobs of workers that died, once per lease. It goes to the job queue, the one workers read.
+CELERY_BEAT_SCHEDULE = {
+    "recover-lapsed-jobs": {
+        "task": "training.recover_lapsed_jobs",
+        "schedule": float(LATENTRY_JOB_LEASE_SECONDS),
+        "options": {"queue": LATENTRY_JOB_QUEUE, "expires": float(LATENTRY_JOB_LEASE_SECONDS)},
+    }
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 LOGGING = {
     "version": 1,

@@ -132,3 +132,28 @@ def test_a_lasting_storage_outage_fails_the_job_cleanly(
     assert "storage unavailable after retries" in job.error
     assert not ExpertVersion.objects.exists()
     assert TrainingJob.objects.get(pk=job.pk).attempts == 2
+
+
+def test_the_periodic_recovery_resends_a_dead_worker_s_job_to_a_live_one(
+    alice, base_model, make_expert, start_worker, queue, settings
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from training.tasks import recover_lapsed_jobs
+
+    start_worker()  # up and idle before the job is stranded: its start-up recovery saw nothing
+    settings.LATENTRY_JOB_QUEUE = "nobody-reads-this"  # the jobs' own messages get lost
+    words = make_dataset(alice)
+    job = start_training(alice, make_expert("stranded"), [words], {**LONG, "steps": 20})
+    # ... and a worker that has since died holds the job.
+    TrainingJob.objects.filter(pk=job.pk).update(
+        status=Job.RUNNING, worker="dead@host", heartbeat_at=timezone.now() - timedelta(hours=1)
+    )
+    waiting = start_training(alice, make_expert("waiting"), [words], {**LONG, "steps": 20})
+    TrainingJob.objects.filter(pk=waiting.pk).update(created_at=timezone.now() - timedelta(hours=1))
+    recover_lapsed_jobs.apply_async(queue=queue)  # what beat sends every lease period
+    wait_for(lambda: job_state(job).finished, timeout=120, what="the stranded job to end")
+    assert job.status == Job.SUCCEEDED and job.attempts == 1 and job.worker != "dead@host"
+    assert job_state(waiting).status == Job.QUEUED  # queued ones may be waiting: not re-sent

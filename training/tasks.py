@@ -128,10 +128,11 @@ def enqueue(job):
     transaction.on_commit(lambda: task.apply_async((job.pk,), queue=settings.LATENTRY_JOB_QUEUE))
 
 
-def recover_orphans(hostname=None):
-    """Send again the jobs whose worker died, and queued jobs whose message may have died
-    with one. Run when a worker starts: its own running jobs are orphans by definition (it
-    runs nothing yet), others' once their heartbeat lapsed. Extra deliveries are harmless."""
+def recover_orphans(hostname=None, include_queued=True):
+    """Send again the jobs whose worker died, and (``include_queued``) queued jobs whose
+    message may have died with one. Run when a worker starts: its own running jobs are orphans
+    by definition (it runs nothing yet), others' once their heartbeat lapsed. Extra deliveries
+    are harmless."""
     now = timezone.now()
     stale = now - timedelta(seconds=settings.LATENTRY_JOB_LEASE_SECONDS)
     recovered = []
@@ -140,17 +141,25 @@ def recover_orphans(hostname=None):
             model.objects.filter(status=Job.RUNNING, worker=hostname).update(
                 status=Job.QUEUED, worker="", heartbeat_at=None
             )
-        orphans = model.objects.filter(
-            Q(status=Job.RUNNING, heartbeat_at__lt=stale)
-            | Q(status=Job.QUEUED, created_at__lt=stale)
-            | Q(status=Job.QUEUED, worker="", attempts__gt=0)
-        )
-        for job in orphans:
+        lost = Q(status=Job.RUNNING, heartbeat_at__lt=stale)
+        if include_queued:
+            lost |= Q(status=Job.QUEUED, created_at__lt=stale) | Q(
+                status=Job.QUEUED, worker="", attempts__gt=0
+            )
+        for job in model.objects.filter(lost):
             enqueue(job)
             recovered.append(job)
     if recovered:
         logger.warning("re-sent %d jobs whose worker or message was lost", len(recovered))
     return recovered
+
+
+@shared_task(name="training.recover_lapsed_jobs", ignore_result=True)
+def recover_lapsed_jobs():
+    """Every lease period (celery beat): re-send running jobs whose worker stopped beating, so
+    a worker that dies for good does not strand its job until some worker starts. Queued jobs
+    are left alone here: they may only be waiting their turn behind long ones."""
+    return len(recover_orphans(include_queued=False))
 
 
 @worker_ready.connect
