@@ -95,6 +95,7 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "registry.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -253,6 +254,14 @@ SPECTACULAR_SETTINGS = {
     # Swagger UI assets ship with the package: the docs page works with no network.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "registry.schema.add_error_responses",
+    ],
+    "ENUM_NAME_OVERRIDES": {
+        "JobStatusEnum": "training.models.Job.STATUS_CHOICES",
+        "VersionStatusEnum": "registry.models.ExpertVersion.STATUS_CHOICES",
+    },
 }
 
 # Celery: the filesystem broker needs no server; production points CELERY_BROKER_URL at
@@ -293,6 +302,10 @@ LATENTRY_JOB_RETRY_DELAY = env_int("LATENTRY_JOB_RETRY_DELAY", 10)
 LATENTRY_MAX_DATASET_BYTES = env_int("LATENTRY_MAX_DATASET_BYTES", 100 * 1024 * 1024)
 # "cpu", "cuda" or "" (cuda when available).
 LATENTRY_DEVICE = env_str("LATENTRY_DEVICE", "")
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # Redis delivers an unacknowledged message again after this, and jobs are acknowledged when
+    # they end: longer than the longest job, so a long job is not delivered a second time.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": LATENTRY_JOB_TIME_LIMIT + 600}
 # celery beat (`make run` embeds it in its worker; production runs one `beat` process): re-send
 # the jobs of workers that died, once per lease. It goes to the job queue, the one workers read.
 CELERY_BEAT_SCHEDULE = {

@@ -1,3 +1,4 @@
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from registry.api import StrictSerializer
@@ -58,6 +59,9 @@ class GenerateSerializer(PromptFields, SamplingFields):
     max_new_tokens = serializers.IntegerField(min_value=1, default=64)
 
     class Answer(serializers.Serializer):
+        class Meta:
+            ref_name = "GenerateAnswer"
+
         text = serializers.CharField()
         expert = serializers.CharField(allow_null=True, help_text="owner/name@version used")
         augmented = serializers.BooleanField()
@@ -74,6 +78,9 @@ class AttachSerializer(PromptFields, StrictSerializer):
     expert = serializers.CharField(help_text=EXPERT_HELP)
 
     class Answer(serializers.Serializer):
+        class Meta:
+            ref_name = "AttachAnswer"
+
         expert = serializers.CharField(allow_null=True)
         augmented = serializers.BooleanField()
         reason = serializers.CharField()
@@ -87,6 +94,9 @@ class AttachSerializer(PromptFields, StrictSerializer):
         )
 
 
+@extend_schema_field(
+    {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]}
+)
 class StopField(serializers.Field):
     """OpenAI's ``stop``: a string or a list of up to 4 strings."""
 

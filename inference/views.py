@@ -11,8 +11,9 @@ import uuid
 
 from django.db import connection
 from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import generics, serializers
+from rest_framework import generics
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
@@ -133,7 +134,7 @@ class ModelsView(APIView):
 
     permission_classes = [AllowAny]
 
-    @extend_schema(responses=serializers.JSONField())
+    @extend_schema(responses=OpenApiTypes.OBJECT)
     def get(self, request):
         created = int(time.time())
         data = []
@@ -289,11 +290,18 @@ def latentry_fields(answer):
     return {k: body[k] for k in ("expert", "augmented", "reason", "score", "timings_ms")}
 
 
+# OpenAI's shapes; with ``stream: true``, server-sent events of the same chunks.
+OPENAI_ANSWERS = {
+    (200, "application/json"): OpenApiTypes.OBJECT,
+    (200, "text/event-stream"): OpenApiTypes.STR,
+}
+
+
 class CompletionsView(OpenAIView):
     chat = False
     serializer_class = CompletionSerializer
 
-    @extend_schema(request=CompletionSerializer, responses=serializers.JSONField())
+    @extend_schema(request=CompletionSerializer, responses=OPENAI_ANSWERS)
     def post(self, request):
         return super().post(request)
 
@@ -302,6 +310,6 @@ class ChatCompletionsView(OpenAIView):
     chat = True
     serializer_class = ChatCompletionSerializer
 
-    @extend_schema(request=ChatCompletionSerializer, responses=serializers.JSONField())
+    @extend_schema(request=ChatCompletionSerializer, responses=OPENAI_ANSWERS)
     def post(self, request):
         return super().post(request)

@@ -64,6 +64,16 @@ class ServiceUnavailable(exceptions.APIException):
     default_code = "unavailable"
 
 
+def not_found(request, exception=None):
+    """Django's 404 for a path no URL matches: JSON for API clients, a page for people."""
+    from django.http import JsonResponse
+    from django.shortcuts import render
+
+    if request.path.startswith(("/api/", "/v1/")):
+        return JsonResponse({"detail": "not found"}, status=404)
+    return render(request, "404.html", status=404)
+
+
 def exception_handler(exc, context):
     """DRF's handler, plus the domain errors that views let through."""
     if isinstance(exc, ArtifactError):

@@ -26,7 +26,7 @@ class BaseModelSerializer(serializers.ModelSerializer):
 
 
 class DomainSerializer(serializers.ModelSerializer):
-    parent = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    parent = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True)
 
     class Meta:
         model = Domain
@@ -158,18 +158,17 @@ class ApiKeySerializer(StrictModelSerializer):
         max_length=2,
         default=lambda: [ApiKey.READ, ApiKey.WRITE],
     )
-    key = serializers.CharField(read_only=True, help_text="the secret; shown only on creation")
 
     class Meta:
         model = ApiKey
-        fields = [
-            "id",
-            "name",
-            "prefix",
-            "scopes",
-            "created_at",
-            "last_used_at",
-            "revoked_at",
-            "key",
-        ]
+        fields = ["id", "name", "prefix", "scopes", "created_at", "last_used_at", "revoked_at"]
         read_only_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
+
+
+class NewApiKeySerializer(ApiKeySerializer):
+    """A key as its creation answers it: with the secret, which is never shown again."""
+
+    key = serializers.CharField(read_only=True, help_text="the secret; shown only now")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = [*ApiKeySerializer.Meta.fields, "key"]

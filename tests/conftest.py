@@ -270,6 +270,26 @@ def s3_storage_settings(endpoint, bucket):
     }
 
 
+@pytest.fixture
+def flaky_s3(s3_endpoint, settings):
+    """The artifact store behind a proxy the test can cut off, for the test and its workers."""
+    import boto3
+
+    from tests.workers import FaultProxy, new_queue
+
+    port = int(s3_endpoint.rsplit(":", 1)[1])
+    proxy = FaultProxy(port)
+    bucket = f"flaky-{new_queue()}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    settings.STORAGES = {**settings.STORAGES, "artifacts": s3_storage_settings(endpoint, bucket)}
+    proxy.env = {"S3_BUCKET": bucket, "S3_ENDPOINT_URL": endpoint, "S3_REGION": "us-east-1"}
+    yield proxy
+    proxy.close()
+
+
 @pytest.fixture(params=["filesystem", "s3"])
 def artifact_backend(request, settings, tmp_path):
     """Run a test once against local disk and once against the S3 endpoint."""

@@ -3,13 +3,12 @@
 Runs against the environment's broker (Redis in CI, the filesystem broker here) and database.
 """
 
-import boto3
 import pytest
 
 from registry.models import ExpertVersion
-from tests.conftest import s3_storage_settings, stored_keys
+from tests.conftest import stored_keys
 from tests.test_jobs import make_dataset
-from tests.workers import FaultProxy, Worker, new_queue, wait_for, worker_env
+from tests.workers import Worker, new_queue, wait_for, worker_env
 from training.jobs import start_training
 from training.models import Job, TrainingJob
 
@@ -83,22 +82,6 @@ def test_cancelling_a_running_job_stops_it_with_no_version(
     assert job.step < 100_000
     assert not ExpertVersion.objects.exists()
     assert not [k for k in stored_keys() if k.startswith("checkpoints/")]
-
-
-@pytest.fixture
-def flaky_s3(s3_endpoint, settings):
-    """The artifact store behind a proxy the test can cut off, for the test and its workers."""
-    port = int(s3_endpoint.rsplit(":", 1)[1])
-    proxy = FaultProxy(port)
-    bucket = f"jobs-{new_queue()}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    endpoint = f"http://127.0.0.1:{proxy.port}"
-    settings.STORAGES = {**settings.STORAGES, "artifacts": s3_storage_settings(endpoint, bucket)}
-    proxy.env = {"S3_BUCKET": bucket, "S3_ENDPOINT_URL": endpoint, "S3_REGION": "us-east-1"}
-    yield proxy
-    proxy.close()
 
 
 def test_a_storage_outage_is_retried_and_the_job_finishes_when_it_is_back(

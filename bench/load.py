@@ -1,0 +1,333 @@
+"""Load on the whole service: gunicorn + PostgreSQL + Redis + a job worker, a mix of catalog
+reads, uploads and generation at rising concurrency.
+
+How:
+
+1. A fresh PostgreSQL database (``latentry_load``), migrated with production settings
+   (``DEBUG=false``); Redis as the Celery broker and the shared cache (rate limits off, so the
+   service rather than the limits is measured); artifacts on local disk; the tiny test llama as
+   the base model, so that generation measures the service, not a 135M model on two cores.
+   It seeds 500 public experts to browse and one expert per client to upload versions to.
+2. gunicorn serves ``config.wsgi`` (as bench/api_load.py does) and one Celery worker runs a
+   small training job that is queued when the load starts, as a GPU worker would.
+3. Steps of ``--steps`` concurrent clients (default 1, 2, 4, 8, 16, 32), ``--seconds`` each.
+   Every client has its own API key and keep-alive connection and sends, at random: 70%
+   catalog reads (list by downloads, search, one expert), 20% generation
+   (``POST /api/v1/generate``, 8 greedy tokens, half of them with an expert), 10% uploads of a
+   new version of its own expert (a valid 40 KB expert file).
+   A step is *sustained* when it has no errors (non-2xx answers, exceptions) and its p95
+   latency is under ``--p95-ms``; the run stops at the first step that is not.
+4. Lost writes: every upload answered 201 must be a version row in the database whose stored
+   file reads back with its sha256; the training job must have succeeded.
+
+    .venv/bin/python bench/load.py [--seconds 15] [--p95-ms 1000] [--steps 1,2,4,8,16,32]
+
+Ends with ``RESULT sustained_rps=<x> errors=<n> lost_writes=<n>``: the requests/s of the highest
+sustained step, the errors at that step, and the writes lost over the whole run. Target: zero
+errors and zero lost writes at the highest sustained step.
+"""
+
+import argparse
+import hashlib
+import http.client
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.api_load import (  # noqa: E402
+    Stats,
+    free_port,
+    migrate,
+    recreate_database,
+    server_env,
+    start_gunicorn,
+    stop,
+    wait_until_ready,
+)
+
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_load"
+BROKER_URL = "redis://127.0.0.1:6379/5"
+CACHE_URL = "redis://127.0.0.1:6379/6"
+MIX = [("read", 0.7), ("generate", 0.2), ("upload", 0.1)]
+
+
+def environment(args, var_dir):
+    env = server_env(args.database_url, var_dir)
+    env.update(
+        CELERY_BROKER_URL=BROKER_URL,
+        CACHE_URL=CACHE_URL,
+        LATENTRY_ARTIFACTS_DIR=str(var_dir / "artifacts"),
+        LATENTRY_GENERATE_RATE="",
+        LATENTRY_UPLOAD_RATE="",
+        LATENTRY_CATALOG_CACHE_SECONDS="0",
+        LATENTRY_JOB_QUEUE="load",
+        LATENTRY_PROGRESS_SECONDS="1",
+        LATENTRY_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def flush_redis():
+    import redis
+
+    for url in (BROKER_URL, CACHE_URL):
+        redis.Redis.from_url(url).flushdb()
+
+
+def seed(env, clients, var_dir):
+    """Base model, 500 public experts, and per client a user, a key and an expert; returns
+    [(key, expert path)] per client and the file every upload sends."""
+    import os
+
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+
+    from coprocessor.base_models import convert, describe
+    from registry.models import ApiKey, Domain, Expert
+    from tests.conftest import expert_file_bytes, register_tiny_llama
+    from tests.tiny_models import frozen, tiny_llama, word_tokenizer
+
+    model = frozen(tiny_llama)
+    folder = var_dir / "tiny-llama"
+    convert(model, word_tokenizer(), folder)
+    base = register_tiny_llama(describe(model), folder)
+    domain = Domain.objects.create(slug="load", name="Load")
+    publisher = get_user_model().objects.create_user("publisher")
+    Expert.objects.bulk_create(
+        Expert(
+            owner=publisher,
+            name=f"expert-{i}",
+            summary=f"words {i % 37} topic {i % 11}",
+            domain=domain,
+            base_model=base,
+            download_count=i * 7 % 1000,
+        )
+        for i in range(500)
+    )
+    people = []
+    for i in range(clients):
+        user = get_user_model().objects.create_user(f"client{i}")
+        _, key = ApiKey.create_for(user, "load")
+        Expert.objects.create(owner=user, name="mine", domain=domain, base_model=base)
+        people.append((key, f"/api/v1/experts/client{i}/mine/"))
+    upload = expert_file_bytes(describe(model), n_latents=2, rank=2)
+    return people, upload, base.slug
+
+
+def start_worker(env, log):
+    command = [
+        sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "load", "-c", "1",
+        "-n", "load@%h", "--without-gossip", "--without-mingle", "-l", "warning",
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def queue_training_job(port, key, base_slug):
+    """A small training job on a fresh dataset, through the API as a user would."""
+    from tests.tiny_models import phrase_text
+
+    boundary = uuid.uuid4().hex
+    text = phrase_text(length=3000).encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\nphrases\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\n"
+        ).encode()
+        + text
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, _ = request(port, key, "POST", "/api/v1/datasets/", body, boundary)
+    assert status == 201, status
+    params = dict(steps=60, window=64, ahead_tokens=4, positions_per_window=4, n_latents=2)
+    job = {"expert": "trained", "domain": "load", "datasets": ["phrases"], "params": params}
+    status, answer = request(port, key, "POST", "/api/v1/jobs/training/", json.dumps(job))
+    assert status == 201, (status, answer)
+    return json.loads(answer)["id"]
+
+
+def request(port, key, method, path, body=None, boundary=None, conn=None):
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Authorization": f"Bearer {key}"}
+    if body is not None:
+        headers["Content-Type"] = (
+            f"multipart/form-data; boundary={boundary}" if boundary else "application/json"
+        )
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        if own:
+            conn.close()
+
+
+def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed_value):
+    key, expert_path = person
+    rng = random.Random(seed_value)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    boundary = uuid.uuid4().hex
+    upload_body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="e.safetensors"'
+            "\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + upload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    while time.monotonic() < deadline:
+        kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
+        if kind == "read":
+            path = rng.choice(
+                [
+                    "/api/v1/experts/?ordering=-download_count",
+                    f"/api/v1/experts/?q=words+{rng.randrange(37)}",
+                    f"/api/v1/experts/publisher/expert-{rng.randrange(500)}/",
+                ]
+            )
+            args = ("GET", path)
+        elif kind == "generate":
+            expert = f"publisher/expert-{rng.randrange(5)}" if rng.random() < 0.5 else ""
+            body = {"base": base_slug, "expert": expert, "prompt": "w5 w6 w7", "max_new_tokens": 8}
+            args = ("POST", "/api/v1/generate", json.dumps(body))
+        else:
+            args = ("POST", expert_path + "versions/", upload_body, boundary)
+        started = time.perf_counter()
+        try:
+            status, answer = request(port, key, *args, conn=conn)
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            status, answer = None, b""
+        elapsed = time.perf_counter() - started
+        with lock:
+            if status is not None and 200 <= status < 300:
+                stats.latencies.append(elapsed)
+                if kind == "upload":
+                    uploads.append((expert_path, json.loads(answer)["number"]))
+            else:
+                stats.errors += 1
+                stats.failures.append(f"{args[0]} {args[1][:60]} -> {status}")
+    conn.close()
+
+
+def run_step(port, people, upload, base_slug, clients, seconds, uploads):
+    stats = Stats(f"{clients} clients")
+    stats.failures = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    threads = [
+        threading.Thread(
+            target=client,
+            args=(port, people[i], upload, base_slug, deadline, stats, uploads, lock, i),
+        )
+        for i in range(clients)
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def lost_writes(uploads, training_job_id):
+    """Uploads answered 201 that are not a version whose file reads back; a job not done."""
+    from registry.models import ExpertVersion
+    from training.models import TrainingJob
+
+    lost = 0
+    for expert_path, number in uploads:
+        owner, name = expert_path.strip("/").split("/")[-2:]
+        version = ExpertVersion.objects.filter(
+            expert__owner__username=owner, expert__name=name, number=number
+        ).first()
+        if version is None or hashlib.sha256(version.read_verified()).hexdigest() != version.sha256:
+            lost += 1
+    job = TrainingJob.objects.get(pk=training_job_id)
+    if job.status != TrainingJob.SUCCEEDED:
+        print(f"training job {job.pk}: {job.status} {job.error}")
+        lost += 1
+    return lost
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=15)
+    p.add_argument("--p95-ms", type=float, default=1000)
+    p.add_argument("--steps", default="1,2,4,8,16,32")
+    p.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    args = p.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    print(f"steps {steps} x {args.seconds:.0f}s; bound p95 < {args.p95_ms:.0f} ms, no errors")
+
+    with tempfile.TemporaryDirectory(prefix="latentry-load-") as tmp:
+        var_dir = Path(tmp)
+        (var_dir / "staticfiles").mkdir()
+        env = environment(args, var_dir)
+        recreate_database(args.database_url)
+        flush_redis()
+        migrate(env)
+        people, upload, base_slug = seed(env, max(steps), var_dir)
+        port = free_port()
+        with open(var_dir / "server.log", "w+") as log:
+            server = start_gunicorn(env, port, log)
+            worker = start_worker(env, log)
+            try:
+                wait_until_ready(server, port)
+                job_id = queue_training_job(port, people[0][0], base_slug)
+                results, uploads = [], []
+                for clients in steps:
+                    stats = run_step(
+                        port, people, upload, base_slug, clients, args.seconds, uploads
+                    )
+                    results.append(stats)
+                    print(
+                        f"{clients:3} clients: {stats.rps:7.1f} req/s, p50 "
+                        f"{stats.percentile_ms(50):6.0f} ms, p95 {stats.percentile_ms(95):6.0f} ms,"
+                        f" errors {stats.errors}"
+                        + (f" ({stats.failures[:3]})" if stats.errors else "")
+                    )
+                    if stats.errors or stats.percentile_ms(95) > args.p95_ms:
+                        break
+                deadline = time.monotonic() + 120
+                from training.models import TrainingJob
+
+                while (
+                    time.monotonic() < deadline and not TrainingJob.objects.get(pk=job_id).finished
+                ):
+                    time.sleep(0.5)
+            finally:
+                stop(server)
+                worker.terminate()
+                worker.wait(timeout=30)
+                log.seek(0)
+                problems = [line for line in log.read().splitlines() if "Error" in line]
+                if problems:
+                    print("server/worker log:\n" + "\n".join(problems[-20:]))
+        lost = lost_writes(uploads, job_id)
+
+    sustained = [s for s in results if not s.errors and s.percentile_ms(95) <= args.p95_ms]
+    best = max(sustained, key=lambda s: s.rps) if sustained else results[0]
+    print(f"{len(uploads)} uploads answered 201; lost writes {lost}")
+    print(f"sustained: {best.name}")
+    print(f"RESULT sustained_rps={best.rps:.1f} errors={best.errors} lost_writes={lost}")
+
+
+if __name__ == "__main__":
+    main()
