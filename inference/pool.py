@@ -5,6 +5,7 @@ context of the request that uses them (``Coprocessor.active``), so concurrent re
 one decoder each see their own expert or none.
 """
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -92,28 +93,35 @@ class ModelPool:
         self.experts = ExpertCache(settings.LATENTRY_EXPERT_CACHE_BYTES)
 
     def base(self, record):
-        """The loaded base model of a registry BaseModel (loaded on first use)."""
+        """The loaded base model of a registry BaseModel (loaded on first use, and again if
+        the row now names other weights). It carries ``record`` itself: a row re-created
+        since the load (a re-import) has another id, and lookups by it must use the new one."""
         loaded = self.bases.get(record.slug)
-        if loaded is not None:
-            return loaded
-        with self.lock:
-            if record.slug not in self.bases:
-                device = settings.LATENTRY_DEVICE or base_models.default_device()
-                decoder, tokenizer = base_models.load_verified(
-                    record.weights_location, record.fingerprint, device=device
-                )
-                # Hooks go in now, before any request runs through the decoder: adding them
-                # later (with the first expert) would change it under concurrent forwards.
-                install_lora_hooks(decoder)
-                batcher = Batcher(
-                    decoder,
-                    tokenizer.eos_token_id,
-                    max_batch=settings.LATENTRY_MAX_BATCH,
-                    wait_s=settings.LATENTRY_BATCH_WAIT_MS / 1000,
-                    max_wait_s=settings.LATENTRY_BATCH_MAX_WAIT_MS / 1000,
-                )
-                self.bases[record.slug] = LoadedBase(record, decoder, tokenizer, batcher)
-            return self.bases[record.slug]
+        if loaded is None or loaded.record.fingerprint != record.fingerprint:
+            with self.lock:
+                loaded = self.bases.get(record.slug)
+                if loaded is None or loaded.record.fingerprint != record.fingerprint:
+                    if loaded is not None:
+                        loaded.batcher.stop()
+                    loaded = self.bases[record.slug] = self._load(record)
+        return loaded if loaded.record == record else dataclasses.replace(loaded, record=record)
+
+    def _load(self, record):
+        device = settings.LATENTRY_DEVICE or base_models.default_device()
+        decoder, tokenizer = base_models.load_verified(
+            record.weights_location, record.fingerprint, device=device
+        )
+        # Hooks go in now, before any request runs through the decoder: adding them later
+        # (with the first expert) would change it under concurrent forwards.
+        install_lora_hooks(decoder)
+        batcher = Batcher(
+            decoder,
+            tokenizer.eos_token_id,
+            max_batch=settings.LATENTRY_MAX_BATCH,
+            wait_s=settings.LATENTRY_BATCH_WAIT_MS / 1000,
+            max_wait_s=settings.LATENTRY_BATCH_MAX_WAIT_MS / 1000,
+        )
+        return LoadedBase(record, decoder, tokenizer, batcher)
 
     def expert(self, base, version):
         """The Coprocessor of an ExpertVersion; ExpertUnavailable with the reason if it cannot

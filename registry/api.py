@@ -2,6 +2,7 @@
 
 from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist
+from django.db import DataError
 from django.db.models import F
 from rest_framework import exceptions, filters, pagination, permissions, serializers, status
 from rest_framework.throttling import SimpleRateThrottle
@@ -74,6 +75,9 @@ def not_found(request, exception=None):
     return render(request, "404.html", status=404)
 
 
+UNSTORABLE = "a value holds characters the database cannot store (such as NUL)"
+
+
 def exception_handler(exc, context):
     """DRF's handler, plus the domain errors that views let through."""
     if isinstance(exc, ArtifactError):
@@ -82,7 +86,19 @@ def exception_handler(exc, context):
         exc = Conflict(str(exc))
     elif isinstance(exc, StorageUnavailable):
         exc = ServiceUnavailable(str(exc))
+    elif isinstance(exc, DataError):  # e.g. a NUL byte that reached a query: bad input
+        exc = exceptions.ValidationError({"detail": [UNSTORABLE]})
     return drf_exception_handler(exc, context)
+
+
+class SlugField(serializers.SlugRelatedField):
+    """A related object by slug; input that no slug could be (a NUL byte, which PostgreSQL
+    refuses in any query) is "no such object" before the database sees it."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str) or "\x00" in data or len(data) > 200:
+            self.fail("does_not_exist", slug_name=self.slug_field, value=str(data)[:200])
+        return super().to_internal_value(data)
 
 
 class StrictSerializer(serializers.Serializer):

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.urls import reverse
 from rest_framework import serializers
 
-from .api import PayloadTooLarge, StrictModelSerializer, StrictSerializer
+from .api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review
 
 
@@ -26,7 +26,7 @@ class BaseModelSerializer(serializers.ModelSerializer):
 
 
 class DomainSerializer(serializers.ModelSerializer):
-    parent = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True)
+    parent = SlugField(slug_field="slug", read_only=True, allow_null=True)
 
     class Meta:
         model = Domain
@@ -36,8 +36,8 @@ class DomainSerializer(serializers.ModelSerializer):
 class ExpertSerializer(StrictModelSerializer):
     id = serializers.CharField(source="full_name", read_only=True)
     owner = serializers.CharField(source="owner.username", read_only=True)
-    domain = serializers.SlugRelatedField(slug_field="slug", queryset=Domain.objects.all())
-    base_model = serializers.SlugRelatedField(slug_field="slug", queryset=BaseModel.objects.all())
+    domain = SlugField(slug_field="slug", queryset=Domain.objects.all())
+    base_model = SlugField(slug_field="slug", queryset=BaseModel.objects.all())
     tags = serializers.ListField(
         child=serializers.RegexField(
             r"^[a-z0-9][a-z0-9-]{0,39}$",

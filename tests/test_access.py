@@ -201,7 +201,7 @@ def test_lists_counts_search_and_models_never_show_others_private_experts(caller
         format="json",
     ).json()
     # By name, staff may use any expert (as they may open it); listing is another matter.
-    assert private["augmented"] is (owner or caller == "staff")
+    assert private["augmented"] is (owner or caller == "staff"), private
     if not private["augmented"]:
         assert "not found" in private["reason"]
 

@@ -138,3 +138,24 @@ def test_a_broker_restarted_with_jobs_queued_loses_none(
     finally:
         worker.stop()
     assert [TrainingJob.objects.get(pk=j.pk).status for j in jobs] == [Job.SUCCEEDED] * 3
+
+
+@pytest.mark.django_db
+def test_nul_bytes_anywhere_are_400_not_500(alice, make_expert):
+    """PostgreSQL refuses NUL in any query; they must never reach one (schemathesis found a
+    dataset upload whose base_model held one)."""
+    make_expert("pydoc")
+    client = client_for(alice)
+    assert client.get("/api/v1/experts/alice/py%00doc/").status_code == 400
+    assert client.get("/api/v1/experts/", {"domain": "a\x00b"}).status_code == 400
+    upload = client.post(
+        "/api/v1/datasets/",
+        {"name": "notes", "file": io.BytesIO(b"text"), "base_model": "x\x00y"},
+        format="multipart",
+    )
+    assert upload.status_code == 400 and "base_model" in upload.json()
+    created = client.post(
+        "/api/v1/experts/", {"name": "n", "domain": "\x00", "base_model": "\x00"}, format="json"
+    )
+    assert created.status_code == 400
+    assert Client().get("/experts/alice/py%00doc/").status_code == 400

@@ -126,7 +126,7 @@ def test_the_periodic_recovery_resends_a_dead_worker_s_job_to_a_live_one(
 
     from training.tasks import recover_lapsed_jobs
 
-    start_worker()  # up and idle before the job is stranded: its start-up recovery saw nothing
+    start_worker().wait_ready()  # up before the jobs exist: its start-up recovery saw nothing
     settings.LATENTRY_JOB_QUEUE = "nobody-reads-this"  # the jobs' own messages get lost
     words = make_dataset(alice)
     job = start_training(alice, make_expert("stranded"), [words], {**LONG, "steps": 20})

@@ -262,3 +262,21 @@ def test_warm_up_loads_every_served_base_model_before_requests(base_model):
     loaded = pool.pool().bases["tiny-llama"]
     assert list(loaded.batcher.batch_sizes) == [1]
     assert loaded.decoder._latentry_hooked  # hooks in before any expert or request
+
+
+def test_a_re_imported_base_model_row_keeps_serving_its_experts(
+    alice_client, base_model, make_expert, publish, tiny_spec, tiny_base_dir
+):
+    """The pool loads weights once per slug, but lookups use the current row: a row deleted
+    and imported again (a new id) still finds the experts made for it."""
+    from registry.models import BaseModel, Expert
+    from tests.conftest import register_tiny_llama
+
+    assert ask(alice_client, prompt="w5 w6", max_new_tokens=1).status_code == 200
+    Expert.objects.all().delete()
+    BaseModel.objects.all().delete()
+    again = register_tiny_llama(tiny_spec, tiny_base_dir)
+    assert again.pk != base_model.pk
+    publish(make_expert("words", base_model=again))
+    answer = ask(alice_client, expert="alice/words", prompt="w5", max_new_tokens=1).json()
+    assert answer["augmented"], answer["reason"]

@@ -82,6 +82,10 @@ class Worker:
     def output(self):
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+    def wait_ready(self, timeout=60):
+        """Until the worker has started (and run its start-up recovery): it logs "ready."."""
+        wait_for(lambda: " ready." in self.output(), timeout=timeout, what="the worker to start")
+
 
 def worker_env(queue, artifacts_dir, **extra):
     env = {

@@ -2,7 +2,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from coprocessor.train import TrainConfig
-from registry.api import PayloadTooLarge, StrictModelSerializer, StrictSerializer
+from registry.api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
 from .models import Dataset, EvaluationJob, TrainingJob
@@ -13,10 +13,10 @@ DEFAULTS = TrainConfig()
 class DatasetSerializer(StrictModelSerializer):
     id = serializers.CharField(source="full_name", read_only=True)
     owner = serializers.CharField(source="owner.username", read_only=True)
-    domain = serializers.SlugRelatedField(
+    domain = SlugField(
         slug_field="slug", queryset=Domain.objects.all(), required=False, allow_null=True
     )
-    base_model = serializers.SlugRelatedField(
+    base_model = SlugField(
         slug_field="slug",
         queryset=BaseModel.objects.all(),
         required=False,
@@ -160,12 +160,8 @@ class TrainingJobCreateSerializer(StrictSerializer):
     expert = serializers.CharField(
         help_text="an expert of yours by name; created if it does not exist (give domain)"
     )
-    domain = serializers.SlugRelatedField(
-        slug_field="slug", queryset=Domain.objects.all(), required=False
-    )
-    base_model = serializers.SlugRelatedField(
-        slug_field="slug", queryset=BaseModel.objects.all(), required=False
-    )
+    domain = SlugField(slug_field="slug", queryset=Domain.objects.all(), required=False)
+    base_model = SlugField(slug_field="slug", queryset=BaseModel.objects.all(), required=False)
     visibility = serializers.ChoiceField(choices=Expert.VISIBILITY_CHOICES, required=False)
     datasets = serializers.ListField(
         child=serializers.CharField(), min_length=1, max_length=20, help_text="owner/name each"
