@@ -17,8 +17,9 @@ How:
    new version of its own expert (a valid 40 KB expert file).
    A step is *sustained* when it has no errors (non-2xx answers, exceptions) and its p95
    latency is under ``--p95-ms``; the run stops at the first step that is not.
-4. Lost writes: every upload answered 201 must be a version row in the database whose stored
-   file reads back with its sha256; the training job must have succeeded.
+4. Lost writes: every upload (each a distinct file) answered 201 must be its own version row
+   whose stored file reads back with its sha256, with no row no answer accounts for; the
+   training job must not have failed.
 
     .venv/bin/python bench/load.py [--seconds 15] [--p95-ms 1000] [--steps 1,2,4,8,16,32,64,128]
 
@@ -28,7 +29,6 @@ errors and zero lost writes at the highest sustained step.
 """
 
 import argparse
-import hashlib
 import http.client
 import json
 import random
@@ -123,8 +123,26 @@ def seed(env, clients, var_dir):
         _, key = ApiKey.create_for(user, "load")
         Expert.objects.create(owner=user, name="mine", domain=domain, base_model=base)
         people.append((key, f"/api/v1/experts/client{i}/mine/"))
-    upload = expert_file_bytes(describe(model), n_latents=2, rank=2)
+    upload = split_file(expert_file_bytes(describe(model), n_latents=2, rank=2))
     return people, upload, base.slug
+
+
+def split_file(data):
+    """(tensors, metadata) of a safetensors file, to write variants of it."""
+    from safetensors.torch import load
+
+    header_length = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_length])["__metadata__"]
+    return load(data), metadata
+
+
+def unique_file(upload):
+    """The expert file with a nonce in its metadata: every upload is a distinct stored object,
+    so a lost one cannot hide behind another's copy."""
+    from safetensors.torch import save
+
+    tensors, metadata = upload
+    return save(tensors, metadata={**metadata, "nonce": uuid.uuid4().hex})
 
 
 def start_worker(env, log):
@@ -181,14 +199,6 @@ def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed
     rng = random.Random(seed_value)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     boundary = uuid.uuid4().hex
-    upload_body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="e.safetensors"'
-            "\r\nContent-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + upload
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
     while time.monotonic() < deadline:
         kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
         if kind == "read":
@@ -205,7 +215,15 @@ def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed
             body = {"base": base_slug, "expert": expert, "prompt": "w5 w6 w7", "max_new_tokens": 8}
             args = ("POST", "/api/v1/generate", json.dumps(body))
         else:
-            args = ("POST", expert_path + "versions/", upload_body, boundary)
+            body = (
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                    'filename="e.safetensors"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                ).encode()
+                + unique_file(upload)
+                + f"\r\n--{boundary}--\r\n".encode()
+            )
+            args = ("POST", expert_path + "versions/", body, boundary)
         started = time.perf_counter()
         try:
             status, answer = request(port, key, *args, conn=conn)
@@ -247,21 +265,34 @@ def run_step(port, people, upload, base_slug, clients, seconds, uploads):
 
 
 def lost_writes(uploads, training_job_id):
-    """Uploads answered 201 that are not a version whose file reads back; a job not done."""
+    """Uploads answered 201 without a distinct version row whose file reads back, plus rows
+    no answer accounts for; and whether the training job ended well."""
+    from collections import Counter
+
     from registry.models import ExpertVersion
     from training.models import TrainingJob
 
     lost = 0
-    for expert_path, number in uploads:
+    answered = Counter(uploads)
+    lost += sum(n - 1 for n in answered.values())  # one number answered twice
+    for (expert_path, number), _ in answered.items():
         owner, name = expert_path.strip("/").split("/")[-2:]
         version = ExpertVersion.objects.filter(
             expert__owner__username=owner, expert__name=name, number=number
         ).first()
-        if version is None or hashlib.sha256(version.read_verified()).hexdigest() != version.sha256:
+        try:
+            lost += version is None or not version.read_verified()
+        except Exception as exc:  # missing or altered file
+            print(f"{expert_path} v{number}: {exc}")
             lost += 1
+    per_expert = Counter(path for path, _ in uploads)
+    for path, count in per_expert.items():
+        owner = path.strip("/").split("/")[-2]
+        rows = ExpertVersion.objects.filter(expert__owner__username=owner, expert__name="mine")
+        lost += abs(rows.count() - count)  # a row no answer accounts for, or the reverse
     job = TrainingJob.objects.get(pk=training_job_id)
-    if job.status != TrainingJob.SUCCEEDED:
-        print(f"training job {job.pk}: {job.status} {job.error}")
+    print(f"training job {job.pk}: {job.status} {job.error}")
+    if job.finished and job.status != TrainingJob.SUCCEEDED:
         lost += 1
     return lost
 

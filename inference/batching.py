@@ -25,12 +25,16 @@ class Batcher:
         self.waiting = queue.Queue()
         self.thread = None
         self.lock = threading.Lock()
+        self.closed = False
         self.batch_sizes = collections.deque(maxlen=1000)  # recent batch sizes, for benches
 
     def submit(self, request):
         """Queue a coprocessor.generate.Request; the Future gives its Generation."""
         future = Future()
-        self.waiting.put((request, future))
+        with self.lock:
+            if self.closed:  # its model was replaced: the caller asks the pool again
+                raise RuntimeError("this base model was reloaded; send the request again")
+            self.waiting.put((request, future))
         self._ensure_running()
         return future
 
@@ -41,7 +45,10 @@ class Batcher:
                 self.thread.start()
 
     def stop(self):
-        self.waiting.put(None)
+        """Serve what is queued, then end; later submits are refused."""
+        with self.lock:
+            self.closed = True
+            self.waiting.put(None)
 
     def _run(self):
         while True:

@@ -7,6 +7,7 @@ from django.db.models import Max, Sum
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_POST
 
+from registry.api import GenerateThrottle, page_throttled
 from registry.models import ApiKey, Expert
 
 from . import service
@@ -29,6 +30,8 @@ def try_expert(request, owner, name):
         owner__username=owner,
         name=name,
     )
+    if refused := page_throttled(request, GenerateThrottle):
+        return refused
     form = TryForm(request.POST)
     context = {"expert": expert, "form": form}
     status = 200

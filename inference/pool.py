@@ -101,8 +101,9 @@ class ModelPool:
             with self.lock:
                 loaded = self.bases.get(record.slug)
                 if loaded is None or loaded.record.fingerprint != record.fingerprint:
-                    if loaded is not None:
+                    if loaded is not None:  # new weights: experts built on the old ones go too
                         loaded.batcher.stop()
+                        self.experts.clear()
                     loaded = self.bases[record.slug] = self._load(record)
         return loaded if loaded.record == record else dataclasses.replace(loaded, record=record)
 

@@ -47,6 +47,28 @@ class UploadThrottle(RateThrottle):
         return super().allow_request(request, view)
 
 
+def fragment_or_page(request, fragment, page):
+    """For pages: htmx swaps in the fragment; a history restore (back after a reload) needs
+    the whole page."""
+    wants_fragment = request.htmx and not request.htmx.history_restore_request
+    return fragment if wants_fragment else page
+
+
+def page_throttled(request, throttle_class):
+    """The API's rate limit for a page's POST: a 429 response past it, else None."""
+    from django.http import HttpResponse
+
+    throttle = throttle_class()
+    if throttle.allow_request(request, None):
+        return None
+    response = HttpResponse(
+        "Too many requests: try again in a moment.", status=429, content_type="text/plain"
+    )
+    if (wait := throttle.wait()) is not None:
+        response["Retry-After"] = str(max(1, round(wait)))
+    return response
+
+
 class Conflict(exceptions.APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "conflicts with the current state"

@@ -15,12 +15,14 @@ from django.db.models import F
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from coprocessor.artifact import ArtifactError
 
 from . import storage
+from .api import UploadThrottle, fragment_or_page, page_throttled
 from .charts import line_chart
 from .forms import ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review, VersionConflict
@@ -53,8 +55,13 @@ def catalog(request):
         "kinds": ExpertVersion.KIND_CHOICES,
         "query_without_page": query_without(params, "page"),
     }
-    template = "registry/_catalog_results.html" if request.htmx else "registry/catalog.html"
-    return render(request, template, context)
+    response = render(
+        request,
+        fragment_or_page(request, "registry/_catalog_results.html", "registry/catalog.html"),
+        context,
+    )
+    patch_vary_headers(response, ["HX-Request"])
+    return response
 
 
 def filter_experts(experts, params):
@@ -148,7 +155,9 @@ def review(request, owner, name):
     mine = expert.reviews.filter(user=request.user).first()
     form = ReviewForm(request.POST, instance=mine)
     if not form.is_valid():
-        return expert_detail(request, owner, name, review_form=form)
+        response = expert_detail(request, owner, name, review_form=form)
+        response.status_code = 400
+        return response
     # One review per user and expert: a second submit edits the first.
     Review.objects.update_or_create(user=request.user, expert=expert, defaults=form.cleaned_data)
     expert.update_rating()
@@ -213,6 +222,8 @@ def expert_upload(request, owner, name):
     """Upload a version. Errors come back next to the field with status 400, so the page's
     script (drag and drop, progress) can show them in place."""
     expert = owned_expert(request, owner, name)
+    if refused := page_throttled(request, UploadThrottle):
+        return refused
     form = VersionUploadForm(request.POST or None, request.FILES or None)
     status = 200
     if request.method == "POST" and form.is_valid():

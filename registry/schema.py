@@ -11,7 +11,9 @@ ERROR_SCHEMA = {
         "(`{field: [messages]}`); the OpenAI-compatible endpoints answer `{error: {message, "
         "type, param, code}}`."
     ),
-    "properties": {"detail": {"type": "string"}},
+    "properties": {
+        "detail": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+    },
     "additionalProperties": True,
 }
 ERROR_STATUSES = {

@@ -54,6 +54,14 @@ def test_htmx_gets_only_the_results(make_expert):
     assert listed(response) == ["pydoc"] and "<html" not in response.text
 
 
+def test_an_htmx_history_restore_gets_the_whole_page(make_expert):
+    make_expert("pydoc")
+    response = Client().get(
+        "/", {"q": "pydoc"}, HTTP_HX_REQUEST="true", HTTP_HX_HISTORY_RESTORE_REQUEST="true"
+    )
+    assert "<html" in response.text and "HX-Request" in response["Vary"]
+
+
 def test_the_kind_filter_reads_ready_versions(make_expert, publish):
     publish(make_expert("trained"))
     make_expert("empty")
@@ -123,7 +131,7 @@ def test_reviews_are_one_per_user_and_not_by_the_owner(make_expert, alice, bob):
     assert expert.rating == 3.0
     assert logged_in(alice).post("/experts/alice/pydoc/review/", {"stars": 5}).status_code == 404
     bad = bob_client.post("/experts/alice/pydoc/review/", {"stars": 9})
-    assert bad.status_code == 200 and "Select a valid choice" in bad.content.decode()
+    assert bad.status_code == 400 and "Select a valid choice" in bad.content.decode()
 
 
 def test_signing_up_creating_an_expert_and_editing_its_card(base_model, domain):

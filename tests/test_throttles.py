@@ -46,3 +46,20 @@ def test_the_openai_client_sees_a_rate_limit_error(tight, live_server, base_mode
         client.completions.create(model=base_model.slug, prompt="w5", max_tokens=1)
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model=base_model.slug, prompt="w5", max_tokens=1)
+
+
+def test_the_pages_share_the_limits(tight, alice, make_expert, publish):
+    from django.test import Client
+
+    publish(make_expert("pydoc"))
+    client = Client()
+    client.force_login(alice)
+    tries = [
+        client.post("/experts/alice/pydoc/try/", {"prompt": "w5", "max_new_tokens": 1})
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in tries] == [200, 200, 429] and tries[2]["Retry-After"]
+    uploads = [
+        client.post("/datasets/", {"name": f"d{i}", "file": io.BytesIO(b"x")}) for i in range(2)
+    ]
+    assert uploads[1].status_code == 429

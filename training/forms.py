@@ -45,6 +45,12 @@ class TrainingForm(forms.Form):
         self.expert = expert
         self.fields["datasets"].queryset = Dataset.objects.usable_by(user).select_related("owner")
 
+    def clean_datasets(self):
+        chosen = self.cleaned_data["datasets"]
+        if len(chosen) > 20:  # as the API allows
+            raise forms.ValidationError("choose at most 20 datasets")
+        return chosen
+
     def clean(self):
         data = super().clean()
         if self.errors:

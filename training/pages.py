@@ -9,9 +9,11 @@ from django.contrib.auth.decorators import login_required
 from django.db import IntegrityError
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
 from registry import storage
+from registry.api import UploadThrottle, fragment_or_page, page_throttled
 from registry.charts import line_chart
 from registry.models import Expert, ExpertVersion
 
@@ -22,6 +24,8 @@ from .models import Dataset, EvaluationJob, TrainingJob
 
 @login_required
 def dataset_list(request):
+    if refused := page_throttled(request, UploadThrottle):
+        return refused
     form = DatasetForm(request.POST or None, request.FILES or None)
     status = 200
     if request.method == "POST":
@@ -101,8 +105,10 @@ def own_job(request, pk):
 @login_required
 def job_detail(request, pk):
     job = own_job(request, pk)
-    template = "training/_job_status.html" if request.htmx else "training/job.html"
-    return render(request, template, job_context(job))
+    template = fragment_or_page(request, "training/_job_status.html", "training/job.html")
+    response = render(request, template, job_context(job))
+    patch_vary_headers(response, ["HX-Request"])
+    return response
 
 
 def job_context(job):

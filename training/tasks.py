@@ -147,11 +147,21 @@ def recover_orphans(hostname=None, include_queued=True):
                 status=Job.QUEUED, worker="", attempts__gt=0
             )
         for job in model.objects.filter(lost):
+            if job.status == Job.RUNNING and not _take_back(model, job, stale):
+                continue
             enqueue(job)
             recovered.append(job)
     if recovered:
         logger.warning("re-sent %d jobs whose worker or message was lost", len(recovered))
     return recovered
+
+
+def _take_back(model, job, stale):
+    """Queue a lapsed job again, once: a later recovery then finds it queued, not lapsed, and
+    sends no duplicate; its worker, if it was only slow, finds the job gone (JobLost)."""
+    return model.objects.filter(pk=job.pk, status=Job.RUNNING, heartbeat_at__lt=stale).update(
+        status=Job.QUEUED, worker="", heartbeat_at=None
+    )
 
 
 @shared_task(name="training.recover_lapsed_jobs", ignore_result=True)
