@@ -4,6 +4,8 @@ from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist
 from django.db import DataError
 from django.db.models import F
+from django.http import HttpResponse, JsonResponse
+from django.shortcuts import render
 from rest_framework import exceptions, filters, pagination, permissions, serializers, status
 from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -56,8 +58,6 @@ def fragment_or_page(request, fragment, page):
 
 def page_throttled(request, throttle_class):
     """The API's rate limit for a page's POST: a 429 response past it, else None."""
-    from django.http import HttpResponse
-
     throttle = throttle_class()
     if throttle.allow_request(request, None):
         return None
@@ -89,9 +89,6 @@ class ServiceUnavailable(exceptions.APIException):
 
 def not_found(request, exception=None):
     """Django's 404 for a path no URL matches: JSON for API clients, a page for people."""
-    from django.http import JsonResponse
-    from django.shortcuts import render
-
     if request.path.startswith(("/api/", "/v1/")):
         return JsonResponse({"detail": "not found"}, status=404)
     return render(request, "404.html", status=404)

@@ -3,9 +3,11 @@
 import re
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 
 from .models import ApiKey, BaseModel, Expert, Review
+from .uploads import over_limit
 
 TAG = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
@@ -82,6 +84,15 @@ class VersionUploadForm(forms.Form):
         help_text="the expert's .safetensors file, as python -m coprocessor train writes it"
     )
     changelog = forms.CharField(required=False, max_length=5000, widget=forms.Textarea({"rows": 3}))
+
+    def clean_file(self):
+        upload = self.cleaned_data["file"]
+        limit = settings.LATENTRY_MAX_ARTIFACT_BYTES
+        if over_limit(upload, limit):
+            raise forms.ValidationError(
+                f"the file is over the limit of {limit} bytes", code="too_large"
+            )
+        return upload
 
 
 class ReviewForm(forms.ModelForm):

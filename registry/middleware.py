@@ -7,6 +7,8 @@ from django.db import DataError, InterfaceError, OperationalError
 from django.http import JsonResponse
 from django.template.response import SimpleTemplateResponse
 
+from .api import UNSTORABLE
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,8 +24,6 @@ class DatabaseUnavailableMiddleware:
 
     def process_exception(self, request, exception):
         if isinstance(exception, DataError):  # input the database refuses (a NUL byte): 400
-            from .api import UNSTORABLE
-
             return JsonResponse({"detail": UNSTORABLE}, status=400)
         if not isinstance(exception, (OperationalError, InterfaceError)):
             return None

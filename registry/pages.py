@@ -4,7 +4,6 @@ Server-rendered; htmx swaps parts of a page where it is present (``request.htmx`
 page also works as plain links and forms.
 """
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -21,7 +20,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from coprocessor.artifact import ArtifactError
 
-from . import storage
+from . import storage, uploads
 from .api import UploadThrottle, fragment_or_page, page_throttled
 from .charts import line_chart
 from .forms import ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
@@ -229,7 +228,13 @@ def expert_upload(request, owner, name):
     if request.method == "POST" and form.is_valid():
         upload = form.cleaned_data["file"]
         try:
-            version = publish_upload(expert, upload, form.cleaned_data["changelog"])
+            version = ExpertVersion.publish(
+                expert,
+                upload,
+                sha256=uploads.sha256_of(upload),
+                size=upload.size,
+                changelog=form.cleaned_data["changelog"],
+            )
         except (ArtifactError, VersionConflict) as exc:
             form.add_error("file", str(exc))
         except storage.StorageUnavailable:
@@ -241,26 +246,9 @@ def expert_upload(request, owner, name):
                 return HttpResponseClientRedirect(expert_url(expert))
             return redirect(expert_url(expert))
     if form.errors and status == 200:
-        status = 413 if is_too_large(form) else 400
+        status = 413 if form.has_error("file", "too_large") else 400
     context = {"form": form, "expert": expert}
     return render(request, "registry/expert_upload.html", context, status=status)
-
-
-def is_too_large(form):
-    return any("over the limit" in str(e) for e in form.errors.get("file", []))
-
-
-def publish_upload(expert, upload, changelog):
-    limit = settings.LATENTRY_MAX_ARTIFACT_BYTES
-    if getattr(upload, "too_large", False) or upload.size > limit:
-        raise ArtifactError(f"the file is over the limit of {limit} bytes")
-    return ExpertVersion.publish(
-        expert,
-        upload,
-        sha256=getattr(upload, "sha256", None) or storage.sha256_of(upload),
-        size=upload.size,
-        changelog=changelog,
-    )
 
 
 @login_required

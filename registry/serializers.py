@@ -6,6 +6,7 @@ from rest_framework import serializers
 
 from .api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review
+from .uploads import over_limit
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
@@ -128,7 +129,7 @@ class VersionUploadSerializer(StrictSerializer):
 
     def validate_file(self, upload):
         limit = settings.LATENTRY_MAX_ARTIFACT_BYTES
-        if getattr(upload, "too_large", False) or upload.size > limit:
+        if over_limit(upload, limit):
             raise PayloadTooLarge(f"file is over the limit of {limit} bytes")
         return upload
 

@@ -9,6 +9,18 @@ import hashlib
 from django.conf import settings
 from django.core.files.uploadhandler import MemoryFileUploadHandler, TemporaryFileUploadHandler
 
+from . import storage
+
+
+def sha256_of(upload):
+    """An upload's sha256: hashed as it streamed in, or (a file from elsewhere) read now."""
+    return getattr(upload, "sha256", None) or storage.sha256_of(upload)
+
+
+def over_limit(upload, limit):
+    """Whether an upload is over ``limit`` bytes (the handlers stop keeping bytes past it)."""
+    return getattr(upload, "too_large", False) or upload.size > limit
+
 
 class HashingMixin:
     def new_file(self, *args, **kwargs):

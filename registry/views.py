@@ -19,7 +19,7 @@ from rest_framework.permissions import AllowAny, IsAuthenticated, IsAuthenticate
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import storage
+from . import storage, uploads
 from .api import Conflict, NullsLastOrderingFilter, PayloadTooLarge, UploadThrottle
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
 from .permissions import ApiKeyScope, IsAuthor, IsOwnerOrReadOnly
@@ -197,7 +197,7 @@ class ExpertVersionViewSet(
         version = ExpertVersion.publish(
             expert,
             file,
-            sha256=getattr(file, "sha256", None) or storage.sha256_of(file),
+            sha256=uploads.sha256_of(file),
             size=file.size,
             number=data.get("number"),
             changelog=data.get("changelog", ""),

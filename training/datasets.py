@@ -7,7 +7,7 @@ from django.conf import settings
 from django.db import transaction
 
 from coprocessor import corpus
-from registry import storage
+from registry import storage, uploads
 
 from .models import Dataset
 
@@ -48,6 +48,20 @@ def create(owner, name, fileobj, *, sha256, size, fmt, base_model=None, **fields
         if created:  # never a file that was there before this upload
             discard_unused(stored["file_key"])
         raise
+
+
+def create_from_upload(owner, name, upload, fmt="", **fields):
+    """``create`` for an uploaded file: its hash from the upload, its format from its name
+    unless ``fmt`` says."""
+    return create(
+        owner,
+        name,
+        upload,
+        sha256=uploads.sha256_of(upload),
+        size=upload.size,
+        fmt=format_of(upload.name, fmt),
+        **fields,
+    )
 
 
 def store_file(fileobj, *, sha256, size, fmt, base_model=None):

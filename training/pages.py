@@ -44,20 +44,13 @@ def dataset_list(request):
 def create_dataset(user, form):
     """The Dataset, or None with the problem put on the form."""
     data = dict(form.cleaned_data)
-    upload = data.pop("file")
+    upload, name = data.pop("file"), data.pop("name")
     try:
-        return datasets.create(
-            user,
-            fileobj=upload,
-            sha256=getattr(upload, "sha256", None) or storage.sha256_of(upload),
-            size=upload.size,
-            fmt=datasets.format_of(upload.name),
-            **data,
-        )
+        return datasets.create_from_upload(user, name, upload, **data)
     except datasets.DatasetError as exc:
         form.add_error("file", str(exc))
     except IntegrityError:
-        form.add_error("name", f"you already have a dataset named {data['name']!r}")
+        form.add_error("name", f"you already have a dataset named {name!r}")
     except storage.StorageUnavailable:
         form.storage_down = True
         form.add_error("file", "storage is unavailable right now; nothing was saved, try again")

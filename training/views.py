@@ -10,7 +10,6 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
-from registry import storage
 from registry.api import Conflict, UploadThrottle
 from registry.models import Expert, ExpertVersion
 from registry.permissions import ApiKeyScope, IsOwnerOrReadOnly
@@ -51,22 +50,17 @@ class DatasetViewSet(
     def perform_create(self, serializer):
         data = serializer.validated_data
         upload = data.pop("file")
-        owner = self.request.user
-        if Dataset.objects.filter(owner=owner, name=data["name"]).exists():
-            raise Conflict(f"you already have a dataset named {data['name']!r}")
+        owner, name = self.request.user, data["name"]
+        if Dataset.objects.filter(owner=owner, name=name).exists():
+            raise Conflict(f"you already have a dataset named {name!r}")
         try:
-            serializer.instance = datasets.create(
-                owner,
-                fileobj=upload,
-                sha256=getattr(upload, "sha256", None) or storage.sha256_of(upload),
-                size=upload.size,
-                fmt=datasets.format_of(upload.name, data.pop("format", "")),
-                **data,
+            serializer.instance = datasets.create_from_upload(
+                owner, data.pop("name"), upload, data.pop("format", ""), **data
             )
         except datasets.DatasetError as exc:
             raise ValidationError({"file": [str(exc)]}) from None
         except IntegrityError:
-            raise Conflict(f"you already have a dataset named {data['name']!r}") from None
+            raise Conflict(f"you already have a dataset named {name!r}") from None
 
     def perform_destroy(self, dataset):
         if dataset.training_jobs.exists() or dataset.evaluation_jobs.exists():
