@@ -219,9 +219,10 @@ def measure_mixed(loaded, maker, text, repeats, concurrent=16):
         mixed_s.append(burst(names))
         plain_s.append(burst([""] * concurrent))
     mixed, plain = statistics.median(mixed_s), statistics.median(plain_s)
+    pairs = " ".join(f"{p / m:.3f}" for m, p in zip(mixed_s, plain_s, strict=True))
     print(
         f"mixed batches: {concurrent} requests, plain {plain:.2f} s, mixed {mixed:.2f} s; "
-        f"batch sizes {batcher.batch_sizes}"
+        f"plain/mixed per pair {pairs}; batch sizes {batcher.batch_sizes}"
     )
     return plain / mixed
 

@@ -109,6 +109,8 @@ class ModelPool:
 
     def _load(self, record):
         device = settings.LATENTRY_DEVICE or base_models.default_device()
+        if device == "cpu":
+            base_models.keep_freed_memory()
         decoder, tokenizer = base_models.load_verified(
             record.weights_location, record.fingerprint, device=device
         )
