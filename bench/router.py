@@ -19,7 +19,7 @@ batcher, generation) as a request would go, warm unless said otherwise.
 It uses a scratch database and artifact folder, and the converted base model under
 var/base_models (converted on first use).
 
-    .venv/bin/python bench/router.py [--repeats 5] [--threads 2]
+    .venv/bin/python bench/router.py [--repeats 9] [--threads 2]
 
 Ends with ``RESULT overhead_ratio=... switch_ratio=... cold_load_ms=...
 mixed_throughput_ratio=... auto_accuracy=...``. Targets: overhead <= 1.15, switch <= 1.05,
@@ -65,7 +65,7 @@ from registry.models import BaseModel, Domain, Expert, ExpertVersion  # noqa: E4
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--experts", type=int, default=50, help="distinct experts for switching")
     p.add_argument("--prompts-per-domain", type=int, default=20)
