@@ -274,6 +274,8 @@ def measure_auto(loaded, maker, args):
         ask = service.Ask(base=maker.record.slug, expert="auto", prompt=prompt, max_new_tokens=1)
         answer = service.run(ask, None)
         chosen = (answer.expert or "none").split("@")[0]
+        if chosen == "none":
+            print("  none:", answer.reason)
         confusion[(expected, chosen)] = confusion.get((expected, chosen), 0) + 1
         right += chosen == expected
     for (expected, chosen), n in sorted(confusion.items()):
