@@ -57,7 +57,7 @@ def compare(expert, user, prompt, max_new_tokens):
             max_new_tokens=max_new_tokens,
         ),
     ]
-    return [service.run(ask, user) for ask in asks]
+    return service.run_together(asks, user)
 
 
 @login_required

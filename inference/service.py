@@ -126,6 +126,28 @@ def prepare(ask):
 def run(ask, user, on_text=None, prepared=None, should_stop=None):
     """Serve ``ask``; ``on_text(delta)`` streams the text as it is generated, and a true
     ``should_stop()`` (the client went away) ends the generation early."""
+    return start(ask, user, on_text, prepared, should_stop).answer()
+
+
+def run_together(asks, user):
+    """Serve several asks at once: all are chosen before any is queued, and all are queued
+    before any is waited for, so the batcher decodes them in one batch (on a CPU in about
+    the time of one)."""
+    planned = [plan(ask, user) for ask in asks]
+    for loaded, request, pending in planned:
+        pending.future = loaded.batcher.submit(request)
+    return [pending.answer() for _, _, pending in planned]
+
+
+def start(ask, user, on_text=None, prepared=None, should_stop=None):
+    """Choose the expert and queue the generation; ``.answer()`` waits for it."""
+    loaded, request, pending = plan(ask, user, on_text, prepared, should_stop)
+    pending.future = loaded.batcher.submit(request)
+    return pending
+
+
+def plan(ask, user, on_text=None, prepared=None, should_stop=None):
+    """(loaded base, Request, Pending without its future): everything before queueing."""
     loaded, ids = prepared or prepare(ask)
     started = time.perf_counter()
     choice, expert = pick(loaded, ask, ids, user)
@@ -140,20 +162,34 @@ def run(ask, user, on_text=None, prepared=None, should_stop=None):
         seed=ask.seed,
         on_token=stream.push,
     )
-    generation = loaded.batcher.submit(request).result()
-    stream.finish()
-    timings = {f"{k.removesuffix('_s')}_ms": v * 1000 for k, v in generation.timings.items()}
-    return Answer(
-        text=stream.text,
-        token_ids=generation.token_ids,
-        finish_reason=generation.finish_reason,
-        expert=choice.name if expert is not None else None,
-        augmented=expert is not None,
-        reason="" if expert is not None else choice.reason,
-        score=choice.score,
-        prompt_tokens=len(ids),
-        timings_ms={"routing_ms": routing_ms, **timings},
-    )
+    return loaded, request, Pending(stream, choice, expert, len(ids), routing_ms)
+
+
+@dataclass
+class Pending:
+    stream: "TextStream"
+    choice: choose.Choice
+    expert: object
+    prompt_tokens: int
+    routing_ms: float
+    future: object = None  # the batcher's, once queued
+
+    def answer(self):
+        generation = self.future.result()
+        self.stream.finish()
+        timings = {f"{k.removesuffix('_s')}_ms": v * 1000 for k, v in generation.timings.items()}
+        augmented = self.expert is not None
+        return Answer(
+            text=self.stream.text,
+            token_ids=generation.token_ids,
+            finish_reason=generation.finish_reason,
+            expert=self.choice.name if augmented else None,
+            augmented=augmented,
+            reason="" if augmented else self.choice.reason,
+            score=self.choice.score,
+            prompt_tokens=self.prompt_tokens,
+            timings_ms={"routing_ms": self.routing_ms, **timings},
+        )
 
 
 def attach(ask, user):

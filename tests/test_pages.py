@@ -7,6 +7,8 @@ import re
 import pytest
 from django.test import Client
 
+from inference import pool, service
+from inference.pages import compare
 from registry.models import ApiKey, Expert, ExpertVersion, Review
 from registry.templatetags.latentry import markdown
 from tests.test_jobs import make_dataset
@@ -226,6 +228,25 @@ def test_trying_an_expert_compares_it_with_the_plain_model(make_expert, publish)
         "/experts/alice/pydoc/try/", {"prompt": "word " * 3000, "max_new_tokens": 4}
     )
     assert too_long.status_code == 400
+
+
+def test_trying_decodes_both_answers_in_one_batch_equal_to_each_alone(make_expert, publish):
+    expert = make_expert("pydoc")
+    publish(expert)
+    plain, augmented = compare(expert, None, prompt="w5 w6 w7", max_new_tokens=6)
+    batcher = pool.pool().bases[expert.base_model.slug].batcher
+    assert batcher.batch_sizes[-1] == 2
+    assert augmented.augmented and not plain.augmented
+    base = expert.base_model.slug
+    alone = [
+        service.run(service.Ask(base=base, prompt="w5 w6 w7", max_new_tokens=6), None),
+        service.run(
+            service.Ask(base=base, expert="alice/pydoc", prompt="w5 w6 w7", max_new_tokens=6),
+            None,
+        ),
+    ]
+    assert list(batcher.batch_sizes)[-2:] == [1, 1]
+    assert [a.token_ids for a in alone] == [plain.token_ids, augmented.token_ids]
 
 
 def test_training_from_the_pages_starts_a_job_the_owner_can_watch_and_cancel(
