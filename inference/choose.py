@@ -27,24 +27,25 @@ class Choice:
 
 
 def named(spec, base_record, user):
-    """Choice for ``owner/name[@version]``; a missing or invisible expert gives no expert."""
+    """Choice for ``owner/name[@version]``; a missing or invisible expert gives no expert.
+
+    One query finds the version; only when there is none does a second say why."""
     ref, _, number = spec.partition("@")
     owner, _, name = ref.partition("/")
-    not_found = Choice(reason=f"expert {spec} not found for {base_record.slug}")
     if not owner or not name or (number and not number.isdigit()):
         return Choice(reason=f"expert {spec!r} is not owner/name or owner/name@version")
-    expert = (
-        Expert.objects.visible_to(user)
-        .filter(owner__username=owner, name=name, base_model=base_record)
-        .first()
+    experts = Expert.objects.visible_to(user).filter(
+        owner__username=owner, name=name, base_model=base_record
     )
-    if expert is None:
-        return not_found
-    versions = expert.versions.filter(status=ExpertVersion.READY).order_by("-number")
-    version = versions.filter(number=int(number)).first() if number else versions.first()
-    if version is None:
-        return Choice(reason=f"expert {spec} has no such ready version")
-    return Choice(version=version, name=f"{owner}/{name}@{version.number}")
+    versions = ExpertVersion.objects.filter(expert__in=experts, status=ExpertVersion.READY)
+    if number:
+        versions = versions.filter(number=int(number))
+    version = versions.order_by("-number").first()
+    if version is not None:
+        return Choice(version=version, name=f"{owner}/{name}@{version.number}")
+    if not experts.exists():
+        return Choice(reason=f"expert {spec} not found for {base_record.slug}")
+    return Choice(reason=f"expert {spec} has no such ready version")
 
 
 class Profiles:

@@ -72,6 +72,14 @@ def test_a_named_expert_is_attached_and_equals_the_library_s_output(
     assert pinned["expert"] == "alice/words@1"
 
 
+def test_naming_an_expert_costs_one_query(alice, make_expert, publish, django_assert_num_queries):
+    expert = make_expert("words")
+    publish(expert)
+    with django_assert_num_queries(1):
+        choice = choose.named("alice/words", expert.base_model, alice)
+    assert choice.name == "alice/words@1"
+
+
 @pytest.mark.parametrize(
     "spec, reason",
     [
