@@ -131,7 +131,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     # A file, not memory, so that worker processes started by the tests share it.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test_latentry.sqlite3")}
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -194,7 +193,6 @@ FILE_UPLOAD_HANDLERS = [
 FILE_UPLOAD_TEMP_DIR = env_str("FILE_UPLOAD_TEMP_DIR") or None
 LATENTRY_MAX_ARTIFACT_BYTES = env_int("LATENTRY_MAX_ARTIFACT_BYTES", 600 * 1024 * 1024)
 
-# Each server process keeps its own small cache in memory; nothing here needs to be shared.
 # Per process by default; share one (CACHE_URL=redis://...) when several processes serve, so
 # that rate limits and the catalog cache hold across them.
 CACHE_URL = env_str("CACHE_URL", "")

@@ -232,6 +232,7 @@ def _stacked_adapters(experts_by_row, first):
     donors = [first if e is None else e for e in experts_by_row]
     scale = torch.tensor(
         [0.0 if e is None else e.lora_scale for e in experts_by_row],
+        dtype=first.lora_a[0].dtype,
         device=first.soft_tokens.device,
     )
     return {
@@ -253,7 +254,7 @@ class RowStack:
     def stacked(self):
         a = torch.stack([e.lora_a[self.index] for e in self.donors])
         b = torch.stack([e.lora_b[self.index] for e in self.donors])
-        return a, b, self.scale.to(a.dtype)
+        return a, b, self.scale
 
 
 def _grouped_adapters(experts_by_row):
@@ -335,8 +336,9 @@ def _soft_tokens(decoder, experts_by_row):
     """Each row's soft tokens, zero-padded to the longest count: (B, L, H)."""
     width = max(e.config.n_latents for e in experts_by_row if e is not None)
     weight = decoder.get_input_embeddings().weight
-    soft = torch.zeros(len(experts_by_row), width, weight.shape[1], dtype=weight.dtype)
-    soft = soft.to(weight.device)
+    soft = torch.zeros(
+        len(experts_by_row), width, weight.shape[1], dtype=weight.dtype, device=weight.device
+    )
     for row, expert in enumerate(experts_by_row):
         if expert is not None:
             soft[row, : expert.config.n_latents] = expert.soft_tokens.to(weight.dtype)
@@ -347,8 +349,9 @@ def _latent_heads(experts_by_row, hidden):
     """Each row's expert head over its soft tokens' last hidden states: (z, gate)."""
     batch, width, hidden_size = hidden.shape
     z = torch.zeros(batch, width, hidden_size, dtype=torch.float32, device=hidden.device)
-    gate = torch.full((batch, width), negative(hidden.dtype), dtype=hidden.dtype)
-    gate = gate.to(hidden.device)
+    gate = torch.full(
+        (batch, width), negative(hidden.dtype), dtype=hidden.dtype, device=hidden.device
+    )
     for row, expert in enumerate(experts_by_row):
         if expert is not None:
             count = expert.config.n_latents
@@ -556,9 +559,7 @@ class Coprocessor(nn.Module):
             # Adapt exactly the layers the file has LoRA for: a file made elsewhere (PEFT, or
             # with other targets) need not cover every linear layer that ours would.
             lora_modules = {
-                key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                for key in tensors
-                if key.endswith(".lora_A.weight")
+                match["module"] for key in tensors if (match := artifact.LORA_NAME.match(key))
             }
         expert = cls(decoder, config, lora_modules=lora_modules)
         expert.load_expert_tensors(tensors)

@@ -1,14 +1,17 @@
 """Pages of the router: "try it" on an expert's page (plain model beside the expert), and the
 account's usage per API key."""
 
+import dataclasses
+
 from django import forms
 from django.contrib.auth.decorators import login_required
 from django.db.models import Max, Sum
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
 from registry.api import GenerateThrottle, page_throttled
-from registry.models import ApiKey, Expert
+from registry.models import ApiKey
+from registry.pages import expert_by_name
 
 from . import service
 from .models import Usage
@@ -25,11 +28,7 @@ def try_expert(request, owner, name):
 
     The answer is a fragment for htmx to put under the form, or a page of its own without it.
     """
-    expert = get_object_or_404(
-        Expert.objects.visible_to(request.user).select_related("owner", "base_model"),
-        owner__username=owner,
-        name=name,
-    )
+    expert = expert_by_name(request, owner, name)
     if refused := page_throttled(request, GenerateThrottle):
         return refused
     form = TryForm(request.POST)
@@ -48,16 +47,9 @@ def try_expert(request, owner, name):
 
 
 def compare(expert, user, prompt, max_new_tokens):
-    asks = [
-        service.Ask(base=expert.base_model.slug, prompt=prompt, max_new_tokens=max_new_tokens),
-        service.Ask(
-            base=expert.base_model.slug,
-            expert=expert.full_name,
-            prompt=prompt,
-            max_new_tokens=max_new_tokens,
-        ),
-    ]
-    return service.run_together(asks, user)
+    plain = service.Ask(base=expert.base_model.slug, prompt=prompt, max_new_tokens=max_new_tokens)
+    augmented = dataclasses.replace(plain, expert=expert.full_name)
+    return service.run_together([plain, augmented], user, prepared=service.prepare(plain))
 
 
 @login_required

@@ -126,28 +126,21 @@ def prepare(ask):
 def run(ask, user, on_text=None, prepared=None, should_stop=None):
     """Serve ``ask``; ``on_text(delta)`` streams the text as it is generated, and a true
     ``should_stop()`` (the client went away) ends the generation early."""
-    return start(ask, user, on_text, prepared, should_stop).answer()
+    return plan(ask, user, on_text, prepared, should_stop).submit().answer()
 
 
-def run_together(asks, user):
+def run_together(asks, user, prepared=None):
     """Serve several asks at once: all are chosen before any is queued, and all are queued
-    before any is waited for, so the batcher decodes them in one batch (on a CPU in about
-    the time of one)."""
-    planned = [plan(ask, user) for ask in asks]
-    for loaded, request, pending in planned:
-        pending.future = loaded.batcher.submit(request)
-    return [pending.answer() for _, _, pending in planned]
-
-
-def start(ask, user, on_text=None, prepared=None, should_stop=None):
-    """Choose the expert and queue the generation; ``.answer()`` waits for it."""
-    loaded, request, pending = plan(ask, user, on_text, prepared, should_stop)
-    pending.future = loaded.batcher.submit(request)
-    return pending
+    before any is waited for, so the batcher decodes them in one batch. ``prepared``: one
+    ``prepare`` for asks that differ only in their expert."""
+    planned = [plan(ask, user, prepared=prepared) for ask in asks]
+    for pending in planned:
+        pending.submit()
+    return [pending.answer() for pending in planned]
 
 
 def plan(ask, user, on_text=None, prepared=None, should_stop=None):
-    """(loaded base, Request, Pending without its future): everything before queueing."""
+    """Everything before queueing: the prompt, the expert chosen, the request to generate."""
     loaded, ids = prepared or prepare(ask)
     started = time.perf_counter()
     choice, expert = pick(loaded, ask, ids, user)
@@ -162,23 +155,27 @@ def plan(ask, user, on_text=None, prepared=None, should_stop=None):
         seed=ask.seed,
         on_token=stream.push,
     )
-    return loaded, request, Pending(stream, choice, expert, len(ids), routing_ms)
+    return Pending(loaded.batcher, request, stream, choice, routing_ms)
 
 
 @dataclass
 class Pending:
+    batcher: object
+    request: Request
     stream: "TextStream"
     choice: choose.Choice
-    expert: object
-    prompt_tokens: int
     routing_ms: float
-    future: object = None  # the batcher's, once queued
+    future: object = None
+
+    def submit(self):
+        self.future = self.batcher.submit(self.request)
+        return self
 
     def answer(self):
         generation = self.future.result()
         self.stream.finish()
         timings = {f"{k.removesuffix('_s')}_ms": v * 1000 for k, v in generation.timings.items()}
-        augmented = self.expert is not None
+        augmented = self.request.expert is not None
         return Answer(
             text=self.stream.text,
             token_ids=generation.token_ids,
@@ -187,7 +184,7 @@ class Pending:
             augmented=augmented,
             reason="" if augmented else self.choice.reason,
             score=self.choice.score,
-            prompt_tokens=self.prompt_tokens,
+            prompt_tokens=len(self.request.prompt_ids),
             timings_ms={"routing_ms": self.routing_ms, **timings},
         )
 

@@ -44,9 +44,10 @@ def line_chart(series, *, width=640, height=240, x_label="", y_label="", title="
             f"{_tick(value)}</text>"
         )
     whole_xs = all(float(x).is_integer() for x in xs)  # steps, positions: no 15.8 on the axis
-    for i in range(5):
-        value = x0 + (x1 - x0) * i / 4
-        value = round(value) if whole_xs else value
+    ticks = [x0 + (x1 - x0) * i / 4 for i in range(5)]
+    if whole_xs:  # rounding a short range repeats ticks (1, 2, 2, 2, 3): draw each once
+        ticks = list(dict.fromkeys(round(value) for value in ticks))
+    for value in ticks:
         parts.append(
             f'<text x="{sx(value):.1f}" y="{height - bottom + 16}" font-size="11" '
             f'text-anchor="middle">{_tick(value)}</text>'

@@ -69,6 +69,14 @@ class Domain(models.Model):
 
 
 class ExpertQuerySet(models.QuerySet):
+    def with_related(self):
+        """With owner, domain and base model in the same query, but not the base model's
+        shapes: a large JSON document naming every weight tensor, decoded once per row if it
+        were fetched, that lists and cards never read."""
+        return self.select_related("owner", "domain", "base_model").defer(
+            "base_model__param_shapes"
+        )
+
     def visible_to(self, user):
         """What ``user`` may open by name: public and unlisted experts, and their own."""
         if user is not None and user.is_authenticated and user.is_staff:

@@ -38,9 +38,7 @@ SORTS = {
 def catalog(request):
     """Every listed expert, searched, filtered and sorted from the query string."""
     params = request.GET
-    experts = Expert.objects.listed_for(request.user).select_related(
-        "owner", "domain", "base_model"
-    )
+    experts = Expert.objects.listed_for(request.user).with_related()
     experts = filter_experts(experts, params)
     sort = params.get("sort") if params.get("sort") in SORTS else "downloads"
     page = Paginator(experts.order_by(*SORTS[sort]), CATALOG_PAGE_SIZE).get_page(params.get("page"))
@@ -86,7 +84,7 @@ def query_without(params, *names):
 def expert_by_name(request, owner, name):
     """The gate: others' private experts are 404 here exactly as if they did not exist."""
     return get_object_or_404(
-        Expert.objects.visible_to(request.user).select_related("owner", "domain", "base_model"),
+        Expert.objects.visible_to(request.user).with_related(),
         owner__username=owner,
         name=name,
     )
@@ -99,9 +97,9 @@ def owned_expert(request, owner, name):
     return expert
 
 
-def expert_detail(request, owner, name, try_result=None, review_form=None):
+def expert_detail(request, owner, name, review_form=None):
     expert = expert_by_name(request, owner, name)
-    versions = expert.versions.order_by("-number")
+    versions = expert.versions.defer("routing_profile").order_by("-number")
     if expert.owner != request.user:
         versions = versions.filter(status=ExpertVersion.READY)
     latest = next((v for v in versions if v.status == ExpertVersion.READY), None)
@@ -113,10 +111,8 @@ def expert_detail(request, owner, name, try_result=None, review_form=None):
         "versions": versions,
         "latest": latest,
         "chart": perplexity_chart(latest),
-        "evaluations": latest.metrics.get("evaluations", []) if latest else [],
         "reviews": reviews,
         "review_form": review_form or (ReviewForm(instance=mine or None) if can_review else None),
-        "try_result": try_result,
         "is_owner": request.user == expert.owner,
     }
     return render(request, "registry/expert_detail.html", context)
@@ -173,7 +169,7 @@ def publisher(request, owner):
     experts = (
         Expert.objects.listed_for(request.user)
         .filter(owner=user)
-        .select_related("owner", "domain", "base_model")
+        .with_related()
         .order_by(F("download_count").desc(), "name")
     )
     return render(request, "registry/publisher.html", {"publisher": user, "experts": experts})
@@ -266,9 +262,7 @@ def account(request):
         "form": form,
         "created": created,
         "keys": ApiKey.objects.filter(user=request.user).order_by("-created_at"),
-        "experts": Expert.objects.filter(owner=request.user)
-        .select_related("domain", "base_model")
-        .order_by("name"),
+        "experts": Expert.objects.filter(owner=request.user).with_related().order_by("name"),
     }
     response = render(request, "registry/account.html", context)
     response["Cache-Control"] = "no-store"  # a new key's secret must not be kept by caches

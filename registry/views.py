@@ -97,13 +97,7 @@ class ExpertViewSet(viewsets.ModelViewSet):
     ordering = ["-created_at"]
 
     def get_queryset(self):
-        experts = (
-            Expert.objects.select_related("owner", "domain", "base_model")
-            # A base model's shapes name every weight tensor: a large JSON document that the
-            # serializer never reads, decoded once per row if it were fetched.
-            .defer("base_model__param_shapes")
-            .annotate(latest_version=latest_ready_version())
-        )
+        experts = Expert.objects.with_related().annotate(latest_version=latest_ready_version())
         if self.action == "list":
             return experts.listed_for(self.request.user)
         return experts.visible_to(self.request.user)

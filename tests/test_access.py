@@ -14,6 +14,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from registry.models import ApiKey, Expert
+from tests.conftest import bearer_client
 
 pytestmark = pytest.mark.django_db
 
@@ -120,12 +121,6 @@ ROWS = {
 def callers(alice, bob, charlie):
     """A client per caller. Keys go in the Authorization header; pages use sessions only."""
 
-    def keyed(user, scopes):
-        _, plaintext = ApiKey.create_for(user, "k", scopes)
-        client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
-        return client
-
     def session(user):
         client = APIClient()
         if user is not None:
@@ -137,9 +132,9 @@ def callers(alice, bob, charlie):
         "bob": session(bob),
         "alice": session(alice),
         "staff": session(charlie),
-        "bob_read": keyed(bob, [ApiKey.READ]),
-        "alice_read": keyed(alice, [ApiKey.READ]),
-        "alice_write": keyed(alice, [ApiKey.READ, ApiKey.WRITE]),
+        "bob_read": bearer_client(bob, [ApiKey.READ]),
+        "alice_read": bearer_client(alice, [ApiKey.READ]),
+        "alice_write": bearer_client(alice, [ApiKey.READ, ApiKey.WRITE]),
     }
 
 

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
+from playwright.sync_api import expect, sync_playwright
 
 from registry.models import ApiKey, Expert, ExpertVersion
 from tests.tiny_models import phrase_text
 from tests.workers import Worker, new_queue, worker_env
 from training.models import TrainingJob
-
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(django_settings.VAR_DIR) / "screenshots"
@@ -27,7 +26,7 @@ def browser():
     # are still plain synchronous code.
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield browser
         browser.close()
@@ -80,8 +79,9 @@ def test_a_visitor_searches_filters_and_opens_an_expert(page, make_expert, publi
     assert page.locator(".card h2").inner_text() == "alice/gpl"
     page.get_by_label("Domain").select_option("")
     page.get_by_label("Sort").select_option("gain")
-    page.wait_for_function("document.querySelectorAll('.card').length === 3")
-    assert page.locator(".card h2").first.inner_text() == "alice/pydoc"
+    page.wait_for_url("**sort=gain*")
+    # by downloads it would be pydoc, pytest-guru, gpl; unmeasured experts come last
+    expect(page.locator(".card h2")).to_have_text(["alice/pydoc", "alice/gpl", "alice/pytest-guru"])
     page.get_by_role("link", name="alice/pydoc").click()
     page.wait_for_url("**/experts/alice/pydoc/")
     assert page.get_by_role("heading", name="What it knows").is_visible()
@@ -101,7 +101,8 @@ def test_the_catalog_works_by_keyboard_and_without_javascript(browser, live_serv
     page.goto("/?q=python")
     assert page.locator(".card h2").all_inner_texts() == ["alice/pydoc"]
     page.get_by_role("link", name="alice/pydoc").click()
-    assert page.get_by_role("heading", name="alice/pydoc").is_visible()
+    page.wait_for_url("**/experts/alice/pydoc/")
+    assert page.get_by_role("heading", name="alice/pydoc", level=1).is_visible()
     context.close()
 
     context = browser.new_context(base_url=live_server.url)
@@ -194,7 +195,11 @@ def test_a_user_publishes_tries_trains_and_manages_keys(
     page.wait_for_url("**/experts/dora/words/")
     assert page.get_by_text("Version 1 is ready.").is_visible()
 
-    # Try it: the plain model beside the expert.
+    # Try it: an error shows under the form; then the plain model beside the expert.
+    page.get_by_label("Prompt").fill("w5 " * 300)
+    page.get_by_label("New tokens").fill("6")
+    page.get_by_role("button", name="Compare with the plain model").click()
+    expect(page.locator("#try-result [role=alert]")).to_contain_text("does not fit the context")
     page.get_by_label("Prompt").fill("w5 w6 w7")
     page.get_by_label("New tokens").fill("6")
     page.get_by_role("button", name="Compare with the plain model").click()
@@ -211,7 +216,7 @@ def test_a_user_publishes_tries_trains_and_manages_keys(
     page.get_by_label("Name").fill("phrases")
     page.locator("input[type=file]").set_input_files(str(text))
     page.get_by_role("button", name="Upload dataset").click()
-    assert page.get_by_text("Dataset dora/phrases is ready").is_visible()
+    expect(page.get_by_text("Dataset dora/phrases is ready")).to_be_visible()
     page.goto("/experts/dora/words/train/")
     page.get_by_label("dora/phrases").check()
     page.get_by_label("Time budget minutes").fill("2")
@@ -240,6 +245,6 @@ def test_a_user_publishes_tries_trains_and_manages_keys(
     assert ApiKey.objects.get(name="laptop").matches(secret)
     shoot(page, "account")
     page.get_by_role("button", name="Revoke laptop").click()
-    assert "revoked" in page.locator("table").first.inner_text()
+    expect(page.locator("table").first).to_contain_text("revoked")
     assert ApiKey.objects.get(name="laptop").revoked_at is not None
     assert secret not in page.content()

@@ -9,10 +9,11 @@ from django.test import Client
 
 from inference import pool, service
 from inference.pages import compare
+from registry.charts import line_chart
 from registry.models import ApiKey, Expert, ExpertVersion, Review
 from registry.templatetags.latentry import markdown
 from tests.test_jobs import make_dataset
-from training.models import TrainingJob
+from training.models import Dataset, TrainingJob
 
 pytestmark = pytest.mark.django_db
 
@@ -265,7 +266,7 @@ def test_training_from_the_pages_starts_a_job_the_owner_can_watch_and_cancel(
         {"datasets": [words.pk], "time_budget_minutes": 1, "steps": 5, "n_latents": 999,
          "lora_rank": 2, "window": 64, "ahead_tokens": 4, "positions_per_window": 4, "lr": 0.01},
     )  # fmt: skip
-    assert bad.status_code == 400 and "n_latents" not in TrainingJob.objects.values_list()
+    assert bad.status_code == 400 and not TrainingJob.objects.exists()
     assert "Ensure this value is less than or equal to 64" in bad.text
     started = client.post(
         "/experts/alice/pydoc/train/",
@@ -282,3 +283,18 @@ def test_training_from_the_pages_starts_a_job_the_owner_can_watch_and_cancel(
     job.refresh_from_db()
     assert job.status == TrainingJob.CANCELLED
     assert 'hx-trigger="every 2s"' not in client.get(f"/jobs/{job.pk}/").text
+
+
+def test_a_short_whole_number_axis_draws_each_tick_once():
+    svg = str(line_chart({"loss": [(1, 2.0), (2, 1.5), (3, 1.2)]}, x_label="step"))
+    x_ticks = re.findall(r'text-anchor="middle">([^<]+)</text>', svg)[:-1]  # last: the label
+    assert x_ticks == ["1", "2", "3"]
+
+
+def test_a_dataset_name_taken_is_an_error_next_to_the_name(alice):
+    make_dataset(alice, name="notes")
+    again = logged_in(alice).post(
+        "/datasets/", {"name": "notes", "file": io.BytesIO(b"other words here"), "public": ""}
+    )
+    assert again.status_code == 400 and "already have a dataset named" in again.text
+    assert Dataset.objects.filter(owner=alice).count() == 1

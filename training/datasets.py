@@ -4,7 +4,7 @@ import functools
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from coprocessor import corpus
 from registry import storage, uploads
@@ -14,6 +14,13 @@ from .models import Dataset
 
 class DatasetError(ValueError):
     """The file is not a usable dataset; the message says why."""
+
+
+class NameTaken(Exception):
+    """The owner already has a dataset of that name."""
+
+    def __init__(self, name):
+        super().__init__(f"you already have a dataset named {name!r}")
 
 
 def format_of(filename, declared=""):
@@ -39,11 +46,18 @@ def parse(data, fmt):
 
 
 def create(owner, name, fileobj, *, sha256, size, fmt, base_model=None, **fields):
-    """Validate, store and record a dataset. Nothing is stored if validation fails."""
+    """Validate, store and record a dataset. Nothing is stored if validation fails or the
+    name is taken (NameTaken: checked first, so a taken name costs no parsing)."""
+    if Dataset.objects.filter(owner=owner, name=name).exists():
+        raise NameTaken(name)
     stored, created = store_file(fileobj, sha256=sha256, size=size, fmt=fmt, base_model=base_model)
     try:
         with transaction.atomic():
             return Dataset.objects.create(owner=owner, name=name, **stored, **fields)
+    except IntegrityError:  # the same name, created meanwhile
+        if created:
+            discard_unused(stored["file_key"])
+        raise NameTaken(name) from None
     except BaseException:
         if created:  # never a file that was there before this upload
             discard_unused(stored["file_key"])

@@ -6,8 +6,6 @@ refreshes itself instead) until the job ends and its evaluation is in.
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db import IntegrityError
-from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
@@ -15,7 +13,8 @@ from django.views.decorators.http import require_POST
 from registry import storage
 from registry.api import UploadThrottle, fragment_or_page, page_throttled
 from registry.charts import line_chart
-from registry.models import Expert, ExpertVersion
+from registry.models import ExpertVersion
+from registry.pages import owned_expert
 
 from . import datasets, jobs
 from .forms import DatasetForm, TrainingForm
@@ -49,8 +48,8 @@ def create_dataset(user, form):
         return datasets.create_from_upload(user, name, upload, **data)
     except datasets.DatasetError as exc:
         form.add_error("file", str(exc))
-    except IntegrityError:
-        form.add_error("name", f"you already have a dataset named {name!r}")
+    except datasets.NameTaken as exc:
+        form.add_error("name", str(exc))
     except storage.StorageUnavailable:
         form.storage_down = True
         form.add_error("file", "storage is unavailable right now; nothing was saved, try again")
@@ -59,11 +58,7 @@ def create_dataset(user, form):
 
 @login_required
 def train(request, owner, name):
-    expert = get_object_or_404(
-        Expert.objects.select_related("owner", "base_model"), owner__username=owner, name=name
-    )
-    if expert.owner != request.user:
-        raise Http404("you can only train your own experts")
+    expert = owned_expert(request, owner, name)
     form = TrainingForm(request.POST or None, user=request.user, expert=expert)
     if request.method == "POST" and form.is_valid():
         job = jobs.start_training(

@@ -127,11 +127,17 @@ def run_training(job, device):
 
 
 def _succeed(job, version):
-    if job.finish(Job.SUCCEEDED):
-        discard_checkpoint(job)
-        from .jobs import evaluation_params, start_evaluation  # jobs -> tasks -> runner
+    from .jobs import evaluation_params, start_evaluation  # jobs -> tasks -> runner
 
-        start_evaluation(job.created_by, version, job.datasets.all(), evaluation_params(version))
+    # One transaction: nobody sees the job succeeded before its evaluation exists (the job
+    # page stops polling at a finished job with no evaluation running).
+    with transaction.atomic():
+        succeeded = job.finish(Job.SUCCEEDED)
+        if succeeded:
+            datasets = job.datasets.all()
+            start_evaluation(job.created_by, version, datasets, evaluation_params(version))
+    if succeeded:
+        discard_checkpoint(job)
     return version
 
 

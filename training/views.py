@@ -50,17 +50,14 @@ class DatasetViewSet(
     def perform_create(self, serializer):
         data = serializer.validated_data
         upload = data.pop("file")
-        owner, name = self.request.user, data["name"]
-        if Dataset.objects.filter(owner=owner, name=name).exists():
-            raise Conflict(f"you already have a dataset named {name!r}")
         try:
             serializer.instance = datasets.create_from_upload(
-                owner, data.pop("name"), upload, data.pop("format", ""), **data
+                self.request.user, data.pop("name"), upload, data.pop("format", ""), **data
             )
         except datasets.DatasetError as exc:
             raise ValidationError({"file": [str(exc)]}) from None
-        except IntegrityError:
-            raise Conflict(f"you already have a dataset named {name!r}") from None
+        except datasets.NameTaken as exc:
+            raise Conflict(str(exc)) from None
 
     def perform_destroy(self, dataset):
         if dataset.training_jobs.exists() or dataset.evaluation_jobs.exists():

@@ -42,7 +42,7 @@ class Command(BaseCommand):
                     description=description,
                     public=public,
                 )
-        except (OSError, datasets.DatasetError) as exc:
+        except (OSError, datasets.DatasetError, datasets.NameTaken) as exc:
             raise CommandError(f"{path}: {exc}") from exc
         self.stdout.write(
             f"created dataset {dataset.full_name}: {dataset.documents} documents, "
