@@ -82,7 +82,7 @@ def train_config(args, tokenizer, **overrides):
         gate_lr=args.gate_lr,
         anchor_token_id=space_token(tokenizer),
     )
-    return TrainConfig(**{**settings, **overrides})
+    return TrainConfig.from_settings({**settings, **overrides})
 
 
 def space_token(tokenizer):

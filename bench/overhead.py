@@ -15,7 +15,8 @@ import time
 import torch
 from common import corpus_ids, parser, setup, space_token
 
-from coprocessor.augment import Coprocessor, CoprocessorConfig, prefill
+from coprocessor.decoder import prefill
+from coprocessor.expert import Coprocessor, CoprocessorConfig
 from coprocessor.generate import Request, generate
 
 
@@ -51,7 +52,7 @@ def main():
 
     def coprocessor_step():
         ids = torch.tensor([prompt[:-1]], device=args.device)
-        past, past_bias, positions = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))
+        past, past_bias, positions, _ = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))
         started = time.perf_counter()
         with torch.no_grad():
             expert.latents(past, past_bias, positions)

@@ -16,8 +16,8 @@ import time
 import torch
 from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
 
-from coprocessor.augment import Coprocessor, SoftTokens
 from coprocessor.evaluate import evaluate, heldout_set
+from coprocessor.expert import Coprocessor, SoftTokens
 from coprocessor.train import sample_windows, train
 
 
@@ -46,7 +46,7 @@ def main():
         "target tokens"
     )
 
-    step0 = evaluate(model, Coprocessor(model, config.coprocessor_config()), heldout)
+    step0 = evaluate(model, Coprocessor(model, config.expert), heldout)
     ppl_base = step0["base"]["ppl"]
     step0_harm = 100 * (step0["augmented"]["ppl"] - ppl_base) / ppl_base
     print(
@@ -60,7 +60,9 @@ def main():
         reports["expert"] = evaluate(model, expert, heldout, include_base=False)["augmented"]
         print_curve(curve, ppl_base)
     if "soft" in arms:
-        soft = SoftTokens(model, args.n_latents, config.gate_init, config.anchor_token_id)
+        soft = SoftTokens(
+            model, args.n_latents, config.expert.gate_init, config.expert.anchor_token_id
+        )
         soft_result = train(model, train_ids, config, expert=soft)
         reports["soft tokens"] = evaluate(model, soft_result.expert, heldout, include_base=False)[
             "augmented"
@@ -102,7 +104,7 @@ def train_with_curve(model, train_ids, config, heldout, points):
                 flush=True,
             )
 
-    expert_ref = [Coprocessor(model, config.coprocessor_config())]
+    expert_ref = [Coprocessor(model, config.expert)]
     result = train(model, train_ids, config, expert=expert_ref[0], on_progress=on_progress)
     final = evaluate(model, result.expert, heldout, include_base=False)["augmented"]["ppl"]
     curve.append((result.history[-1][1], result.steps, final))

@@ -57,7 +57,7 @@ from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 from coprocessor import base_models, corpus, routing  # noqa: E402
-from coprocessor.augment import Coprocessor, CoprocessorConfig  # noqa: E402
+from coprocessor.expert import Coprocessor, CoprocessorConfig  # noqa: E402
 from inference import choose, pool, service  # noqa: E402
 from registry import storage  # noqa: E402
 from registry.models import BaseModel, Domain, Expert, ExpertVersion  # noqa: E402

@@ -14,7 +14,7 @@ import time
 import torch
 from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
 
-from coprocessor.augment import Coprocessor
+from coprocessor.expert import Coprocessor
 from coprocessor.train import _train_step, make_optimizer, sample_windows
 
 
@@ -43,7 +43,7 @@ def main():
 
 
 def time_coprocessor(model, train_ids, config, steps, device):
-    expert = Coprocessor(model, config.coprocessor_config()).to(device).train()
+    expert = Coprocessor(model, config.expert).to(device).train()
     optimizer = make_optimizer(expert, config)
     generator = torch.Generator().manual_seed(0)
     dev = torch.device(device)
@@ -58,7 +58,7 @@ def time_coprocessor(model, train_ids, config, steps, device):
 
 
 def time_finetune(model, train_ids, config, steps, device):
-    tuned = peft_lora_copy(model, config.lora_rank, config.lora_alpha)
+    tuned = peft_lora_copy(model, config.expert.lora_rank, config.expert.lora_alpha)
     tuned.train()
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=5e-4)
     generator = torch.Generator().manual_seed(0)

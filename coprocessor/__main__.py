@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from . import artifact, base_models, corpus
-from .augment import Coprocessor
 from .evaluate import evaluate, heldout_set
+from .expert import Coprocessor
 from .generate import Request, generate
 from .train import TrainConfig, train
 
@@ -52,7 +52,7 @@ def build_parser():
     t.add_argument("--out", required=True, help="the expert file to write (.safetensors)")
     t.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    defaults = TrainConfig()
+    defaults = TrainConfig().settings()
     for field, kind in (
         ("n_latents", int),
         ("ahead_tokens", int),
@@ -69,8 +69,8 @@ def build_parser():
         ("checkpoint_every", int),
         ("seed", int),
     ):
-        t.add_argument(f"--{field.replace('_', '-')}", type=kind, default=getattr(defaults, field))
-    t.add_argument("--kind", choices=["lora", "full"], default=defaults.kind)
+        t.add_argument(f"--{field.replace('_', '-')}", type=kind, default=defaults[field])
+    t.add_argument("--kind", choices=["lora", "full"], default=defaults["kind"])
 
     e = command("evaluate", cmd_evaluate, "held-out perplexity per ahead position")
     e.add_argument("--data", required=True)
@@ -108,8 +108,10 @@ def load_base(source):
 def cmd_train(args):
     model, tokenizer = load_base(args.base)
     ids = corpus.tokenize(tokenizer, corpus.read_texts(args.data))
-    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
-    config = TrainConfig(**fields, anchor_token_id=base_models.space_token_id(tokenizer))
+    names = TrainConfig().settings()
+    settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    settings["anchor_token_id"] = base_models.space_token_id(tokenizer)
+    config = TrainConfig.from_settings(settings)
     bar = tqdm(total=config.steps, unit="step")
 
     def on_progress(progress):

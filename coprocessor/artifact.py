@@ -23,6 +23,9 @@ KINDS = ("lora", "full")
 ALLOWED_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+# The most latents an expert may put in a request's cache: the router keeps this many positions
+# of the context free for them, so training, upload and serving share one ceiling.
+MAX_LATENTS = 64
 
 LORA_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 FULL_NAME = re.compile(r"^coprocessor\.(?P<param>.+)$")
@@ -227,8 +230,8 @@ def _metadata_problems(metadata, spec):
     if metadata["kind"] not in KINDS:
         problems.append(f"kind must be one of {', '.join(KINDS)}, got {metadata['kind']!r}")
     n_latents = _int_field(metadata, "n_latents")
-    if n_latents is None or not 1 <= n_latents <= 1024:
-        problems.append("n_latents must be an integer from 1 to 1024")
+    if n_latents is None or not 1 <= n_latents <= MAX_LATENTS:
+        problems.append(f"n_latents must be an integer from 1 to {MAX_LATENTS}")
     for key, expected in (("hidden_size", spec.hidden_size), ("num_layers", spec.num_layers)):
         if _int_field(metadata, key) != expected:
             problems.append(f"{key} is {metadata[key]}, the base model has {expected}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .augment import augmented_forward
+from .expert import augmented_forward
 from .train import ahead_losses, position_batch
 
 
@@ -39,7 +39,7 @@ def heldout_set(
     if n_windows == 0:
         raise ValueError(f"held-out text has {len(token_ids)} tokens, fewer than one window")
     generator = torch.Generator().manual_seed(seed)
-    windows = token_ids[: n_windows * window].reshape(n_windows, window)
+    windows = token_ids[: n_windows * window].reshape(n_windows, window)  # (W, T)
     choices = window - ahead - min_prefix + 1
     picks = torch.stack(
         [
@@ -65,10 +65,10 @@ def evaluate(decoder, expert, heldout, *, batch_windows=4, include_base=True):
         for name, model in (("base", None), ("augmented", expert)):
             if (name == "augmented" and expert is None) or (name == "base" and not include_base):
                 continue
-            out = augmented_forward(
+            logits = augmented_forward(
                 decoder, model, past=past, past_bias=past_bias, tokens=tokens, positions=starts
             )
-            sums[name] += ahead_losses(out.logits, targets).sum(0).cpu()
+            sums[name] += ahead_losses(logits, targets).sum(0).cpu()
         rows += tokens.shape[0]
     names = [n for n, on in (("base", include_base), ("augmented", expert is not None)) if on]
     return _report(sums, rows, names)

@@ -1,9 +1,11 @@
 """Generation from an augmented cache: greedy or sampled, batched across experts.
 
 Each request has its own prompt, expert (or none) and sampling settings. The batch shares one
-decoder: prompts are left-padded, each expert's coprocessor pass runs on its own rows, latents
-are padded to the longest with hidden columns, and decoding is plain D for every row. A row's
-output does not depend on what else is in the batch: sampling uses a generator per request.
+decoder: prompts are left-padded; the LoRA experts' latents come from the prefill's own forward
+(``expert.prefill_with_latents``, each row with its expert's deltas), full-copy experts run
+their copy on their rows; latents are padded to the longest with hidden columns, and decoding
+is plain D for every row. A row's output does not depend on what else is in the batch:
+sampling uses a generator per request.
 """
 
 import secrets
@@ -12,15 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .augment import (
-    batched_latents,
-    embed,
-    negative,
-    prefill,
-    prefill_with_latents,
-    run_decoder,
-    select_rows,
-)
+from .decoder import embed, negative, prefill, run_decoder, select_rows
+from .expert import prefill_with_latents
 
 
 @dataclass
@@ -56,30 +51,25 @@ def generate(decoder, requests, eos_token_id=None):
     started = time.perf_counter()
     prefix_ids, visible = _left_pad([r.prompt_ids[:-1] for r in requests], device)
     lora_experts = [r.expert if _kind(r.expert) == "lora" else None for r in requests]
-    if any(lora_experts) and prefix_ids.shape[1]:
+    if any(lora_experts):
         # The LoRA experts' pass rides along with the prefill (its time counts as prefill).
-        past, past_bias, positions, z, gate = prefill_with_latents(
-            decoder, prefix_ids, visible, lora_experts
-        )
-        lora_latents = (z, gate)
+        prefilled, z, gate = prefill_with_latents(decoder, prefix_ids, visible, lora_experts)
     else:
-        past, past_bias, positions = prefill(decoder, prefix_ids, visible)
-        lora_latents = None
+        prefilled, z, gate = prefill(decoder, prefix_ids, visible), None, None
+    past, past_bias, positions, _ = prefilled
     timings["prefill_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    latents, latent_bias = _latents(
-        decoder, requests, past, past_bias, positions, dtype, lora_latents
-    )
+    latents, latent_bias = _latents(decoder, requests, past, past_bias, positions, dtype, z, gate)
     timings["coprocessor_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     last = torch.tensor([[r.prompt_ids[-1]] for r in requests], device=device)
-    inputs = torch.cat([latents, embed(decoder, last)], dim=1)
+    inputs = torch.cat([latents, embed(decoder, last)], dim=1)  # (B, L + 1, H)
     new_bias = torch.cat(
         [latent_bias, torch.zeros(len(requests), 1, dtype=dtype, device=device)], dim=1
-    )
-    new_positions = positions[:, None].expand(-1, inputs.shape[1])
+    )  # (B, L + 1)
+    new_positions = positions[:, None].expand(-1, inputs.shape[1])  # (B, L + 1)
     logits, past = run_decoder(
         decoder,
         past=past,
@@ -89,7 +79,7 @@ def generate(decoder, requests, eos_token_id=None):
         positions=new_positions,
         logits_last=1,
     )
-    past_bias = torch.cat([past_bias, new_bias], dim=1)
+    past_bias = torch.cat([past_bias, new_bias], dim=1)  # (B, P + L + 1)
     outputs = _decode(decoder, requests, logits[:, -1], past, past_bias, positions, eos_token_id)
     timings["decode_s"] = time.perf_counter() - started
     for output in outputs:
@@ -108,33 +98,20 @@ def _left_pad(sequences, device):
     return ids, visible
 
 
-def _latents(decoder, requests, past, past_bias, positions, dtype, lora_latents=None):
-    """Each request's latents on its row, padded to the longest with hidden columns.
+def _latents(decoder, requests, past, past_bias, positions, dtype, lora_z, lora_gate):
+    """Each request's latents on its row, padded to the longest with hidden columns: (B, L, H)
+    and their gate bias (B, L).
 
-    The rows of LoRA experts go through D together, each with its own expert's deltas (one
-    pass for the batch, whatever the mix; ``lora_latents`` when prefill already made them);
-    full-copy experts run their own copy on their rows.
+    The LoRA experts' latents come from the prefill (``lora_z``, ``lora_gate``, or None when
+    the batch has none); full-copy experts run their own copy on their rows.
     """
     batch, device = len(requests), positions.device
     width = max((r.expert.config.n_latents for r in requests if r.expert is not None), default=0)
     latents = torch.zeros(batch, width, decoder.config.hidden_size, dtype=dtype, device=device)
     bias = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
-    lora_rows = [i for i, r in enumerate(requests) if _kind(r.expert) == "lora"]
-    if lora_latents is not None:
-        z, gate = lora_latents
-        latents[:, : z.shape[1]] = z.to(dtype)
-        bias[:, : z.shape[1]] = gate
-    elif lora_rows:
-        index = torch.tensor(lora_rows, device=device)
-        z, gate = batched_latents(
-            decoder,
-            [requests[i].expert for i in lora_rows],
-            select_rows(past, index) if past is not None else None,
-            past_bias[index],
-            positions[index],
-        )
-        latents[index, : z.shape[1]] = z.to(dtype)
-        bias[index, : z.shape[1]] = gate
+    if lora_z is not None:
+        latents[:, : lora_z.shape[1]] = lora_z.to(dtype)
+        bias[:, : lora_z.shape[1]] = lora_gate
     for row, request in enumerate(requests):
         if _kind(request.expert) == "full":
             index = torch.tensor([row], device=device)
@@ -189,8 +166,8 @@ def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id)
             positions=(positions + step)[:, None],
             logits_last=1,
         )
-        logits = logits[:, -1]
-        past_bias = torch.cat([past_bias, new_bias], dim=1)
+        logits = logits[:, -1]  # (B, V)
+        past_bias = torch.cat([past_bias, new_bias], dim=1)  # (B, P + step)
     return [Generation(token_ids=t, finish_reason=f) for t, f in zip(tokens, finished, strict=True)]
 
 

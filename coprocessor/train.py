@@ -10,36 +10,22 @@ the main lever on speed. Gradients flow through frozen D into the latents and C.
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .augment import (
-    Coprocessor,
-    CoprocessorConfig,
-    as_cache,
-    block_attention_bias,
-    embed,
-    forward_with_mask,
-    negative,
-    prefill,
-)
+from .decoder import as_cache, block_attention_bias, embed, forward_with_mask, negative, prefill
+from .expert import Coprocessor, CoprocessorConfig
 
 
 @dataclass
 class TrainConfig:
-    # The expert.
-    # 4 latents and 16 points per window: better held-out perplexity in a fixed CPU budget
-    # than 8 and 8, and twice the loss tokens per step (bench/quality.py, train_speed.py).
-    n_latents: int = 4
-    kind: str = "lora"
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ()
-    gate_init: float = -4.0
-    anchor_token_id: int | None = None
+    # The expert. 4 latents (CoprocessorConfig's default) and 16 points per window: better
+    # held-out perplexity in a fixed CPU budget than 8 and 8, and twice the loss tokens per
+    # step (bench/quality.py, train_speed.py).
+    expert: CoprocessorConfig = field(default_factory=CoprocessorConfig)
     # The objective.
     ahead_tokens: int = 16  # N_A: tokens after the augmentation point that carry the loss
     window: int = 256  # tokens of context per sampled window
@@ -56,28 +42,27 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    seed: int = 0
+    seed: int = 0  # also seeds the expert's initialisation (from_settings)
     checkpoint_every: int = 50
 
-    def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
+    @classmethod
+    def from_settings(cls, settings):
+        """A config from one flat dict of settings, as jobs, the CLI and benches name them:
+        the expert's fields (``n_latents``, ``lora_rank``, ...) go to ``expert``; ``seed``
+        seeds both."""
+        settings = dict(settings)
+        expert_fields = {f.name for f in fields(CoprocessorConfig)}
+        expert = {k: settings.pop(k) for k in list(settings) if k in expert_fields - {"seed"}}
+        expert["seed"] = settings.get("seed", cls.seed)
+        return cls(expert=CoprocessorConfig(**expert), **settings)
 
-    def coprocessor_config(self):
-        return CoprocessorConfig(
-            n_latents=self.n_latents,
-            kind=self.kind,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_targets=self.lora_targets,
-            gate_init=self.gate_init,
-            anchor_token_id=self.anchor_token_id,
-            seed=self.seed,
-        )
+    def settings(self):
+        """The flat settings that ``from_settings`` reads back."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "expert"}
+        return {**self.expert.to_dict(), **own}
 
     def to_dict(self):
-        data = asdict(self)
-        data["lora_targets"] = list(self.lora_targets)
-        return data
+        return {**asdict(self), "expert": self.expert.to_dict()}
 
 
 @dataclass
@@ -111,15 +96,16 @@ def position_batch(decoder, windows, positions, ahead):
     n_windows, length = windows.shape
     per_window = positions.shape[1]
     with torch.no_grad():
-        past, _, _ = prefill(decoder, windows, torch.ones_like(windows, dtype=torch.bool))
-    rows = torch.arange(n_windows, device=windows.device).repeat_interleave(per_window)
-    past = [(k[rows], v[rows]) for k, v in past]
-    p = positions.reshape(-1)
+        past = prefill(decoder, windows, torch.ones_like(windows, dtype=torch.bool)).past
+    rows = torch.arange(n_windows, device=windows.device).repeat_interleave(per_window)  # (R,)
+    past = [(k[rows], v[rows]) for k, v in past]  # (R, kv_heads, T, head_dim)
+    p = positions.reshape(-1)  # (R,) with R = W * K
     dtype = past[0][0].dtype
     keys = torch.arange(length, device=windows.device)
     past_bias = torch.where(keys[None, :] < (p - 1)[:, None], 0.0, negative(dtype)).to(dtype)
+    # (R, T): each row sees x[:p-1]
     offsets = torch.arange(ahead, device=windows.device)
-    fed = (p - 1)[:, None] + offsets  # x[p-1 : p-1+ahead]
+    fed = (p - 1)[:, None] + offsets  # (R, A): x[p-1 : p-1+ahead]
     tokens = windows[rows[:, None], fed]
     targets = windows[rows[:, None], fed + 1]
     return past, past_bias, tokens, targets, p - 1
@@ -137,10 +123,10 @@ def packed_losses(decoder, expert, windows, positions, ahead):
     per_window = positions.shape[1]
     device = windows.device
     with torch.no_grad():
-        past, _, _ = prefill(decoder, windows, torch.ones_like(windows, dtype=torch.bool))
+        past = prefill(decoder, windows, torch.ones_like(windows, dtype=torch.bool)).past
     dtype = past[0][0].dtype
     starts = positions - 1  # (W, K) position of x[p-1], the first fed token
-    visible = torch.arange(length, device=device)[None, None, :] < starts[:, :, None]
+    visible = torch.arange(length, device=device)[None, None, :] < starts[:, :, None]  # (W, K, T)
     offsets = torch.arange(ahead, device=device)
     fed = starts[:, :, None] + offsets  # (W, K, A)
     rows = torch.arange(n_windows, device=device)[:, None, None]
@@ -151,38 +137,37 @@ def packed_losses(decoder, expert, windows, positions, ahead):
     n_latents = 0
     if expert is not None:
         n_latents = expert.latent_head.gate.numel()
-        latent_positions = starts[:, :, None].expand(-1, -1, n_latents)
-        blocks = torch.arange(per_window, device=device).repeat_interleave(n_latents)
+        latent_positions = starts[:, :, None].expand(-1, -1, n_latents)  # (W, K, L)
+        blocks = torch.arange(per_window, device=device).repeat_interleave(n_latents)  # (K * L,)
         soft_mask = block_attention_bias(
-            visible.repeat_interleave(n_latents, dim=1),
+            visible.repeat_interleave(n_latents, dim=1),  # (W, K * L, T)
             blocks,
             torch.zeros(n_windows, per_window * n_latents, dtype=dtype, device=device),
         )
         z = expert.encode(
             past, soft_mask, latent_positions.reshape(n_windows, -1), copies=per_window
         ).to(dtype)
-        z = z.view(n_windows, per_window, n_latents, -1)
-        inputs = torch.cat([z, inputs], dim=2)
+        z = z.view(n_windows, per_window, n_latents, -1)  # (W, K, L, H)
+        inputs = torch.cat([z, inputs], dim=2)  # (W, K, L + A, H)
         gate = expert.gate_bias(n_windows).to(dtype)[:, None, :].expand(-1, per_window, -1)
-        new_bias = torch.cat([gate, new_bias], dim=2)
-        new_positions = torch.cat([latent_positions, fed], dim=2)
+        new_bias = torch.cat([gate, new_bias], dim=2)  # (W, K, L + A)
+        new_positions = torch.cat([latent_positions, fed], dim=2)  # (W, K, L + A)
     block = n_latents + ahead
-    blocks = torch.arange(per_window, device=device).repeat_interleave(block)
+    blocks = torch.arange(per_window, device=device).repeat_interleave(block)  # (K * block,)
     mask = block_attention_bias(
         visible.repeat_interleave(block, dim=1), blocks, new_bias.reshape(n_windows, -1)
-    )
+    )  # (W, 1, K * block, T + K * block)
     hidden = forward_with_mask(
         decoder,
         cache=as_cache(past),
         mask=mask,
-        inputs_embeds=inputs.reshape(n_windows, per_window * block, -1),
-        positions=new_positions.reshape(n_windows, -1),
+        inputs_embeds=inputs.reshape(n_windows, per_window * block, -1),  # (W, K * block, H)
+        positions=new_positions.reshape(n_windows, -1),  # (W, K * block)
     )
-    hidden = hidden.view(n_windows, per_window, block, -1)[:, :, n_latents:]
+    hidden = hidden.view(n_windows, per_window, block, -1)[:, :, n_latents:]  # (W, K, A, H)
     logits = decoder.get_output_embeddings()(hidden)  # (W, K, A, V)
-    return F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none").view(
-        n_windows, per_window, ahead
-    )
+    losses = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
+    return losses.view(n_windows, per_window, ahead)
 
 
 def sample_windows(token_ids, config, count, generator):
@@ -257,7 +242,7 @@ def train(
     if autocast_dtype is None and device.type == "cuda":
         autocast_dtype = torch.bfloat16
     torch.manual_seed(config.seed)
-    expert = expert or Coprocessor(decoder, config.coprocessor_config())
+    expert = expert or Coprocessor(decoder, config.expert)
     expert.to(device).train()
     optimizer = make_optimizer(expert, config)
     generator = torch.Generator().manual_seed(config.seed)

@@ -1,9 +1,9 @@
 """Shared decode batches: requests that arrive together are generated together.
 
 One thread per base model runs the decoder. It takes the first waiting request, gathers what
-else keeps arriving (up to ``max_batch``), and generates them as one batch; each
-request's coprocessor pass is its own, decoding is shared, and a request's output does not
-depend on its batch-mates (coprocessor.generate).
+else keeps arriving (up to ``max_batch``), and generates them as one batch: the LoRA experts'
+latents come from the batch's one prefill (each row with its own expert's deltas), decoding is
+shared, and a request's output does not depend on its batch-mates (coprocessor.generate).
 """
 
 import collections

@@ -1,8 +1,8 @@
 """What a serving process keeps: each base model loaded once, and an LRU cache of experts.
 
-Experts never change the shared decoder: LoRA deltas are applied by hooks only inside the
-context of the request that uses them (``Coprocessor.active``), so concurrent requests through
-one decoder each see their own expert or none.
+Experts never change the shared decoder: their LoRA deltas are added by hooks, per batch row,
+only inside the forward of the batch that uses them (``coprocessor.lora.row_adapters``), so
+concurrent forwards through one decoder each see their own experts or none.
 """
 
 import dataclasses
@@ -15,7 +15,8 @@ import torch
 from django.conf import settings
 
 from coprocessor import artifact, base_models
-from coprocessor.augment import Coprocessor, install_lora_hooks
+from coprocessor.expert import Coprocessor
+from coprocessor.lora import install_lora_hooks
 from registry import storage
 from registry.models import BaseModel
 
@@ -32,10 +33,6 @@ class LoadedBase:
     decoder: torch.nn.Module
     tokenizer: object
     batcher: Batcher = field(repr=False)
-
-    @property
-    def eos_token_id(self):
-        return self.tokenizer.eos_token_id
 
 
 class ExpertCache:
@@ -140,6 +137,7 @@ class ModelPool:
         except TimeoutError:
             raise ExpertUnavailable("the expert took too long to load") from None
         except artifact.ArtifactError as exc:
+            version.reject(str(exc))  # the same bytes fail every time: never route to it again
             raise ExpertUnavailable(f"the expert file failed validation: {exc}") from None
         except (storage.StorageUnavailable, OSError) as exc:
             raise ExpertUnavailable(f"the expert could not be read from storage: {exc}") from None

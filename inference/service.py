@@ -11,15 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from django.conf import settings
 
-from coprocessor import base_models, routing
-from coprocessor.augment import prefill
+from coprocessor import artifact, base_models, routing
+from coprocessor.decoder import prefill
 from coprocessor.generate import Request
 from registry.models import BaseModel
 
 from . import choose
 from .pool import ExpertUnavailable, pool
-
-MAX_LATENTS = 64  # the most soft tokens an expert may put in the cache
 
 
 class BadRequest(ValueError):
@@ -85,10 +83,10 @@ def check_length(loaded, ids, max_new_tokens):
             f"max_new_tokens {max_new_tokens} is over the limit of "
             f"{settings.LATENTRY_MAX_NEW_TOKENS}"
         )
-    if len(ids) + max_new_tokens + MAX_LATENTS > context:
+    if len(ids) + max_new_tokens + artifact.MAX_LATENTS > context:
         raise BadRequest(
             f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) does not "
-            f"fit the context of {context} tokens (with {MAX_LATENTS} kept for latents)"
+            f"fit the context of {context} tokens (with {artifact.MAX_LATENTS} kept for latents)"
         )
 
 
@@ -203,7 +201,7 @@ def attach(ask, user):
     device = next(loaded.decoder.parameters()).device
     with torch.no_grad():
         prefix = torch.tensor([ids[:-1]], device=device)
-        past, past_bias, positions = prefill(
+        past, past_bias, positions, _ = prefill(
             loaded.decoder, prefix, torch.ones_like(prefix, dtype=torch.bool)
         )
         latents = expert.latents(past, past_bias, positions)[0]

@@ -19,8 +19,8 @@ from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from coprocessor import artifact, base_models, routing
-from coprocessor.augment import Coprocessor, CoprocessorConfig
 from coprocessor.base_models import convert, describe
+from coprocessor.expert import Coprocessor, CoprocessorConfig
 from registry.models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
 from tests.tiny_models import LLAMA_SHAPE, frozen, tiny_llama, word_tokenizer
 

@@ -172,7 +172,7 @@ def test_a_file_with_lora_on_some_layers_only_loads_as_exactly_those(tiny_spec, 
     """A valid upload (LoRA on q and v only, no latent head: the paper's latents are C's
     hidden states) loads for the router, too."""
     from coprocessor import base_models
-    from coprocessor.augment import Coprocessor
+    from coprocessor.expert import Coprocessor
 
     decoder, _ = base_models.load(tiny_base_dir)
     data = expert_file_bytes(tiny_spec, targets=("q_proj", "v_proj"))

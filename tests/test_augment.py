@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from coprocessor import artifact
-from coprocessor.augment import (
-    Coprocessor,
-    CoprocessorConfig,
-    augmented_forward,
-    prefill,
-)
+from coprocessor.decoder import prefill
 from coprocessor.evaluate import evaluate, heldout_set
+from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
 from tests.tiny_models import FAMILIES, VOCAB, frozen, phrase_corpus
 
 
@@ -68,17 +64,13 @@ def test_cache_continuation_with_padding_matches_a_full_forward(family):
     visible = torch.zeros(2, 10, dtype=torch.bool)
     prefix[0], visible[0] = long[:10], True
     prefix[1, 5:], visible[1, 5:] = short[:5], True
-    past, past_bias, positions = prefill(model, prefix, visible)
+    past, past_bias, positions, _ = prefill(model, prefix, visible)
     tokens = torch.stack([long[10:14], short[5:9]])
-    out = augmented_forward(
+    logits = augmented_forward(
         model, None, past=past, past_bias=past_bias, tokens=tokens, positions=positions
     )
-    torch.testing.assert_close(
-        out.logits[0], model(long[None]).logits[0, 10:], atol=1e-4, rtol=1e-4
-    )
-    torch.testing.assert_close(
-        out.logits[1], model(short[None]).logits[0, 5:], atol=1e-4, rtol=1e-4
-    )
+    torch.testing.assert_close(logits[0], model(long[None]).logits[0, 10:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], model(short[None]).logits[0, 5:], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -101,11 +93,11 @@ def test_gradients_reach_every_part_of_the_expert_and_none_the_decoder(family):
         for b in expert.lora_b:
             b.normal_(0, 0.1)
     ids = torch.randint(0, VOCAB, (2, 10))
-    past, past_bias, positions = prefill(model, ids[:, :6], torch.ones(2, 6, dtype=torch.bool))
-    out = augmented_forward(
+    past, past_bias, positions, _ = prefill(model, ids[:, :6], torch.ones(2, 6, dtype=torch.bool))
+    logits = augmented_forward(
         model, expert, past=past, past_bias=past_bias, tokens=ids[:, 6:], positions=positions
     )
-    out.logits.logsumexp(-1).sum().backward()
+    logits.logsumexp(-1).sum().backward()
     for name, p in expert.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in model.parameters())
@@ -146,11 +138,11 @@ def test_a_saved_expert_reloads_to_the_same_outputs(tmp_path):
     expert.save(path, base_fingerprint="f" * 64, training={"steps": 3})
     again = Coprocessor.load(model, path)
     ids = torch.randint(0, VOCAB, (1, 10))
-    past, past_bias, positions = prefill(model, ids[:, :6], torch.ones(1, 6, dtype=torch.bool))
+    past, past_bias, positions, _ = prefill(model, ids[:, :6], torch.ones(1, 6, dtype=torch.bool))
     args = dict(past=past, past_bias=past_bias, tokens=ids[:, 6:], positions=positions)
     torch.testing.assert_close(
-        augmented_forward(model, again, **args).logits,
-        augmented_forward(model, expert, **args).logits,
+        augmented_forward(model, again, **args),
+        augmented_forward(model, expert, **args),
     )
 
 

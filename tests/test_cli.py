@@ -114,7 +114,7 @@ def assert_peft_loads_the_adapter(folder, base_folder, expert_path):
     import torch
     from peft import PeftModel
 
-    from coprocessor.augment import Coprocessor
+    from coprocessor.expert import Coprocessor
 
     base, _ = base_models.load(base_folder)
     expert = Coprocessor.load(base, expert_path)

@@ -4,13 +4,8 @@ each request served alone."""
 import pytest
 import torch
 
-from coprocessor.augment import (
-    Coprocessor,
-    CoprocessorConfig,
-    batched_latents,
-    prefill,
-    prefill_with_latents,
-)
+from coprocessor.decoder import prefill
+from coprocessor.expert import Coprocessor, CoprocessorConfig, prefill_with_latents
 from coprocessor.generate import Request, generate
 from tests.test_augment import randomize
 from tests.tiny_models import FAMILIES, VOCAB, frozen
@@ -92,74 +87,49 @@ def test_timings_are_reported():
     assert set(output.timings) == {"prefill_s", "coprocessor_s", "decode_s"}
 
 
-@pytest.mark.parametrize(
-    "shapes",
-    [[(2, 2), (3, 4)], [(2, 2), (2, 2)]],
-    ids=["different shapes: grouped rows", "one shape: stacked bmm"],
-)
-def test_one_pass_for_mixed_lora_experts_equals_a_pass_per_expert(shapes):
-    decoder = frozen(FAMILIES["llama"])
-    experts = []
-    for seed, (n_latents, rank) in enumerate(shapes):
-        torch.manual_seed(seed)
-        expert = Coprocessor(decoder, CoprocessorConfig(n_latents=n_latents, lora_rank=rank))
-        with torch.no_grad():
-            for b in expert.lora_b:
-                b.normal_(0, 0.5)
-            expert.latent_head.proj.weight.normal_(0, 0.5)
-        experts.append(expert.eval())
-    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
-    visible = torch.ones_like(ids, dtype=torch.bool)
-    past, bias, positions = prefill(decoder, ids, visible)
-    rows = [experts[0], experts[1], experts[0]]
-    with torch.no_grad():
-        z, gate = batched_latents(decoder, rows, past, bias, positions)
-        for row, expert in enumerate(rows):
-            index = torch.tensor([row])
-            alone = expert.latents(
-                [(k[index], v[index]) for k, v in past], bias[index], positions[index]
-            )
-            count = expert.config.n_latents
-            torch.testing.assert_close(z[row, :count], alone[0].float(), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(gate[row, :count], expert.latent_head.gate)
-            assert (gate[row, count:] < -1e30).all()
-
-
-@pytest.mark.parametrize(
-    "shapes",
-    [[(2, 2), (3, 4)], [(2, 2), (2, 2)]],
-    ids=["different shapes: grouped rows", "one shape: stacked bmm"],
-)
-def test_latents_folded_into_the_prefill_equal_a_separate_pass(shapes):
-    """prefill_with_latents: same cache as prefill, same latents as batched_latents, plain rows
-    untouched, for left-padded rows."""
-    decoder = frozen(FAMILIES["llama"])
-    experts = [
+def mixed_experts(decoder, shapes):
+    """Experts of the given (n_latents, lora_rank) with non-trivial weights."""
+    return [
         randomize(Coprocessor(decoder, CoprocessorConfig(n_latents=n, lora_rank=r, seed=i)), i)
         for i, (n, r) in enumerate(shapes)
     ]
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(2, 2), (3, 4)], [(2, 2), (2, 2)]],
+    ids=["different shapes: grouped rows", "one shape: stacked bmm"],
+)
+@pytest.mark.parametrize("prompt_width", [7, 0], ids=["prompts", "one-token prompts"])
+def test_latents_folded_into_the_prefill_equal_each_expert_alone(shapes, prompt_width):
+    """One forward for a batch of mixed LoRA experts: the same cache as a plain prefill, each
+    row's latents as its expert gives alone, plain rows untouched, for left-padded rows and
+    for an empty prefix (prompts of one token)."""
+    decoder = frozen(FAMILIES["llama"])
+    experts = mixed_experts(decoder, shapes)
     rows = [experts[0], None, experts[1], experts[0]]
-    ids = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (4, prompt_width), generator=torch.Generator().manual_seed(0))
     visible = torch.ones_like(ids, dtype=torch.bool)
-    visible[1, :3] = visible[2, :5] = False
+    if prompt_width:
+        visible[1, :3] = visible[2, :5] = False
     with torch.no_grad():
-        past, bias, positions, z, gate = prefill_with_latents(decoder, ids, visible, rows)
-        plain_past, plain_bias, plain_positions = prefill(decoder, ids, visible)
-        for (k, v), (plain_k, plain_v) in zip(past, plain_past, strict=True):
+        prefilled, z, gate = prefill_with_latents(decoder, ids, visible, rows)
+        plain = prefill(decoder, ids, visible)
+        for (k, v), (plain_k, plain_v) in zip(prefilled.past or [], plain.past or [], strict=True):
             # Padding positions hold values nobody sees; compare the visible ones.
             shown = visible[:, None, :, None].expand_as(k)
             torch.testing.assert_close(k[shown], plain_k[shown], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v[shown], plain_v[shown], atol=1e-5, rtol=1e-5)
-        assert torch.equal(bias, plain_bias) and torch.equal(positions, plain_positions)
-        lora = [0, 2, 3]
-        index = torch.tensor(lora)
-        separate_z, separate_gate = batched_latents(
-            decoder,
-            [rows[i] for i in lora],
-            [(k[index], v[index]) for k, v in plain_past],
-            plain_bias[index],
-            plain_positions[index],
-        )
-    torch.testing.assert_close(z[index], separate_z, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gate[index], separate_gate)
+        assert torch.equal(prefilled.past_bias, plain.past_bias)
+        assert torch.equal(prefilled.next_positions, plain.next_positions)
+        for row, expert in enumerate(rows):
+            if expert is None:
+                continue
+            index = torch.tensor([row])
+            past = [(k[index], v[index]) for k, v in plain.past] if plain.past else None
+            alone = expert.latents(past, plain.past_bias[index], plain.next_positions[index])
+            count = expert.config.n_latents
+            torch.testing.assert_close(z[row, :count], alone[0].float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gate[row, :count], expert.latent_head.gate)
+            assert (gate[row, count:] < -1e30).all()
     assert (z[1] == 0).all() and (gate[1] < -1e30).all()

@@ -8,8 +8,8 @@ from django.conf import settings
 from django.core.management import call_command
 
 from coprocessor import artifact, base_models, corpus
-from coprocessor.augment import Coprocessor, CoprocessorConfig
 from coprocessor.evaluate import evaluate, heldout_set
+from coprocessor.expert import Coprocessor, CoprocessorConfig
 from coprocessor.generate import Request, generate
 from registry.models import BaseModel
 

@@ -9,7 +9,8 @@ import torch
 from django.db import connection
 from safetensors.torch import load
 
-from coprocessor.augment import Coprocessor, prefill
+from coprocessor.decoder import prefill
+from coprocessor.expert import Coprocessor
 from coprocessor.generate import Request, generate
 from inference import choose, pool
 from inference.models import Usage
@@ -201,7 +202,7 @@ def test_attach_returns_the_expert_s_latents(alice_client, make_expert, publish,
     expert = loaded_expert(model, version, tmp_path)
     with torch.no_grad():
         prefix = torch.tensor([[5, 6]])
-        past, bias, positions = prefill(model, prefix, torch.ones_like(prefix, dtype=torch.bool))
+        past, bias, positions, _ = prefill(model, prefix, torch.ones_like(prefix, dtype=torch.bool))
         expected = expert.latents(past, bias, positions)[0]
     torch.testing.assert_close(tensors["latents"], expected)
     assert tensors["gate_bias"].shape == (2,)

@@ -25,7 +25,7 @@ def small_config(**overrides):
         seed=7,
     )
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return TrainConfig.from_settings(settings)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_training_lowers_held_out_perplexity(model):
 def test_packed_positions_give_the_same_losses_as_one_row_each(family, with_expert):
     """Training packs K points of a window after one shared cache; evaluation uses one row per
     point. Both must compute the same thing."""
-    from coprocessor.augment import Coprocessor, CoprocessorConfig, augmented_forward
+    from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
     from coprocessor.train import ahead_losses, packed_losses, position_batch
     from tests.test_augment import randomize
     from tests.tiny_models import FAMILIES, VOCAB
@@ -124,10 +124,10 @@ def test_packed_positions_give_the_same_losses_as_one_row_each(family, with_expe
     windows = torch.randint(0, VOCAB, (2, 40))
     positions = torch.tensor([[5, 20, 30], [10, 11, 33]])
     past, past_bias, tokens, targets, starts = position_batch(model, windows, positions, 4)
-    rows = augmented_forward(
+    logits = augmented_forward(
         model, expert, past=past, past_bias=past_bias, tokens=tokens, positions=starts
     )
     packed = packed_losses(model, expert, windows, positions, 4)
     torch.testing.assert_close(
-        packed.reshape(-1, 4), ahead_losses(rows.logits, targets), atol=1e-5, rtol=1e-5
+        packed.reshape(-1, 4), ahead_losses(logits, targets), atol=1e-5, rtol=1e-5
     )

@@ -5,7 +5,7 @@ import functools
 from django.conf import settings
 
 from coprocessor import base_models
-from coprocessor.augment import Coprocessor
+from coprocessor.expert import Coprocessor
 
 
 class JobError(Exception):

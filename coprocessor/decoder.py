@@ -1,0 +1,147 @@
+"""Passes of the frozen decoder D over a kv-cache with explicit masks and positions.
+
+Every pass here takes the cache as tensors (``past``: one ``(keys, values)`` pair per layer,
+each ``(B, kv_heads, P, head_dim)``) and a bias per cached key column (``past_bias``: ``(B, P)``;
+0 visible, ``negative`` hidden, a learned gate for latents). Rows are left-padded, so masks
+and positions are always explicit: transformers' defaults derive positions from the padded
+length, which is wrong for all but the longest row (docs/method.md, "Library pitfalls").
+"""
+
+from typing import NamedTuple
+
+import torch
+from transformers import DynamicCache
+
+
+def negative(dtype):
+    """The additive bias that hides a key: the most negative finite value of ``dtype``."""
+    return torch.finfo(dtype).min
+
+
+def attention_bias(past_bias, new_bias):
+    """The 4D additive mask for a forward over Q new positions after P cached ones.
+
+    past_bias: (B, P) bias of every cached key column. new_bias: (B, Q) bias of each new
+    position as a key. New positions are causal among themselves. Returns (B, 1, Q, P + Q);
+    differentiable in both biases (the gate learns through it).
+    """
+    batch, queries = new_bias.shape
+    neg = negative(new_bias.dtype)
+    causal = torch.ones(queries, queries, dtype=torch.bool, device=new_bias.device).tril()
+    new = torch.where(causal, new_bias[:, None, :], torch.full_like(new_bias[:, None, :], neg))
+    past = past_bias[:, None, :].expand(batch, queries, past_bias.shape[1])  # (B, Q, P)
+    return torch.cat([past, new], dim=-1)[:, None]  # (B, 1, Q, P + Q)
+
+
+def block_attention_bias(past_visible, blocks, new_bias):
+    """The 4D mask for several independent blocks packed after one cache: (B, 1, Q, P + Q).
+
+    past_visible: (B, Q, P) which cached keys each new position may see; blocks: (Q,) block id
+    of each new position (a position sees the earlier positions of its own block only);
+    new_bias: (B, Q) bias of each new position as a key (the gate for latents). Packing K
+    augmentation points of one window this way shares the window's cache instead of copying
+    it K times.
+    """
+    neg = negative(new_bias.dtype)
+    past = torch.where(past_visible, 0.0, neg).to(new_bias.dtype)  # (B, Q, P)
+    queries = blocks.shape[0]
+    causal = torch.ones(queries, queries, dtype=torch.bool, device=blocks.device).tril()
+    allowed = causal & (blocks[:, None] == blocks[None, :])  # (Q, Q)
+    new = torch.where(allowed, new_bias[:, None, :], torch.full_like(new_bias[:, None, :], neg))
+    return torch.cat([past, new], dim=-1)[:, None]  # (B, 1, Q, P + Q)
+
+
+def as_cache(past):
+    """A fresh DynamicCache over ``past`` tensors: a forward mutates the cache it is given."""
+    if past is None:
+        return DynamicCache()
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in past])
+
+
+def cache_tensors(cache):
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def select_rows(past, rows):
+    return [(k[rows], v[rows]) for k, v in past]
+
+
+def embed(decoder, token_ids):
+    return decoder.get_input_embeddings()(token_ids)
+
+
+def forward_with_mask(decoder, *, cache, mask, inputs_embeds, positions):
+    """D's last hidden states over new positions, with a ready 4D mask; ``cache`` is mutated."""
+    out = decoder.base_model(
+        inputs_embeds=inputs_embeds,
+        cache=cache,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+    )
+    return out.last_hidden_state
+
+
+def run_decoder(decoder, *, past, past_bias, inputs_embeds, new_bias, positions, logits_last=0):
+    """One forward of D over new positions; returns (hidden or logits, updated past tensors).
+
+    logits_last > 0 computes the LM head on the last ``logits_last`` positions only (the
+    vocabulary is large); 0 returns the last hidden states instead.
+    """
+    mask = attention_bias(past_bias, new_bias.to(inputs_embeds.dtype))
+    cache = as_cache(past)
+    hidden = forward_with_mask(
+        decoder, cache=cache, mask=mask, inputs_embeds=inputs_embeds, positions=positions
+    )
+    if logits_last:
+        # contiguous: on a strided slice of a batch, linear becomes a bmm over B copies of the
+        # vocabulary matrix (4x slower on CPU for 16 rows) instead of one mm
+        hidden = decoder.get_output_embeddings()(hidden[:, -logits_last:].contiguous())
+    return hidden, cache_tensors(cache)
+
+
+class Prefilled(NamedTuple):
+    past: list | None  # D's cache over the prompts; None when they are empty
+    past_bias: torch.Tensor  # (B, T)
+    next_positions: torch.Tensor  # (B,) the position each row's next token takes
+    soft_hidden: torch.Tensor | None  # (B, S, H) last hidden states at the soft positions
+
+
+def prefill(decoder, token_ids, visible, soft=None):
+    """D's cache over left-padded ``token_ids`` (B, T); ``visible`` (B, T) marks real tokens.
+
+    With ``soft`` (B, S, H), those embeddings are packed after each row's prompt in the same
+    forward, all at the position the next token takes: causal order keeps the prompt from
+    seeing them, and their keys and values are cut from the cache afterwards. Folding the
+    coprocessor's pass into the prefill saves a whole pass of D, which on a small model is
+    mostly fixed per-layer cost.
+    """
+    dtype = next(decoder.parameters()).dtype
+    batch, width = token_ids.shape
+    bias = torch.where(visible, 0.0, negative(dtype)).to(dtype)  # (B, T)
+    next_positions = visible.long().sum(-1)  # (B,)
+    positions = (visible.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    inputs = embed(decoder, token_ids)  # (B, T, H)
+    new_bias = bias
+    if soft is not None:
+        soft = soft.to(dtype)
+        n_soft = soft.shape[1]
+        inputs = torch.cat([inputs, soft], dim=1)  # (B, T + S, H)
+        soft_bias = torch.zeros(batch, n_soft, dtype=dtype, device=bias.device)
+        new_bias = torch.cat([bias, soft_bias], dim=1)  # (B, T + S)
+        soft_positions = next_positions[:, None].expand(batch, n_soft)  # (B, S)
+        positions = torch.cat([positions, soft_positions], dim=1)  # (B, T + S)
+    if inputs.shape[1] == 0:
+        return Prefilled(None, bias, next_positions, None)
+    hidden, past = run_decoder(
+        decoder,
+        past=None,
+        past_bias=bias[:, :0],
+        inputs_embeds=inputs,
+        new_bias=new_bias,
+        positions=positions,
+    )
+    if soft is None:
+        return Prefilled(past, bias, next_positions, None)
+    past = [(k[:, :, :width], v[:, :, :width]) for k, v in past] if width else None
+    return Prefilled(past, bias, next_positions, hidden[:, width:])  # hidden: (B, T + S, H)
