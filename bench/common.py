@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from coprocessor import base_models, corpus  # noqa: E402
+from coprocessor.train import TrainConfig  # noqa: E402
 
 MODEL_CACHE = ROOT / "var" / "base_models" / base_models.DEFAULT_SLUG
 
@@ -55,21 +56,26 @@ def corpus_ids(args, tokenizer):
 
 
 def add_expert_arguments(p):
-    """The expert's shape and optimiser, shared by the benchmarks that train one."""
-    p.add_argument("--n-latents", type=int, default=4)
-    p.add_argument("--ahead", type=int, default=16)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--positions", type=int, default=16, help="augmentation points per window")
-    p.add_argument("--windows-per-step", type=int, default=1)
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--gate-lr", type=float, default=5e-2)
+    """The expert's shape and optimiser, shared by the benchmarks that train one; the defaults
+    are TrainConfig's, so a bench measures what a job would train."""
+    defaults = TrainConfig().settings()
+    p.add_argument("--n-latents", type=int, default=defaults["n_latents"])
+    p.add_argument("--ahead", type=int, default=defaults["ahead_tokens"])
+    p.add_argument("--window", type=int, default=defaults["window"])
+    p.add_argument(
+        "--positions",
+        type=int,
+        default=defaults["positions_per_window"],
+        help="augmentation points per window",
+    )
+    p.add_argument("--windows-per-step", type=int, default=defaults["windows_per_step"])
+    p.add_argument("--lora-rank", type=int, default=defaults["lora_rank"])
+    p.add_argument("--lr", type=float, default=defaults["lr"])
+    p.add_argument("--gate-lr", type=float, default=defaults["gate_lr"])
 
 
 def train_config(args, tokenizer, **overrides):
     """The TrainConfig those arguments describe; latents start from a space token."""
-    from coprocessor.train import TrainConfig
-
     settings = dict(
         n_latents=args.n_latents,
         ahead_tokens=args.ahead,

@@ -15,7 +15,7 @@ import torch
 from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
 
 from coprocessor.expert import Coprocessor
-from coprocessor.train import _train_step, make_optimizer, sample_windows
+from coprocessor.train import make_optimizer, sample_windows, train_step
 
 
 def main():
@@ -48,11 +48,11 @@ def time_coprocessor(model, train_ids, config, steps, device):
     generator = torch.Generator().manual_seed(0)
     dev = torch.device(device)
     autocast = torch.bfloat16 if dev.type == "cuda" else None
-    _train_step(model, expert, train_ids, config, optimizer, generator, dev, autocast)  # warm-up
+    train_step(model, expert, train_ids, config, optimizer, generator, dev, autocast)  # warm-up
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
-        _train_step(model, expert, train_ids, config, optimizer, generator, dev, autocast)
+        train_step(model, expert, train_ids, config, optimizer, generator, dev, autocast)
     synchronize(device)
     return (time.perf_counter() - started) / steps
 

@@ -264,7 +264,7 @@ def train(
         )
         for group, base_lr in zip(optimizer.param_groups, (config.lr, config.gate_lr), strict=True):
             group["lr"] = base_lr * lr_factor(config, step, progress)
-        loss = _train_step(
+        loss = train_step(
             decoder, expert, token_ids, config, optimizer, generator, device, autocast_dtype
         )
         step += 1
@@ -283,7 +283,8 @@ def train(
     return TrainResult(expert=expert, steps=step, stopped=stopped, history=history)
 
 
-def _train_step(decoder, expert, token_ids, config, optimizer, generator, device, autocast):
+def train_step(decoder, expert, token_ids, config, optimizer, generator, device, autocast):
+    """One optimiser step over ``config.grad_accum`` sampled batches; returns the mean loss."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(config.grad_accum):
