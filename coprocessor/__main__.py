@@ -1,6 +1,6 @@
 """Command line: train, evaluate, generate with and export experts, without the web app.
 
-    python -m coprocessor train --data corpus.txt --out expert.safetensors --time-budget 900
+    python -m coprocessor train --data corpus.txt --out expert.safetensors --time-budget-s 900
     python -m coprocessor evaluate --expert expert.safetensors --data heldout.txt
     python -m coprocessor generate --expert expert.safetensors --prompt "def fib(n):"
     python -m coprocessor export --expert expert.safetensors --out folder/ --name pydoc

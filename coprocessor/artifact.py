@@ -1,6 +1,6 @@
 """The expert file: one safetensors file, validated from its header alone.
 
-Layout (DESIGN.md, "The expert file"):
+Layout (docs/method.md, "The expert file"):
 
 - ``soft_tokens``: ``[n_latents, hidden]``, the coprocessor's trainable input embeddings.
 - kind ``lora``: PEFT-named LoRA tensors,

@@ -113,9 +113,9 @@ def keep_freed_memory(trim_bytes=1 << 30, mmap_bytes=32 << 20):
     By default glibc returns a freed block over its (adaptive) thresholds to the OS, so a
     serving loop whose batches allocate a few hundred MB (stacked LoRA adapters of 16
     experts, activations) page-faults all of it in again on the next batch: on SmolLM2-135M
-    that was ~800 MB of page faults and ~15% of a mixed batch's prefill. ``mmap_bytes`` is
-    glibc's largest allowed threshold; memory stays at the process's peak, as a GPU caching
-    allocator's does.
+    that was 100-800 MB of page faults per batch and ~15% of a mixed batch's prefill.
+    ``mmap_bytes`` is glibc's largest allowed threshold; memory stays at the process's peak,
+    as a GPU caching allocator's does.
     """
     if platform.libc_ver()[0] != "glibc":
         return False
