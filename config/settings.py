@@ -236,10 +236,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["registry.permissions.ApiKeyScope"],
     "DEFAULT_PAGINATION_CLASS": "registry.api.Pagination",
     "PAGE_SIZE": 20,
-    "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
-        "rest_framework.filters.OrderingFilter",
-    ],
+    # No filtering or ordering parameters unless a view names its backends (the catalog does).
+    "DEFAULT_FILTER_BACKENDS": [],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "registry.api.exception_handler",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from django.conf import settings
 
-from registry.models import Expert, ExpertVersion
+from registry.models import Expert, ExpertVersion, split_full_name
 
 
 @dataclass
@@ -29,22 +29,23 @@ class Choice:
 def named(spec, base_record, user):
     """Choice for ``owner/name[@version]``; a missing or invisible expert gives no expert.
 
-    One query finds the version; only when there is none does a second say why."""
+    One query finds the version; only when there is none do more say why."""
     ref, _, number = spec.partition("@")
-    owner, _, name = ref.partition("/")
-    if not owner or not name or (number and not number.isdigit()):
+    if split_full_name(ref) is None or (number and not number.isdigit()):
         return Choice(reason=f"expert {spec!r} is not owner/name or owner/name@version")
-    experts = Expert.objects.visible_to(user).filter(
-        owner__username=owner, name=name, base_model=base_record
-    )
-    versions = ExpertVersion.objects.filter(expert__in=experts, status=ExpertVersion.READY)
+    experts = Expert.objects.visible_to(user).named(ref).filter(base_model=base_record)
+    versions = ExpertVersion.objects.filter(expert__in=experts).order_by("-number")
     if number:
         versions = versions.filter(number=int(number))
-    version = versions.order_by("-number").first()
+    version = versions.ready().first()
     if version is not None:
-        return Choice(version=version, name=f"{owner}/{name}@{version.number}")
+        return Choice(version=version, name=f"{ref}@{version.number}")
     if not experts.exists():
         return Choice(reason=f"expert {spec} not found for {base_record.slug}")
+    rejected = versions.filter(status=ExpertVersion.REJECTED).first()
+    if rejected is not None:
+        reason = rejected.status_reason
+        return Choice(reason=f"expert {ref}@{rejected.number} was rejected: {reason}")
     return Choice(reason=f"expert {spec} has no such ready version")
 
 
@@ -68,7 +69,8 @@ class Profiles:
     def _load(self, base_record):
         rows = []
         versions = (
-            ExpertVersion.objects.filter(status=ExpertVersion.READY, expert__base_model=base_record)
+            ExpertVersion.objects.ready()
+            .filter(expert__base_model=base_record)
             .exclude(routing_profile=[])
             .select_related("expert__owner")
             .order_by("expert_id", "-number")
@@ -97,7 +99,8 @@ profiles = Profiles()
 def auto(prompt_hidden, base_record, user):
     """Choice for ``auto`` from the prompt's mean hidden state (1-D tensor)."""
     rows, table = profiles.for_base(base_record)
-    allowed = [i for i, v in enumerate(rows) if _listed(v.expert, user)]
+    routable = routable_for(user, rows)
+    allowed = [i for i, v in enumerate(rows) if v.pk in routable]
     if not allowed:
         return Choice(reason="auto: no expert with a routing profile for this base model")
     matrix, centre = table
@@ -106,11 +109,6 @@ def auto(prompt_hidden, base_record, user):
     score = float(scores[best])
     version = rows[allowed[best]]
     name = f"{version.expert.full_name}@{version.number}"
-    still_listed = ExpertVersion.objects.filter(
-        pk=version.pk, status=ExpertVersion.READY, expert__in=Expert.objects.listed_for(user)
-    )
-    if not still_listed.exists():  # changed since the profiles were read
-        return Choice(reason="auto: no expert with a routing profile for this base model")
     if score < settings.LATENTRY_AUTO_THRESHOLD:
         threshold = settings.LATENTRY_AUTO_THRESHOLD
         return Choice(
@@ -120,8 +118,13 @@ def auto(prompt_hidden, base_record, user):
     return Choice(version=version, name=name, score=score)
 
 
-def _listed(expert, user):
-    """What auto may pick for ``user``: public experts and their own."""
-    if expert.visibility == Expert.PUBLIC:
-        return True
-    return user is not None and user.is_authenticated and expert.owner_id == user.pk
+def routable_for(user, versions):
+    """The ids of ``versions`` that auto may pick for ``user`` now: still ready, of an expert
+    listed for them (public ones and their own). One query: the cached profiles may be up to
+    LATENTRY_PROFILE_REFRESH_S old, and visibility or status may have changed since."""
+    if not versions:
+        return set()
+    allowed = ExpertVersion.objects.ready().filter(
+        pk__in=[v.pk for v in versions], expert__in=Expert.objects.listed_for(user)
+    )
+    return set(allowed.values_list("pk", flat=True))

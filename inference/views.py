@@ -21,7 +21,7 @@ from rest_framework.views import APIView
 from safetensors.torch import save
 
 from registry.api import GenerateThrottle
-from registry.models import ApiKey, BaseModel, Expert, ExpertVersion
+from registry.models import ApiKey, BaseModel, Expert
 
 from . import service
 from .models import Usage
@@ -114,7 +114,6 @@ class UsageView(generics.ListAPIView):
 
     serializer_class = UsageSerializer
     permission_classes = [IsAuthenticated]
-    filter_backends = []
 
     def get_queryset(self):
         return Usage.objects.filter(api_key__user=self.request.user).select_related("api_key")
@@ -143,10 +142,9 @@ class ModelsView(APIView):
             data.append(model_entry(f"{base.slug}:auto", "latentry", created))
         experts = (
             Expert.objects.listed_for(request.user)
-            .filter(versions__status=ExpertVersion.READY)
+            .with_ready_version()
             .exclude(base_model__weights_location="")
             .select_related("owner", "base_model")
-            .distinct()
             .order_by("base_model__slug", "owner__username", "name")
         )
         for expert in experts:

@@ -35,6 +35,7 @@ class ExpertVersionInline(admin.TabularInline):
     fields = [
         "number",
         "status",
+        "status_reason",
         "kind",
         "n_latents",
         "size",

@@ -1,4 +1,5 @@
-"""What the whole API version shares: pagination, errors, strict serializers, ordering."""
+"""What the whole API version shares: the viewsets' base, pagination, errors, strict
+serializers, ordering."""
 
 from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist
@@ -12,8 +13,20 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from coprocessor.artifact import ArtifactError
 
-from .models import VersionConflict
+from .models import NameTaken, VersionConflict
+from .permissions import ApiKeyScope
 from .storage import StorageUnavailable
+
+
+class ApiDefaults:
+    """The base of every viewset of the API (settings.REST_FRAMEWORK gives the rest: keys and
+    sessions, pagination, no filters unless a view names them).
+
+    Whatever permissions a view lists, a read-only API key never writes: the key's scope is
+    checked first, so such a request is refused before anything is looked up."""
+
+    def get_permissions(self):
+        return [ApiKeyScope(), *super().get_permissions()]
 
 
 class Pagination(pagination.PageNumberPagination):
@@ -103,6 +116,8 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError({"file": [str(exc)]})
     elif isinstance(exc, VersionConflict):
         exc = Conflict(str(exc))
+    elif isinstance(exc, NameTaken):
+        exc = Conflict(exc.message)
     elif isinstance(exc, StorageUnavailable):
         exc = ServiceUnavailable(str(exc))
     elif isinstance(exc, DataError):  # e.g. a NUL byte that reached a query: bad input

@@ -1,15 +1,11 @@
 """Forms of the pages: sign up, experts, versions, reviews, API keys."""
 
-import re
-
 from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 
-from .models import ApiKey, BaseModel, Expert, Review
+from .models import ApiKey, BaseModel, Expert, Review, validate_tags
 from .uploads import over_limit
-
-TAG = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 
 class SignupForm(UserCreationForm):
@@ -22,16 +18,10 @@ class SignupForm(UserCreationForm):
 class TagsField(forms.CharField):
     """Tags typed as "python, docs"; stored as a list."""
 
+    default_validators = [validate_tags]
+
     def to_python(self, value):
-        tags = [t.strip().lower() for t in (value or "").split(",") if t.strip()]
-        for tag in tags:
-            if not TAG.match(tag):
-                raise forms.ValidationError(
-                    f"{tag!r}: tags are 1-40 lowercase letters, digits or '-'"
-                )
-        if len(tags) > 20:
-            raise forms.ValidationError("at most 20 tags")
-        return tags
+        return [t.strip().lower() for t in (value or "").split(",") if t.strip()]
 
     def prepare_value(self, value):
         return ", ".join(value) if isinstance(value, list) else value
@@ -74,8 +64,7 @@ class ExpertForm(forms.ModelForm):
 
     def clean_name(self):
         name = self.cleaned_data["name"]
-        if Expert.objects.filter(owner=self.owner, name=name).exists():
-            raise forms.ValidationError(f"you already have an expert named {name!r}")
+        Expert.check_name_free(self.owner, name)  # NameTaken is this field's error
         return name
 
 

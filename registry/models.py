@@ -1,13 +1,15 @@
 """The registry: base models, domains, experts and their versions, reviews, API keys."""
 
 import hashlib
+import re
 import secrets
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import IntegrityError, models, transaction
-from django.db.models import Avg, Count, Q, TextField
+from django.db.models import Avg, Count, OuterRef, Q, Subquery, TextField
 from django.db.models import Value as V
 from django.db.models.functions import Cast, Concat, Lower
 from django.utils import timezone
@@ -20,6 +22,28 @@ slug_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9._-]{0,99}$",
     "use 1-100 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
 )
+
+TAG = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+MAX_TAGS = 20
+
+
+def validate_tags(tags):
+    """Tags are a list of at most MAX_TAGS, each 1-40 lowercase letters, digits or '-'."""
+    if not isinstance(tags, list):
+        raise ValidationError("tags are a list of strings")
+    for tag in tags:
+        if not isinstance(tag, str) or not TAG.match(tag):
+            raise ValidationError(f"{tag!r}: tags are 1-40 lowercase letters, digits or '-'")
+    if len(tags) > MAX_TAGS:
+        raise ValidationError(f"at most {MAX_TAGS} tags")
+
+
+def split_full_name(full_name):
+    """``owner/name`` as (owner, name); None for text of any other shape."""
+    owner, slash, name = full_name.partition("/")
+    if not owner or not slash or not name or "/" in name:
+        return None
+    return owner, name
 
 
 class BaseModel(models.Model):
@@ -93,6 +117,43 @@ class ExpertQuerySet(models.QuerySet):
             listed |= Q(owner=user)
         return self.visible_to(user).filter(listed)
 
+    def named(self, full_name):
+        """The expert (none or one) addressed as ``owner/name``."""
+        parts = split_full_name(full_name)
+        if parts is None:
+            return self.none()
+        return self.filter(owner__username=parts[0], name=parts[1])
+
+    def search(self, text):
+        """Those whose name, title, summary or tags hold every word of ``text`` (the first 8)."""
+        experts = self
+        for word in text.split()[:8]:
+            experts = experts.filter(search_text__contains=word.lower())
+        return experts
+
+    def with_ready_version(self, kind=None):
+        """Those with at least one ready version (of ``kind``, if given)."""
+        ready = ExpertVersion.objects.ready()
+        if kind:
+            ready = ready.filter(kind=kind)
+        return self.filter(pk__in=ready.values("expert"))
+
+    def with_latest_version(self):
+        """Annotated with ``latest_version``: the number of the newest ready version, or None."""
+        newest = ExpertVersion.objects.ready().filter(expert=OuterRef("pk")).order_by("-number")
+        return self.annotate(latest_version=Subquery(newest.values("number")[:1]))
+
+
+class NameTaken(ValidationError):
+    """The owner already has an expert of that name (a field error on forms, 409 in the API)."""
+
+    def __init__(self, name):
+        super().__init__(f"you already have an expert named {name!r}", code="name_taken")
+
+
+class OwnReview(PermissionDenied):
+    """Owners may not review their own experts (403 in the API and on the pages)."""
+
 
 class Expert(models.Model):
     PUBLIC, UNLISTED, PRIVATE = "public", "unlisted", "private"
@@ -109,7 +170,7 @@ class Expert(models.Model):
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="experts")
     visibility = models.CharField(max_length=10, choices=VISIBILITY_CHOICES, default=PUBLIC)
     license = models.CharField(max_length=100, default="apache-2.0")
-    tags = models.JSONField(default=list, blank=True)
+    tags = models.JSONField(default=list, blank=True, validators=[validate_tags])
     download_count = models.PositiveBigIntegerField(default=0)
     rating = models.FloatField(null=True, blank=True, help_text="mean stars of its reviews")
     review_count = models.PositiveIntegerField(default=0)
@@ -157,8 +218,45 @@ class Expert(models.Model):
     def full_name(self):
         return f"{self.owner.username}/{self.name}"
 
+    @classmethod
+    def check_name_free(cls, owner, name):
+        """NameTaken if ``owner`` already has an expert called ``name``."""
+        if cls.objects.filter(owner=owner, name=name).exists():
+            raise NameTaken(name)
+
+    @classmethod
+    def create_for(cls, owner, **fields):
+        """Create ``owner``'s expert; NameTaken if they already have one of that name (even
+        when another request made it since a check_name_free)."""
+        try:
+            with transaction.atomic():  # a savepoint: the caller's transaction stays usable
+                return cls.objects.create(owner=owner, **fields)
+        except IntegrityError:
+            raise NameTaken(fields.get("name")) from None
+
     def latest_ready_version(self):
-        return self.versions.filter(status=ExpertVersion.READY).order_by("-number").first()
+        return self.versions.ready().order_by("-number").first()
+
+    def reviewable_by(self, user):
+        """Whether ``user`` may review it: any signed-in user but its owner."""
+        return user.is_authenticated and user.pk != self.owner_id
+
+    def check_reviewer(self, user):
+        """OwnReview unless ``user`` may review it."""
+        if not self.reviewable_by(user):
+            raise OwnReview("you cannot review your own expert")
+
+    def save_review(self, user, stars, text=""):
+        """Save ``user``'s review, replacing theirs if they wrote one: (review, created).
+
+        One review per user and expert, so a second one is an edit of the first. OwnReview
+        if ``user`` owns the expert."""
+        self.check_reviewer(user)
+        review, created = Review.objects.update_or_create(
+            user=user, expert=self, defaults={"stars": stars, "text": text}
+        )
+        self.update_rating()
+        return review, created
 
     def next_version_number(self):
         last = self.versions.aggregate(models.Max("number"))["number__max"]
@@ -183,9 +281,18 @@ class VersionConflict(Exception):
     """The version number is taken (maybe by an upload that raced this one)."""
 
 
+class ExpertVersionQuerySet(models.QuerySet):
+    def ready(self):
+        """Versions that may be routed to and downloaded."""
+        return self.filter(status=ExpertVersion.READY)
+
+
 class ExpertVersion(models.Model):
-    VALIDATING, READY, REJECTED = "validating", "ready", "rejected"
-    STATUS_CHOICES = [(VALIDATING, "Validating"), (READY, "Ready"), (REJECTED, "Rejected")]
+    """A published expert file. Ready from its publication (which validates it) until a later
+    check of its bytes fails: then rejected, with the reason, and never used again."""
+
+    READY, REJECTED = "ready", "rejected"
+    STATUS_CHOICES = [(READY, "Ready"), (REJECTED, "Rejected")]
     KIND_CHOICES = [("lora", "LoRA"), ("full", "Full copy")]
 
     expert = models.ForeignKey(Expert, on_delete=models.CASCADE, related_name="versions")
@@ -198,7 +305,7 @@ class ExpertVersion(models.Model):
     config = models.JSONField(default=dict, blank=True, help_text="settings from the file header")
     metrics = models.JSONField(default=dict, blank=True, help_text="measured by the platform")
     claimed_metrics = models.JSONField(default=dict, blank=True, help_text="said by the publisher")
-    status = models.CharField(max_length=12, choices=STATUS_CHOICES, default=VALIDATING)
+    status = models.CharField(max_length=12, choices=STATUS_CHOICES, default=READY)
     status_reason = models.TextField(blank=True)
     changelog = models.TextField(blank=True)
     download_count = models.PositiveBigIntegerField(default=0)
@@ -215,6 +322,8 @@ class ExpertVersion(models.Model):
     # compares prompts with. Empty for uploads until an evaluation computes one.
     routing_profile = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ExpertVersionQuerySet.as_manager()
 
     class Meta:
         constraints = [
@@ -281,7 +390,6 @@ class ExpertVersion(models.Model):
                     changelog=changelog,
                     training_job=training_job,
                     routing_profile=routing_profile or [],
-                    status=cls.READY,
                 )
         except IntegrityError:
             cls._discard(key, created)
@@ -299,12 +407,51 @@ class ExpertVersion(models.Model):
         return storage.open_artifact(self.artifact_key)
 
     def read_verified(self):
-        """The stored file's bytes; ArtifactError if they are not the ones published."""
+        """The stored file's bytes; ArtifactError if they are not the ones published.
+
+        Callers reject the version on ArtifactError (``reject``); this method writes nothing,
+        as it runs in loader threads that must not hold a database connection."""
         with self.open_artifact() as stored:
             data = stored.read()
         if hashlib.sha256(data).hexdigest() != self.sha256:
             raise ArtifactError(f"stored bytes of version {self.number} do not match its sha256")
         return data
+
+    def reject(self, reason):
+        """Mark it rejected for ``reason``: never routed or downloaded again. False if it was
+        not ready (already rejected, maybe by another process that saw the same failure)."""
+        changed = ExpertVersion.objects.filter(pk=self.pk, status=self.READY).update(
+            status=self.REJECTED, status_reason=reason
+        )
+        if changed:
+            self.status, self.status_reason = self.REJECTED, reason
+        return bool(changed)
+
+    def record_evaluation(self, reports, *, job_id, profile=None):
+        """Merge an evaluation job's reports into the metrics (newest per dataset and split),
+        keep ``profile`` as the routing profile if given, and, for the expert's newest ready
+        version, set the catalog's measured_gain."""
+        with transaction.atomic():
+            locked = ExpertVersion.objects.select_for_update().get(pk=self.pk)
+            fresh = {(r["dataset"], r["split"]) for r in reports}
+            kept = [
+                e
+                for e in locked.metrics.get("evaluations", [])
+                if (e["dataset"], e["split"]) not in fresh
+            ]
+            measured_at = timezone.now().isoformat()
+            evaluations = kept + [{**r, "job": job_id, "measured_at": measured_at} for r in reports]
+            # The catalog's figure counts held-out text only: text the expert was trained on
+            # (split "all") would flatter it.
+            heldout = [e["reduction_pct"] for e in evaluations if e["split"] == "heldout"]
+            gain = sum(heldout) / len(heldout) if heldout else None
+            locked.metrics = {**locked.metrics, "evaluations": evaluations, "reduction_pct": gain}
+            if profile is not None:
+                locked.routing_profile = profile
+            locked.save(update_fields=["metrics", "routing_profile"])
+            latest = locked.expert.latest_ready_version()
+            if gain is not None and latest is not None and latest.pk == locked.pk:
+                Expert.objects.filter(pk=locked.expert_id).update(measured_gain=round(gain, 3))
 
     def download_filename(self):
         return f"{self.expert.owner.username}--{self.expert.name}--v{self.number}.safetensors"

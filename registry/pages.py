@@ -9,7 +9,7 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.paginator import Paginator
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import F
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
@@ -23,8 +23,9 @@ from coprocessor.artifact import ArtifactError
 from . import storage, uploads
 from .api import UploadThrottle, fragment_or_page, page_throttled
 from .charts import line_chart
+from .filters import ExpertFilter
 from .forms import ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
-from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review, VersionConflict
+from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, NameTaken, VersionConflict
 
 CATALOG_PAGE_SIZE = 12
 SORTS = {
@@ -38,8 +39,8 @@ SORTS = {
 def catalog(request):
     """Every listed expert, searched, filtered and sorted from the query string."""
     params = request.GET
-    experts = Expert.objects.listed_for(request.user).with_related()
-    experts = filter_experts(experts, params)
+    experts = ExpertFilter(params, queryset=Expert.objects.listed_for(request.user)).qs
+    experts = experts.with_related()
     sort = params.get("sort") if params.get("sort") in SORTS else "downloads"
     page = Paginator(experts.order_by(*SORTS[sort]), CATALOG_PAGE_SIZE).get_page(params.get("page"))
     context = {
@@ -61,19 +62,6 @@ def catalog(request):
     return response
 
 
-def filter_experts(experts, params):
-    for word in params.get("q", "").split()[:8]:
-        experts = experts.filter(search_text__contains=word.lower())
-    if params.get("domain"):
-        experts = experts.filter(domain__slug=params["domain"])
-    if params.get("base_model"):
-        experts = experts.filter(base_model__slug=params["base_model"])
-    if params.get("kind"):
-        ready = ExpertVersion.objects.filter(status=ExpertVersion.READY, kind=params["kind"])
-        experts = experts.filter(pk__in=ready.values("expert"))
-    return experts
-
-
 def query_without(params, *names):
     query = params.copy()
     for name in names:
@@ -83,11 +71,8 @@ def query_without(params, *names):
 
 def expert_by_name(request, owner, name):
     """The gate: others' private experts are 404 here exactly as if they did not exist."""
-    return get_object_or_404(
-        Expert.objects.visible_to(request.user).with_related(),
-        owner__username=owner,
-        name=name,
-    )
+    experts = Expert.objects.visible_to(request.user).named(f"{owner}/{name}")
+    return get_object_or_404(experts.with_related())
 
 
 def owned_expert(request, owner, name):
@@ -98,14 +83,14 @@ def owned_expert(request, owner, name):
 
 
 def expert_detail(request, owner, name, review_form=None):
+    """The expert's card, measurements, every version (rejected ones with the reason) and
+    reviews."""
     expert = expert_by_name(request, owner, name)
     versions = expert.versions.defer("routing_profile").order_by("-number")
-    if expert.owner != request.user:
-        versions = versions.filter(status=ExpertVersion.READY)
     latest = next((v for v in versions if v.status == ExpertVersion.READY), None)
     reviews = expert.reviews.select_related("user").order_by("-updated_at")
     mine = request.user.is_authenticated and reviews.filter(user=request.user).first()
-    can_review = request.user.is_authenticated and request.user != expert.owner
+    can_review = expert.reviewable_by(request.user)
     context = {
         "expert": expert,
         "versions": versions,
@@ -144,18 +129,15 @@ def perplexity_chart(version):
 @login_required
 @require_POST
 def review(request, owner, name):
+    """Save the user's review (a second one edits the first); the owner's is refused (403)."""
     expert = expert_by_name(request, owner, name)
-    if expert.owner == request.user:
-        raise Http404("you cannot review your own expert")
-    mine = expert.reviews.filter(user=request.user).first()
-    form = ReviewForm(request.POST, instance=mine)
+    expert.check_reviewer(request.user)  # before the form: the owner gets 403, not errors
+    form = ReviewForm(request.POST)
     if not form.is_valid():
         response = expert_detail(request, owner, name, review_form=form)
         response.status_code = 400
         return response
-    # One review per user and expert: a second submit edits the first.
-    Review.objects.update_or_create(user=request.user, expert=expert, defaults=form.cleaned_data)
-    expert.update_rating()
+    expert.save_review(request.user, **form.cleaned_data)
     messages.success(request, "Thank you: your review is saved.")
     return redirect(expert_url(expert) + "#reviews")
 
@@ -189,12 +171,10 @@ def signup(request):
 def expert_new(request):
     form = ExpertForm(request.POST or None, owner=request.user)
     if request.method == "POST" and form.is_valid():
-        expert = form.save(commit=False)
-        expert.owner = request.user
         try:
-            expert.save()
-        except IntegrityError:
-            form.add_error("name", f"you already have an expert named {expert.name!r}")
+            expert = Expert.create_for(request.user, **form.cleaned_data)
+        except NameTaken as exc:  # made by another request since the form's check
+            form.add_error("name", exc)
         else:
             messages.success(request, "Expert created. Upload its first version, or train one.")
             return redirect("expert-upload", request.user.username, expert.name)

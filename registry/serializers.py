@@ -5,7 +5,7 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from .api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
-from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review
+from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review, validate_tags
 from .uploads import over_limit
 
 
@@ -40,12 +40,7 @@ class ExpertSerializer(StrictModelSerializer):
     domain = SlugField(slug_field="slug", queryset=Domain.objects.all())
     base_model = SlugField(slug_field="slug", queryset=BaseModel.objects.all())
     tags = serializers.ListField(
-        child=serializers.RegexField(
-            r"^[a-z0-9][a-z0-9-]{0,39}$",
-            error_messages={"invalid": "tags are 1-40 lowercase letters, digits or '-'"},
-        ),
-        max_length=20,
-        required=False,
+        child=serializers.CharField(), required=False, validators=[validate_tags]
     )
     latest_version = serializers.IntegerField(read_only=True, default=None)
     url = serializers.SerializerMethodField()
@@ -87,6 +82,9 @@ class ExpertSerializer(StrictModelSerializer):
         if self.instance is not None and base_model != self.instance.base_model:
             raise serializers.ValidationError("the base model of an expert cannot change")
         return base_model
+
+    def create(self, validated_data):
+        return Expert.create_for(**validated_data)
 
 
 class ExpertVersionSerializer(serializers.ModelSerializer):

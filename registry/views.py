@@ -2,13 +2,11 @@
 
 import hashlib
 
-import django_filters
 from django.conf import settings
 from django.core.cache import cache
-from django.db import IntegrityError
-from django.db.models import OuterRef, Subquery
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
@@ -20,9 +18,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from . import storage, uploads
-from .api import Conflict, NullsLastOrderingFilter, PayloadTooLarge, UploadThrottle
+from .api import ApiDefaults, NullsLastOrderingFilter, PayloadTooLarge, UploadThrottle
+from .filters import ExpertFilter
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
-from .permissions import ApiKeyScope, IsAuthor, IsOwnerOrReadOnly
+from .permissions import IsAuthor, IsOwnerOrReadOnly
 from .serializers import (
     ApiKeySerializer,
     BaseModelSerializer,
@@ -47,57 +46,35 @@ class HealthView(APIView):
         return Response({"status": "ok"})
 
 
-class BaseModelViewSet(viewsets.ReadOnlyModelViewSet):
+class BaseModelViewSet(ApiDefaults, viewsets.ReadOnlyModelViewSet):
     queryset = BaseModel.objects.all()
     serializer_class = BaseModelSerializer
     lookup_field = "slug"
-    filter_backends = []
 
 
-class DomainViewSet(viewsets.ReadOnlyModelViewSet):
+class DomainViewSet(ApiDefaults, viewsets.ReadOnlyModelViewSet):
     queryset = Domain.objects.select_related("parent")
     serializer_class = DomainSerializer
     lookup_field = "slug"
-    filter_backends = []
 
 
-class ExpertFilter(django_filters.FilterSet):
-    q = django_filters.CharFilter(method="search", help_text="words in name, title, summary, tags")
-    domain = django_filters.CharFilter(field_name="domain__slug")
-    base_model = django_filters.CharFilter(field_name="base_model__slug")
-    owner = django_filters.CharFilter(field_name="owner__username")
-    visibility = django_filters.ChoiceFilter(choices=Expert.VISIBILITY_CHOICES)
-
-    class Meta:
-        model = Expert
-        fields = ["q", "domain", "base_model", "owner", "visibility"]
-
-    def search(self, queryset, name, value):
-        for word in value.split()[:8]:
-            queryset = queryset.filter(search_text__contains=word.lower())
-        return queryset
+def full_name(kwargs):
+    """The ``owner/name`` of an expert's URL."""
+    return f"{kwargs['owner']}/{kwargs['name']}"
 
 
-def latest_ready_version():
-    return Subquery(
-        ExpertVersion.objects.filter(expert=OuterRef("pk"), status=ExpertVersion.READY)
-        .order_by("-number")
-        .values("number")[:1]
-    )
-
-
-class ExpertViewSet(viewsets.ModelViewSet):
+class ExpertViewSet(ApiDefaults, viewsets.ModelViewSet):
     """Experts, addressed as /api/v1/experts/<owner>/<name>/."""
 
     serializer_class = ExpertSerializer
-    permission_classes = [ApiKeyScope, IsAuthenticatedOrReadOnly, IsOwnerOrReadOnly]
-    filter_backends = [django_filters.rest_framework.DjangoFilterBackend, NullsLastOrderingFilter]
+    permission_classes = [IsAuthenticatedOrReadOnly, IsOwnerOrReadOnly]
+    filter_backends = [DjangoFilterBackend, NullsLastOrderingFilter]
     filterset_class = ExpertFilter
     ordering_fields = ["download_count", "rating", "measured_gain", "created_at", "name"]
     ordering = ["-created_at"]
 
     def get_queryset(self):
-        experts = Expert.objects.with_related().annotate(latest_version=latest_ready_version())
+        experts = Expert.objects.with_related().with_latest_version()
         if self.action == "list":
             return experts.listed_for(self.request.user)
         return experts.visible_to(self.request.user)
@@ -119,21 +96,12 @@ class ExpertViewSet(viewsets.ModelViewSet):
         return Response(data)
 
     def get_object(self):
-        expert = get_object_or_404(
-            self.get_queryset(), owner__username=self.kwargs["owner"], name=self.kwargs["name"]
-        )
+        expert = get_object_or_404(self.get_queryset().named(full_name(self.kwargs)))
         self.check_object_permissions(self.request, expert)
         return expert
 
     def perform_create(self, serializer):
-        name = serializer.validated_data["name"]
-        conflict = Conflict(f"you already have an expert named {name!r}")
-        if Expert.objects.filter(owner=self.request.user, name=name).exists():
-            raise conflict
-        try:
-            serializer.save(owner=self.request.user)
-        except IntegrityError:
-            raise conflict from None
+        serializer.save(owner=self.request.user)  # NameTaken: 409
 
     def perform_destroy(self, expert):
         expert.delete_with_artifacts()
@@ -144,30 +112,28 @@ class ExpertChildMixin:
 
     def get_expert(self):
         if not hasattr(self, "_expert"):
-            self._expert = get_object_or_404(
-                Expert.objects.visible_to(self.request.user).select_related("owner", "base_model"),
-                owner__username=self.kwargs["owner"],
-                name=self.kwargs["name"],
-            )
+            experts = Expert.objects.visible_to(self.request.user).named(full_name(self.kwargs))
+            self._expert = get_object_or_404(experts.select_related("owner", "base_model"))
         return self._expert
 
 
 class ExpertVersionViewSet(
+    ApiDefaults,
     ExpertChildMixin,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.CreateModelMixin,
     viewsets.GenericViewSet,
 ):
-    """Versions of an expert: list, read, upload (owner, multipart) and download."""
+    """Versions of an expert: list, read, upload (owner, multipart) and download. Rejected
+    versions are listed with their reason, and cannot be downloaded."""
 
     serializer_class = ExpertVersionSerializer
-    permission_classes = [ApiKeyScope, IsAuthenticatedOrReadOnly]
+    permission_classes = [IsAuthenticatedOrReadOnly]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
     throttle_classes = [UploadThrottle]
     lookup_field = "number"
     lookup_value_regex = r"\d+"
-    filter_backends = []
 
     def get_queryset(self):
         return self.get_expert().versions.select_related("expert__owner")
@@ -225,29 +191,24 @@ class ExpertVersionViewSet(
         return response
 
 
-class ReviewViewSet(ExpertChildMixin, viewsets.ModelViewSet):
-    """Reviews of an expert; one per user, 1-5 stars."""
+class ReviewViewSet(ApiDefaults, ExpertChildMixin, viewsets.ModelViewSet):
+    """Reviews of an expert; one per user, 1-5 stars. Posting a second one edits the first."""
 
     serializer_class = ReviewSerializer
-    permission_classes = [ApiKeyScope, IsAuthenticatedOrReadOnly, IsAuthor]
-    filter_backends = []
+    permission_classes = [IsAuthenticatedOrReadOnly, IsAuthor]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     def get_queryset(self):
         return self.get_expert().reviews.select_related("user")
 
-    def perform_create(self, serializer):
-        expert = self.get_expert()
-        if expert.owner == self.request.user:
-            raise PermissionDenied("you cannot review your own expert")
-        conflict = Conflict("you have already reviewed this expert; edit that review instead")
-        if expert.reviews.filter(user=self.request.user).exists():
-            raise conflict
-        try:
-            serializer.save(user=self.request.user, expert=expert)
-        except IntegrityError:
-            raise conflict from None
-        expert.update_rating()
+    @extend_schema(responses={201: ReviewSerializer, 200: ReviewSerializer})
+    def create(self, request, *args, **kwargs):
+        """201 with a new review; 200 with the caller's review, edited, if they had one."""
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        review, created = self.get_expert().save_review(request.user, **serializer.validated_data)
+        answer = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        return Response(self.get_serializer(review).data, status=answer)
 
     def perform_update(self, serializer):
         serializer.save()
@@ -259,6 +220,7 @@ class ReviewViewSet(ExpertChildMixin, viewsets.ModelViewSet):
 
 
 class ApiKeyViewSet(
+    ApiDefaults,
     mixins.ListModelMixin,
     mixins.CreateModelMixin,
     mixins.RetrieveModelMixin,
@@ -268,8 +230,7 @@ class ApiKeyViewSet(
     """Your API keys. The secret is in the creation response only; DELETE revokes."""
 
     serializer_class = ApiKeySerializer
-    permission_classes = [ApiKeyScope, IsAuthenticated]
-    filter_backends = []
+    permission_classes = [IsAuthenticated]
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generator has no user

@@ -223,3 +223,35 @@ def test_base_models_and_domains_are_readable(anon_client, base_model, domain):
     assert anon_client.get("/api/v1/base-models/tiny-llama/").json()["num_layers"] == 2
     assert anon_client.get("/api/v1/domains/python/").json()["name"] == "Python"
     assert anon_client.post("/api/v1/domains/", {"slug": "x"}).status_code in (401, 405)
+
+
+def test_the_catalog_filters_by_the_kind_of_a_ready_version(anon_client, make_expert, publish):
+    publish(make_expert("trained"))
+    make_expert("empty")
+    publish(make_expert("rejected")).reject("stored bytes do not match")
+    assert names(anon_client.get("/api/v1/experts/?kind=lora")) == ["alice/trained"]
+    assert names(anon_client.get("/api/v1/experts/?kind=full")) == []
+    assert anon_client.get("/api/v1/experts/?kind=nope").status_code == 400
+
+
+def test_the_latest_version_is_the_newest_ready_one(anon_client, make_expert, publish):
+    expert = make_expert("pydoc")
+    publish(expert)
+    publish(expert, seed=1).reject("stored bytes do not match")
+    assert anon_client.get("/api/v1/experts/alice/pydoc/").json()["latest_version"] == 1
+
+
+@pytest.mark.parametrize(
+    "tags, message",
+    [
+        (["NO TAG"], "'NO TAG': tags are 1-40 lowercase letters, digits or '-'"),
+        ([f"t{i}" for i in range(21)], "at most 20 tags"),
+    ],
+)
+def test_tag_rules_say_what_is_wrong(alice_client, base_model, domain, tags, message):
+    response = alice_client.post(
+        "/api/v1/experts/",
+        {"name": "ok", "domain": "python", "base_model": "tiny-llama", "tags": tags},
+    )
+    assert response.status_code == 400
+    assert response.json() == {"tags": [message]}

@@ -70,6 +70,25 @@ def test_the_kind_filter_reads_ready_versions(make_expert, publish):
     make_expert("empty")
     assert listed(Client().get("/", {"kind": "lora"})) == ["trained"]
     assert listed(Client().get("/", {"kind": "full"})) == []
+    publish(make_expert("rejected")).reject("stored bytes do not match")
+    assert listed(Client().get("/", {"kind": "lora"})) == ["trained"]
+
+
+def test_the_pages_filter_by_the_api_s_fields(make_expert, bob):
+    make_expert("pydoc")
+    make_expert("other", owner=bob)
+    assert listed(Client().get("/", {"owner": "bob"})) == ["other"]
+    api = Client().get("/api/v1/experts/", {"owner": "bob"}).json()
+    assert [e["id"] for e in api["results"]] == ["bob/other"]
+
+
+def test_rejected_versions_show_their_reason_and_no_download(make_expert, publish, bob):
+    expert = make_expert("pydoc")
+    publish(expert)
+    publish(expert, seed=1).reject("stored bytes of version 2 do not match its sha256")
+    page = logged_in(bob).get("/experts/alice/pydoc/").text
+    assert "rejected: stored bytes of version 2 do not match its sha256" in page
+    assert "/versions/1/download/" in page and "/versions/2/download/" not in page
 
 
 def test_a_private_expert_is_404_to_others_and_shown_to_its_owner(make_expert, alice, bob):
@@ -132,7 +151,8 @@ def test_reviews_are_one_per_user_and_not_by_the_owner(make_expert, alice, bob):
     assert list(expert.reviews.values_list("stars", "text")) == [(3, "ok")]
     expert.refresh_from_db()
     assert expert.rating == 3.0
-    assert logged_in(alice).post("/experts/alice/pydoc/review/", {"stars": 5}).status_code == 404
+    own = logged_in(alice).post("/experts/alice/pydoc/review/", {"stars": 5})
+    assert own.status_code == 403 and "cannot review your own expert" in own.text
     bad = bob_client.post("/experts/alice/pydoc/review/", {"stars": 9})
     assert bad.status_code == 400 and "Select a valid choice" in bad.content.decode()
 

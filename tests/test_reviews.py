@@ -1,4 +1,5 @@
-"""Reviews: one per user and expert, 1-5 stars, the expert's rating follows them."""
+"""Reviews: one per user and expert (a second one edits the first, in the API as on the
+pages), 1-5 stars, never by the owner, and the expert's rating follows them."""
 
 import pytest
 
@@ -21,9 +22,6 @@ def test_a_user_reviews_once_and_the_rating_follows(bob, charlie, make_expert):
     assert first.json()["user"] == "bob"
     assert client_for(charlie).post(url, {"stars": 2}).status_code == 201
     assert rating(expert) == (3.0, 2)
-    again = client_for(bob).post(url, {"stars": 5})
-    assert again.status_code == 409
-    assert "already reviewed" in again.json()["detail"]
     review_url = f"{url}{first.json()['id']}/"
     assert client_for(bob).patch(review_url, {"stars": 5}).status_code == 200
     assert rating(expert) == (3.5, 2)
@@ -43,10 +41,22 @@ def test_stars_are_1_to_5(bob_client, make_expert, stars):
     assert rating(expert) == (None, 0)
 
 
+def test_a_second_review_edits_the_first(bob_client, make_expert):
+    expert = make_expert()
+    url = "/api/v1/experts/alice/pydoc/reviews/"
+    first = bob_client.post(url, {"stars": 4, "text": "useful"})
+    again = bob_client.post(url, {"stars": 2, "text": "less so"})
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert list(expert.reviews.values_list("stars", "text")) == [(2, "less so")]
+    assert rating(expert) == (2.0, 1)
+
+
 def test_owners_cannot_review_their_own_expert(alice_client, make_expert):
     make_expert()
     response = alice_client.post("/api/v1/experts/alice/pydoc/reviews/", {"stars": 5})
     assert response.status_code == 403
+    assert response.json()["detail"] == "you cannot review your own expert"
 
 
 def test_private_experts_cannot_be_reviewed_by_others(bob_client, make_expert):
