@@ -53,7 +53,6 @@ from tests.conftest import register_tiny_llama  # noqa: E402
 from tests.test_jobs import make_dataset  # noqa: E402
 from tests.tiny_models import frozen, tiny_llama, word_tokenizer  # noqa: E402
 from tests.workers import Worker, new_queue, wait_for, worker_env  # noqa: E402
-from training.jobs import start_training  # noqa: E402
 from training.models import EvaluationJob, Job, TrainingJob  # noqa: E402
 
 SMALL = dict(window=64, ahead_tokens=4, positions_per_window=4, n_latents=2, lora_rank=2)
@@ -109,7 +108,7 @@ def new_expert(user, base, domain, name):
 def measure_overhead(args, user, base, domain, dataset):
     queued_at = time.time()
     trainings = [
-        start_training(
+        TrainingJob.start(
             user,
             new_expert(user, base, domain, f"expert-{i}"),
             [dataset],
@@ -157,7 +156,7 @@ def measure_overhead(args, user, base, domain, dataset):
 def measure_cancel(args, user, base, domain, dataset):
     latencies = []
     for i in range(args.cancels):
-        job = start_training(
+        job = TrainingJob.start(
             user,
             new_expert(user, base, domain, f"cancelled-{i}"),
             [dataset],

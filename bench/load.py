@@ -157,7 +157,7 @@ def queue_training_job(port, key, base_slug):
     params = dict(steps=60, window=64, ahead_tokens=4, positions_per_window=4, n_latents=2)
     job = {"expert": "trained", "domain": "load", "datasets": ["phrases"], "params": params}
     status, answer = request(port, key, "POST", "/api/v1/jobs/training/", json.dumps(job))
-    assert status == 201, (status, answer)
+    assert status == 202, (status, answer)
     return json.loads(answer)["id"]
 
 

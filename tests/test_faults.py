@@ -112,14 +112,13 @@ def test_a_broker_restarted_with_jobs_queued_loses_none(
     from kombu import Connection
 
     from tests.test_jobs import make_dataset
-    from training.jobs import start_training
     from training.tasks import train_expert
 
     queue = new_queue()
     settings.LATENTRY_JOB_QUEUE = "nobody-reads-this"  # the default broker's copies go nowhere
     words = make_dataset(alice)
     params = dict(window=64, ahead_tokens=4, positions_per_window=4, n_latents=2, steps=10)
-    jobs = [start_training(alice, make_expert(f"queued-{i}"), [words], params) for i in range(3)]
+    jobs = [TrainingJob.start(alice, make_expert(f"queued-{i}"), [words], params) for i in range(3)]
     with Connection(private_redis["url"]) as broker:  # the broker under test gets the jobs
         for job in jobs:
             train_expert.apply_async((job.pk,), queue=queue, connection=broker)

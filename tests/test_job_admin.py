@@ -8,7 +8,6 @@ from django.test import Client
 from registry.models import ExpertVersion
 from tests.conftest import upload
 from tests.test_jobs import SMALL, make_dataset
-from training.jobs import start_training
 from training.models import Dataset, EvaluationJob, Job, TrainingJob
 
 CHANGELIST = "/admin/training/trainingjob/"
@@ -17,7 +16,7 @@ CHANGELIST = "/admin/training/trainingjob/"
 @pytest.fixture
 def job(alice, base_model, make_expert):
     words = make_dataset(alice)
-    return start_training(alice, make_expert("watched"), [words], SMALL)
+    return TrainingJob.start(alice, make_expert("watched"), [words], SMALL)
 
 
 def test_non_staff_never_see_the_admin(job, bob, client):
@@ -79,6 +78,16 @@ def test_launching_from_the_admin_validates_params_and_queues_the_job(
     job = TrainingJob.objects.get()
     assert job.params["steps"] == 5 and job.params["n_latents"] == 4
     assert job.status == Job.QUEUED and len(sent) == 1
+
+
+def test_launching_from_the_admin_checks_the_window_against_the_base_models_context(
+    alice, base_model, make_expert, admin_client
+):
+    form = {"expert": make_expert("too-wide").pk, "datasets": [make_dataset(alice).pk]}
+    response = admin_client.post(f"{CHANGELIST}add/", {**form, "params": '{"window": 4096}'})
+    assert response.status_code == 200
+    assert "at most the base model&#x27;s context (256)" in response.content.decode()
+    assert not TrainingJob.objects.exists()
 
 
 def test_cancel_and_retry_actions(job, admin_client):

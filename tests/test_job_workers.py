@@ -9,7 +9,6 @@ from registry.models import ExpertVersion
 from tests.conftest import stored_keys
 from tests.test_jobs import make_dataset
 from tests.workers import Worker, new_queue, wait_for, worker_env
-from training.jobs import start_training
 from training.models import Job, TrainingJob
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -51,7 +50,7 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_and_publishes_once(
     alice, base_model, make_expert, start_worker
 ):
     words = make_dataset(alice)
-    job = start_training(
+    job = TrainingJob.start(
         alice, make_expert("resumed"), [words], {**LONG, "steps": 400, "checkpoint_every": 25}
     )
     first = start_worker()
@@ -73,7 +72,7 @@ def test_cancelling_a_running_job_stops_it_with_no_version(
     alice, base_model, make_expert, start_worker
 ):
     words = make_dataset(alice)
-    job = start_training(alice, make_expert("cancelled"), [words], {**LONG, "steps": 100_000})
+    job = TrainingJob.start(alice, make_expert("cancelled"), [words], {**LONG, "steps": 100_000})
     start_worker()
     wait_for(lambda: job_state(job).step >= 20, what="the job to run")
     job.request_cancel()
@@ -89,7 +88,7 @@ def test_a_storage_outage_is_retried_and_the_job_finishes_when_it_is_back(
 ):
     words = make_dataset(alice)
     flaky_s3.cut()
-    job = start_training(alice, make_expert("flaky"), [words], {**LONG, "steps": 40})
+    job = TrainingJob.start(alice, make_expert("flaky"), [words], {**LONG, "steps": 40})
     start_worker(**flaky_s3.env)
     wait_for(
         lambda: "storage unavailable, retry" in job_state(job).error,
@@ -108,7 +107,7 @@ def test_a_lasting_storage_outage_fails_the_job_cleanly(
 ):
     words = make_dataset(alice)
     flaky_s3.cut()
-    job = start_training(alice, make_expert("down"), [words], {**LONG, "steps": 40})
+    job = TrainingJob.start(alice, make_expert("down"), [words], {**LONG, "steps": 40})
     start_worker(LATENTRY_JOB_STORAGE_RETRIES=1, **flaky_s3.env)
     wait_for(lambda: job_state(job).finished, timeout=120, what="the job to fail")
     assert job.status == Job.FAILED
@@ -129,12 +128,12 @@ def test_the_periodic_recovery_resends_a_dead_worker_s_job_to_a_live_one(
     start_worker().wait_ready()  # up before the jobs exist: its start-up recovery saw nothing
     settings.LATENTRY_JOB_QUEUE = "nobody-reads-this"  # the jobs' own messages get lost
     words = make_dataset(alice)
-    job = start_training(alice, make_expert("stranded"), [words], {**LONG, "steps": 20})
+    job = TrainingJob.start(alice, make_expert("stranded"), [words], {**LONG, "steps": 20})
     # ... and a worker that has since died holds the job.
     TrainingJob.objects.filter(pk=job.pk).update(
         status=Job.RUNNING, worker="dead@host", heartbeat_at=timezone.now() - timedelta(hours=1)
     )
-    waiting = start_training(alice, make_expert("waiting"), [words], {**LONG, "steps": 20})
+    waiting = TrainingJob.start(alice, make_expert("waiting"), [words], {**LONG, "steps": 20})
     TrainingJob.objects.filter(pk=waiting.pk).update(created_at=timezone.now() - timedelta(hours=1))
     recover_lapsed_jobs.apply_async(queue=queue)  # what beat sends every lease period
     wait_for(lambda: job_state(job).finished, timeout=120, what="the stranded job to end")

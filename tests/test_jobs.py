@@ -63,7 +63,8 @@ def test_a_training_job_publishes_one_version_then_evaluates_it(
 ):
     with django_capture_on_commit_callbacks(execute=True):
         response = start(alice_client, domain="python")
-    assert response.status_code == 201, response.json()
+    assert response.status_code == 202, response.json()
+    assert response["Location"] == f"http://testserver{JOBS}{response.json()['id']}/"
     job = TrainingJob.objects.get(pk=response.json()["id"])
     assert job.status == Job.SUCCEEDED, job.error
     assert (job.device, job.attempts, job.step) == ("cpu", 1, 30)
@@ -90,10 +91,8 @@ def test_a_training_job_publishes_one_version_then_evaluates_it(
 
 
 def test_a_job_delivered_again_never_makes_a_second_version(alice, words, make_expert, eager):
-    from training.jobs import start_training
-
     expert = make_expert("again")
-    job = start_training(alice, expert, [words], SMALL)
+    job = TrainingJob.start(alice, expert, [words], SMALL)
     tasks.train_expert.apply((job.pk,))
     tasks.train_expert.apply((job.pk,))  # a late duplicate: the job already ended
     # A crash after publishing but before recording success: delivered again, it only ends.
@@ -107,10 +106,8 @@ def test_a_job_delivered_again_never_makes_a_second_version(alice, words, make_e
 def test_a_dataset_too_short_fails_the_job_with_a_readable_error(
     alice, base_model, make_expert, eager
 ):
-    from training.jobs import start_training
-
     tiny = make_dataset(alice, "short", text=phrase_text(length=30))
-    job = start_training(alice, make_expert("short"), [tiny], SMALL)
+    job = TrainingJob.start(alice, make_expert("short"), [tiny], SMALL)
     tasks.train_expert.apply((job.pk,))
     job.refresh_from_db()
     assert job.status == Job.FAILED
@@ -176,7 +173,8 @@ def test_evaluation_jobs_are_for_owners_and_staff(
     assert bob_client.post(EVALS, shared, format="json").status_code == 403
     assert alice_client.post(EVALS, {**body, "version": 9}, format="json").status_code == 409
     response = alice_client.post(EVALS, body, format="json")
-    assert response.status_code == 201, response.json()
+    assert response.status_code == 202, response.json()
+    assert response["Location"].endswith(f"{EVALS}{response.json()['id']}/")
 
 
 def test_the_demo_seed_queues_one_python_docs_job(django_user_model, base_model):
@@ -199,10 +197,9 @@ def test_a_worker_that_lost_its_job_to_another_stops_writing(alice, words, make_
 
     from django.utils import timezone
 
-    from training.jobs import start_training
     from training.models import JobLost
 
-    job = start_training(alice, make_expert("contested"), [words], SMALL)
+    job = TrainingJob.start(alice, make_expert("contested"), [words], SMALL)
     first = TrainingJob.claim(job.pk, "a@host", "cpu")
     TrainingJob.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
     second = TrainingJob.claim(job.pk, "b@host", "cpu")
@@ -219,16 +216,14 @@ def test_a_worker_that_lost_its_job_to_another_stops_writing(alice, words, make_
 def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(
     alice, words, make_expert, settings
 ):
-    from training.jobs import retry, start_training
-
     settings.LATENTRY_JOB_MAX_ATTEMPTS = 2
-    job = start_training(alice, make_expert("crashy"), [words], SMALL)
+    job = TrainingJob.start(alice, make_expert("crashy"), [words], SMALL)
     TrainingJob.objects.filter(pk=job.pk).update(attempts=2)
     assert TrainingJob.claim(job.pk, "w@host", "cpu") is None
     job.refresh_from_db()
     assert job.status == Job.FAILED and "gave up after 2 attempts" in job.error
-    assert retry(job) is True and job.status == Job.QUEUED and job.attempts == 0
-    assert retry(job) is False  # queued: nothing to retry
+    assert job.retry() is True and job.status == Job.QUEUED and job.attempts == 0
+    assert job.retry() is False  # queued: nothing to retry
 
 
 @pytest.mark.parametrize(
@@ -251,9 +246,7 @@ def test_sampling_settings_that_would_break_a_batch_are_refused(
 def test_a_job_page_in_the_admin_cannot_be_saved_over_the_worker(
     admin_client, words, alice, make_expert
 ):
-    from training.jobs import start_training
-
-    job = start_training(alice, make_expert("read-only"), [words], SMALL)
+    job = TrainingJob.start(alice, make_expert("read-only"), [words], SMALL)
     TrainingJob.objects.filter(pk=job.pk).update(step=9)
     admin_client.post(f"/admin/training/trainingjob/{job.pk}/change/", {"params": "{}"})
     job.refresh_from_db()

@@ -10,7 +10,7 @@ from registry.admin import ExpertVersionAdmin
 from registry.charts import line_chart
 from registry.models import ExpertVersion
 
-from . import datasets, jobs
+from . import datasets
 from .models import Dataset, EvaluationJob, TrainingJob
 from .serializers import TrainingParamsSerializer
 
@@ -147,9 +147,7 @@ class JobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Retry selected failed or cancelled jobs")
     def retry(self, request, queryset):
-        retried = 0
-        for job in queryset:
-            retried += bool(jobs.retry(job))
+        retried = sum(job.retry() for job in queryset)
         level = messages.SUCCESS if retried else messages.WARNING
         self.message_user(request, f"{retried} job(s) queued again", level)
 
@@ -163,11 +161,18 @@ class TrainingJobForm(forms.ModelForm):
         model = TrainingJob
         fields = ["expert", "datasets", "params"]
 
+    def clean_datasets(self):
+        TrainingJob.check_datasets(self.cleaned_data["datasets"])
+        return self.cleaned_data["datasets"]
+
     def clean_params(self):
         checked = TrainingParamsSerializer(data=self.cleaned_data.get("params") or {})
         if not checked.is_valid():
             raise forms.ValidationError(f"{checked.errors}")
-        return dict(checked.validated_data)
+        params = dict(checked.validated_data)
+        if expert := self.cleaned_data.get("expert"):
+            TrainingJob.check_window(expert.base_model, params["window"])
+        return params
 
 
 @admin.register(TrainingJob)
@@ -209,7 +214,7 @@ class TrainingJobAdmin(JobAdmin):
 
     @admin.display(description="version")
     def version_link(self, job):
-        version = ExpertVersion.objects.filter(training_job=job).first()
+        version = job.published_version
         return admin_link(version, f"version {version.number}" if version else None)
 
     @admin.display(description="loss curve")
@@ -219,20 +224,22 @@ class TrainingJobAdmin(JobAdmin):
 
     @admin.display(description="evaluation")
     def evaluations(self, job):
-        version = ExpertVersion.objects.filter(training_job=job).first()
+        version = job.published_version
         return evaluation_table(version.metrics.get("evaluations", []) if version else [])
 
+    def save_form(self, request, form, change):
+        """Launch through TrainingJob.start, as the API and the pages do (a job's page is
+        read-only: this runs only to add one)."""
+        data = form.cleaned_data
+        job = TrainingJob.start(request.user, data["expert"], data["datasets"], data["params"])
+        self.message_user(request, f"{job} queued")
+        return job
+
     def save_model(self, request, obj, form, change):
-        if not change:  # launching; an existing job is never saved over a worker's writes
-            obj.created_by = request.user
-            obj.base_model = obj.expert.base_model
-            super().save_model(request, obj, form, change)
+        pass  # save_form saved it, datasets included
 
     def save_related(self, request, form, formsets, change):
-        super().save_related(request, form, formsets, change)
-        if not change:
-            jobs.enqueue(form.instance)
-            self.message_user(request, f"{form.instance} queued")
+        pass
 
 
 @admin.register(EvaluationJob)
@@ -281,8 +288,7 @@ class TrainedExpertVersionAdmin(ExpertVersionAdmin):
                     request, f"{version}: no dataset to evaluate on", messages.WARNING
                 )
                 continue
-            params = jobs.evaluation_params(version)
-            started.append(jobs.start_evaluation(request.user, version, sources, params))
+            started.append(EvaluationJob.start(request.user, version, sources))
         if started:
             self.message_user(request, f"queued {len(started)} evaluation job(s)")
 

@@ -3,7 +3,6 @@
 import functools
 from pathlib import Path
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from coprocessor import corpus
@@ -81,9 +80,8 @@ def create_from_upload(owner, name, upload, fmt="", **fields):
 def store_file(fileobj, *, sha256, size, fmt, base_model=None):
     """Validate a dataset file and store it; returns (the Dataset fields that describe it,
     whether this call created the stored file)."""
-    limit = settings.LATENTRY_MAX_DATASET_BYTES
-    if size > limit:
-        raise DatasetError(f"file is over the dataset limit of {limit} bytes")
+    if problem := Dataset.size_problem(size, getattr(fileobj, "too_large", False)):
+        raise DatasetError(problem)
     fileobj.seek(0)
     texts = parse(fileobj.read(), fmt)
     suffix = ".jsonl" if fmt == Dataset.JSONL else ".txt"

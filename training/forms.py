@@ -2,9 +2,10 @@
 
 from django import forms
 
+from coprocessor.artifact import MAX_LATENTS
 from registry.models import BaseModel, Domain, slug_validator
 
-from .models import Dataset
+from .models import Dataset, TrainingJob
 from .serializers import DEFAULTS, TrainingParamsSerializer
 
 
@@ -33,8 +34,10 @@ class TrainingForm(forms.Form):
         min_value=0.05, initial=10, help_text="training stops after this long (or the steps)"
     )
     steps = forms.IntegerField(min_value=1, initial=DEFAULTS.steps)
-    n_latents = forms.IntegerField(min_value=1, initial=DEFAULTS.n_latents)
-    lora_rank = forms.IntegerField(min_value=1, initial=DEFAULTS.lora_rank)
+    n_latents = forms.IntegerField(
+        min_value=1, max_value=MAX_LATENTS, initial=DEFAULTS.expert.n_latents
+    )
+    lora_rank = forms.IntegerField(min_value=1, initial=DEFAULTS.expert.lora_rank)
     window = forms.IntegerField(min_value=32, initial=DEFAULTS.window)
     ahead_tokens = forms.IntegerField(min_value=1, initial=DEFAULTS.ahead_tokens)
     positions_per_window = forms.IntegerField(min_value=1, initial=DEFAULTS.positions_per_window)
@@ -46,10 +49,8 @@ class TrainingForm(forms.Form):
         self.fields["datasets"].queryset = Dataset.objects.usable_by(user).select_related("owner")
 
     def clean_datasets(self):
-        chosen = self.cleaned_data["datasets"]
-        if len(chosen) > 20:  # as the API allows
-            raise forms.ValidationError("choose at most 20 datasets")
-        return chosen
+        TrainingJob.check_datasets(self.cleaned_data["datasets"])
+        return self.cleaned_data["datasets"]
 
     def clean(self):
         data = super().clean()
@@ -64,9 +65,9 @@ class TrainingForm(forms.Form):
                 for error in errors:
                     self.add_error(field if field in self.fields else None, str(error))
             return data
-        params = dict(checked.validated_data)
-        context = self.expert.base_model.context_length
-        if params["window"] > context:
-            self.add_error("window", f"must be at most the base model's context ({context})")
-        data["params"] = params
+        data["params"] = params = dict(checked.validated_data)
+        try:
+            TrainingJob.check_window(self.expert.base_model, params["window"])
+        except forms.ValidationError as exc:
+            self.add_error("window", exc)
         return data

@@ -7,7 +7,9 @@ so a delivery of a job whose worker is alive is dropped and one whose worker die
 
 from datetime import timedelta
 
+from celery import current_app
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.utils import timezone
 
@@ -71,6 +73,15 @@ class Dataset(models.Model):
     def full_name(self):
         return str(self)
 
+    @staticmethod
+    def size_problem(size, too_large=False):
+        """Why a file of ``size`` bytes cannot be a dataset, or "" if it can. ``too_large``: the
+        upload handlers stopped keeping its bytes."""
+        limit = settings.LATENTRY_MAX_DATASET_BYTES
+        if too_large or size > limit:
+            return f"file is over the dataset limit of {limit} bytes"
+        return ""
+
 
 class Job(models.Model):
     """What training and evaluation jobs share: status, progress, the worker that holds it."""
@@ -90,6 +101,8 @@ class Job(models.Model):
         (CANCELLED, "Cancelled"),
     ]
     FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+    MAX_DATASETS = 20  # datasets one job may read
+    task_name = None  # the Celery task that runs it, by name: models do not import tasks
 
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
@@ -210,8 +223,14 @@ class Job(models.Model):
         self.refresh_from_db()
         return True
 
-    def requeue(self):
-        """Queue a failed or cancelled job again; False if it is in neither state."""
+    def enqueue(self):
+        """Send the job to the workers once the transaction that made it commits."""
+        task, pk = current_app.tasks[self.task_name], self.pk
+        transaction.on_commit(lambda: task.apply_async((pk,), queue=settings.LATENTRY_JOB_QUEUE))
+
+    def retry(self):
+        """Queue a failed or cancelled job again; False if it is in neither state. Training
+        continues from a kept checkpoint (a storage outage keeps it); other runs start over."""
         with transaction.atomic():
             locked = type(self).objects.select_for_update().get(pk=self.pk)
             if locked.status not in (self.FAILED, self.CANCELLED):
@@ -224,8 +243,15 @@ class Job(models.Model):
                 worker="",
                 attempts=0,
             )
+            self.enqueue()
         self.refresh_from_db()
         return True
+
+    @classmethod
+    def check_datasets(cls, datasets):
+        """ValidationError unless a job may read ``datasets``: at most MAX_DATASETS."""
+        if len(datasets) > cls.MAX_DATASETS:
+            raise ValidationError(f"choose at most {cls.MAX_DATASETS} datasets")
 
 
 class TrainingJob(Job):
@@ -243,11 +269,41 @@ class TrainingJob(Job):
     )
     train_tokens = models.PositiveBigIntegerField(default=0)
 
+    task_name = "training.train_expert"
+
     class Meta(Job.Meta):
         pass
 
     def __str__(self):
         return f"training #{self.pk} → {self.expert}"
+
+    @classmethod
+    def start(cls, user, expert, datasets, params):
+        """Queue a job that trains ``expert``'s next version on ``datasets``. ``params`` are
+        bounded hyper-parameters (serializers.TrainingParamsSerializer); the rules that
+        depend on the expert are checked here too, so no way in skips them."""
+        cls.check_datasets(datasets)
+        cls.check_window(expert.base_model, params["window"])
+        with transaction.atomic():
+            job = cls.objects.create(
+                created_by=user, expert=expert, base_model=expert.base_model, params=params
+            )
+            job.datasets.set(datasets)
+            job.enqueue()
+        return job
+
+    @staticmethod
+    def check_window(base_model, window):
+        """ValidationError unless a training window fits the base model's context."""
+        if window > base_model.context_length:
+            raise ValidationError(
+                f"must be at most the base model's context ({base_model.context_length})"
+            )
+
+    @property
+    def published_version(self):
+        """The version this job published, or None (a job publishes at most one)."""
+        return getattr(self, "version", None)  # the reverse one-to-one; cached once read
 
 
 class EvaluationJob(Job):
@@ -260,8 +316,35 @@ class EvaluationJob(Job):
     params = models.JSONField(default=dict, help_text="window, ahead, max_windows, split")
     result = models.JSONField(default=dict, blank=True, help_text="report per dataset")
 
+    task_name = "training.evaluate_version"
+
     class Meta(Job.Meta):
         pass
 
     def __str__(self):
         return f"evaluation #{self.pk} of {self.version.expert}@{self.version.number}"
+
+    @classmethod
+    def start(cls, user, version, datasets, params=None):
+        """Queue a job that measures ``version`` on ``datasets``; ``params`` default to
+        ``as_trained(version)``."""
+        with transaction.atomic():
+            if params is None:
+                params = cls.as_trained(version)
+            job = cls.objects.create(created_by=user, version=version, params=params)
+            job.datasets.set(datasets)
+            job.enqueue()
+        return job
+
+    @staticmethod
+    def as_trained(version):
+        """Params that measure a version as it was trained: its window and ahead tokens, on
+        held-out text."""
+        config = version.config if isinstance(version.config, dict) else {}
+        training = config.get("training", {})
+        return {
+            "window": int(training.get("window", 256)),
+            "ahead": int(training.get("ahead_tokens", 16)),
+            "max_windows": 32,
+            "split": "heldout",
+        }

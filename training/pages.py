@@ -13,10 +13,9 @@ from django.views.decorators.http import require_POST
 from registry import storage
 from registry.api import UploadThrottle, fragment_or_page, page_throttled
 from registry.charts import line_chart
-from registry.models import ExpertVersion
 from registry.pages import owned_expert
 
-from . import datasets, jobs
+from . import datasets
 from .forms import DatasetForm, TrainingForm
 from .models import Dataset, EvaluationJob, TrainingJob
 
@@ -61,7 +60,7 @@ def train(request, owner, name):
     expert = owned_expert(request, owner, name)
     form = TrainingForm(request.POST or None, user=request.user, expert=expert)
     if request.method == "POST" and form.is_valid():
-        job = jobs.start_training(
+        job = TrainingJob.start(
             request.user, expert, form.cleaned_data["datasets"], form.cleaned_data["params"]
         )
         return redirect("job", job.pk)
@@ -84,7 +83,7 @@ def job_list(request):
 
 def own_job(request, pk):
     """A job of the user's (staff see all); anyone else's is 404."""
-    jobs_seen = TrainingJob.objects.select_related("expert__owner", "base_model")
+    jobs_seen = TrainingJob.objects.select_related("expert__owner", "base_model", "version")
     if not request.user.is_staff:
         jobs_seen = jobs_seen.filter(created_by=request.user)
     return get_object_or_404(jobs_seen, pk=pk)
@@ -100,7 +99,7 @@ def job_detail(request, pk):
 
 
 def job_context(job):
-    version = ExpertVersion.objects.filter(training_job=job).first()
+    version = job.published_version
     evaluation = (
         EvaluationJob.objects.filter(version=version).order_by("-created_at").first()
         if version

@@ -11,16 +11,15 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from coprocessor import base_models, corpus, routing
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.train import Cancelled, TrainConfig, train
 from registry import storage
-from registry.models import Expert, ExpertVersion
+from registry.models import ExpertVersion
 
 from . import datasets, runtime
-from .models import Job, TrainingJob
+from .models import EvaluationJob, Job, TrainingJob
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +72,12 @@ def dataset_splits(dataset):
 
 def train_config(job, tokenizer):
     params = {**job.params, "anchor_token_id": base_models.space_token_id(tokenizer)}
-    return TrainConfig(**params)
+    return TrainConfig.from_settings(params)
 
 
 def run_training(job, device):
     """Train, publish the next version (once), profile it, and queue its evaluation."""
-    made = ExpertVersion.objects.filter(training_job=job).first()
+    made = job.published_version
     if made is not None:  # published before a crash: only the ending is left to do
         return _succeed(job, made)
     decoder, tokenizer = runtime.base_model(job.base_model, device)
@@ -127,15 +126,12 @@ def run_training(job, device):
 
 
 def _succeed(job, version):
-    from .jobs import evaluation_params, start_evaluation  # jobs -> tasks -> runner
-
     # One transaction: nobody sees the job succeeded before its evaluation exists (the job
     # page stops polling at a finished job with no evaluation running).
     with transaction.atomic():
         succeeded = job.finish(Job.SUCCEEDED)
         if succeeded:
-            datasets = job.datasets.all()
-            start_evaluation(job.created_by, version, datasets, evaluation_params(version))
+            EvaluationJob.start(job.created_by, version, job.datasets.all())
     if succeeded:
         discard_checkpoint(job)
     return version
@@ -228,26 +224,7 @@ def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
 
 
 def _record_metrics(job, version, reports, profile):
-    """Merge into the version's metrics (newest result per dataset and split) and, for the
-    expert's newest ready version, its catalog figure."""
+    """Record the results on the version and end the job, in one transaction."""
     with transaction.atomic():
-        locked = ExpertVersion.objects.select_for_update().get(pk=version.pk)
-        kept = [
-            e
-            for e in locked.metrics.get("evaluations", [])
-            if not any(e["dataset"] == r["dataset"] and e["split"] == r["split"] for r in reports)
-        ]
-        measured_at = timezone.now().isoformat()
-        evaluations = kept + [{**r, "job": job.pk, "measured_at": measured_at} for r in reports]
-        # The catalog's figure counts held-out text only: text the expert was trained on
-        # (split "all") would flatter it.
-        heldout = [e["reduction_pct"] for e in evaluations if e["split"] == "heldout"]
-        gain = sum(heldout) / len(heldout) if heldout else None
-        locked.metrics = {**locked.metrics, "evaluations": evaluations, "reduction_pct": gain}
-        if profile is not None:
-            locked.routing_profile = profile
-        locked.save(update_fields=["metrics", "routing_profile"])
-        latest = locked.expert.latest_ready_version()
-        if gain is not None and latest is not None and latest.pk == locked.pk:
-            Expert.objects.filter(pk=locked.expert_id).update(measured_gain=round(gain, 3))
+        version.record_evaluation(reports, job_id=job.pk, profile=profile)
         job.finish(Job.SUCCEEDED, result={"evaluations": reports})

@@ -1,9 +1,11 @@
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
+from coprocessor.artifact import MAX_LATENTS
 from coprocessor.train import TrainConfig
 from registry.api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
-from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
+from registry.models import BaseModel, Domain, Expert, slug_validator
 
 from .models import Dataset, EvaluationJob, TrainingJob
 
@@ -49,18 +51,21 @@ class DatasetSerializer(StrictModelSerializer):
         read_only_fields = ["sha256", "size", "documents", "token_count"]
 
     def validate_file(self, upload):
-        limit = settings.LATENTRY_MAX_DATASET_BYTES
-        if getattr(upload, "too_large", False) or upload.size > limit:
-            raise PayloadTooLarge(f"file is over the dataset limit of {limit} bytes")
+        if problem := Dataset.size_problem(upload.size, getattr(upload, "too_large", False)):
+            raise PayloadTooLarge(problem)
         return upload
 
 
 class TrainingParamsSerializer(StrictSerializer):
     """Hyper-parameters with the bounds a job may ask for; defaults are TrainConfig's."""
 
-    n_latents = serializers.IntegerField(min_value=1, max_value=64, default=DEFAULTS.n_latents)
-    kind = serializers.ChoiceField(choices=["lora", "full"], default=DEFAULTS.kind)
-    lora_rank = serializers.IntegerField(min_value=1, max_value=256, default=DEFAULTS.lora_rank)
+    n_latents = serializers.IntegerField(
+        min_value=1, max_value=MAX_LATENTS, default=DEFAULTS.expert.n_latents
+    )
+    kind = serializers.ChoiceField(choices=["lora", "full"], default=DEFAULTS.expert.kind)
+    lora_rank = serializers.IntegerField(
+        min_value=1, max_value=256, default=DEFAULTS.expert.lora_rank
+    )
     ahead_tokens = serializers.IntegerField(
         min_value=1, max_value=128, default=DEFAULTS.ahead_tokens
     )
@@ -152,7 +157,7 @@ class TrainingJobSerializer(JobSerializer):
         read_only_fields = fields
 
     def get_version(self, job) -> int | None:
-        version = ExpertVersion.objects.filter(training_job=job).only("number").first()
+        version = job.published_version
         return version.number if version else None
 
 
@@ -164,7 +169,10 @@ class TrainingJobCreateSerializer(StrictSerializer):
     base_model = SlugField(slug_field="slug", queryset=BaseModel.objects.all(), required=False)
     visibility = serializers.ChoiceField(choices=Expert.VISIBILITY_CHOICES, required=False)
     datasets = serializers.ListField(
-        child=serializers.CharField(), min_length=1, max_length=20, help_text="owner/name each"
+        child=serializers.CharField(),
+        min_length=1,
+        max_length=TrainingJob.MAX_DATASETS,
+        help_text="owner/name each",
     )
     params = serializers.DictField(required=False, default=dict)
 
@@ -203,11 +211,10 @@ class TrainingJobCreateSerializer(StrictSerializer):
                 )
             attrs["base_model"] = expert.base_model
         attrs["expert_obj"] = expert
-        context = attrs["base_model"].context_length
-        if attrs["params"]["window"] > context:
-            raise serializers.ValidationError(
-                {"params": {"window": [f"must be at most the base model's context ({context})"]}}
-            )
+        try:
+            TrainingJob.check_window(attrs["base_model"], attrs["params"]["window"])
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError({"params": {"window": exc.messages}}) from None
         return attrs
 
     @property
@@ -243,7 +250,9 @@ class EvaluationJobSerializer(JobSerializer):
 class EvaluationJobCreateSerializer(StrictSerializer):
     expert = serializers.CharField(help_text="owner/name")
     version = serializers.IntegerField(min_value=1, required=False, help_text="default: latest")
-    datasets = serializers.ListField(child=serializers.CharField(), min_length=1, max_length=20)
+    datasets = serializers.ListField(
+        child=serializers.CharField(), min_length=1, max_length=EvaluationJob.MAX_DATASETS
+    )
     window = serializers.IntegerField(min_value=32, max_value=8192, default=256)
     ahead = serializers.IntegerField(min_value=1, max_value=128, default=16)
     max_windows = serializers.IntegerField(min_value=1, max_value=512, default=32)

@@ -14,7 +14,7 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -118,16 +118,6 @@ def _cleanup(job):
         runner.discard_checkpoint(job)
 
 
-def task_for(job):
-    return train_expert if isinstance(job, TrainingJob) else evaluate_version
-
-
-def enqueue(job):
-    """Send the job to the workers once the transaction that made it commits."""
-    task = task_for(job)
-    transaction.on_commit(lambda: task.apply_async((job.pk,), queue=settings.LATENTRY_JOB_QUEUE))
-
-
 def recover_orphans(hostname=None, include_queued=True):
     """Send again the jobs whose worker died, and (``include_queued``) queued jobs whose
     message may have died with one. Run when a worker starts: its own running jobs are orphans
@@ -149,7 +139,7 @@ def recover_orphans(hostname=None, include_queued=True):
         for job in model.objects.filter(lost):
             if job.status == Job.RUNNING and not _take_back(model, job, stale):
                 continue
-            enqueue(job)
+            job.enqueue()
             recovered.append(job)
     if recovered:
         logger.warning("re-sent %d jobs whose worker or message was lost", len(recovered))

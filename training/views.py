@@ -1,6 +1,6 @@
 """REST API of datasets and jobs under /api/v1/. Jobs are visible to their creator and staff."""
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
@@ -9,12 +9,13 @@ from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
+from rest_framework.reverse import reverse
 
-from registry.api import Conflict, UploadThrottle
-from registry.models import Expert, ExpertVersion
-from registry.permissions import ApiKeyScope, IsOwnerOrReadOnly
+from registry.api import ApiDefaults, Conflict, UploadThrottle
+from registry.models import Expert
+from registry.permissions import IsOwnerOrReadOnly
 
-from . import datasets, jobs
+from . import datasets
 from .models import Dataset, EvaluationJob, TrainingJob
 from .serializers import (
     DatasetSerializer,
@@ -26,6 +27,7 @@ from .serializers import (
 
 
 class DatasetViewSet(
+    ApiDefaults,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.CreateModelMixin,
@@ -35,10 +37,9 @@ class DatasetViewSet(
     """Datasets you can train on: yours and public ones. Upload is multipart."""
 
     serializer_class = DatasetSerializer
-    permission_classes = [ApiKeyScope, IsAuthenticated, IsOwnerOrReadOnly]
+    permission_classes = [IsAuthenticated, IsOwnerOrReadOnly]
     throttle_classes = [UploadThrottle]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
-    filter_backends = []
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generator has no user
@@ -69,13 +70,13 @@ class DatasetViewSet(
 
 
 class JobViewSet(
+    ApiDefaults,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.CreateModelMixin,
     viewsets.GenericViewSet,
 ):
-    permission_classes = [ApiKeyScope, IsAuthenticated]
-    filter_backends = []
+    permission_classes = [IsAuthenticated]
     model = None
 
     def get_queryset(self):
@@ -89,10 +90,16 @@ class JobViewSet(
         return queryset.filter(created_by=self.request.user)
 
     def create(self, request, *args, **kwargs):
+        """Start a job: 202 with the job, whose URL (Location) is where progress is read."""
         create = self.create_serializer_class(data=request.data, context={"request": request})
         create.is_valid(raise_exception=True)
         job = self.start(create.validated_data)
-        return Response(self.get_serializer(job).data, status=status.HTTP_201_CREATED)
+        url = reverse(f"training_api:{self.basename}-detail", args=[job.pk], request=request)
+        return Response(
+            self.get_serializer(job).data,
+            status=status.HTTP_202_ACCEPTED,
+            headers={"Location": url},
+        )
 
     @extend_schema(request=None)
     @action(detail=True, methods=["post"])
@@ -113,28 +120,25 @@ class TrainingJobViewSet(JobViewSet):
     create_serializer_class = TrainingJobCreateSerializer
 
     def get_queryset(self):
-        return super().get_queryset().select_related("expert__owner", "base_model")
+        return super().get_queryset().select_related("expert__owner", "base_model", "version")
 
-    @extend_schema(request=TrainingJobCreateSerializer, responses={201: TrainingJobSerializer})
+    @extend_schema(request=TrainingJobCreateSerializer, responses={202: TrainingJobSerializer})
     def create(self, request, *args, **kwargs):
         return super().create(request, *args, **kwargs)
 
     def start(self, data):
         expert = data["expert_obj"] or self._new_expert(data)
-        return jobs.start_training(self.request.user, expert, data["datasets"], data["params"])
+        return TrainingJob.start(self.request.user, expert, data["datasets"], data["params"])
 
     def _new_expert(self, data):
-        try:
-            return Expert.objects.create(
-                owner=self.request.user,
-                name=data["expert"],
-                title=data["expert"],
-                domain=data["domain"],
-                base_model=data["base_model"],
-                visibility=data.get("visibility", Expert.PUBLIC),
-            )
-        except IntegrityError:
-            raise Conflict(f"you already have an expert named {data['expert']!r}") from None
+        return Expert.create_for(  # NameTaken (made since the check): 409
+            self.request.user,
+            name=data["expert"],
+            title=data["expert"],
+            domain=data["domain"],
+            base_model=data["base_model"],
+            visibility=data.get("visibility", Expert.PUBLIC),
+        )
 
 
 class EvaluationJobViewSet(JobViewSet):
@@ -147,22 +151,20 @@ class EvaluationJobViewSet(JobViewSet):
     def get_queryset(self):
         return super().get_queryset().select_related("version__expert__owner")
 
-    @extend_schema(request=EvaluationJobCreateSerializer, responses={201: EvaluationJobSerializer})
+    @extend_schema(request=EvaluationJobCreateSerializer, responses={202: EvaluationJobSerializer})
     def create(self, request, *args, **kwargs):
         return super().create(request, *args, **kwargs)
 
     def start(self, data):
-        owner, _, name = data["expert"].rpartition("/")
-        expert = get_object_or_404(
-            Expert.objects.visible_to(self.request.user), owner__username=owner, name=name
-        )
+        experts = Expert.objects.visible_to(self.request.user).named(data["expert"])
+        expert = get_object_or_404(experts)
         if expert.owner != self.request.user and not self.request.user.is_staff:
             raise PermissionDenied("only the owner or staff may evaluate an expert")
-        versions = expert.versions.filter(status=ExpertVersion.READY).order_by("-number")
+        versions = expert.versions.ready().order_by("-number")
         if "version" in data:
             versions = versions.filter(number=data["version"])
         version = versions.first()
         if version is None:
             raise Conflict(f"{expert.full_name} has no such ready version to evaluate")
         params = {k: data[k] for k in ("window", "ahead", "max_windows", "split")}
-        return jobs.start_evaluation(self.request.user, version, data["datasets"], params)
+        return EvaluationJob.start(self.request.user, version, data["datasets"], params)

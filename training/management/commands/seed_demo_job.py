@@ -1,6 +1,7 @@
 import json
 
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.management.base import BaseCommand, CommandError
 
@@ -8,7 +9,6 @@ from coprocessor import base_models, corpus
 from registry import storage
 from registry.models import BaseModel, Domain, Expert
 from training import datasets
-from training.jobs import start_training
 from training.models import Dataset, TrainingJob
 from training.serializers import TrainingParamsSerializer
 
@@ -55,7 +55,10 @@ class Command(BaseCommand):
             return
         params = TrainingParamsSerializer(data={"steps": 100_000, "time_budget_s": minutes * 60})
         params.is_valid(raise_exception=True)
-        job = start_training(user, expert, [dataset], dict(params.validated_data))
+        try:
+            job = TrainingJob.start(user, expert, [dataset], dict(params.validated_data))
+        except ValidationError as exc:  # the base model's context is shorter than the window
+            raise CommandError(f"cannot train on {base.slug}: {exc.messages[0]}") from exc
         self.stdout.write(f"queued {job} ({minutes:g} minutes of training)")
 
     def python_docs(self, user, base):
