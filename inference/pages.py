@@ -9,9 +9,8 @@ from django.db.models import Max, Sum
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
-from registry.api import GenerateThrottle, page_throttled
+from registry.api import GenerateThrottle, expert_by_name, page_throttled
 from registry.models import ApiKey
-from registry.pages import expert_by_name
 
 from . import service
 from .models import Usage

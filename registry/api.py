@@ -5,15 +5,15 @@ from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist
 from django.db import DataError
 from django.db.models import F
-from django.http import HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, render
 from rest_framework import exceptions, filters, pagination, permissions, serializers, status
 from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from coprocessor.artifact import ArtifactError
 
-from .models import NameTaken, VersionConflict
+from .models import Expert, NameTaken, VersionConflict
 from .permissions import ApiKeyScope
 from .storage import StorageUnavailable
 
@@ -98,6 +98,21 @@ class ServiceUnavailable(exceptions.APIException):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_detail = "a backing service is unavailable; try again later"
     default_code = "unavailable"
+
+
+def expert_by_name(request, owner, name):
+    """The gate of every page about one expert: others' private experts are 404 here exactly
+    as if they did not exist."""
+    experts = Expert.objects.visible_to(request.user).named(f"{owner}/{name}")
+    return get_object_or_404(experts.with_related())
+
+
+def owned_expert(request, owner, name):
+    """The expert, for a page that changes it: 404 to anyone but its owner."""
+    expert = expert_by_name(request, owner, name)
+    if expert.owner != request.user:
+        raise Http404("only the owner may change this expert")
+    return expert
 
 
 def not_found(request, exception=None):

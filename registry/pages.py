@@ -11,7 +11,6 @@ from django.contrib.auth.models import User
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import F
-from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.cache import patch_vary_headers
@@ -21,7 +20,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from coprocessor.artifact import ArtifactError
 
 from . import storage, uploads
-from .api import UploadThrottle, fragment_or_page, page_throttled
+from .api import UploadThrottle, expert_by_name, fragment_or_page, owned_expert, page_throttled
 from .charts import line_chart
 from .filters import ExpertFilter
 from .forms import ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
@@ -67,19 +66,6 @@ def query_without(params, *names):
     for name in names:
         query.pop(name, None)
     return query.urlencode()
-
-
-def expert_by_name(request, owner, name):
-    """The gate: others' private experts are 404 here exactly as if they did not exist."""
-    experts = Expert.objects.visible_to(request.user).named(f"{owner}/{name}")
-    return get_object_or_404(experts.with_related())
-
-
-def owned_expert(request, owner, name):
-    expert = expert_by_name(request, owner, name)
-    if expert.owner != request.user:
-        raise Http404("only the owner may change this expert")
-    return expert
 
 
 def expert_detail(request, owner, name, review_form=None):

@@ -11,9 +11,8 @@ from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
 from registry import storage
-from registry.api import UploadThrottle, fragment_or_page, page_throttled
+from registry.api import UploadThrottle, fragment_or_page, owned_expert, page_throttled
 from registry.charts import line_chart
-from registry.pages import owned_expert
 
 from . import datasets
 from .forms import DatasetForm, TrainingForm

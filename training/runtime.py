@@ -5,6 +5,7 @@ import functools
 from django.conf import settings
 
 from coprocessor import base_models
+from coprocessor.artifact import ArtifactError
 from coprocessor.expert import Coprocessor
 
 
@@ -32,5 +33,10 @@ def _load(weights_location, fingerprint, device):
 
 
 def load_version(version, decoder):
-    """The expert of an ExpertVersion, read from storage with its sha256 checked."""
-    return Coprocessor.from_bytes(decoder, version.read_verified())
+    """The expert of an ExpertVersion, read from storage with its sha256 checked; a file that
+    fails its checks rejects the version (the same bytes would fail every time)."""
+    try:
+        return Coprocessor.from_bytes(decoder, version.read_verified())
+    except ArtifactError as exc:
+        version.reject(str(exc))
+        raise
