@@ -49,13 +49,19 @@ from django.core.management import call_command  # noqa: E402
 
 from coprocessor.base_models import convert, describe  # noqa: E402
 from registry.models import Domain, Expert  # noqa: E402
-from tests.conftest import register_tiny_llama  # noqa: E402
-from tests.test_jobs import make_dataset  # noqa: E402
-from tests.tiny_models import frozen, tiny_llama, word_tokenizer  # noqa: E402
-from tests.workers import Worker, new_queue, wait_for, worker_env  # noqa: E402
+from tests.factories import (  # noqa: E402
+    SMALL_JOB,
+    Worker,
+    frozen,
+    make_dataset,
+    new_queue,
+    register_tiny_llama,
+    tiny_llama,
+    wait_for,
+    word_tokenizer,
+    worker_env,
+)
 from training.models import EvaluationJob, Job, TrainingJob  # noqa: E402
-
-SMALL = dict(window=64, ahead_tokens=4, positions_per_window=4, n_latents=2, lora_rank=2)
 
 
 def main():
@@ -112,7 +118,7 @@ def measure_overhead(args, user, base, domain, dataset):
             user,
             new_expert(user, base, domain, f"expert-{i}"),
             [dataset],
-            {**SMALL, "steps": args.steps, "checkpoint_every": 100},
+            {**SMALL_JOB, "steps": args.steps, "checkpoint_every": 100},
         )
         for i in range(args.jobs)
     ]
@@ -160,7 +166,7 @@ def measure_cancel(args, user, base, domain, dataset):
             user,
             new_expert(user, base, domain, f"cancelled-{i}"),
             [dataset],
-            {**SMALL, "steps": 1_000_000},
+            {**SMALL_JOB, "steps": 1_000_000},
         )
         wait_for(lambda j=job: refreshed(j).step > 0, timeout=120, what="the job to run")
         asked = time.monotonic()

@@ -57,7 +57,7 @@ from bench.api_load import (  # noqa: E402
     stop,
     wait_until_ready,
 )
-from tests.workers import Worker, wait_for  # noqa: E402
+from tests.factories import Worker, wait_for  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_load"
 BROKER_URL = "redis://127.0.0.1:6379/5"
@@ -105,8 +105,13 @@ def seed(env, clients, var_dir):
     from coprocessor.base_models import convert, describe
     from registry.models import ApiKey, Domain, Expert, ExpertVersion
     from registry.storage import sha256_of
-    from tests.conftest import expert_file_bytes, register_tiny_llama
-    from tests.tiny_models import frozen, tiny_llama, word_tokenizer
+    from tests.factories import (
+        expert_file_bytes,
+        frozen,
+        register_tiny_llama,
+        tiny_llama,
+        word_tokenizer,
+    )
 
     model = frozen(tiny_llama)
     folder = var_dir / "tiny-llama"
@@ -149,7 +154,7 @@ def seed(env, clients, var_dir):
 
 def queue_training_job(port, key, base_slug):
     """A small training job on a fresh dataset, through the API as a user would."""
-    from tests.tiny_models import phrase_text
+    from tests.factories import phrase_text
 
     form = {"name": "phrases", "file": ("p.txt", phrase_text(length=3000).encode(), "text/plain")}
     status, _ = request(port, key, "POST", "/api/v1/datasets/", encode_multipart_formdata(form))

@@ -1,6 +1,8 @@
 """Shared fixtures: personas, a tiny real base model, expert files, and both storage backends.
 
-Personas: alice owns experts, bob is another signed-up user, charlie is staff.
+Personas, built once here and named in every test that needs one: alice owns experts; bob is
+signed up and has no access at all to what alice has not made public (he stands for every other
+user); sam is staff. Plain helpers that tests and benches share are in factories.py.
 """
 
 import hashlib
@@ -18,11 +20,19 @@ import torch
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from coprocessor import artifact, base_models, routing
+from coprocessor import base_models, routing
 from coprocessor.base_models import convert, describe
-from coprocessor.expert import Coprocessor, CoprocessorConfig
-from registry.models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
-from tests.tiny_models import LLAMA_SHAPE, frozen, tiny_llama, word_tokenizer
+from registry.models import Domain, Expert, ExpertVersion
+from tests.factories import (
+    client_for,
+    expert_bytes,
+    expert_file_bytes,
+    free_port,
+    frozen,
+    register_tiny_llama,
+    tiny_llama,
+    word_tokenizer,
+)
 
 
 @pytest.fixture(scope="session")
@@ -39,22 +49,6 @@ def tiny_base_dir(tmp_path_factory):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     convert(frozen(tiny_llama), tokenizer, folder)
     return folder
-
-
-def register_tiny_llama(spec, folder):
-    """The registry row of the tiny llama whose weights are saved in ``folder``."""
-    return BaseModel.objects.create(
-        slug="tiny-llama",
-        source="tests/tiny-llama",
-        architecture="LlamaForCausalLM",
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        vocab_size=LLAMA_SHAPE["vocab_size"],
-        context_length=LLAMA_SHAPE["max_position_embeddings"],
-        fingerprint=spec.fingerprint,
-        weights_location=str(folder),
-        param_shapes=spec.param_shapes,
-    )
 
 
 @pytest.fixture
@@ -78,15 +72,8 @@ def bob(django_user_model):
 
 
 @pytest.fixture
-def charlie(django_user_model):
-    return django_user_model.objects.create_user("charlie", password="c", is_staff=True)
-
-
-def client_for(user=None):
-    client = APIClient()
-    if user is not None:
-        client.force_authenticate(user)
-    return client
+def sam(django_user_model):
+    return django_user_model.objects.create_user("sam", password="sam-pass-1", is_staff=True)
 
 
 @pytest.fixture
@@ -102,13 +89,6 @@ def alice_client(alice):
 @pytest.fixture
 def bob_client(bob):
     return client_for(bob)
-
-
-def bearer_client(user, scopes=(ApiKey.READ, ApiKey.WRITE)):
-    _, plaintext = ApiKey.create_for(user, "test", scopes)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
-    return client
 
 
 @pytest.fixture
@@ -136,19 +116,6 @@ def decoder(tiny_base_dir):
     return model, tokenizer
 
 
-def expert_bytes(decoder, fingerprint, seed, folder):
-    """A small expert with a visible effect: open gate, random latents."""
-    torch.manual_seed(seed)
-    expert = Coprocessor(decoder, CoprocessorConfig(n_latents=2, lora_rank=2, gate_init=0.0))
-    with torch.no_grad():
-        expert.latent_head.proj.weight.normal_(0, 1.0)
-        for b in expert.lora_b:
-            b.normal_(0, 0.5)
-    path = folder / f"expert-{seed}.safetensors"
-    expert.save(path, fingerprint, "tiny-llama")
-    return path.read_bytes()
-
-
 @pytest.fixture
 def publish(decoder, base_model, tmp_path):
     """Publish a working expert (and, from ``profile_text``, its routing profile)."""
@@ -170,38 +137,6 @@ def publish(decoder, base_model, tmp_path):
     return publish
 
 
-def expert_file_bytes(
-    spec, *, n_latents=4, rank=2, targets=("q_proj", "v_proj"), seed=0, tensors=None, metadata=None
-):
-    """A valid LoRA expert file for ``spec``; pass tensors/metadata to break it on purpose."""
-    generator = torch.Generator().manual_seed(seed)
-    made = {"soft_tokens": torch.randn(n_latents, spec.hidden_size, generator=generator)}
-    for layer in range(spec.num_layers):
-        for target in targets:
-            module = f"model.layers.{layer}.self_attn.{target}"
-            out_features, in_features = spec.param_shapes[f"{module}.weight"]
-            prefix = f"base_model.model.{module}"
-            made[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator)
-            made[f"{prefix}.lora_B.weight"] = torch.zeros(out_features, rank)
-    made.update(tensors or {})
-    meta = artifact.build_metadata(
-        kind="lora",
-        base_model_fingerprint=spec.fingerprint,
-        n_latents=n_latents,
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        base_model_id="tiny-llama",
-        lora_rank=rank,
-        lora_alpha=2 * rank,
-        lora_target_modules=list(targets),
-        config={"ahead_tokens": 4},
-    )
-    meta.update(metadata or {})
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in made.items()}, metadata=meta)
-
-
 @pytest.fixture
 def expert_file(tiny_spec):
     def make(**kwargs):
@@ -210,21 +145,7 @@ def expert_file(tiny_spec):
     return make
 
 
-def upload(client, expert, data, filename="expert.safetensors", **fields):
-    return client.post(
-        f"/api/v1/experts/{expert.owner.username}/{expert.name}/versions/",
-        {"file": io.BytesIO(data) if isinstance(data, bytes) else data, **fields},
-        format="multipart",
-    )
-
-
 # --- storage backends ------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -275,7 +196,7 @@ def flaky_s3(s3_endpoint, settings):
     """The artifact store behind a proxy the test can cut off, for the test and its workers."""
     import boto3
 
-    from tests.workers import FaultProxy, new_queue
+    from tests.factories import FaultProxy, new_queue
 
     port = int(s3_endpoint.rsplit(":", 1)[1])
     proxy = FaultProxy(port)
@@ -332,23 +253,6 @@ def isolated_artifacts(settings, tmp_path):
             "OPTIONS": {"location": tmp_path / "artifacts"},
         },
     }
-
-
-def stored_keys():
-    """Every object key in the current artifact storage."""
-    from registry import storage
-
-    backend = storage.artifacts()
-    if not storage.is_s3() and not Path(backend.location).exists():
-        return []
-    keys = []
-    stack = [""]
-    while stack:
-        prefix = stack.pop()
-        dirs, files = backend.listdir(prefix)
-        keys += [f"{prefix}{f}" for f in files]
-        stack += [f"{prefix}{d}/" for d in dirs]
-    return sorted(keys)
 
 
 @pytest.fixture(autouse=True, scope="session")

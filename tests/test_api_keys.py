@@ -7,7 +7,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from registry.models import ApiKey
-from tests.conftest import bearer_client
+from tests.factories import bearer_client
 
 pytestmark = pytest.mark.django_db
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coprocessor import artifact
-from tests.conftest import expert_file_bytes
+from tests.factories import expert_file_bytes
 
 
 def check(data, spec, **kwargs):

@@ -11,17 +11,7 @@ from coprocessor import artifact
 from coprocessor.decoder import prefill
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
-from tests.tiny_models import FAMILIES, VOCAB, frozen, phrase_corpus
-
-
-def randomize(expert, seed=1):
-    """Give an expert non-trivial weights, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in expert.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-        expert.latent_head.gate.fill_(0.0)
-    return expert
+from tests.factories import FAMILIES, VOCAB, frozen, phrase_corpus, randomize
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coprocessor import base_models
-from tests.tiny_models import FAMILIES, frozen, word_tokenizer
+from tests.factories import FAMILIES, frozen, word_tokenizer
 
 
 @pytest.fixture(params=list(FAMILIES))

@@ -9,8 +9,7 @@ from django.conf import settings as django_settings
 from playwright.sync_api import expect, sync_playwright
 
 from registry.models import ApiKey, Expert, ExpertVersion
-from tests.tiny_models import phrase_text
-from tests.workers import Worker, new_queue, worker_env
+from tests.factories import Worker, new_queue, phrase_text, worker_env
 from training.models import TrainingJob
 
 CHROMIUM = "/usr/bin/chromium"

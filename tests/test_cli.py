@@ -6,7 +6,7 @@ import pytest
 
 from coprocessor import artifact, base_models
 from coprocessor.__main__ import main
-from tests.tiny_models import frozen, phrase_corpus, tiny_llama, word_tokenizer
+from tests.factories import frozen, phrase_corpus, tiny_llama, word_tokenizer
 
 
 @pytest.fixture(scope="module")

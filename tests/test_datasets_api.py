@@ -7,8 +7,7 @@ import json
 import pytest
 from django.core.management import call_command
 
-from tests.conftest import stored_keys
-from tests.tiny_models import phrase_text
+from tests.factories import phrase_text, stored_keys
 from training.models import Dataset
 
 URL = "/api/v1/datasets/"

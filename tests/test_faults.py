@@ -12,8 +12,17 @@ from django.db import connection
 from django.test import Client
 
 from registry.models import ExpertVersion
-from tests.conftest import client_for, free_port, stored_keys, upload
-from tests.workers import FaultProxy, Worker, new_queue, wait_for, worker_env
+from tests.factories import (
+    FaultProxy,
+    Worker,
+    client_for,
+    free_port,
+    new_queue,
+    stored_keys,
+    upload,
+    wait_for,
+    worker_env,
+)
 from training.models import Dataset, Job, TrainingJob
 
 
@@ -111,7 +120,7 @@ def test_a_broker_restarted_with_jobs_queued_loses_none(
 ):
     from kombu import Connection
 
-    from tests.test_jobs import make_dataset
+    from tests.factories import make_dataset
     from training.tasks import train_expert
 
     queue = new_queue()

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
 
 from config.wsgi import application
 from registry.models import ApiKey, Review
-from tests.test_jobs import make_dataset
+from tests.factories import make_dataset
 
 EXAMPLES = int(os.environ.get("LATENTRY_FUZZ_EXAMPLES", "25"))
 

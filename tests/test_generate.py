@@ -7,8 +7,7 @@ import torch
 from coprocessor.decoder import prefill
 from coprocessor.expert import Coprocessor, CoprocessorConfig, prefill_with_latents
 from coprocessor.generate import Request, generate
-from tests.test_augment import randomize
-from tests.tiny_models import FAMILIES, VOCAB, frozen
+from tests.factories import FAMILIES, VOCAB, frozen, randomize
 
 
 def reference_greedy(model, prompt, n):

@@ -6,8 +6,7 @@ import pytest
 from django.test import Client
 
 from registry.models import ExpertVersion
-from tests.conftest import upload
-from tests.test_jobs import SMALL, make_dataset
+from tests.factories import SMALL_JOB, make_dataset, upload
 from training.models import Dataset, EvaluationJob, Job, TrainingJob
 
 CHANGELIST = "/admin/training/trainingjob/"
@@ -16,7 +15,7 @@ CHANGELIST = "/admin/training/trainingjob/"
 @pytest.fixture
 def job(alice, base_model, make_expert):
     words = make_dataset(alice)
-    return TrainingJob.start(alice, make_expert("watched"), [words], SMALL)
+    return TrainingJob.start(alice, make_expert("watched"), [words], SMALL_JOB)
 
 
 def test_non_staff_never_see_the_admin(job, bob, client):

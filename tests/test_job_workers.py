@@ -6,9 +6,7 @@ Runs against the environment's broker (Redis in CI, the filesystem broker here) 
 import pytest
 
 from registry.models import ExpertVersion
-from tests.conftest import stored_keys
-from tests.test_jobs import make_dataset
-from tests.workers import Worker, new_queue, wait_for, worker_env
+from tests.factories import Worker, make_dataset, new_queue, stored_keys, wait_for, worker_env
 from training.models import Job, TrainingJob
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

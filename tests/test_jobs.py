@@ -9,22 +9,12 @@ import pytest
 
 from config.celery import app
 from registry.models import Expert, ExpertVersion
-from tests.conftest import stored_keys
-from tests.tiny_models import phrase_text
-from training import datasets, tasks
+from tests.factories import SMALL_JOB, make_dataset, phrase_text, stored_keys
+from training import tasks
 from training.models import EvaluationJob, Job, TrainingJob
 
 JOBS = "/api/v1/jobs/training/"
 EVALS = "/api/v1/jobs/evaluation/"
-SMALL = dict(
-    steps=30,
-    window=64,
-    ahead_tokens=4,
-    positions_per_window=4,
-    checkpoint_every=10,
-    n_latents=2,
-    lora_rank=2,
-)
 
 
 @pytest.fixture
@@ -34,27 +24,13 @@ def eager():
     app.conf.task_always_eager = False
 
 
-def make_dataset(owner, name="words", text=None, public=False, base_model=None):
-    data = (text or phrase_text(length=3000)).encode()
-    return datasets.create(
-        owner,
-        name,
-        io.BytesIO(data),
-        sha256=__import__("hashlib").sha256(data).hexdigest(),
-        size=len(data),
-        fmt="text",
-        public=public,
-        base_model=base_model,
-    )
-
-
 @pytest.fixture
 def words(alice, base_model):
     return make_dataset(alice, base_model=base_model)
 
 
 def start(client, expert="words-expert", params=None, datasets=("words",), **fields):
-    body = {"expert": expert, "datasets": list(datasets), "params": params or SMALL, **fields}
+    body = {"expert": expert, "datasets": list(datasets), "params": params or SMALL_JOB, **fields}
     return client.post(JOBS, body, format="json")
 
 
@@ -92,7 +68,7 @@ def test_a_training_job_publishes_one_version_then_evaluates_it(
 
 def test_a_job_delivered_again_never_makes_a_second_version(alice, words, make_expert, eager):
     expert = make_expert("again")
-    job = TrainingJob.start(alice, expert, [words], SMALL)
+    job = TrainingJob.start(alice, expert, [words], SMALL_JOB)
     tasks.train_expert.apply((job.pk,))
     tasks.train_expert.apply((job.pk,))  # a late duplicate: the job already ended
     # A crash after publishing but before recording success: delivered again, it only ends.
@@ -107,7 +83,7 @@ def test_a_dataset_too_short_fails_the_job_with_a_readable_error(
     alice, base_model, make_expert, eager
 ):
     tiny = make_dataset(alice, "short", text=phrase_text(length=30))
-    job = TrainingJob.start(alice, make_expert("short"), [tiny], SMALL)
+    job = TrainingJob.start(alice, make_expert("short"), [tiny], SMALL_JOB)
     tasks.train_expert.apply((job.pk,))
     job.refresh_from_db()
     assert job.status == Job.FAILED
@@ -163,7 +139,7 @@ def test_evaluation_jobs_are_for_owners_and_staff(
     alice_client, bob_client, alice, words, make_expert, expert_file, eager
 ):
     expert = make_expert("uploaded")
-    from tests.conftest import upload
+    from tests.factories import upload
 
     assert upload(alice_client, expert, expert_file()).status_code == 201
     body = {"expert": "alice/uploaded", "datasets": ["alice/words"], "window": 64, "ahead": 4}
@@ -199,7 +175,7 @@ def test_a_worker_that_lost_its_job_to_another_stops_writing(alice, words, make_
 
     from training.models import JobLost
 
-    job = TrainingJob.start(alice, make_expert("contested"), [words], SMALL)
+    job = TrainingJob.start(alice, make_expert("contested"), [words], SMALL_JOB)
     first = TrainingJob.claim(job.pk, "a@host", "cpu")
     TrainingJob.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
     second = TrainingJob.claim(job.pk, "b@host", "cpu")
@@ -217,7 +193,7 @@ def test_a_job_that_keeps_killing_workers_fails_after_max_attempts(
     alice, words, make_expert, settings
 ):
     settings.LATENTRY_JOB_MAX_ATTEMPTS = 2
-    job = TrainingJob.start(alice, make_expert("crashy"), [words], SMALL)
+    job = TrainingJob.start(alice, make_expert("crashy"), [words], SMALL_JOB)
     TrainingJob.objects.filter(pk=job.pk).update(attempts=2)
     assert TrainingJob.claim(job.pk, "w@host", "cpu") is None
     job.refresh_from_db()
@@ -246,8 +222,16 @@ def test_sampling_settings_that_would_break_a_batch_are_refused(
 def test_a_job_page_in_the_admin_cannot_be_saved_over_the_worker(
     admin_client, words, alice, make_expert
 ):
-    job = TrainingJob.start(alice, make_expert("read-only"), [words], SMALL)
+    expert = make_expert("read-only")
+    job = TrainingJob.start(alice, expert, [words], SMALL_JOB)
     TrainingJob.objects.filter(pk=job.pk).update(step=9)
-    admin_client.post(f"/admin/training/trainingjob/{job.pk}/change/", {"params": "{}"})
+    page = admin_client.get(f"/admin/training/trainingjob/{job.pk}/change/")
+    assert page.status_code == 200 and 'name="_save"' not in page.content.decode()
+    # Everything the add form takes, as a stale page would send it back.
+    posted = admin_client.post(
+        f"/admin/training/trainingjob/{job.pk}/change/",
+        {"expert": expert.pk, "datasets": [words.pk], "params": '{"steps": 1}'},
+    )
+    assert posted.status_code == 403
     job.refresh_from_db()
-    assert job.step == 9 and job.created_by == alice
+    assert job.step == 9 and job.params["steps"] == SMALL_JOB["steps"]

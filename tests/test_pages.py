@@ -12,7 +12,7 @@ from inference.pages import compare
 from registry.charts import line_chart
 from registry.models import ApiKey, Expert, ExpertVersion, Review
 from registry.templatetags.latentry import markdown
-from tests.test_jobs import make_dataset
+from tests.factories import make_dataset
 from training.models import Dataset, TrainingJob
 
 pytestmark = pytest.mark.django_db

@@ -15,8 +15,7 @@ from coprocessor.generate import Request, generate
 from inference import choose, pool
 from inference.models import Usage
 from registry.models import ApiKey
-from tests.conftest import bearer_client, client_for
-from tests.tiny_models import phrase_text
+from tests.factories import bearer_client, client_for, phrase_text
 
 GENERATE = "/api/v1/generate"
 
@@ -302,7 +301,7 @@ def test_a_re_imported_base_model_row_keeps_serving_its_experts(
     """The pool loads weights once per slug, but lookups use the current row: a row deleted
     and imported again (a new id) still finds the experts made for it."""
     from registry.models import BaseModel, Expert
-    from tests.conftest import register_tiny_llama
+    from tests.factories import register_tiny_llama
 
     assert ask(alice_client, prompt="w5 w6", max_new_tokens=1).status_code == 200
     Expert.objects.all().delete()

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from registry.models import ApiKey, ExpertVersion
-from tests.conftest import client_for, upload
+from tests.factories import client_for, upload
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -5,7 +5,7 @@ import torch
 
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.train import Cancelled, TrainConfig, train
-from tests.tiny_models import frozen, phrase_corpus, tiny_llama
+from tests.factories import frozen, phrase_corpus, tiny_llama
 
 
 def small_config(**overrides):
@@ -114,8 +114,7 @@ def test_packed_positions_give_the_same_losses_as_one_row_each(family, with_expe
     point. Both must compute the same thing."""
     from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
     from coprocessor.train import ahead_losses, packed_losses, position_batch
-    from tests.test_augment import randomize
-    from tests.tiny_models import FAMILIES, VOCAB
+    from tests.factories import FAMILIES, VOCAB, randomize
 
     model = frozen(FAMILIES[family])
     expert = None

@@ -11,7 +11,7 @@ import torch
 from django.db import connection
 
 from registry.models import Expert, ExpertVersion
-from tests.conftest import client_for, stored_keys, upload
+from tests.factories import client_for, stored_keys, upload
 
 pytestmark = pytest.mark.django_db
 

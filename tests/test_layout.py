@@ -1,0 +1,134 @@
+"""The layout holds: dependencies point one way and no module imports itself in a circle.
+
+Read from the source with ``ast`` (imports inside functions count: a circle broken only by a
+late import is still a circle), so the check costs no imports and cannot be fooled by import
+order.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("config", "coprocessor", "registry", "training", "inference")
+
+
+def module_name(path):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules():
+    return {
+        module_name(path): path
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if "migrations" not in path.parts
+    }
+
+
+def imports_of(name, path, known):
+    """The project modules ``name`` imports (``from . import x`` resolved to the module x)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            targets = [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    modules = project_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def cycles(graph):
+    """Every strongly connected group of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_no_module_imports_itself_through_others(graph):
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def app_of(module):
+    return module.split(".")[0]
+
+
+def test_the_method_library_imports_no_django_and_no_app(graph):
+    for name, path in project_modules().items():
+        if app_of(name) == "coprocessor":
+            assert {app_of(m) for m in graph[name]} <= {"coprocessor"}, name
+            assert "django" not in path.read_text(), name
+
+
+def test_the_registry_uses_only_the_artifact_format_of_the_method(graph):
+    for name, imported in graph.items():
+        if app_of(name) == "registry":
+            used = {m for m in imported if app_of(m) == "coprocessor"}
+            assert used <= {"coprocessor", "coprocessor.artifact"}, name
+            assert not {app_of(m) for m in imported} & {"training", "inference"}, name
+
+
+def test_training_and_inference_do_not_use_each_other(graph):
+    for name, imported in graph.items():
+        apps = {app_of(m) for m in imported}
+        if app_of(name) == "training":
+            assert "inference" not in apps, name
+        if app_of(name) == "inference":
+            assert "training" not in apps, name
+
+
+def test_no_app_imports_another_apps_views(graph):
+    """(The project's urls in config/ wire every app's views; that is their job.)"""
+    for name, imported in graph.items():
+        if app_of(name) == "config":
+            continue
+        for module in imported:
+            if module.rpartition(".")[2] in ("views", "pages") and app_of(module) != app_of(name):
+                pytest.fail(f"{name} imports {module}")
