@@ -4,10 +4,12 @@ Real worker processes (kill, resume, cancel, storage faults) are in test_job_wor
 """
 
 import io
+from pathlib import Path
 
 import pytest
 
 from config.celery import app
+from registry import storage
 from registry.models import Expert, ExpertVersion
 from tests.factories import SMALL_JOB, make_dataset, phrase_text, stored_keys
 from training import tasks
@@ -235,3 +237,19 @@ def test_a_job_page_in_the_admin_cannot_be_saved_over_the_worker(
     assert posted.status_code == 403
     job.refresh_from_db()
     assert job.step == 9 and job.params["steps"] == SMALL_JOB["steps"]
+
+
+def test_an_evaluation_that_finds_a_corrupted_file_rejects_its_version(
+    alice, words, make_expert, publish, eager, django_capture_on_commit_callbacks
+):
+    version = publish(make_expert("broken"))
+    path = Path(storage.artifacts().path(version.artifact_key))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with django_capture_on_commit_callbacks(execute=True):
+        job = EvaluationJob.start(alice, version, [words])
+    job.refresh_from_db()
+    version.refresh_from_db()
+    assert job.status == Job.FAILED and "sha256" in job.error
+    assert version.status == version.REJECTED and "sha256" in version.status_reason
