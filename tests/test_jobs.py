@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ValidationError
 
 from config.celery import app
 from registry import storage
@@ -253,3 +254,13 @@ def test_an_evaluation_that_finds_a_corrupted_file_rejects_its_version(
     version.refresh_from_db()
     assert job.status == Job.FAILED and "sha256" in job.error
     assert version.status == version.REJECTED and "sha256" in version.status_reason
+
+
+def test_no_job_reads_more_datasets_than_the_cap(alice, make_expert, publish):
+    version = publish(make_expert("capped"))
+    many = [make_dataset(alice, f"d{i}", text="w2 w3") for i in range(Job.MAX_DATASETS + 1)]
+    with pytest.raises(ValidationError, match="at most 20 datasets"):
+        EvaluationJob.start(alice, version, many)
+    with pytest.raises(ValidationError, match="at most 20 datasets"):
+        TrainingJob.start(alice, version.expert, many, SMALL_JOB)
+    assert not EvaluationJob.objects.exists() and not TrainingJob.objects.exists()

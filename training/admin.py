@@ -11,7 +11,7 @@ from registry.charts import line_chart
 from registry.models import ExpertVersion
 
 from . import datasets
-from .models import Dataset, EvaluationJob, TrainingJob
+from .models import Dataset, EvaluationJob, Job, TrainingJob
 from .serializers import TrainingParamsSerializer
 
 
@@ -294,7 +294,9 @@ class TrainedExpertVersionAdmin(ExpertVersionAdmin):
 
 
 def evaluation_datasets(version):
-    """The held-out part of what it was trained on; else the datasets of its domain."""
+    """The held-out part of what it was trained on; else the domain's newest datasets (as many
+    as one job may read)."""
     if version.training_job_id:
         return list(version.training_job.datasets.all())
-    return list(Dataset.objects.filter(domain=version.expert.domain))
+    newest = Dataset.objects.filter(domain=version.expert.domain).order_by("-pk")
+    return list(newest[: Job.MAX_DATASETS])

@@ -328,6 +328,7 @@ class EvaluationJob(Job):
     def start(cls, user, version, datasets, params=None):
         """Queue a job that measures ``version`` on ``datasets``; ``params`` default to
         ``as_trained(version)``."""
+        cls.check_datasets(datasets)
         with transaction.atomic():
             if params is None:
                 params = cls.as_trained(version)
