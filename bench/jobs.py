@@ -166,7 +166,7 @@ def measure_cancel(args, user, base, domain, dataset):
             user,
             new_expert(user, base, domain, f"cancelled-{i}"),
             [dataset],
-            {**SMALL_JOB, "steps": 1_000_000},
+            {**SMALL_JOB, "steps": 1_000_000, "checkpoint_every": 50},
         )
         wait_for(lambda j=job: refreshed(j).step > 0, timeout=120, what="the job to run")
         asked = time.monotonic()

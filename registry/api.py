@@ -26,7 +26,8 @@ class ApiDefaults:
     checked first, so such a request is refused before anything is looked up."""
 
     def get_permissions(self):
-        return [ApiKeyScope(), *super().get_permissions()]
+        listed = [p for p in super().get_permissions() if not isinstance(p, ApiKeyScope)]
+        return [ApiKeyScope(), *listed]  # once, even where the settings' default lists it
 
 
 class Pagination(pagination.PageNumberPagination):

@@ -83,6 +83,7 @@ def job_list(request):
 def own_job(request, pk):
     """A job of the user's (staff see all); anyone else's is 404."""
     jobs_seen = TrainingJob.objects.select_related("expert__owner", "base_model", "version")
+    jobs_seen = jobs_seen.defer("version__routing_profile")  # polled every 2 s; never shown
     if not request.user.is_staff:
         jobs_seen = jobs_seen.filter(created_by=request.user)
     return get_object_or_404(jobs_seen, pk=pk)

@@ -120,7 +120,9 @@ class TrainingJobViewSet(JobViewSet):
     create_serializer_class = TrainingJobCreateSerializer
 
     def get_queryset(self):
-        return super().get_queryset().select_related("expert__owner", "base_model", "version")
+        # The published version's number only: not its large JSON columns, for every row.
+        jobs = super().get_queryset().select_related("expert__owner", "base_model", "version")
+        return jobs.defer("version__routing_profile", "version__metrics", "version__config")
 
     @extend_schema(request=TrainingJobCreateSerializer, responses={202: TrainingJobSerializer})
     def create(self, request, *args, **kwargs):
