@@ -55,6 +55,7 @@ def build_parser():
     defaults = TrainConfig().settings()
     for field, kind in (
         ("n_latents", int),
+        ("prefix_positions", int),
         ("ahead_tokens", int),
         ("window", int),
         ("positions_per_window", int),
@@ -65,6 +66,10 @@ def build_parser():
         ("time_budget_s", float),
         ("lr", float),
         ("gate_lr", float),
+        ("prefix_lr", float),
+        ("prefix_gate_init", float),
+        ("prefix_snippets", int),
+        ("replay_windows", int),
         ("grad_accum", int),
         ("checkpoint_every", int),
         ("seed", int),

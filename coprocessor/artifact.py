@@ -7,7 +7,11 @@ Layout (docs/method.md, "The expert file"):
   ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``.
 - kind ``full``: the coprocessor's own weights, ``coprocessor.<decoder parameter name>``.
 - optional latent head tensors (``latent_head.*``, see ``HEAD_TENSORS``).
-- ``__metadata__``: string values; ``format`` is ``latentry.coprocessor/1``.
+- optional static prefix (format 2): ``prefix.keys`` and ``prefix.values``
+  ``[num_layers, kv_heads, prefix_positions, head_dim]``, ``prefix.gate`` ``[prefix_positions]``.
+- kind ``prefix``: the static prefix alone (``n_latents`` 0, no coprocessor tensors).
+- ``__metadata__``: string values; ``format`` is ``latentry.coprocessor/2`` (files of format 1,
+  without a prefix, still load).
 
 Nothing here unpickles: a file is parsed as 8 bytes of header length, a JSON header, and raw
 tensor bytes whose offsets must tile the rest of the file exactly.
@@ -18,14 +22,18 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-FORMAT_TAG = "latentry.coprocessor/1"
-KINDS = ("lora", "full")
+FORMAT_TAG = "latentry.coprocessor/2"
+READABLE_FORMATS = ("latentry.coprocessor/1", FORMAT_TAG)
+KINDS = ("lora", "full", "prefix")
 ALLOWED_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 # The most latents an expert may put in a request's cache: the router keeps this many positions
 # of the context free for them, so training, upload and serving share one ceiling.
 MAX_LATENTS = 64
+# The most static prefix positions an expert may carry (the router serves a request plain when
+# an expert's prefix and latents do not fit its context).
+MAX_PREFIX_POSITIONS = 256
 
 LORA_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 FULL_NAME = re.compile(r"^coprocessor\.(?P<param>.+)$")
@@ -38,6 +46,11 @@ HEAD_TENSORS = {
     "latent_head.proj.bias": ("hidden",),
     "latent_head.anchors": ("n_latents", "hidden"),
     "latent_head.gate": ("n_latents",),
+}
+PREFIX_TENSORS = {
+    "prefix.keys": ("num_layers", "kv_heads", "prefix_positions", "head_dim"),
+    "prefix.values": ("num_layers", "kv_heads", "prefix_positions", "head_dim"),
+    "prefix.gate": ("prefix_positions",),
 }
 
 REQUIRED_METADATA = (
@@ -79,6 +92,10 @@ class ExpertHeader:
         return _int_field(self.metadata, "n_latents")
 
     @property
+    def prefix_positions(self):
+        return _int_field(self.metadata, "prefix_positions") or 0
+
+    @property
     def config(self):
         return _json_field(self.metadata, "config", default={})
 
@@ -97,6 +114,10 @@ class BaseModelSpec:
     # Parameter name -> shape of the base model's weights, e.g.
     # {"model.layers.0.self_attn.q_proj.weight": [576, 576]}. Checks LoRA and full tensors.
     param_shapes: dict[str, list[int]] = field(default_factory=dict)
+    # The cache's heads and head size (0: unknown; then only their product is checked, against
+    # the key projection's output in param_shapes). Checks a static prefix.
+    kv_heads: int = 0
+    head_dim: int = 0
 
 
 def read_header(fileobj, file_size):
@@ -225,13 +246,11 @@ def _metadata_problems(metadata, spec):
     if missing:
         return [f"metadata is missing {', '.join(missing)}"]
     problems = []
-    if metadata["format"] != FORMAT_TAG:
+    if metadata["format"] not in READABLE_FORMATS:
         problems.append(f"format tag is {metadata['format']!r}, expected {FORMAT_TAG!r}")
     if metadata["kind"] not in KINDS:
         problems.append(f"kind must be one of {', '.join(KINDS)}, got {metadata['kind']!r}")
-    n_latents = _int_field(metadata, "n_latents")
-    if n_latents is None or not 1 <= n_latents <= MAX_LATENTS:
-        problems.append(f"n_latents must be an integer from 1 to {MAX_LATENTS}")
+    problems += _size_problems(metadata)
     for key, expected in (("hidden_size", spec.hidden_size), ("num_layers", spec.num_layers)):
         if _int_field(metadata, key) != expected:
             problems.append(f"{key} is {metadata[key]}, the base model has {expected}")
@@ -250,38 +269,103 @@ def _metadata_problems(metadata, spec):
     return problems
 
 
+def _size_problems(metadata):
+    """n_latents and prefix_positions: in range, and at least one of them (format 2 only)."""
+    n_latents = _int_field(metadata, "n_latents")
+    positions = _int_field(metadata, "prefix_positions") if "prefix_positions" in metadata else 0
+    if metadata["format"] != FORMAT_TAG:
+        positions = 0  # format 1 had no prefix
+    if positions is None or not 0 <= positions <= MAX_PREFIX_POSITIONS:
+        return [f"prefix_positions must be an integer from 0 to {MAX_PREFIX_POSITIONS}"]
+    if metadata["kind"] == "prefix":
+        if n_latents != 0 or not positions:
+            return ["a prefix expert needs n_latents 0 and prefix_positions from 1"]
+        return []
+    if n_latents is None or not 1 <= n_latents <= MAX_LATENTS:
+        return [f"n_latents must be an integer from 1 to {MAX_LATENTS}"]
+    return []
+
+
 def _tensor_problems(header, spec):
     meta = header.metadata
-    sizes = {"hidden": spec.hidden_size, "n_latents": int(meta["n_latents"])}
-    problems = []
-    soft = header.tensors.get("soft_tokens")
-    if soft is None:
-        problems.append("tensor 'soft_tokens' is missing")
-    elif soft.shape != (sizes["n_latents"], spec.hidden_size):
-        problems.append(
-            f"soft_tokens has shape {list(soft.shape)}, expected "
-            f"[{sizes['n_latents']}, {spec.hidden_size}]"
-        )
+    kind = meta["kind"]
+    sizes = {
+        "hidden": spec.hidden_size,
+        "n_latents": int(meta["n_latents"]),
+        "prefix_positions": header.prefix_positions,
+    }
+    problems = _prefix_problems(header, spec)
+    if kind != "prefix":
+        problems += _soft_token_problems(header.tensors.get("soft_tokens"), sizes)
     lora_pairs, full_count = {}, 0
     for name, info in header.tensors.items():
-        if name == "soft_tokens":
+        if name in PREFIX_TENSORS or (name == "soft_tokens" and kind != "prefix"):
             continue
-        if name in HEAD_TENSORS:
+        if name in HEAD_TENSORS and kind != "prefix":
             expected = tuple(sizes[s] for s in HEAD_TENSORS[name])
             if info.shape != expected:
                 problems.append(f"{name} has shape {list(info.shape)}, expected {list(expected)}")
-        elif meta["kind"] == "lora" and (match := LORA_NAME.match(name)):
+        elif kind == "lora" and (match := LORA_NAME.match(name)):
             lora_pairs.setdefault(match["module"], {})[match["ab"]] = info.shape
-        elif meta["kind"] == "full" and (match := FULL_NAME.match(name)):
+        elif kind == "full" and (match := FULL_NAME.match(name)):
             full_count += 1
             problems += _full_tensor_problems(name, match["param"], info.shape, spec)
         else:
-            problems.append(f"unexpected tensor {name!r} for a {meta['kind']} expert")
-    if meta["kind"] == "lora":
+            problems.append(f"unexpected tensor {name!r} for a {kind} expert")
+    if kind == "lora":
         problems += _lora_problems(lora_pairs, meta, spec)
-    elif full_count == 0:
+    elif kind == "full" and full_count == 0:
         problems.append("a full expert needs coprocessor.* weight tensors")
     return problems
+
+
+def _soft_token_problems(soft, sizes):
+    if soft is None:
+        return ["tensor 'soft_tokens' is missing"]
+    expected = (sizes["n_latents"], sizes["hidden"])
+    if soft.shape != expected:
+        return [f"soft_tokens has shape {list(soft.shape)}, expected {list(expected)}"]
+    return []
+
+
+def _prefix_problems(header, spec):
+    """The static prefix's tensors: all three or none, shaped like the base model's cache."""
+    positions = header.prefix_positions
+    present = [name for name in PREFIX_TENSORS if name in header.tensors]
+    if not positions:
+        return [f"unexpected tensor {name!r}: prefix_positions is 0" for name in present]
+    if len(present) < len(PREFIX_TENSORS):
+        return [f"a prefix of {positions} positions needs the tensors {', '.join(PREFIX_TENSORS)}"]
+    problems = []
+    gate = header.tensors["prefix.gate"].shape
+    if gate != (positions,):
+        problems.append(f"prefix.gate has shape {list(gate)}, expected [{positions}]")
+    for name in ("prefix.keys", "prefix.values"):
+        shape = header.tensors[name].shape
+        if problem := _cache_shape_problem(name, shape, positions, spec):
+            problems.append(problem)
+    return problems
+
+
+def _cache_shape_problem(name, shape, positions, spec):
+    if len(shape) != 4 or shape[0] != spec.num_layers or shape[2] != positions:
+        return (
+            f"{name} has shape {list(shape)}, expected [{spec.num_layers}, kv_heads, "
+            f"{positions}, head_dim]"
+        )
+    heads, head_dim = shape[1], shape[3]
+    if spec.kv_heads and (heads, head_dim) != (spec.kv_heads, spec.head_dim):
+        return (
+            f"{name} has {heads} heads of {head_dim}, the base model's cache has "
+            f"{spec.kv_heads} of {spec.head_dim}"
+        )
+    key_proj = spec.param_shapes.get("model.layers.0.self_attn.k_proj.weight")
+    if key_proj and heads * head_dim != key_proj[0]:
+        return (
+            f"{name} has {heads} x {head_dim} key features, the base model's keys have "
+            f"{key_proj[0]}"
+        )
+    return None
 
 
 def _layer_problem(name, spec):
@@ -344,6 +428,7 @@ def build_metadata(
     n_latents,
     hidden_size,
     num_layers,
+    prefix_positions=0,
     base_model_id="",
     lora_rank=None,
     lora_alpha=None,
@@ -357,6 +442,7 @@ def build_metadata(
         "base_model_fingerprint": base_model_fingerprint,
         "base_model_id": base_model_id,
         "n_latents": str(n_latents),
+        "prefix_positions": str(prefix_positions),
         "hidden_size": str(hidden_size),
         "num_layers": str(num_layers),
         "config": json.dumps(config or {}, sort_keys=True),
@@ -401,6 +487,7 @@ def load_expert_bytes(data, spec=None, max_bytes=None):
 # --- Hub-style folders ------------------------------------------------------------------------
 
 EXPERT_FILENAME = "expert.safetensors"
+CARTRIDGE_FOLDER = "cartridge"
 
 
 def export_folder(
@@ -416,8 +503,9 @@ def export_folder(
 ):
     """Write a Hub-style folder: the expert file, PEFT adapter files, latentry.json, README.md.
 
-    PEFT users can load the LoRA part with ``PeftModel.from_pretrained(base, folder)``; Latentry
-    imports the folder back from ``expert.safetensors``.
+    PEFT users can load the LoRA part with ``PeftModel.from_pretrained(base, folder)`` and the
+    static prefix as a cartridge with ``PeftModel.from_pretrained(base, folder / "cartridge")``;
+    Latentry imports the folder back from ``expert.safetensors``.
     """
     import hashlib
     import shutil
@@ -430,11 +518,14 @@ def export_folder(
     tensors, metadata = load_expert(expert_path)
     if header.kind == "lora":
         _write_peft_adapter(folder, tensors, metadata, base_model_source)
+    if header.prefix_positions:
+        _write_peft_cartridge(folder / CARTRIDGE_FOLDER, tensors, header, base_model_source)
     info = {
         "format": FORMAT_TAG,
         "name": name,
         "kind": header.kind,
         "n_latents": header.n_latents,
+        "prefix_positions": header.prefix_positions,
         "base_model": base_model_source,
         "base_model_fingerprint": metadata["base_model_fingerprint"],
         "sha256": hashlib.sha256((folder / EXPERT_FILENAME).read_bytes()).hexdigest(),
@@ -464,6 +555,43 @@ def _write_peft_adapter(folder, tensors, metadata, base_model_source):
         "inference_mode": True,
     }
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+
+def _write_peft_cartridge(folder, tensors, header, base_model_source):
+    """The static prefix as a PEFT CARTRIDGE adapter (its ``prompt_embeddings`` layout).
+
+    PEFT has no gate: it attends to every position fully, which equals the expert where the
+    gates are open (0) and differs where training left a position closed.
+    """
+    from peft import CartridgeConfig
+    from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
+    from safetensors.torch import save_file
+
+    keys, values = tensors["prefix.keys"], tensors["prefix.values"]
+    layers, kv_heads, positions, head_dim = keys.shape
+    past = [(k[None], v[None]) for k, v in zip(keys, values, strict=True)]
+    config = CartridgeConfig(
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_source,
+        num_virtual_tokens=positions,
+        num_frozen_tokens=_frozen_positions(header),
+        num_layers=layers,
+        token_dim=kv_heads * head_dim,
+        num_attention_heads=kv_heads,
+        inference_mode=True,
+    )
+    config.save_pretrained(str(folder))
+    embeddings = prompt_embeddings_from_past_key_values(past, num_virtual_tokens=positions)
+    save_file(
+        {"prompt_embeddings": embeddings.contiguous()}, str(folder / "adapter_model.safetensors")
+    )
+
+
+def _frozen_positions(header):
+    config = header.config if isinstance(header.config, dict) else {}
+    expert = config.get("coprocessor")
+    frozen = expert.get("prefix_frozen", 1) if isinstance(expert, dict) else 1
+    return min(int(frozen), header.prefix_positions) if isinstance(frozen, int) else 1
 
 
 def _model_card(name, base_model_source, summary, card, license, domain):

@@ -166,12 +166,23 @@ def _tensor_bytes(tensor):
 def describe(model):
     """The BaseModelSpec of a loaded model, for validating expert files against it."""
     config = model.config
+    _, kv_heads, head_dim = cache_shape(config)
     return BaseModelSpec(
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         fingerprint=fingerprint(model),
         param_shapes=param_shapes(model),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
     )
+
+
+def cache_shape(config):
+    """(layers, kv_heads, head_dim) of a decoder's kv-cache, from its config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
 
 
 def context_length(model):

@@ -33,22 +33,21 @@ def attention_bias(past_bias, new_bias):
     return torch.cat([past, new], dim=-1)[:, None]  # (B, 1, Q, P + Q)
 
 
-def block_attention_bias(past_visible, blocks, new_bias):
+def block_attention_bias(past_bias, blocks, new_bias):
     """The 4D mask for several independent blocks packed after one cache: (B, 1, Q, P + Q).
 
-    past_visible: (B, Q, P) which cached keys each new position may see; blocks: (Q,) block id
-    of each new position (a position sees the earlier positions of its own block only);
-    new_bias: (B, Q) bias of each new position as a key (the gate for latents). Packing K
-    augmentation points of one window this way shares the window's cache instead of copying
-    it K times.
+    past_bias: (B, Q, P) the bias of every cached key for each new position (0 visible,
+    ``negative`` hidden, a gate); blocks: (Q,) block id of each new position (a position sees
+    the earlier positions of its own block only); new_bias: (B, Q) bias of each new position
+    as a key (the gate for latents). Packing K augmentation points of one window this way
+    shares the window's cache instead of copying it K times.
     """
     neg = negative(new_bias.dtype)
-    past = torch.where(past_visible, 0.0, neg).to(new_bias.dtype)  # (B, Q, P)
     queries = blocks.shape[0]
     causal = torch.ones(queries, queries, dtype=torch.bool, device=blocks.device).tril()
     allowed = causal & (blocks[:, None] == blocks[None, :])  # (Q, Q)
     new = torch.where(allowed, new_bias[:, None, :], torch.full_like(new_bias[:, None, :], neg))
-    return torch.cat([past, new], dim=-1)[:, None]  # (B, 1, Q, P + Q)
+    return torch.cat([past_bias.to(new_bias.dtype), new], dim=-1)[:, None]  # (B, 1, Q, P + Q)
 
 
 def as_cache(past):
@@ -101,26 +100,32 @@ def run_decoder(decoder, *, past, past_bias, inputs_embeds, new_bias, positions,
 
 
 class Prefilled(NamedTuple):
-    past: list | None  # D's cache over the prompts; None when they are empty
-    past_bias: torch.Tensor  # (B, T)
+    past: list | None  # D's cache over the static prefix and the prompts; None when empty
+    past_bias: torch.Tensor  # (B, P + T)
     next_positions: torch.Tensor  # (B,) the position each row's next token takes
     soft_hidden: torch.Tensor | None  # (B, S, H) last hidden states at the soft positions
 
 
-def prefill(decoder, token_ids, visible, soft=None):
+def prefill(decoder, token_ids, visible, soft=None, prefix=None):
     """D's cache over left-padded ``token_ids`` (B, T); ``visible`` (B, T) marks real tokens.
 
-    With ``soft`` (B, S, H), those embeddings are packed after each row's prompt in the same
-    forward, all at the position the next token takes: causal order keeps the prompt from
-    seeing them, and their keys and values are cut from the cache afterwards. Folding the
-    coprocessor's pass into the prefill saves a whole pass of D, which on a small model is
-    mostly fixed per-layer cost.
+    With ``prefix`` (a ``prefix.PrefixBatch``), each row's static prefix is the cache the
+    prompt reads, and the prompt's positions start after it; the returned cache holds the
+    prefix's columns first. With ``soft`` (B, S, H), those embeddings are packed after each
+    row's prompt in the same forward, all at the position the next token takes: causal order
+    keeps the prompt from seeing them, and their keys and values are cut from the cache
+    afterwards. Folding the coprocessor's pass into the prefill saves a whole pass of D, which
+    on a small model is mostly fixed per-layer cost.
     """
     dtype = next(decoder.parameters()).dtype
     batch, width = token_ids.shape
     bias = torch.where(visible, 0.0, negative(dtype)).to(dtype)  # (B, T)
-    next_positions = visible.long().sum(-1)  # (B,)
-    positions = (visible.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    offsets = torch.zeros(batch, dtype=torch.long, device=token_ids.device)
+    past, past_bias = None, bias[:, :0]
+    if prefix is not None:
+        past, past_bias, offsets = prefix.past, prefix.bias.to(dtype), prefix.offsets
+    next_positions = offsets + visible.long().sum(-1)  # (B,)
+    positions = offsets[:, None] + (visible.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     inputs = embed(decoder, token_ids)  # (B, T, H)
     new_bias = bias
     if soft is not None:
@@ -131,17 +136,19 @@ def prefill(decoder, token_ids, visible, soft=None):
         new_bias = torch.cat([bias, soft_bias], dim=1)  # (B, T + S)
         soft_positions = next_positions[:, None].expand(batch, n_soft)  # (B, S)
         positions = torch.cat([positions, soft_positions], dim=1)  # (B, T + S)
+    full_bias = torch.cat([past_bias, bias], dim=1)  # (B, P + T)
     if inputs.shape[1] == 0:
-        return Prefilled(None, bias, next_positions, None)
-    hidden, past = run_decoder(
+        return Prefilled(past, full_bias, next_positions, None)
+    hidden, cache = run_decoder(
         decoder,
-        past=None,
-        past_bias=bias[:, :0],
+        past=past,
+        past_bias=past_bias,
         inputs_embeds=inputs,
         new_bias=new_bias,
         positions=positions,
     )
     if soft is None:
-        return Prefilled(past, bias, next_positions, None)
-    past = [(k[:, :, :width], v[:, :, :width]) for k, v in past] if width else None
-    return Prefilled(past, bias, next_positions, hidden[:, width:])  # hidden: (B, T + S, H)
+        return Prefilled(cache, full_bias, next_positions, None)
+    kept = past_bias.shape[1] + width
+    cache = [(k[:, :, :kept], v[:, :, :kept]) for k, v in cache] if kept else None
+    return Prefilled(cache, full_bias, next_positions, hidden[:, width:])  # hidden: (B, T + S, H)

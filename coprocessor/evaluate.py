@@ -56,15 +56,19 @@ def evaluate(decoder, expert, heldout, *, batch_windows=4, include_base=True):
     device = next(decoder.parameters()).device
     sums = {"base": torch.zeros(heldout.ahead), "augmented": torch.zeros(heldout.ahead)}
     rows = 0
+    models = {"base": None, "augmented": expert}
+    if not include_base:
+        del models["base"]
+    if expert is None:
+        del models["augmented"]
     for start in range(0, len(heldout.windows), batch_windows):
         windows = heldout.windows[start : start + batch_windows].to(device)
         positions = heldout.positions[start : start + batch_windows].to(device)
-        past, past_bias, tokens, targets, starts = position_batch(
-            decoder, windows, positions, heldout.ahead
-        )
-        for name, model in (("base", None), ("augmented", expert)):
-            if (name == "augmented" and expert is None) or (name == "base" and not include_base):
-                continue
+        for name, model in models.items():
+            # A static prefix changes the windows' own cache: one prefill per model.
+            past, past_bias, tokens, targets, starts = position_batch(
+                decoder, windows, positions, heldout.ahead, getattr(model, "prefix", None)
+            )
             logits = augmented_forward(
                 decoder, model, past=past, past_bias=past_bias, tokens=tokens, positions=starts
             )

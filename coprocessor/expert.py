@@ -35,6 +35,7 @@ from .decoder import (
     prefill,
     run_decoder,
 )
+from .prefix import KVPrefix
 
 
 @dataclass
@@ -52,10 +53,29 @@ class CoprocessorConfig:
     gate_init: float = -4.0
     # The latents start as this token's embedding (a space works well); None: a random token.
     anchor_token_id: int | None = None
+    # The static part (coprocessor.prefix): N_P learned key/value positions per layer of D,
+    # initialised from D's own cache over training text. 0: none. n_latents 0 with a prefix:
+    # no coprocessor at all (kind "prefix" in the file).
+    prefix_positions: int = 0
+    # Initial bias on the prefix's keys (its gate), and how many first positions stay frozen
+    # as an attention sink (PEFT's num_frozen_tokens).
+    prefix_gate_init: float = 0.0
+    prefix_frozen: int = 1
     seed: int = 0
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
+        if self.n_latents < 0 or self.prefix_positions < 0:
+            raise ValueError("n_latents and prefix_positions cannot be negative")
+        if not (self.n_latents or self.prefix_positions):
+            raise ValueError(
+                "an expert needs latents (n_latents), a prefix (prefix_positions) or both"
+            )
+
+    @property
+    def file_kind(self):
+        """The expert file's kind: the coprocessor's, or "prefix" when there is none."""
+        return self.kind if self.n_latents else "prefix"
 
     def to_dict(self):
         data = asdict(self)
@@ -82,7 +102,8 @@ class LatentHead(nn.Module):
 
 
 class Coprocessor(nn.Module):
-    """An expert: soft tokens, the latent head, and C's trainable part (LoRA or a full copy).
+    """An expert: the coprocessor (soft tokens, the latent head, and C's trainable part, LoRA
+    or a full copy) and/or the static prefix (``self.prefix``, a ``KVPrefix`` or None).
 
     The frozen decoder is held by reference, not registered as a submodule, so that
     ``parameters()`` and ``state_dict()`` hold only the expert.
@@ -94,6 +115,18 @@ class Coprocessor(nn.Module):
         super().__init__()
         self.config = config = config or CoprocessorConfig()
         self._decoder = (decoder,)
+        self.prefix = None
+        if config.prefix_positions:
+            self.prefix = KVPrefix(
+                decoder.config,
+                config.prefix_positions,
+                config.prefix_gate_init,
+                config.prefix_frozen,
+            )
+        # LoRA's layer names and D's modules, in the order of lora_a / lora_b.
+        self.lora_names, self.lora_layers = [], []
+        if not config.n_latents:
+            return
         generator = torch.Generator().manual_seed(config.seed)
         embeddings = decoder.get_input_embeddings().weight.detach()
         hidden = embeddings.shape[1]
@@ -103,7 +136,6 @@ class Coprocessor(nn.Module):
         anchor_id = config.anchor_token_id
         anchor = embeddings[anchor_id if anchor_id is not None else picks[0]]
         self.latent_head = LatentHead(hidden, config.n_latents, anchor.float(), config.gate_init)
-        self.lora_names = []
         if config.kind == "lora":
             self._init_lora(decoder, generator, layer_names)
         elif config.kind == "full":
@@ -116,11 +148,14 @@ class Coprocessor(nn.Module):
     def decoder(self):
         return self._decoder[0]
 
+    @property
+    def has_coprocessor(self):
+        return self.config.n_latents > 0
+
     def _init_lora(self, decoder, generator, layer_names=None):
         lora.install_lora_hooks(decoder)
         targets = set(self.config.lora_targets)
         self.lora_a, self.lora_b = nn.ParameterList(), nn.ParameterList()
-        self.lora_layers = []  # D's modules, in the order of lora_a / lora_b / lora_names
         for name, module in lora.linear_layers(decoder):
             if layer_names is not None and name not in layer_names:
                 continue
@@ -149,7 +184,7 @@ class Coprocessor(nn.Module):
 
     def active(self):
         """A context in which (in this context only) D's linear layers carry the LoRA deltas."""
-        if self.config.kind != "lora":
+        if self.config.kind != "lora" or not self.has_coprocessor:
             return lora.activate({})
         return lora.activate(
             {
@@ -198,6 +233,15 @@ class Coprocessor(nn.Module):
 
     def expert_tensors(self):
         """Tensors for the expert file, LoRA under PEFT's names."""
+        tensors = {}
+        if self.prefix is not None:
+            for name, value in self.prefix.named_parameters():
+                tensors[f"prefix.{name}"] = value.detach()
+        if self.has_coprocessor:
+            tensors.update(self._coprocessor_tensors())
+        return {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+
+    def _coprocessor_tensors(self):
         tensors = {"soft_tokens": self.soft_tokens.detach()}
         for name, value in self.latent_head.named_parameters():
             tensors[f"latent_head.{name}"] = value.detach()
@@ -208,20 +252,22 @@ class Coprocessor(nn.Module):
         else:
             for name, value in self.full.state_dict().items():
                 tensors[f"coprocessor.{name}"] = value.detach()
-        return {k: v.float().contiguous().cpu() for k, v in tensors.items()}
+        return tensors
 
     def expert_metadata(self, base_fingerprint, base_model_id="", training=None):
         config = self.config
         targets = sorted({name.rsplit(".", 1)[-1] for name in self.lora_names})
+        kind = config.file_kind
         return artifact.build_metadata(
-            kind=config.kind,
+            kind=kind,
             base_model_fingerprint=base_fingerprint,
             base_model_id=base_model_id,
             n_latents=config.n_latents,
+            prefix_positions=config.prefix_positions,
             hidden_size=self.decoder.config.hidden_size,
             num_layers=self.decoder.config.num_hidden_layers,
-            lora_rank=config.lora_rank if config.kind == "lora" else None,
-            lora_alpha=config.lora_alpha if config.kind == "lora" else None,
+            lora_rank=config.lora_rank if kind == "lora" else None,
+            lora_alpha=config.lora_alpha if kind == "lora" else None,
             lora_target_modules=targets,
             config={"coprocessor": config.to_dict(), "training": training or {}},
         )
@@ -237,11 +283,17 @@ class Coprocessor(nn.Module):
     def from_tensors(cls, decoder, tensors, metadata):
         """Rebuild an expert from a file's tensors and metadata (see ``artifact.load_expert``)."""
         saved = artifact._json_field(metadata, "config", default={}).get("coprocessor", {})
+        kind = metadata["kind"]
         config = CoprocessorConfig(
-            **{**saved, "n_latents": int(metadata["n_latents"]), "kind": metadata["kind"]}
+            **{
+                **saved,
+                "n_latents": int(metadata["n_latents"]),
+                "prefix_positions": int(metadata.get("prefix_positions", 0)),
+                "kind": saved.get("kind", "lora") if kind == "prefix" else kind,
+            }
         )
         layer_names = None
-        if config.kind == "lora":
+        if kind == "lora":
             config.lora_rank = int(metadata["lora_rank"])
             config.lora_alpha = float(metadata["lora_alpha"])
             # Adapt exactly the layers the file has LoRA for: a file made elsewhere (PEFT, or
@@ -277,7 +329,7 @@ class Coprocessor(nn.Module):
 
     def load_expert_tensors(self, tensors):
         own = self.expert_tensors()
-        if not any(name in tensors for name in artifact.HEAD_TENSORS):
+        if self.has_coprocessor and not any(name in tensors for name in artifact.HEAD_TENSORS):
             # A file without our latent head (soft tokens and LoRA only, as the paper has it):
             # the latents are C's last hidden states themselves, with no gate bias.
             tensors = {**tensors, **self._passthrough_head()}
@@ -288,6 +340,11 @@ class Coprocessor(nn.Module):
                 f"expert tensors do not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         with torch.no_grad():
+            if self.prefix is not None:
+                for name, value in self.prefix.named_parameters():
+                    value.copy_(tensors[f"prefix.{name}"])
+            if not self.has_coprocessor:
+                return
             self.soft_tokens.copy_(tensors["soft_tokens"])
             for name, value in self.latent_head.named_parameters():
                 value.copy_(tensors[f"latent_head.{name}"])
@@ -310,6 +367,9 @@ class SoftTokens(nn.Module):
     Same placement and gate as an expert (arXiv 2510.00494 found this nearly matches the
     two-model design), so the coprocessor must earn its cost against it.
     """
+
+    prefix = None
+    has_coprocessor = True
 
     def __init__(self, decoder, n_latents=8, gate_init=-4.0, anchor_token_id=None, seed=0):
         super().__init__()
@@ -338,15 +398,16 @@ def augmented_forward(decoder, expert, *, past, past_bias, tokens, positions):
     tokens alone.
 
     past/past_bias: D's cache of each row's prefix (all but the last prompt token, left-padded
-    or masked). tokens: (B, M) the last prompt token and any following ones. positions: (B,)
-    the position of tokens[:, 0]; latents share it.
+    or masked), after the expert's static prefix if it has one (``train.position_batch``).
+    tokens: (B, M) the last prompt token and any following ones. positions: (B,) the position
+    of tokens[:, 0]; latents share it.
     """
     batch, n_tokens = tokens.shape
     dtype = next(decoder.parameters()).dtype
     inputs = embed(decoder, tokens)  # (B, M, H)
     new_positions = positions[:, None] + torch.arange(n_tokens, device=tokens.device)  # (B, M)
     new_bias = torch.zeros(batch, n_tokens, dtype=dtype, device=tokens.device)
-    if expert is not None:
+    if expert is not None and expert.has_coprocessor:
         z = expert.latents(past, past_bias, positions).to(dtype)  # (B, L, H)
         inputs = torch.cat([z, inputs], dim=1)  # (B, L + M, H)
         new_bias = torch.cat([expert.gate_bias(batch).to(dtype), new_bias], dim=1)  # (B, L + M)
@@ -367,17 +428,18 @@ def augmented_forward(decoder, expert, *, past, past_bias, tokens, positions):
 # --- latents for a batch of experts, folded into the prefill ----------------------------------
 
 
-def prefill_with_latents(decoder, token_ids, visible, experts_by_row):
+def prefill_with_latents(decoder, token_ids, visible, experts_by_row, prefix=None):
     """D's cache over the prompts and each LoRA expert's latents on its row, in one forward.
 
     Each row's soft tokens go after its prompt (``decoder.prefill``) with its expert's deltas
     on those positions only; rows whose expert is None get none (their latents are hidden by
-    a ``negative`` gate). Equal to each expert's own ``latents`` on its rows. Returns
+    a ``negative`` gate). ``prefix``: the rows' static prefixes (``prefix.batch_prefixes``),
+    which C reads as part of the cache. Equal to each expert's own ``latents`` on its rows. Returns
     (prefilled, z, gate): z (B, L, H) and gate (B, L), L the most latents of any row.
     """
     soft = _soft_tokens(decoder, experts_by_row)  # (B, L, H)
     with lora.row_adapters(experts_by_row, tail=soft.shape[1]):
-        prefilled = prefill(decoder, token_ids, visible, soft)
+        prefilled = prefill(decoder, token_ids, visible, soft, prefix)
     z, gate = _latent_heads(experts_by_row, prefilled.soft_hidden)
     return prefilled, z, gate
 

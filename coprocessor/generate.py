@@ -16,6 +16,7 @@ import torch
 
 from .decoder import embed, negative, prefill, run_decoder, select_rows
 from .expert import prefill_with_latents
+from .prefix import batch_prefixes
 
 
 @dataclass
@@ -50,12 +51,16 @@ def generate(decoder, requests, eos_token_id=None):
     timings = {}
     started = time.perf_counter()
     prefix_ids, visible = _left_pad([r.prompt_ids[:-1] for r in requests], device)
+    # Static prefixes go in front of their rows' prompts; they cost no pass of their own.
+    static = batch_prefixes([getattr(r.expert, "prefix", None) for r in requests], dtype, device)
     lora_experts = [r.expert if _kind(r.expert) == "lora" else None for r in requests]
     if any(lora_experts):
         # The LoRA experts' pass rides along with the prefill (its time counts as prefill).
-        prefilled, z, gate = prefill_with_latents(decoder, prefix_ids, visible, lora_experts)
+        prefilled, z, gate = prefill_with_latents(
+            decoder, prefix_ids, visible, lora_experts, prefix=static
+        )
     else:
-        prefilled, z, gate = prefill(decoder, prefix_ids, visible), None, None
+        prefilled, z, gate = prefill(decoder, prefix_ids, visible, prefix=static), None, None
     past, past_bias, positions, _ = prefilled
     timings["prefill_s"] = time.perf_counter() - started
 
@@ -106,7 +111,7 @@ def _latents(decoder, requests, past, past_bias, positions, dtype, lora_z, lora_
     the batch has none); full-copy experts run their own copy on their rows.
     """
     batch, device = len(requests), positions.device
-    width = max((r.expert.config.n_latents for r in requests if r.expert is not None), default=0)
+    width = max((r.expert.config.n_latents for r in requests if _kind(r.expert)), default=0)
     latents = torch.zeros(batch, width, decoder.config.hidden_size, dtype=dtype, device=device)
     bias = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
     if lora_z is not None:
@@ -123,7 +128,11 @@ def _latents(decoder, requests, past, past_bias, positions, dtype, lora_z, lora_
 
 
 def _kind(expert):
-    return None if expert is None else expert.config.kind
+    """The kind of the expert's coprocessor: "lora", "full", or None (no expert, or a static
+    prefix alone)."""
+    if expert is None or not expert.has_coprocessor:
+        return None
+    return expert.config.kind
 
 
 def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id):

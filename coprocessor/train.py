@@ -12,12 +12,22 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .decoder import as_cache, block_attention_bias, embed, forward_with_mask, negative, prefill
+from .decoder import (
+    as_cache,
+    block_attention_bias,
+    embed,
+    forward_with_mask,
+    negative,
+    prefill,
+    run_decoder,
+)
 from .expert import Coprocessor, CoprocessorConfig
+from .generate import Request, generate
 
 
 @dataclass
@@ -37,6 +47,16 @@ class TrainConfig:
     time_budget_s: float = 0.0  # > 0: stop after this much training time, decay by time
     lr: float = 1e-3
     gate_lr: float = 5e-2  # the gate is one scalar per latent; Adam moves it ~gate_lr a step
+    prefix_lr: float = 1e-2  # the static prefix's keys and values (Cartridges train at ~1e-2)
+    # A new prefix starts as D's cache over this many stretches of the corpus laid end to end
+    # (1: one contiguous stretch, as Cartridges; more: a collage of the domain's topics).
+    prefix_snippets: int = 1
+    # Off-domain anchor: this many windows a step of D's own text (sampled once at the start,
+    # replay_pool samples of `window` tokens), trained with the ordinary loss. Its gradient is
+    # that of KL(D || D + expert) on D's own distribution: it holds the expert to plain D where
+    # its domain is absent, which is what attaching it to the wrong text costs.
+    replay_windows: int = 0
+    replay_pool: int = 16
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -87,60 +107,102 @@ class Cancelled(Exception):
     pass
 
 
-def position_batch(decoder, windows, positions, ahead):
+def position_batch(decoder, windows, positions, ahead, prefix=None):
     """Rows for the augmented forward: one per (window, position).
 
-    windows: (W, T) token ids; positions: (W, K) indices p of the first target token.
-    Returns past, past_bias, tokens (R, ahead), targets (R, ahead), start positions (R,).
+    windows: (W, T) token ids; positions: (W, K) indices p of the first target token; prefix:
+    the expert's static prefix (a ``KVPrefix``) or None. Returns past, past_bias (the prefix's
+    columns first), tokens (R, ahead), targets (R, ahead), start positions (R,).
     """
     n_windows, length = windows.shape
     per_window = positions.shape[1]
+    dtype = next(decoder.parameters()).dtype
     with torch.no_grad():
-        past = prefill(decoder, windows, torch.ones_like(windows, dtype=torch.bool)).past
+        cache = window_cache(decoder, prefix, windows)
     rows = torch.arange(n_windows, device=windows.device).repeat_interleave(per_window)  # (R,)
-    past = [(k[rows], v[rows]) for k, v in past]  # (R, kv_heads, T, head_dim)
+    past = [(k[rows], v[rows]) for k, v in cache.past]  # (R, kv_heads, N_P + T, head_dim)
     p = positions.reshape(-1)  # (R,) with R = W * K
-    dtype = past[0][0].dtype
     keys = torch.arange(length, device=windows.device)
-    past_bias = torch.where(keys[None, :] < (p - 1)[:, None], 0.0, negative(dtype)).to(dtype)
-    # (R, T): each row sees x[:p-1]
+    window_bias = torch.where(keys[None, :] < (p - 1)[:, None], 0.0, negative(dtype)).to(dtype)
+    # (R, N_P + T): each row sees the prefix and x[:p-1]
+    past_bias = torch.cat([cache.prefix_bias[rows], window_bias], dim=1)
     offsets = torch.arange(ahead, device=windows.device)
     fed = (p - 1)[:, None] + offsets  # (R, A): x[p-1 : p-1+ahead]
     tokens = windows[rows[:, None], fed]
     targets = windows[rows[:, None], fed + 1]
-    return past, past_bias, tokens, targets, p - 1
+    return past, past_bias, tokens, targets, p - 1 + cache.offset
 
 
-def packed_losses(decoder, expert, windows, positions, ahead):
+class WindowCache(NamedTuple):
+    past: list  # D's cache over the prefix (if any) and the windows: (W, kv_heads, N_P + T, d)
+    prefix_bias: torch.Tensor  # (W, N_P) the prefix's gate; (W, 0) without one
+    offset: int  # N_P: the position the windows' first token takes
+    losses: torch.Tensor | None  # (W, T - 1) next-token losses over the windows, with a prefix
+
+
+def window_cache(decoder, prefix, windows):
+    """D over whole windows (W, T), after the static prefix when there is one.
+
+    Without a prefix, the plain cache (callers run it without gradient). With one, the
+    windows read it, so the pass carries the gradient to it and also gives the windows' own
+    next-token losses: the prefix's objective, as a fine-tune's, on every token.
+    """
+    visible = torch.ones_like(windows, dtype=torch.bool)
+    if prefix is None:
+        prefilled = prefill(decoder, windows, visible)
+        return WindowCache(prefilled.past, prefilled.past_bias[:, :0], 0, None)
+    dtype = next(decoder.parameters()).dtype
+    n_windows, length = windows.shape
+    batch = prefix.batch(n_windows, dtype)
+    positions = prefix.n_positions + torch.arange(length, device=windows.device)
+    hidden, past = run_decoder(
+        decoder,
+        past=batch.past,
+        past_bias=batch.bias,
+        inputs_embeds=embed(decoder, windows),
+        new_bias=torch.zeros(n_windows, length, dtype=dtype, device=windows.device),
+        positions=positions.expand(n_windows, -1),
+    )
+    logits = decoder.get_output_embeddings()(hidden[:, :-1])  # (W, T - 1, V)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")
+    return WindowCache(past, batch.bias, prefix.n_positions, losses)
+
+
+def packed_losses(decoder, expert, windows, positions, ahead, cache=None):
     """Per-token losses (W, K, A) for K augmentation points per window, packed in one row.
 
     Each window's cache is computed once and shared: the K blocks of soft tokens (C pass) and
     of [latents, tokens] (D pass) sit side by side after it, each block seeing only its own
-    prefix ``x[:p-1]`` and itself. Equal to one row per point (``position_batch``), without
-    copying the cache K times. ``expert=None`` gives the plain decoder's losses.
+    prefix ``x[:p-1]`` (and the static prefix, if any) and itself. Equal to one row per point
+    (``position_batch``), without copying the cache K times. ``expert=None`` gives the plain
+    decoder's losses; ``cache`` is the windows' ``window_cache`` when the caller has it.
     """
     n_windows, length = windows.shape
     per_window = positions.shape[1]
     device = windows.device
-    with torch.no_grad():
-        past = prefill(decoder, windows, torch.ones_like(windows, dtype=torch.bool)).past
+    if cache is None:
+        with torch.no_grad():
+            cache = window_cache(decoder, None, windows)
+    past = cache.past
     dtype = past[0][0].dtype
-    starts = positions - 1  # (W, K) position of x[p-1], the first fed token
+    starts = positions - 1  # (W, K) index of x[p-1], the first fed token
     visible = torch.arange(length, device=device)[None, None, :] < starts[:, :, None]  # (W, K, T)
+    key_bias = _window_key_bias(visible, cache.prefix_bias)  # (W, K, N_P + T)
     offsets = torch.arange(ahead, device=device)
     fed = starts[:, :, None] + offsets  # (W, K, A)
     rows = torch.arange(n_windows, device=device)[:, None, None]
     tokens, targets = windows[rows, fed], windows[rows, fed + 1]
     inputs = embed(decoder, tokens)  # (W, K, A, H)
     new_bias = torch.zeros(n_windows, per_window, ahead, dtype=dtype, device=device)
-    new_positions = fed
+    starts = starts + cache.offset  # positions from here on
+    new_positions = fed + cache.offset
     n_latents = 0
-    if expert is not None:
+    if expert is not None and expert.has_coprocessor:
         n_latents = expert.latent_head.gate.numel()
         latent_positions = starts[:, :, None].expand(-1, -1, n_latents)  # (W, K, L)
         blocks = torch.arange(per_window, device=device).repeat_interleave(n_latents)  # (K * L,)
         soft_mask = block_attention_bias(
-            visible.repeat_interleave(n_latents, dim=1),  # (W, K * L, T)
+            key_bias.repeat_interleave(n_latents, dim=1),  # (W, K * L, N_P + T)
             blocks,
             torch.zeros(n_windows, per_window * n_latents, dtype=dtype, device=device),
         )
@@ -151,12 +213,12 @@ def packed_losses(decoder, expert, windows, positions, ahead):
         inputs = torch.cat([z, inputs], dim=2)  # (W, K, L + A, H)
         gate = expert.gate_bias(n_windows).to(dtype)[:, None, :].expand(-1, per_window, -1)
         new_bias = torch.cat([gate, new_bias], dim=2)  # (W, K, L + A)
-        new_positions = torch.cat([latent_positions, fed], dim=2)  # (W, K, L + A)
+        new_positions = torch.cat([latent_positions, new_positions], dim=2)  # (W, K, L + A)
     block = n_latents + ahead
     blocks = torch.arange(per_window, device=device).repeat_interleave(block)  # (K * block,)
     mask = block_attention_bias(
-        visible.repeat_interleave(block, dim=1), blocks, new_bias.reshape(n_windows, -1)
-    )  # (W, 1, K * block, T + K * block)
+        key_bias.repeat_interleave(block, dim=1), blocks, new_bias.reshape(n_windows, -1)
+    )  # (W, 1, K * block, N_P + T + K * block)
     hidden = forward_with_mask(
         decoder,
         cache=as_cache(past),
@@ -168,6 +230,57 @@ def packed_losses(decoder, expert, windows, positions, ahead):
     logits = decoder.get_output_embeddings()(hidden)  # (W, K, A, V)
     losses = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
     return losses.view(n_windows, per_window, ahead)
+
+
+def _window_key_bias(visible, prefix_bias):
+    """The bias of every cached key for every point: (W, K, N_P + T) from which window
+    tokens each point sees (W, K, T) and the static prefix's gate (W, N_P), seen by all."""
+    dtype = prefix_bias.dtype
+    window = torch.where(visible, 0.0, negative(dtype)).to(dtype)
+    shape = (-1, visible.shape[1], -1)
+    return torch.cat([prefix_bias[:, None, :].expand(shape), window], dim=-1)
+
+
+def step_losses(decoder, expert, windows, positions, ahead):
+    """Every loss token of one training step, flat: the windows' own next-token losses when
+    the expert has a static prefix, and the K x N_A losses after the latents when it has a
+    coprocessor (both when both)."""
+    prefix = expert.prefix
+    if prefix is None:
+        with torch.no_grad():
+            cache = window_cache(decoder, None, windows)
+    else:
+        cache = window_cache(decoder, prefix, windows)
+    parts = [] if cache.losses is None else [cache.losses.flatten()]
+    if expert.has_coprocessor:
+        parts.append(packed_losses(decoder, expert, windows, positions, ahead, cache).flatten())
+    return torch.cat(parts)
+
+
+def prefix_text(token_ids, config, generator):
+    """The text a new static prefix starts from: ``prefix_snippets`` seeded random stretches
+    of the corpus, end to end, N_P tokens in all."""
+    length = config.expert.prefix_positions
+    count = max(1, min(config.prefix_snippets, length))
+    sizes = [length // count + (i < length % count) for i in range(count)]
+    pieces = []
+    for size in sizes:
+        high = max(1, len(token_ids) - size + 1)
+        start = int(torch.randint(0, high, (1,), generator=generator))
+        pieces.append(token_ids[start : start + size])
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def own_text(decoder, config):
+    """``replay_pool`` samples of D's own text, ``window`` tokens each after a start token,
+    temperature 1 (seeded), end to end: (pool * (window + 1),) on the CPU."""
+    start = decoder.config.bos_token_id or 0
+    requests = [
+        Request([start], max_new_tokens=config.window, temperature=1.0, seed=config.seed + i)
+        for i in range(config.replay_pool)
+    ]
+    return torch.tensor([[start, *out.token_ids] for out in generate(decoder, requests)]).flatten()
 
 
 def sample_windows(token_ids, config, count, generator):
@@ -205,15 +318,23 @@ def lr_factor(config, step, progress):
 
 
 def make_optimizer(expert, config):
-    gate = [expert.latent_head.gate]
-    rest = [p for p in expert.parameters() if p is not expert.latent_head.gate]
-    return torch.optim.AdamW(
-        [
-            {"params": rest, "lr": config.lr, "weight_decay": config.weight_decay},
-            {"params": gate, "lr": config.gate_lr, "weight_decay": 0.0},
-        ],
-        betas=(0.9, 0.99),
-    )
+    """AdamW with three learning rates: the gates (one scalar per latent or prefix position),
+    the static prefix's keys and values, and everything else (the coprocessor)."""
+    gates, prefix = [], []
+    if expert.has_coprocessor:
+        gates.append(expert.latent_head.gate)
+    if expert.prefix is not None:
+        gates.append(expert.prefix.gate)
+        prefix += [expert.prefix.keys, expert.prefix.values]
+    special = {id(p) for p in gates + prefix}
+    rest = [p for p in expert.parameters() if id(p) not in special]
+    groups = [
+        {"params": rest, "base_lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": gates, "base_lr": config.gate_lr, "weight_decay": 0.0},
+        {"params": prefix, "base_lr": config.prefix_lr, "weight_decay": 0.0},
+    ]
+    groups = [{**g, "lr": g["base_lr"]} for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.99))
 
 
 def train(
@@ -250,8 +371,15 @@ def train(
     step, elapsed, history = 0, 0.0, []
     if resume_from is not None:
         step, elapsed, history = load_checkpoint(resume_from, expert, optimizer, generator)
+    elif expert.prefix is not None:
+        expert.prefix.initialize_from(decoder, prefix_text(token_ids, config, generator))
+    replay_ids = None
+    if config.replay_windows:
+        started = time.perf_counter()
+        replay_ids = own_text(decoder, config)
+        elapsed += time.perf_counter() - started if resume_from is None else 0.0
     stopped = "done"
-    tokens_per_step = config.windows_per_step * config.positions_per_window * config.ahead_tokens
+    tokens_per_step = loss_tokens_per_step(config)
     while step < config.steps:
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled at step {step}")
@@ -262,10 +390,18 @@ def train(
         progress = (
             elapsed / config.time_budget_s if config.time_budget_s else step / max(config.steps, 1)
         )
-        for group, base_lr in zip(optimizer.param_groups, (config.lr, config.gate_lr), strict=True):
-            group["lr"] = base_lr * lr_factor(config, step, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(config, step, progress)
         loss = train_step(
-            decoder, expert, token_ids, config, optimizer, generator, device, autocast_dtype
+            decoder,
+            expert,
+            token_ids,
+            config,
+            optimizer,
+            generator,
+            device,
+            autocast_dtype,
+            replay_ids=replay_ids,
         )
         step += 1
         took = time.perf_counter() - started
@@ -283,19 +419,37 @@ def train(
     return TrainResult(expert=expert, steps=step, stopped=stopped, history=history)
 
 
-def train_step(decoder, expert, token_ids, config, optimizer, generator, device, autocast):
-    """One optimiser step over ``config.grad_accum`` sampled batches; returns the mean loss."""
+def loss_tokens_per_step(config):
+    """Tokens that carry the loss in one step: the windows' own with a static prefix, and the
+    K x N_A after the latents with a coprocessor."""
+    per_window = 0
+    if config.expert.prefix_positions:
+        per_window += config.window - 1
+    if config.expert.n_latents:
+        per_window += config.positions_per_window * config.ahead_tokens
+    return (config.windows_per_step + config.replay_windows) * config.grad_accum * per_window
+
+
+def train_step(
+    decoder, expert, token_ids, config, optimizer, generator, device, autocast, replay_ids=None
+):
+    """One optimiser step over ``config.grad_accum`` sampled batches; returns the mean loss.
+    ``replay_ids``: D's own text (``own_text``) to add ``config.replay_windows`` windows of."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for _ in range(config.grad_accum):
         windows, positions = sample_windows(
             token_ids.cpu(), config, config.windows_per_step, generator
         )
+        if replay_ids is not None:
+            extra = sample_windows(replay_ids, config, config.replay_windows, generator)
+            windows = torch.cat([windows, extra[0]])
+            positions = torch.cat([positions, extra[1]])
         windows, positions = windows.to(device), positions.to(device)
         with torch.autocast(
             device.type, dtype=autocast or torch.float32, enabled=autocast is not None
         ):
-            losses = packed_losses(decoder, expert, windows, positions, config.ahead_tokens)
+            losses = step_losses(decoder, expert, windows, positions, config.ahead_tokens)
             loss = losses.mean() / config.grad_accum
         loss.backward()
         total += loss.item()

@@ -117,18 +117,28 @@ def randomize(expert, seed=1):
     with torch.no_grad():
         for p in expert.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-        expert.latent_head.gate.fill_(0.0)
+        if expert.has_coprocessor:
+            expert.latent_head.gate.fill_(0.0)
+        if expert.prefix is not None:
+            expert.prefix.gate.fill_(0.0)
     return expert
 
 
-def expert_bytes(decoder, fingerprint, seed, folder):
-    """A small expert with a visible effect: open gate, random latents."""
+def expert_bytes(decoder, fingerprint, seed, folder, **config):
+    """A small expert with a visible effect: open gates, random latents (and prefix, with
+    ``prefix_positions``; ``n_latents=0`` for a prefix alone)."""
     torch.manual_seed(seed)
-    expert = Coprocessor(decoder, CoprocessorConfig(n_latents=2, lora_rank=2, gate_init=0.0))
+    config = {"n_latents": 2, "lora_rank": 2, "gate_init": 0.0, **config}
+    expert = Coprocessor(decoder, CoprocessorConfig(**config))
     with torch.no_grad():
-        expert.latent_head.proj.weight.normal_(0, 1.0)
-        for b in expert.lora_b:
-            b.normal_(0, 0.5)
+        if expert.has_coprocessor:
+            expert.latent_head.proj.weight.normal_(0, 1.0)
+            for b in expert.lora_b:
+                b.normal_(0, 0.5)
+        if expert.prefix is not None:
+            expert.prefix.keys.normal_(0, 1.0)
+            expert.prefix.values.normal_(0, 1.0)
+            expert.prefix.gate.zero_()
     path = folder / f"expert-{seed}.safetensors"
     expert.save(path, fingerprint, "tiny-llama")
     return path.read_bytes()
@@ -177,6 +187,8 @@ def register_tiny_llama(spec, folder):
         fingerprint=spec.fingerprint,
         weights_location=str(folder),
         param_shapes=spec.param_shapes,
+        kv_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
     )
 
 
@@ -192,6 +204,7 @@ SMALL_JOB = dict(
     checkpoint_every=10,
     n_latents=2,
     lora_rank=2,
+    prefix_positions=4,
 )
 
 

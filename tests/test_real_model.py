@@ -11,6 +11,7 @@ from coprocessor import artifact, base_models, corpus
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.expert import Coprocessor, CoprocessorConfig
 from coprocessor.generate import Request, generate
+from coprocessor.train import TrainConfig, prefix_text
 from registry.models import BaseModel
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,25 @@ def test_an_untrained_expert_leaves_smollm2_within_5_percent(smollm2):
     report = evaluate(model, expert, heldout)
     harm = (report["augmented"]["ppl"] - report["base"]["ppl"]) / report["base"]["ppl"]
     assert abs(harm) < 0.05, report
+
+
+def test_an_untrained_static_prefix_behind_its_gate_leaves_smollm2_within_1_percent(smollm2):
+    """Initialised from D's own cache over the training text, the sink open and the other
+    positions behind a closed gate (docs/method.md, "The static prefix")."""
+    model, tokenizer = smollm2
+    train_texts, heldout_texts = corpus.demo_split()
+    heldout = heldout_set(
+        corpus.tokenize(tokenizer, heldout_texts), positions_per_window=4, max_windows=8
+    )
+    config = TrainConfig.from_settings(
+        dict(n_latents=0, prefix_positions=64, prefix_gate_init=-4.0)
+    )
+    expert = Coprocessor(model, config.expert)
+    text = prefix_text(corpus.tokenize(tokenizer, train_texts[:20]), config, torch.Generator())
+    expert.prefix.initialize_from(model, text)
+    report = evaluate(model, expert, heldout)
+    harm = (report["augmented"]["ppl"] - report["base"]["ppl"]) / report["base"]["ppl"]
+    assert abs(harm) < 0.01, report
 
 
 @pytest.mark.django_db
