@@ -87,10 +87,22 @@ class AttachSerializer(PromptFields, StrictSerializer):
         score = serializers.FloatField(allow_null=True)
         prompt_tokens = serializers.IntegerField()
         insert_before = serializers.IntegerField(help_text="index of the prompt token")
-        position = serializers.IntegerField(help_text="position id the latents take")
-        shape = serializers.ListField(child=serializers.IntegerField(), required=False)
+        position = serializers.IntegerField(
+            help_text="position id of the prompt's last token, which the latents share"
+        )
+        prefix_positions = serializers.IntegerField(
+            required=False, help_text="P: the static prefix's length; the prompt starts at P"
+        )
+        shape = serializers.ListField(
+            child=serializers.IntegerField(), required=False, help_text="the latents' (L, H)"
+        )
         safetensors_base64 = serializers.CharField(
-            required=False, help_text="safetensors with latents (L, H) and gate_bias (L,)"
+            required=False,
+            help_text=(
+                "safetensors with latents (L, H) and gate_bias (L,) for a coprocessor, and "
+                "prefix.keys / prefix.values (layers, kv_heads, P, head_dim) and "
+                "prefix.gate_bias (P,) for a static prefix"
+            ),
         )
 
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from django.conf import settings
 
-from coprocessor import artifact, base_models, routing
+from coprocessor import base_models, routing
 from coprocessor.decoder import prefill
 from coprocessor.generate import Request
+from coprocessor.prefix import batch_prefixes
 from registry.models import BaseModel
 
 from . import choose
@@ -83,10 +84,10 @@ def check_length(loaded, ids, max_new_tokens):
             f"max_new_tokens {max_new_tokens} is over the limit of "
             f"{settings.LATENTRY_MAX_NEW_TOKENS}"
         )
-    if len(ids) + max_new_tokens + artifact.MAX_LATENTS > context:
+    if len(ids) + max_new_tokens > context:
         raise BadRequest(
             f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) does not "
-            f"fit the context of {context} tokens (with {artifact.MAX_LATENTS} kept for latents)"
+            f"fit the context of {context} tokens"
         )
 
 
@@ -107,9 +108,25 @@ def pick(loaded, ask, ids, user):
     if choice.version is None:
         return choice, None
     try:
-        return choice, pool().expert(loaded, choice.version)
+        expert = pool().expert(loaded, choice.version)
     except ExpertUnavailable as exc:
         return choose.Choice(score=choice.score, reason=f"{choice.name}: {exc}"), None
+    if problem := _room_problem(loaded, ids, ask.max_new_tokens, expert):
+        return choose.Choice(score=choice.score, reason=f"{choice.name}: {problem}"), None
+    return choice, expert
+
+
+def _room_problem(loaded, ids, max_new_tokens, expert):
+    """Why the expert's prefix and latents do not fit beside the request, or None. Such a
+    request is served plain rather than refused: the expert was optional."""
+    extra = expert.config.prefix_positions + expert.config.n_latents
+    context = loaded.record.context_length
+    if len(ids) + max_new_tokens + extra > context:
+        return (
+            f"its {extra} prefix and latent positions do not fit the context of {context} "
+            f"tokens beside the prompt and max_new_tokens"
+        )
+    return None
 
 
 def prepare(ask):
@@ -188,25 +205,36 @@ class Pending:
 
 
 def attach(ask, user):
-    """The latents an expert writes for a prompt, for callers who run their own decoder.
+    """What an expert writes into the cache for a prompt, for callers who run their own decoder.
 
-    Returns (Choice, tensors or None, prompt_ids): ``latents`` (L, H) go into the cache before
-    the prompt's last token, at that token's position, with ``gate_bias`` (L,) added to the
-    attention scores of every later query to them.
+    Returns (Choice, tensors or None, prompt_ids). A static prefix comes as ``prefix.keys`` and
+    ``prefix.values`` (layers, kv_heads, P, head_dim), D's cache in front of the prompt, whose
+    positions then start at P, and ``prefix.gate_bias`` (P,) added to every query's attention
+    scores for them. ``latents`` (L, H) go into the cache before the prompt's last token, at
+    that token's position, with ``gate_bias`` (L,) likewise.
     """
     loaded, ids = prepare(dataclasses.replace(ask, max_new_tokens=0))
     choice, expert = pick(loaded, ask, ids, user)
     if expert is None:
         return choice, None, ids
-    device = next(loaded.decoder.parameters()).device
-    with torch.no_grad():
-        prefix = torch.tensor([ids[:-1]], device=device)
-        past, past_bias, positions, _ = prefill(
-            loaded.decoder, prefix, torch.ones_like(prefix, dtype=torch.bool)
-        )
-        latents = expert.latents(past, past_bias, positions)[0]
-        gate = expert.gate_bias(1)[0]
-    return choice, {"latents": latents.float().cpu(), "gate_bias": gate.float().cpu()}, ids
+    tensors = {}
+    if expert.prefix is not None:
+        tensors["prefix.keys"] = expert.prefix.keys
+        tensors["prefix.values"] = expert.prefix.values
+        tensors["prefix.gate_bias"] = expert.prefix.gate
+    if expert.has_coprocessor:
+        tensors["latents"], tensors["gate_bias"] = _latents_for(loaded.decoder, expert, ids)
+    return choice, {k: v.detach().float().cpu() for k, v in tensors.items()}, ids
+
+
+@torch.no_grad()
+def _latents_for(decoder, expert, ids):
+    parameter = next(decoder.parameters())
+    prompt = torch.tensor([ids[:-1]], device=parameter.device)
+    static = batch_prefixes([expert.prefix], parameter.dtype, parameter.device)
+    prefilled = prefill(decoder, prompt, torch.ones_like(prompt, dtype=torch.bool), prefix=static)
+    latents = expert.latents(prefilled.past, prefilled.past_bias, prefilled.next_positions)
+    return latents[0], expert.gate_bias(1)[0]
 
 
 class TextStream:

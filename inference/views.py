@@ -104,7 +104,11 @@ class AttachView(RouterView):
             "position": len(ids) - 1,
         }
         if tensors is not None:
-            body["shape"] = list(tensors["latents"].shape)
+            offset = tensors["prefix.keys"].shape[2] if "prefix.keys" in tensors else 0
+            body["prefix_positions"] = offset
+            body["position"] += offset  # the prompt's positions start after a static prefix
+            if "latents" in tensors:
+                body["shape"] = list(tensors["latents"].shape)
             body["safetensors_base64"] = base64.b64encode(save(tensors)).decode()
         return Response(body)
 

@@ -57,6 +57,9 @@ class BaseModel(models.Model):
     num_layers = models.PositiveIntegerField()
     vocab_size = models.PositiveIntegerField()
     context_length = models.PositiveIntegerField(default=2048)
+    # The kv-cache's heads and head size, which a static prefix must match (0: not recorded).
+    kv_heads = models.PositiveIntegerField(default=0)
+    head_dim = models.PositiveIntegerField(default=0)
     fingerprint = models.CharField(max_length=64, help_text="sha256 over config and weights")
     weights_location = models.CharField(max_length=500, blank=True)
     param_shapes = models.JSONField(default=dict, blank=True, help_text="parameter -> shape")
@@ -74,6 +77,8 @@ class BaseModel(models.Model):
             num_layers=self.num_layers,
             fingerprint=self.fingerprint,
             param_shapes=self.param_shapes,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
         )
 
 
@@ -293,7 +298,7 @@ class ExpertVersion(models.Model):
 
     READY, REJECTED = "ready", "rejected"
     STATUS_CHOICES = [(READY, "Ready"), (REJECTED, "Rejected")]
-    KIND_CHOICES = [("lora", "LoRA"), ("full", "Full copy")]
+    KIND_CHOICES = [("lora", "LoRA"), ("full", "Full copy"), ("prefix", "Static prefix")]
 
     expert = models.ForeignKey(Expert, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
@@ -302,6 +307,7 @@ class ExpertVersion(models.Model):
     size = models.PositiveBigIntegerField()
     kind = models.CharField(max_length=10, choices=KIND_CHOICES)
     n_latents = models.PositiveIntegerField()
+    prefix_positions = models.PositiveIntegerField(default=0, help_text="static prefix length")
     config = models.JSONField(default=dict, blank=True, help_text="settings from the file header")
     metrics = models.JSONField(default=dict, blank=True, help_text="measured by the platform")
     claimed_metrics = models.JSONField(default=dict, blank=True, help_text="said by the publisher")
@@ -385,6 +391,7 @@ class ExpertVersion(models.Model):
                     size=size,
                     kind=header.kind,
                     n_latents=header.n_latents,
+                    prefix_positions=header.prefix_positions,
                     config=header.config,
                     claimed_metrics=claimed_metrics or {},
                     changelog=changelog,

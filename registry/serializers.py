@@ -98,6 +98,7 @@ class ExpertVersionSerializer(serializers.ModelSerializer):
             "status_reason",
             "kind",
             "n_latents",
+            "prefix_positions",
             "sha256",
             "size",
             "config",

@@ -120,8 +120,8 @@ def decoder(tiny_base_dir):
 def publish(decoder, base_model, tmp_path):
     """Publish a working expert (and, from ``profile_text``, its routing profile)."""
 
-    def publish(expert, seed=0, profile_text=None):
-        data = expert_bytes(decoder[0], base_model.fingerprint, seed, tmp_path)
+    def publish(expert, seed=0, profile_text=None, **config):
+        data = expert_bytes(decoder[0], base_model.fingerprint, seed, tmp_path, **config)
         profile = []
         if profile_text is not None:
             ids = torch.tensor(decoder[1](profile_text)["input_ids"])

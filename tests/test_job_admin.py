@@ -5,6 +5,7 @@ import io
 import pytest
 from django.test import Client
 
+from coprocessor.train import TrainConfig
 from registry.models import ExpertVersion
 from tests.factories import SMALL_JOB, make_dataset, upload
 from training.models import Dataset, EvaluationJob, Job, TrainingJob
@@ -68,14 +69,15 @@ def test_launching_from_the_admin_validates_params_and_queues_the_job(
     expert = make_expert("launched")
     words = make_dataset(alice)
     form = {"expert": expert.pk, "datasets": [words.pk]}
-    bad = admin_client.post(f"{CHANGELIST}add/", {**form, "params": '{"n_latents": 0}'})
+    bad = admin_client.post(f"{CHANGELIST}add/", {**form, "params": '{"n_latents": -1}'})
     assert bad.status_code == 200 and "n_latents" in bad.content.decode()
     assert not TrainingJob.objects.exists()
     with django_capture_on_commit_callbacks() as sent:
         ok = admin_client.post(f"{CHANGELIST}add/", {**form, "params": '{"steps": 5}'})
     assert ok.status_code == 302
     job = TrainingJob.objects.get()
-    assert job.params["steps"] == 5 and job.params["n_latents"] == 4
+    assert job.params["steps"] == 5
+    assert job.params["n_latents"] == TrainConfig().expert.n_latents
     assert job.status == Job.QUEUED and len(sent) == 1
 
 

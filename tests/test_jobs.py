@@ -97,7 +97,8 @@ def test_a_dataset_too_short_fails_the_job_with_a_readable_error(
 @pytest.mark.parametrize(
     "params, field",
     [
-        ({"n_latents": 0}, "n_latents"),
+        ({"n_latents": 0, "prefix_positions": 0}, "n_latents"),
+        ({"prefix_positions": 999}, "prefix_positions"),
         ({"lr": 5.0}, "lr"),
         ({"steps": 0}, "steps"),
         ({"kind": "qlora"}, "kind"),

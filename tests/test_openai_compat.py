@@ -67,4 +67,4 @@ def test_errors_come_back_as_openai_errors(client, base_model):
 
 def test_a_bad_streamed_request_is_refused_before_the_stream(client, base_model):
     with pytest.raises(openai.BadRequestError, match="does not fit the context"):
-        client.completions.create(model="tiny-llama", prompt="w5 " * 250, max_tokens=2, stream=True)
+        client.completions.create(model="tiny-llama", prompt="w5 " * 260, max_tokens=2, stream=True)

@@ -284,14 +284,16 @@ def test_training_from_the_pages_starts_a_job_the_owner_can_watch_and_cancel(
     bad = client.post(
         "/experts/alice/pydoc/train/",
         {"datasets": [words.pk], "time_budget_minutes": 1, "steps": 5, "n_latents": 999,
-         "lora_rank": 2, "window": 64, "ahead_tokens": 4, "positions_per_window": 4, "lr": 0.01},
+         "lora_rank": 2, "window": 64, "ahead_tokens": 4, "positions_per_window": 4, "lr": 0.01,
+         "prefix_positions": 4},
     )  # fmt: skip
     assert bad.status_code == 400 and not TrainingJob.objects.exists()
     assert "Ensure this value is less than or equal to 64" in bad.text
     started = client.post(
         "/experts/alice/pydoc/train/",
         {"datasets": [words.pk], "time_budget_minutes": 1, "steps": 5, "n_latents": 2,
-         "lora_rank": 2, "window": 64, "ahead_tokens": 4, "positions_per_window": 4, "lr": 0.01},
+         "lora_rank": 2, "window": 64, "ahead_tokens": 4, "positions_per_window": 4, "lr": 0.01,
+         "prefix_positions": 4},
     )  # fmt: skip
     job = TrainingJob.objects.get()
     assert started["Location"] == f"/jobs/{job.pk}/"

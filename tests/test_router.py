@@ -125,7 +125,7 @@ def test_a_corrupted_stored_file_degrades_and_its_version_is_rejected(
     "body, status, message",
     [
         ({"base": "no-such-model"}, 404, "no base model"),
-        ({"prompt": "w5 " * 250}, 400, "does not fit the context"),
+        ({"prompt": "w5 " * 260}, 400, "does not fit the context"),
         ({"max_new_tokens": 100_000}, 400, "over the limit"),
         ({"messages": [{"role": "user", "content": "w5"}]}, 400, "exactly one of"),
         ({"prompt": "   "}, 400, "empty"),
@@ -311,3 +311,33 @@ def test_a_re_imported_base_model_row_keeps_serving_its_experts(
     publish(make_expert("words", base_model=again))
     answer = ask(alice_client, expert="alice/words", prompt="w5", max_new_tokens=1).json()
     assert answer["augmented"], answer["reason"]
+
+
+@pytest.mark.parametrize("n_latents", [0, 2])
+def test_an_expert_with_a_static_prefix_is_served_and_attached(
+    alice_client, make_expert, publish, decoder, tmp_path, n_latents
+):
+    version = publish(make_expert("cached"), seed=3, prefix_positions=4, n_latents=n_latents)
+    assert version.prefix_positions == 4 and version.kind == ("prefix" if not n_latents else "lora")
+    body = ask(alice_client, prompt="w5 w6 w7", expert="alice/cached").json()
+    assert body["augmented"] is True
+    assert body["text"] == decoder[1].decode(direct(decoder, version, "w5 w6 w7", tmp_path))
+    response = alice_client.post(
+        "/api/v1/attach",
+        {"base": "tiny-llama", "expert": "alice/cached", "prompt": "w5 w6 w7"},
+        format="json",
+    )
+    body = response.json()
+    assert body["prefix_positions"] == 4 and body["position"] == 4 + 2
+    tensors = load(base64.b64decode(body["safetensors_base64"]))
+    expert = loaded_expert(decoder[0], version, tmp_path)
+    torch.testing.assert_close(tensors["prefix.keys"], expert.prefix.keys)
+    assert tensors["prefix.gate_bias"].shape == (4,)
+    assert ("latents" in tensors) == bool(n_latents)
+
+
+def test_an_expert_whose_positions_do_not_fit_is_left_out(alice_client, make_expert, publish):
+    publish(make_expert("long"), seed=3, prefix_positions=200, n_latents=0)
+    body = ask(alice_client, prompt="w5 w6 w7", expert="alice/long", max_new_tokens=60).json()
+    assert body["augmented"] is False
+    assert "200 prefix and latent positions do not fit the context of 256" in body["reason"]

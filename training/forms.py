@@ -2,7 +2,7 @@
 
 from django import forms
 
-from coprocessor.artifact import MAX_LATENTS
+from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
 from registry.models import BaseModel, Domain, slug_validator
 
 from .models import Dataset, TrainingJob
@@ -35,7 +35,16 @@ class TrainingForm(forms.Form):
     )
     steps = forms.IntegerField(min_value=1, initial=DEFAULTS.steps)
     n_latents = forms.IntegerField(
-        min_value=1, max_value=MAX_LATENTS, initial=DEFAULTS.expert.n_latents
+        min_value=0,
+        max_value=MAX_LATENTS,
+        initial=DEFAULTS.expert.n_latents,
+        help_text="the coprocessor's latents (0: none)",
+    )
+    prefix_positions = forms.IntegerField(
+        min_value=0,
+        max_value=MAX_PREFIX_POSITIONS,
+        initial=DEFAULTS.expert.prefix_positions,
+        help_text="the static prefix's positions (0: none)",
     )
     lora_rank = forms.IntegerField(min_value=1, initial=DEFAULTS.expert.lora_rank)
     window = forms.IntegerField(min_value=32, initial=DEFAULTS.window)

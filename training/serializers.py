@@ -2,7 +2,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
-from coprocessor.artifact import MAX_LATENTS
+from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
 from coprocessor.train import TrainConfig
 from registry.api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
 from registry.models import BaseModel, Domain, Expert, slug_validator
@@ -60,7 +60,30 @@ class TrainingParamsSerializer(StrictSerializer):
     """Hyper-parameters with the bounds a job may ask for; defaults are TrainConfig's."""
 
     n_latents = serializers.IntegerField(
-        min_value=1, max_value=MAX_LATENTS, default=DEFAULTS.expert.n_latents
+        min_value=0,
+        max_value=MAX_LATENTS,
+        default=DEFAULTS.expert.n_latents,
+        help_text="latents of the coprocessor (0: none, a static prefix alone)",
+    )
+    prefix_positions = serializers.IntegerField(
+        min_value=0,
+        max_value=MAX_PREFIX_POSITIONS,
+        default=DEFAULTS.expert.prefix_positions,
+        help_text="positions of the static prefix (0: none, a coprocessor alone)",
+    )
+    prefix_lr = serializers.FloatField(min_value=1e-6, max_value=1.0, default=DEFAULTS.prefix_lr)
+    replay_windows = serializers.IntegerField(
+        min_value=0,
+        max_value=64,
+        default=DEFAULTS.replay_windows,
+        help_text="windows of the base model's own text per step, which hold the expert to "
+        "the base model off its domain",
+    )
+    prefix_snippets = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_PREFIX_POSITIONS,
+        default=DEFAULTS.prefix_snippets,
+        help_text="stretches of the corpus a new prefix is initialised from",
     )
     kind = serializers.ChoiceField(choices=["lora", "full"], default=DEFAULTS.expert.kind)
     lora_rank = serializers.IntegerField(
@@ -96,6 +119,14 @@ class TrainingParamsSerializer(StrictSerializer):
         if attrs["time_budget_s"] > longest:
             raise serializers.ValidationError(
                 {"time_budget_s": [f"must be at most {longest} s (the job time limit, less 5 min)"]}
+            )
+        if not (attrs["n_latents"] or attrs["prefix_positions"]):
+            raise serializers.ValidationError(
+                {
+                    "n_latents": [
+                        "an expert needs latents, a static prefix (prefix_positions) or both"
+                    ]
+                }
             )
         needed = DEFAULTS.min_prefix + attrs["ahead_tokens"] + attrs["positions_per_window"]
         if attrs["window"] < needed:

@@ -34,6 +34,7 @@ class Command(BaseCommand):
                 base_models.convert(model, tokenizer, folder)
         except (OSError, ValueError) as exc:
             raise CommandError(f"could not load {source or slug}: {exc}") from exc
+        _, kv_heads, head_dim = base_models.cache_shape(model.config)
         record = BaseModel.objects.create(
             slug=slug,
             source=str(source or base_models.default_gguf_path()),
@@ -45,6 +46,8 @@ class Command(BaseCommand):
             num_layers=model.config.num_hidden_layers,
             vocab_size=model.config.vocab_size,
             context_length=base_models.context_length(model),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
             fingerprint=base_models.fingerprint(model),
             weights_location=str(folder),
             param_shapes=base_models.param_shapes(model),
