@@ -2,7 +2,9 @@
 
 import argparse
 import copy
+import gzip
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,17 +44,51 @@ def setup(args):
     return model, tokenizer
 
 
-def corpus_ids(args, tokenizer):
-    """Token ids of the train and held-out parts."""
-    if args.text:
+def corpus_ids(args, tokenizer, name=None):
+    """Token ids of the train and held-out parts of ``--text``, or of the named corpus
+    (``domain_texts``; default the Python docs)."""
+    if args.text and name is None:
         train, heldout = corpus.split_texts(corpus.read_texts(args.text))
         name = args.text
     else:
-        train, heldout = corpus.demo_split()
-        name = "pydoc_data.topics (every 10th topic held out)"
+        name = name or "python-docs"
+        train, heldout = split_documents(domain_texts()[name])
     train_ids, heldout_ids = corpus.tokenize(tokenizer, train), corpus.tokenize(tokenizer, heldout)
     print(f"corpus {name}: {len(train_ids)} training tokens, {len(heldout_ids)} held-out")
     return train_ids, heldout_ids
+
+
+def split_documents(texts, heldout_every=10):
+    """Every 10th document held out (the Python docs: by topic, as ``corpus.demo_split``)."""
+    train = [text for i, text in enumerate(texts) if i % heldout_every]
+    heldout = [text for i, text in enumerate(texts) if not i % heldout_every]
+    return train, heldout
+
+
+def domain_texts():
+    """Corpora of distinct domains that ship on this machine, as lists of documents: the
+    Python docs (``pydoc_data``), software licences, and 400 Unix manual pages (section 1)."""
+    domains = {"python-docs": [text for _, text in corpus.pydoc_topics()]}
+    licences = sorted(Path("/usr/share/common-licenses").glob("*"))
+    if licences:
+        domains["licences"] = [p.read_text(errors="replace") for p in licences]
+    manuals = sorted(Path("/usr/share/man/man1").glob("*.1.gz"))[:400]
+    if manuals:
+        domains["unix-manuals"] = [strip_troff(m) for m in manuals]
+    return domains
+
+
+def strip_troff(path):
+    lines = []
+    with gzip.open(path, "rt", errors="replace") as f:
+        source = f.readlines()
+    for line in source:
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith("."):
+            line = line.split(" ", 1)[1] if " " in line else ""
+        lines.append(re.sub(r"\\f[A-Z]|\\f\(..|\\[-&|^e(]|\\\*\(..", "", line))
+    return "".join(lines)
 
 
 def add_expert_arguments(p):
@@ -72,6 +108,21 @@ def add_expert_arguments(p):
     p.add_argument("--lora-rank", type=int, default=defaults["lora_rank"])
     p.add_argument("--lr", type=float, default=defaults["lr"])
     p.add_argument("--gate-lr", type=float, default=defaults["gate_lr"])
+    p.add_argument(
+        "--prefix-positions",
+        type=int,
+        default=defaults["prefix_positions"],
+        help="N_P of the static prefix (0: none)",
+    )
+    p.add_argument("--prefix-lr", type=float, default=defaults["prefix_lr"])
+    p.add_argument("--prefix-gate-init", type=float, default=defaults["prefix_gate_init"])
+    p.add_argument("--prefix-snippets", type=int, default=defaults["prefix_snippets"])
+    p.add_argument(
+        "--replay-windows",
+        type=int,
+        default=defaults["replay_windows"],
+        help="windows of D's own text per step (the off-domain anchor)",
+    )
 
 
 def train_config(args, tokenizer, **overrides):
@@ -86,6 +137,11 @@ def train_config(args, tokenizer, **overrides):
         lora_alpha=2 * args.lora_rank,
         lr=args.lr,
         gate_lr=args.gate_lr,
+        prefix_positions=args.prefix_positions,
+        prefix_lr=args.prefix_lr,
+        prefix_gate_init=args.prefix_gate_init,
+        prefix_snippets=args.prefix_snippets,
+        replay_windows=args.replay_windows,
         anchor_token_id=space_token(tokenizer),
     )
     return TrainConfig.from_settings({**settings, **overrides})

@@ -1,7 +1,8 @@
 """Inference overhead of an expert: augmented vs plain generation, and the coprocessor alone.
 
-A 256-token prompt from the held-out text, 32 greedy new tokens, N_L latents as in quality.py;
-the expert is untrained but computes exactly what a trained one does. Each variant runs
+A 256-token prompt from the held-out text, 32 greedy new tokens, an expert of the default shape
+(N_L latents and N_P static prefix positions, CoprocessorConfig's); it is untrained but
+computes exactly what a trained one does. Each variant runs
 --repeats times after a warm-up; medians are reported.
 
     python bench/overhead.py [--repeats 5]
@@ -25,7 +26,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--n-latents", type=int, default=4)
+    defaults = CoprocessorConfig()
+    p.add_argument("--n-latents", type=int, default=defaults.n_latents)
+    p.add_argument("--prefix-positions", type=int, default=defaults.prefix_positions)
     args = p.parse_args()
     model, tokenizer = setup(args)
     _, heldout_ids = corpus_ids(args, tokenizer)
@@ -33,7 +36,11 @@ def main():
     expert = (
         Coprocessor(
             model,
-            CoprocessorConfig(n_latents=args.n_latents, anchor_token_id=space_token(tokenizer)),
+            CoprocessorConfig(
+                n_latents=args.n_latents,
+                prefix_positions=args.prefix_positions,
+                anchor_token_id=space_token(tokenizer),
+            ),
         )
         .to(args.device)
         .eval()
@@ -51,6 +58,8 @@ def main():
         return output
 
     def coprocessor_step():
+        if not expert.has_coprocessor:
+            return 0.0
         ids = torch.tensor([prompt[:-1]], device=args.device)
         past, past_bias, positions, _ = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool))
         started = time.perf_counter()
@@ -68,6 +77,7 @@ def main():
     step_ms = 1000 * statistics.median(steps)
     print(
         f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.n_latents} latents, "
+        f"{args.prefix_positions} prefix positions, "
         f"{args.repeats} repeats, device {args.device}"
     )
     print(f"{'plain generation':28} {1000 * plain_s:9.1f} ms")

@@ -1,14 +1,18 @@
 """Quality of a trained expert against the plain decoder and two baselines, same budget.
 
-Trains, each for the same wall-time budget on the same data: (1) the expert (coprocessor
-LoRA + soft tokens + latent head), (2) the N_L soft tokens alone placed the same way with no
-coprocessor, (3) a PEFT LoRA fine-tune of the decoder itself. Evaluates all on the same fixed
-held-out (window, position) pairs: perplexity of the next N_A tokens per ahead position.
+Trains, each for the same wall-time budget on the same data: (1) the expert as the settings
+describe it (by default TrainConfig's: what a job trains), (2) the N_L soft tokens alone placed
+the same way with no coprocessor, (3) a PEFT LoRA fine-tune of the decoder itself. Evaluates
+all on the same fixed held-out (window, position) pairs of the corpus (perplexity of the next
+N_A tokens per ahead position) and on those of another domain's corpus (``--offdomain``): what
+attaching the expert to the wrong text costs.
 
-    python bench/quality.py [--budget-min 15] [--text corpus.txt]
+    python bench/quality.py [--budget-min 15] [--corpus python-docs] [--offdomain unix-manuals]
+        [--prefix-positions 64 --n-latents 0 ...]
 
 Ends with RESULT ppl_base ppl_expert reduction_pct lora_finetune_reduction_pct
-soft_tokens_reduction_pct step0_harm_pct.
+soft_tokens_reduction_pct step0_harm_pct offdomain_harm_pct lora_offdomain_harm_pct (the
+figures of arms not run are left out).
 """
 
 import time
@@ -18,12 +22,14 @@ from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, set
 
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.expert import Coprocessor, SoftTokens
-from coprocessor.train import sample_windows, train
+from coprocessor.train import prefix_text, sample_windows, train
 
 
 def main():
     p = parser(__doc__)
     p.add_argument("--budget-min", type=float, default=15.0, help="training minutes per arm")
+    p.add_argument("--corpus", default="python-docs", help="python-docs, unix-manuals, licences")
+    p.add_argument("--offdomain", default="unix-manuals", help="the corpus of another domain")
     add_expert_arguments(p)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--curve-points", type=int, default=5)
@@ -35,57 +41,85 @@ def main():
     args = p.parse_args()
     arms = set(args.arms.split(","))
     model, tokenizer = setup(args)
-    train_ids, heldout_ids = corpus_ids(args, tokenizer)
-    heldout = heldout_set(
-        heldout_ids, window=args.window, ahead=args.ahead, positions_per_window=4, max_windows=21
-    )
+    train_ids, heldout_ids = corpus_ids(args, tokenizer, None if args.text else args.corpus)
+    heldout = make_heldout(heldout_ids, args)
+    offdomain = make_heldout(corpus_ids(args, tokenizer, args.offdomain)[1], args)
     config = train_config(args, tokenizer, steps=100_000, time_budget_s=args.budget_min * 60)
     print(f"settings: {config.to_dict()}")
     print(
         f"held-out: {heldout.pairs} (window, position) pairs, {heldout.pairs * args.ahead} "
-        "target tokens"
+        f"target tokens; off-domain ({args.offdomain}): {offdomain.pairs} pairs"
     )
 
-    step0 = evaluate(model, Coprocessor(model, config.expert), heldout)
-    ppl_base = step0["base"]["ppl"]
-    step0_harm = 100 * (step0["augmented"]["ppl"] - ppl_base) / ppl_base
+    untrained = Coprocessor(model, config.expert)
+    if untrained.prefix is not None:  # as train() starts it
+        text = prefix_text(train_ids, config, torch.Generator().manual_seed(config.seed))
+        untrained.prefix.initialize_from(model, text)
+    step0 = evaluate(model, untrained, heldout)
+    base = {"in": step0["base"], "off": evaluate(model, None, offdomain)["base"]}
+    step0_harm = change(step0["augmented"], base["in"])
     print(
-        f"plain decoder ppl {ppl_base:.3f}; untrained expert {step0['augmented']['ppl']:.3f} "
-        f"({step0_harm:+.2f}%)"
+        f"plain decoder ppl {base['in']['ppl']:.3f} (off-domain {base['off']['ppl']:.3f}); "
+        f"untrained expert {step0['augmented']['ppl']:.3f} ({step0_harm:+.2f}%)"
     )
 
-    reports = {"base": step0["base"]}
+    reports = {}
     if "expert" in arms:
         expert, curve = train_with_curve(model, train_ids, config, heldout, args.curve_points)
-        reports["expert"] = evaluate(model, expert, heldout, include_base=False)["augmented"]
-        print_curve(curve, ppl_base)
+        reports["expert"] = measure(model, expert, None, heldout, offdomain)
+        print_curve(curve, base["in"]["ppl"])
     if "soft" in arms:
         soft = SoftTokens(
-            model, args.n_latents, config.expert.gate_init, config.expert.anchor_token_id
+            model, args.n_latents or 4, config.expert.gate_init, config.expert.anchor_token_id
         )
         soft_result = train(model, train_ids, config, expert=soft)
-        reports["soft tokens"] = evaluate(model, soft_result.expert, heldout, include_base=False)[
-            "augmented"
-        ]
-        print(f"soft tokens: {soft_result.steps} steps, ppl {reports['soft tokens']['ppl']:.3f}")
+        reports["soft tokens"] = measure(model, soft_result.expert, None, heldout, offdomain)
+        print(f"soft tokens: {soft_result.steps} steps")
     if "lora" in arms:
         finetuned, finetune_steps = lora_finetune(model, train_ids, config, args)
-        reports["LoRA fine-tune"] = evaluate(finetuned, None, heldout)["base"]
-        print(f"LoRA fine-tune: {finetune_steps} steps, ppl {reports['LoRA fine-tune']['ppl']:.3f}")
-    print_table(reports, args.ahead)
-    reduction = {name: 100 * (ppl_base - r["ppl"]) / ppl_base for name, r in reports.items()}
-    result = [f"ppl_base={ppl_base:.3f}"]
+        reports["LoRA fine-tune"] = measure(finetuned, None, "base", heldout, offdomain)
+        print(f"LoRA fine-tune: {finetune_steps} steps")
+    print_table(base, reports, args.ahead)
+    print("RESULT " + " ".join(result_fields(base, reports, step0_harm)))
+
+
+def make_heldout(ids, args):
+    return heldout_set(
+        ids, window=args.window, ahead=args.ahead, positions_per_window=4, max_windows=21
+    )
+
+
+def measure(model, expert, which, heldout, offdomain):
+    """An arm's reports on its own corpus and the other domain's."""
+    which = which or "augmented"
+    return {
+        "in": evaluate(model, expert, heldout, include_base=False)[which],
+        "off": evaluate(model, expert, offdomain, include_base=False)[which],
+    }
+
+
+def change(report, base):
+    """Perplexity change against the plain decoder, in percent (negative: better)."""
+    return 100 * (report["ppl"] - base["ppl"]) / base["ppl"]
+
+
+def result_fields(base, reports, step0_harm):
+    fields = [f"ppl_base={base['in']['ppl']:.3f}"]
     if "expert" in reports:
-        result += [
-            f"ppl_expert={reports['expert']['ppl']:.3f}",
-            f"reduction_pct={reduction['expert']:.2f}",
+        fields += [
+            f"ppl_expert={reports['expert']['in']['ppl']:.3f}",
+            f"reduction_pct={-change(reports['expert']['in'], base['in']):.2f}",
         ]
+    for name, field in (("LoRA fine-tune", "lora_finetune"), ("soft tokens", "soft_tokens")):
+        if name in reports:
+            fields.append(f"{field}_reduction_pct={-change(reports[name]['in'], base['in']):.2f}")
+    fields.append(f"step0_harm_pct={step0_harm:.2f}")
+    if "expert" in reports:
+        fields.append(f"offdomain_harm_pct={change(reports['expert']['off'], base['off']):.2f}")
     if "LoRA fine-tune" in reports:
-        result.append(f"lora_finetune_reduction_pct={reduction['LoRA fine-tune']:.2f}")
-    if "soft tokens" in reports:
-        result.append(f"soft_tokens_reduction_pct={reduction['soft tokens']:.2f}")
-    result.append(f"step0_harm_pct={step0_harm:.2f}")
-    print("RESULT " + " ".join(result))
+        harm = change(reports["LoRA fine-tune"]["off"], base["off"])
+        fields.append(f"lora_offdomain_harm_pct={harm:.2f}")
+    return fields
 
 
 def train_with_curve(model, train_ids, config, heldout, points):
@@ -108,11 +142,21 @@ def train_with_curve(model, train_ids, config, heldout, points):
     result = train(model, train_ids, config, expert=expert_ref[0], on_progress=on_progress)
     final = evaluate(model, result.expert, heldout, include_base=False)["augmented"]["ppl"]
     curve.append((result.history[-1][1], result.steps, final))
-    print(
-        f"expert: {result.steps} steps in {result.history[-1][1]:.0f} s, gate "
-        f"{result.expert.latent_head.gate.mean().item():.2f}"
-    )
+    print(f"expert: {result.steps} steps in {result.history[-1][1]:.0f} s, {gates(result.expert)}")
     return result.expert, curve
+
+
+def gates(expert):
+    parts = []
+    if expert.has_coprocessor:
+        parts.append(f"latent gate {expert.latent_head.gate.mean().item():.2f}")
+    if expert.prefix is not None:
+        gate = expert.prefix.gate
+        parts.append(
+            f"prefix gate mean {gate.mean().item():.2f} "
+            f"(min {gate.min().item():.2f}, max {gate.max().item():.2f})"
+        )
+    return ", ".join(parts)
 
 
 def lora_finetune(model, train_ids, config, args):
@@ -145,13 +189,16 @@ def print_curve(curve, ppl_base):
         print(f"{seconds:8.0f} {step:6d} {ppl:8.3f} {100 * (ppl - ppl_base) / ppl_base:+7.2f}%")
 
 
-def print_table(reports, ahead):
+def print_table(base, reports, ahead):
+    reports = {"base": base, **reports}
     names = list(reports)
-    print("\nperplexity per ahead position")
+    print("\nperplexity per ahead position (own corpus)")
     print(f"{'pos':>4} " + " ".join(f"{n:>15}" for n in names))
     for i in range(ahead):
-        print(f"{i + 1:4d} " + " ".join(f"{reports[n]['ppl_by_position'][i]:15.3f}" for n in names))
-    print(f"{'all':>4} " + " ".join(f"{reports[n]['ppl']:15.3f}" for n in names))
+        row = " ".join(f"{reports[n]['in']['ppl_by_position'][i]:15.3f}" for n in names)
+        print(f"{i + 1:4d} {row}")
+    print(f"{'all':>4} " + " ".join(f"{reports[n]['in']['ppl']:15.3f}" for n in names))
+    print(f"{'off':>4} " + " ".join(f"{reports[n]['off']['ppl']:15.3f}" for n in names))
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ mixed throughput >= 0.9, auto accuracy >= 0.9.
 """
 
 import argparse
-import gzip
 import io
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -52,6 +50,7 @@ import django  # noqa: E402
 django.setup()
 
 import torch  # noqa: E402
+from common import domain_texts  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -227,36 +226,12 @@ def measure_mixed(loaded, maker, text, repeats, concurrent=16):
     return plain / mixed
 
 
-def domain_corpora(extra):
-    domains = {"python-docs": "\n\n".join(text for _, text in corpus.pydoc_topics())}
-    licences = sorted(Path("/usr/share/common-licenses").glob("*"))
-    if licences:
-        domains["licences"] = "\n\n".join(p.read_text(errors="replace") for p in licences)
-    manuals = sorted(Path("/usr/share/man/man1").glob("*.1.gz"))[:400]
-    if manuals:
-        domains["unix-manuals"] = "\n\n".join(strip_troff(m) for m in manuals)
-    for item in extra:
-        name, _, path = item.partition("=")
-        domains[name] = Path(path).read_text(errors="replace")
-    return domains
-
-
-def strip_troff(path):
-    lines = []
-    with gzip.open(path, "rt", errors="replace") as f:
-        source = f.readlines()
-    for line in source:
-        if line.startswith(('.\\"', "'\\\"")):
-            continue
-        if line.startswith("."):
-            line = line.split(" ", 1)[1] if " " in line else ""
-        lines.append(re.sub(r"\\f[A-Z]|\\f\(..|\\[-&|^e(]|\\\*\(..", "", line))
-    return "".join(lines)
-
-
 def measure_auto(loaded, maker, args):
     choose.profiles.clear()
-    domains = domain_corpora(args.domain)
+    domains = {name: "\n\n".join(texts) for name, texts in domain_texts().items()}
+    for item in args.domain:
+        name, _, path = item.partition("=")
+        domains[name] = Path(path).read_text(errors="replace")
     tokenizer, decoder = loaded.tokenizer, loaded.decoder
     prompts = []
     for name, text in domains.items():

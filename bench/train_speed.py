@@ -1,12 +1,13 @@
-"""Training speed of the coprocessor objective vs a PEFT LoRA fine-tune, same windows.
+"""Training speed of the expert's objective vs a PEFT LoRA fine-tune, same windows.
 
-Counts the tokens that carry loss: windows x positions x ahead for the coprocessor, windows x
-(window - 1) for the fine-tune. Both run the same number of steps on the same batches, in the
+Counts the tokens that carry loss: windows x positions x ahead for a coprocessor, plus windows x
+(window - 1) for a static prefix (``train.loss_tokens_per_step``); windows x (window - 1) for
+the fine-tune. Both run the same number of steps on the same batches, in the
 same process, after a warm-up step each.
 
     python bench/train_speed.py [--steps 5]
 
-Ends with RESULT train_speed_ratio=<coprocessor/finetune tokens per second>.
+Ends with RESULT train_speed_ratio=<expert/finetune loss tokens per second>.
 """
 
 import time
@@ -15,7 +16,7 @@ import torch
 from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
 
 from coprocessor.expert import Coprocessor
-from coprocessor.train import make_optimizer, sample_windows, train_step
+from coprocessor.train import loss_tokens_per_step, make_optimizer, sample_windows, train_step
 
 
 def main():
@@ -29,10 +30,10 @@ def main():
     print(f"settings: {config.to_dict()}")
     coprocessor_s = time_coprocessor(model, train_ids, config, args.steps, args.device)
     finetune_s = time_finetune(model, train_ids, config, args.steps, args.device)
-    target_tokens = config.windows_per_step * config.positions_per_window * config.ahead_tokens
+    target_tokens = loss_tokens_per_step(config)
     finetune_tokens = config.windows_per_step * (config.window - 1)
     rows = [
-        ("coprocessor objective", target_tokens, coprocessor_s),
+        ("expert objective", target_tokens, coprocessor_s),
         ("PEFT LoRA fine-tune", finetune_tokens, finetune_s),
     ]
     print(f"\n{'':24} {'loss tokens/step':>16} {'s/step':>8} {'tokens/s':>9}")
