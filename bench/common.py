@@ -67,7 +67,9 @@ def split_documents(texts, heldout_every=10):
 
 def domain_texts():
     """Corpora of distinct domains that ship on this machine, as lists of documents: the
-    Python docs (``pydoc_data``), software licences, and 400 Unix manual pages (section 1)."""
+    Python docs (``pydoc_data``), software licences, and the first 400 Unix manual pages of
+    section 1. Those depend on the Debian packages installed (``make chromium`` adds some):
+    the token counts the benches print tell which set a figure was measured on."""
     domains = {"python-docs": [text for _, text in corpus.pydoc_topics()]}
     licences = sorted(Path("/usr/share/common-licenses").glob("*"))
     if licences:
