@@ -125,6 +125,7 @@ def add_expert_arguments(p):
         default=defaults["replay_windows"],
         help="windows of D's own text per step (the off-domain anchor)",
     )
+    p.add_argument("--replay-pool", type=int, default=defaults["replay_pool"])
 
 
 def train_config(args, tokenizer, **overrides):
@@ -144,6 +145,7 @@ def train_config(args, tokenizer, **overrides):
         prefix_gate_init=args.prefix_gate_init,
         prefix_snippets=args.prefix_snippets,
         replay_windows=args.replay_windows,
+        replay_pool=args.replay_pool,
         anchor_token_id=space_token(tokenizer),
     )
     return TrainConfig.from_settings({**settings, **overrides})
