@@ -77,22 +77,12 @@ class KVPrefix(nn.Module):
         self.keys.copy_(torch.stack([k[0] for k, _ in past]))  # (layers, kv_heads, P, head_dim)
         self.values.copy_(torch.stack([v[0] for _, v in past]))
 
-    def batch(self, batch, dtype):
-        """This prefix on every row of a batch (views, so gradients reach it)."""
-        keys, values = self.keys.to(dtype), self.values.to(dtype)
-        past = [
-            (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-            for k, v in zip(keys, values, strict=True)
-        ]
-        bias = self.gate.to(dtype).expand(batch, -1)  # (B, P)
-        offsets = torch.full((batch,), self.n_positions, device=self.gate.device)
-        return PrefixBatch(past, bias, offsets)
-
 
 def batch_prefixes(prefixes_by_row, dtype, device):
     """One PrefixBatch for rows that each carry a prefix or None, padded to the longest with
     hidden columns; None when no row has one. A row without a prefix reads zeros behind a
-    ``negative`` bias, never another expert's keys."""
+    ``negative`` bias, never another expert's keys. The copies keep the autograd graph, so
+    training batches its one prefix this way too."""
     width = max((p.n_positions for p in prefixes_by_row if p is not None), default=0)
     if not width:
         return None

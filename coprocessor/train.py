@@ -28,6 +28,7 @@ from .decoder import (
 )
 from .expert import Coprocessor, CoprocessorConfig
 from .generate import Request, generate
+from .prefix import batch_prefixes
 
 
 @dataclass
@@ -153,7 +154,7 @@ def window_cache(decoder, prefix, windows):
         return WindowCache(prefilled.past, prefilled.past_bias[:, :0], 0, None)
     dtype = next(decoder.parameters()).dtype
     n_windows, length = windows.shape
-    batch = prefix.batch(n_windows, dtype)
+    batch = batch_prefixes([prefix] * n_windows, dtype, windows.device)
     positions = prefix.n_positions + torch.arange(length, device=windows.device)
     hidden, past = run_decoder(
         decoder,
@@ -246,10 +247,8 @@ def step_losses(decoder, expert, windows, positions, ahead):
     the expert has a static prefix, and the K x N_A losses after the latents when it has a
     coprocessor (both when both)."""
     prefix = expert.prefix
-    if prefix is None:
-        with torch.no_grad():
-            cache = window_cache(decoder, None, windows)
-    else:
+    # Without a prefix the windows' pass trains nothing: no graph for it.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and prefix is not None):
         cache = window_cache(decoder, prefix, windows)
     parts = [] if cache.losses is None else [cache.losses.flatten()]
     if expert.has_coprocessor:
@@ -375,9 +374,11 @@ def train(
         expert.prefix.initialize_from(decoder, prefix_text(token_ids, config, generator))
     replay_ids = None
     if config.replay_windows:
+        # Regenerated on resume (seeded, so the same); its time counts once, in a fresh run.
         started = time.perf_counter()
         replay_ids = own_text(decoder, config)
-        elapsed += time.perf_counter() - started if resume_from is None else 0.0
+        if resume_from is None:
+            elapsed += time.perf_counter() - started
     stopped = "done"
     tokens_per_step = loss_tokens_per_step(config)
     while step < config.steps:
