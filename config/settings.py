@@ -213,14 +213,21 @@ LATENTRY_THROTTLE_RATES = {
 LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)
 
 # The router (inference/). Each serving process loads a base model once and keeps experts in
-# an LRU cache bounded by bytes; requests arriving within LATENTRY_BATCH_WAIT_MS of each other
-# decode together (for at most LATENTRY_BATCH_MAX_WAIT_MS of gathering), up to LATENTRY_MAX_BATCH.
+# an LRU cache bounded by bytes. One engine per base model batches at every decode step
+# (coprocessor/engine.py): up to LATENTRY_ENGINE_MAX_ROWS rows within a kv-cache budget of
+# LATENTRY_ENGINE_CACHE_COLUMNS (rows x padded cache width; 46 KB each for SmolLM2-135M in
+# fp32); beyond them up to LATENTRY_ENGINE_MAX_WAITING requests wait, each at most
+# LATENTRY_ENGINE_QUEUE_TIMEOUT_S, and a full queue or a passed timeout answers 503.
 LATENTRY_EXPERT_CACHE_BYTES = env_int("LATENTRY_EXPERT_CACHE_BYTES", 2 * 1024**3)
 LATENTRY_EXPERT_LOAD_TIMEOUT_S = env_float("LATENTRY_EXPERT_LOAD_TIMEOUT_S", 10.0)
 LATENTRY_MAX_NEW_TOKENS = env_int("LATENTRY_MAX_NEW_TOKENS", 512)
-LATENTRY_MAX_BATCH = env_int("LATENTRY_MAX_BATCH", 16)
-LATENTRY_BATCH_WAIT_MS = env_float("LATENTRY_BATCH_WAIT_MS", 5.0)
-LATENTRY_BATCH_MAX_WAIT_MS = env_float("LATENTRY_BATCH_MAX_WAIT_MS", 50.0)
+LATENTRY_ENGINE_MAX_ROWS = env_int("LATENTRY_ENGINE_MAX_ROWS", 32)
+LATENTRY_ENGINE_CACHE_COLUMNS = env_int("LATENTRY_ENGINE_CACHE_COLUMNS", 65536)
+LATENTRY_ENGINE_MAX_WAITING = env_int("LATENTRY_ENGINE_MAX_WAITING", 256)
+LATENTRY_ENGINE_QUEUE_TIMEOUT_S = env_float("LATENTRY_ENGINE_QUEUE_TIMEOUT_S", 30.0)
+LATENTRY_ENGINE_PREFILL_TOKENS = env_int("LATENTRY_ENGINE_PREFILL_TOKENS", 4096)
+# A generation that runs longer than this ends with finish_reason "length" (0: no limit).
+LATENTRY_REQUEST_TIMEOUT_S = env_float("LATENTRY_REQUEST_TIMEOUT_S", 300.0)
 # auto: the least centred cosine between prompt and profile that picks an expert.
 LATENTRY_AUTO_THRESHOLD = env_float("LATENTRY_AUTO_THRESHOLD", 0.2)
 LATENTRY_PROFILE_REFRESH_S = env_float("LATENTRY_PROFILE_REFRESH_S", 30.0)

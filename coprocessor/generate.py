@@ -1,11 +1,19 @@
-"""Generation from an augmented cache: greedy or sampled, batched across experts.
+"""Generation from an augmented cache: greedy or sampled, batched across experts, rows joining
+and leaving between steps.
 
-Each request has its own prompt, expert (or none) and sampling settings. The batch shares one
-decoder: prompts are left-padded; the LoRA experts' latents come from the prefill's own forward
-(``expert.prefill_with_latents``, each row with its expert's deltas), full-copy experts run
-their copy on their rows; latents are padded to the longest with hidden columns, and decoding
-is plain D for every row. A row's output does not depend on what else is in the batch:
-sampling uses a generator per request.
+``RunningBatch`` holds the rows being generated together and their one shared cache. ``admit``
+prefills new rows together (left-padded prompts; the LoRA experts' latents come from that
+prefill's own forward, ``expert.prefill_with_latents``, each row with its expert's deltas;
+full-copy experts run their copy on their rows; static prefixes go in front of their rows'
+prompts) and joins them to the running rows; ``step`` decodes one token for every row, with
+plain D, and retires the rows that end. Rows are right-aligned in the cache: a row's older
+columns and the padding before them are hidden by its bias, positions are explicit, so a row's
+output does not depend on what else is in the batch or when it joined; sampling uses a
+generator per request.
+
+An expert whose pass raises, or whose latents or logits are not finite, is dropped for its own
+rows only: they are prefilled again by plain D (``Generation.degraded`` says why). Plain rows
+never read an expert's weights (``lora.row_adapters``).
 """
 
 import secrets
@@ -31,65 +39,304 @@ class Request:
     # Called with each new token id as it is chosen (streaming); a true result stops the row.
     on_token: object = None
 
+    def cache_columns(self):
+        """The most cache columns this request's row can reach: its expert's static prefix
+        and latents, the prompt, and every new token."""
+        columns = len(self.prompt_ids) + self.max_new_tokens
+        if self.expert is not None:
+            columns += self.expert.config.prefix_positions + self.expert.config.n_latents
+        return columns
+
 
 @dataclass
 class Generation:
     token_ids: list[int]
-    finish_reason: str  # "stop" (eos or a stop token) or "length"
+    # "stop" (eos, a stop token or the caller), "length", or how the row was ended early:
+    # "cancelled", "deadline", "error" (``error`` says what)
+    finish_reason: str
     timings: dict = field(default_factory=dict)
+    degraded: str = ""  # why the request's expert was dropped for the plain decoder, if it was
+    error: str = ""
+
+
+@dataclass(eq=False)
+class Row:
+    """One request being generated: its own state beside its columns of the shared cache."""
+
+    request: Request
+    tag: object  # the caller's handle on the row
+    expert: object  # the request's expert, or None once it was dropped
+    generator: torch.Generator | None
+    tokens: list = field(default_factory=list)
+    position: int = 0  # the position the next fed token takes
+    next_token: int | None = None  # chosen, not yet fed to D
+    finish_reason: str | None = None
+    degraded: str = ""
+    error: str = ""
+
+    def end(self, reason, error=""):
+        self.finish_reason, self.error = reason, error
+
+    def generation(self, timings=None):
+        return Generation(
+            self.tokens, self.finish_reason, dict(timings or {}), self.degraded, self.error
+        )
+
+
+@dataclass
+class _Part:
+    """New rows after their prefill: their cache, bias, next positions and first logits."""
+
+    past: list
+    bias: torch.Tensor  # (n, W)
+    positions: torch.Tensor  # (n,) the position of each row's first new token
+    logits: torch.Tensor  # (n, V)
+
+
+class RunningBatch:
+    """The rows generated together and their shared cache (``past``: per layer (keys, values),
+    each ``(B, kv_heads, W, head_dim)``; ``bias`` (B, W))."""
+
+    def __init__(self, decoder, eos_token_id=None):
+        self.decoder = decoder
+        self.eos_token_id = eos_token_id
+        parameter = next(decoder.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.rows = []
+        self.past = None
+        self.bias = None
+
+    @property
+    def width(self):
+        return 0 if self.bias is None else self.bias.shape[1]
+
+    @torch.no_grad()
+    def admit(self, requests, tags=None):
+        """Prefill ``requests`` together and join them to the running rows; returns the rows
+        that already ended (at their first token)."""
+        if any(len(r.prompt_ids) == 0 for r in requests):
+            raise ValueError("every prompt needs at least one token")
+        tags = tags if tags is not None else [None] * len(requests)
+        rows = [Row(r, tag, r.expert, _generator(r)) for r, tag in zip(requests, tags, strict=True)]
+        ended = []
+        for group, part in self._prefill(rows):
+            ended += self._join(group, part)
+        return ended
+
+    @torch.no_grad()
+    def step(self):
+        """One new token for every running row; returns the rows that ended."""
+        if not self.rows:
+            return []
+        batch = len(self.rows)
+        feed = torch.tensor([[row.next_token] for row in self.rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
+        new_bias = torch.zeros(batch, 1, dtype=self.dtype, device=self.device)
+        logits, self.past = run_decoder(
+            self.decoder,
+            past=self.past,
+            past_bias=self.bias,
+            inputs_embeds=embed(self.decoder, feed),
+            new_bias=new_bias,
+            positions=positions,
+            logits_last=1,
+        )
+        self.bias = torch.cat([self.bias, new_bias], dim=1)
+        for row in self.rows:
+            row.position += 1
+        self._advance(self.rows, logits[:, -1])
+        return self.retire()
+
+    def retire(self):
+        """Drop the rows that ended (also those the caller ended) and the cache columns no
+        remaining row can see; returns the dropped rows."""
+        ended = [row for row in self.rows if row.finish_reason]
+        if not ended:
+            return []
+        keep = [i for i, row in enumerate(self.rows) if not row.finish_reason]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.past = self.bias = None
+            return ended
+        index = torch.tensor(keep, device=self.device)
+        bias = self.bias[index]
+        first = int((bias > negative(self.dtype)).any(0).int().argmax())  # leading padding
+        self.bias = bias[:, first:]
+        self.past = [(k[:, :, first:], v[:, :, first:]) for k, v in select_rows(self.past, index)]
+        return ended
+
+    # --- admission ------------------------------------------------------------------------
+
+    def _prefill(self, rows):
+        """[(rows, _Part)] for new rows. An expert that raises, or gives latents or logits that
+        are not finite, is dropped for its rows, which are prefilled again by plain D."""
+        try:
+            groups = [(rows, self._prefill_part(rows))]
+        except Exception as exc:
+            by_expert = {}
+            for row in rows:
+                by_expert.setdefault(id(row.expert), []).append(row)
+            if len(by_expert) > 1:  # find whose expert it was: each expert's rows alone
+                return [pair for group in by_expert.values() for pair in self._prefill(group)]
+            if rows[0].expert is None:
+                raise  # plain D itself failed: not an expert's fault
+            return self._prefill(_drop_expert(rows, f"the expert failed: {exc}"))
+        part = groups[0][1]
+        finite = torch.isfinite(part.logits).all(-1).tolist()
+        broken = [row for row, ok in zip(rows, finite, strict=True) if not ok and row.expert]
+        if not broken:
+            return groups
+        kept = [i for i, row in enumerate(rows) if row not in broken]
+        groups = [(rows_at(rows, kept), _select(part, kept))] if kept else []
+        return groups + self._prefill(_drop_expert(broken, "its latents or logits are not finite"))
+
+    def _prefill_part(self, rows):
+        """D's cache over the new rows' static prefixes, prompts and latents, and the logits
+        of their first new token (the prompt's last token, read after the latents)."""
+        prompts, visible = _left_pad([r.request.prompt_ids[:-1] for r in rows], self.device)
+        experts = [row.expert for row in rows]
+        static = batch_prefixes(
+            [getattr(e, "prefix", None) for e in experts], self.dtype, self.device
+        )
+        lora_experts = [e if _kind(e) == "lora" else None for e in experts]
+        if any(lora_experts):
+            prefilled, z, gate = prefill_with_latents(
+                self.decoder, prompts, visible, lora_experts, prefix=static
+            )
+        else:
+            prefilled, z, gate = prefill(self.decoder, prompts, visible, prefix=static), None, None
+        past, past_bias, positions, _ = prefilled
+        latents, latent_bias = _latents(
+            self.decoder, experts, past, past_bias, positions, self.dtype, z, gate
+        )
+        last = torch.tensor([[r.request.prompt_ids[-1]] for r in rows], device=self.device)
+        inputs = torch.cat([latents, embed(self.decoder, last)], dim=1)  # (n, L + 1, H)
+        new_bias = torch.cat(
+            [latent_bias, torch.zeros(len(rows), 1, dtype=self.dtype, device=self.device)], dim=1
+        )  # (n, L + 1)
+        logits, past = run_decoder(
+            self.decoder,
+            past=past,
+            past_bias=past_bias,
+            inputs_embeds=inputs,
+            new_bias=new_bias,
+            positions=positions[:, None].expand(-1, inputs.shape[1]),
+            logits_last=1,
+        )
+        logits = logits[:, -1]
+        # NaN latents behind a gate still poison the row: its logits show it.
+        logits = torch.where(torch.isfinite(latents).all(-1).all(-1)[:, None], logits, torch.nan)
+        return _Part(past, torch.cat([past_bias, new_bias], dim=1), positions + 1, logits)
+
+    def _join(self, rows, part):
+        """Choose the new rows' first tokens; those that go on join the running batch."""
+        for row, position in zip(rows, part.positions.tolist(), strict=True):
+            row.position = position
+        self._advance(rows, part.logits)
+        going = [i for i, row in enumerate(rows) if not row.finish_reason]
+        if going:
+            part = _select(part, going) if len(going) < len(rows) else part
+            self._append(rows_at(rows, going), part)
+        return [row for row in rows if row.finish_reason]
+
+    def _append(self, rows, part):
+        if not self.rows:
+            self.rows, self.past, self.bias = list(rows), part.past, part.bias
+            return
+        width = max(self.width, part.bias.shape[1])
+        old_past, old_bias = _pad_left(self.past, self.bias, width)
+        new_past, new_bias = _pad_left(part.past, part.bias, width)
+        self.past = [
+            (torch.cat([k, nk]), torch.cat([v, nv]))
+            for (k, v), (nk, nv) in zip(old_past, new_past, strict=True)
+        ]
+        self.bias = torch.cat([old_bias, new_bias])
+        self.rows += rows
+
+    # --- choosing tokens ------------------------------------------------------------------
+
+    def _advance(self, rows, logits):
+        """Choose each row's next token from its logits (n, V) and hand it on."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row
+        for i, row in enumerate(rows):
+            if not finite[i]:
+                row.end("error", "the logits are not finite")
+                continue
+            request = row.request
+            token = greedy[i] if request.temperature <= 0 else _sample(logits[i], row)
+            if token == self.eos_token_id or token in request.stop_ids:
+                row.end("stop")
+                continue
+            row.tokens.append(token)
+            try:
+                stop = request.on_token is not None and request.on_token(token)
+            except Exception as exc:  # the caller's callback: its own row ends, no other
+                row.end("error", f"the token callback failed: {exc}")
+                continue
+            if stop:
+                row.end("stop")
+            elif len(row.tokens) >= request.max_new_tokens:
+                row.end("length")
+            else:
+                row.next_token = token
 
 
 @torch.no_grad()
 def generate(decoder, requests, eos_token_id=None):
-    """Generate for every request in one batch; returns a Generation per request, in order."""
+    """Generate for every request in one batch, each to its end; a Generation per request, in
+    order."""
     if not requests:
         return []
-    if any(len(r.prompt_ids) == 0 for r in requests):
-        raise ValueError("every prompt needs at least one token")
-    device = next(decoder.parameters()).device
-    dtype = next(decoder.parameters()).dtype
-    timings = {}
+    batch = RunningBatch(decoder, eos_token_id)
     started = time.perf_counter()
-    prefix_ids, visible = _left_pad([r.prompt_ids[:-1] for r in requests], device)
-    # Static prefixes go in front of their rows' prompts; they cost no pass of their own.
-    static = batch_prefixes([getattr(r.expert, "prefix", None) for r in requests], dtype, device)
-    lora_experts = [r.expert if _kind(r.expert) == "lora" else None for r in requests]
-    if any(lora_experts):
-        # The LoRA experts' pass rides along with the prefill (its time counts as prefill).
-        prefilled, z, gate = prefill_with_latents(
-            decoder, prefix_ids, visible, lora_experts, prefix=static
-        )
-    else:
-        prefilled, z, gate = prefill(decoder, prefix_ids, visible, prefix=static), None, None
-    past, past_bias, positions, _ = prefilled
-    timings["prefill_s"] = time.perf_counter() - started
-
+    ended = batch.admit(requests, tags=range(len(requests)))
+    timings = {"prefill_s": time.perf_counter() - started}
     started = time.perf_counter()
-    latents, latent_bias = _latents(decoder, requests, past, past_bias, positions, dtype, z, gate)
-    timings["coprocessor_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    last = torch.tensor([[r.prompt_ids[-1]] for r in requests], device=device)
-    inputs = torch.cat([latents, embed(decoder, last)], dim=1)  # (B, L + 1, H)
-    new_bias = torch.cat(
-        [latent_bias, torch.zeros(len(requests), 1, dtype=dtype, device=device)], dim=1
-    )  # (B, L + 1)
-    new_positions = positions[:, None].expand(-1, inputs.shape[1])  # (B, L + 1)
-    logits, past = run_decoder(
-        decoder,
-        past=past,
-        past_bias=past_bias,
-        inputs_embeds=inputs,
-        new_bias=new_bias,
-        positions=new_positions,
-        logits_last=1,
-    )
-    past_bias = torch.cat([past_bias, new_bias], dim=1)  # (B, P + L + 1)
-    outputs = _decode(decoder, requests, logits[:, -1], past, past_bias, positions, eos_token_id)
+    while batch.rows:
+        ended += batch.step()
     timings["decode_s"] = time.perf_counter() - started
-    for output in outputs:
-        output.timings = dict(timings)
-    return outputs
+    by_tag = {row.tag: row.generation(timings) for row in ended}
+    return [by_tag[i] for i in range(len(requests))]
+
+
+def rows_at(rows, indices):
+    return [rows[i] for i in indices]
+
+
+def _drop_expert(rows, reason):
+    for row in rows:
+        row.expert, row.degraded = None, reason
+    return rows
+
+
+def _select(part, indices):
+    index = torch.tensor(indices, device=part.bias.device)
+    return _Part(
+        select_rows(part.past, index), part.bias[index], part.positions[index], part.logits[index]
+    )
+
+
+def _pad_left(past, bias, width):
+    """Hidden columns in front of a cache, up to ``width``."""
+    missing = width - bias.shape[1]
+    if missing == 0:
+        return past, bias
+    pad_bias = torch.full(
+        (bias.shape[0], missing), negative(bias.dtype), dtype=bias.dtype, device=bias.device
+    )
+    padded = []
+    for k, v in past:
+        zeros = k.new_zeros(k.shape[0], k.shape[1], missing, k.shape[3])
+        padded.append((torch.cat([zeros, k], dim=2), torch.cat([zeros, v], dim=2)))
+    return padded, torch.cat([pad_bias, bias], dim=1)
+
+
+def _generator(request):
+    if request.temperature <= 0:
+        return None
+    seed = request.seed if request.seed is not None else secrets.randbits(63)  # fresh each time
+    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def _left_pad(sequences, device):
@@ -103,27 +350,27 @@ def _left_pad(sequences, device):
     return ids, visible
 
 
-def _latents(decoder, requests, past, past_bias, positions, dtype, lora_z, lora_gate):
-    """Each request's latents on its row, padded to the longest with hidden columns: (B, L, H)
-    and their gate bias (B, L).
+def _latents(decoder, experts, past, past_bias, positions, dtype, lora_z, lora_gate):
+    """Each row's latents, padded to the longest with hidden columns: (B, L, H) and their gate
+    bias (B, L).
 
     The LoRA experts' latents come from the prefill (``lora_z``, ``lora_gate``, or None when
-    the batch has none); full-copy experts run their own copy on their rows.
+    the rows have none); full-copy experts run their own copy on their rows.
     """
-    batch, device = len(requests), positions.device
-    width = max((r.expert.config.n_latents for r in requests if _kind(r.expert)), default=0)
+    batch, device = len(experts), positions.device
+    width = max((e.config.n_latents for e in experts if _kind(e)), default=0)
     latents = torch.zeros(batch, width, decoder.config.hidden_size, dtype=dtype, device=device)
     bias = torch.full((batch, width), negative(dtype), dtype=dtype, device=device)
     if lora_z is not None:
         latents[:, : lora_z.shape[1]] = lora_z.to(dtype)
         bias[:, : lora_z.shape[1]] = lora_gate
-    for row, request in enumerate(requests):
-        if _kind(request.expert) == "full":
+    for row, expert in enumerate(experts):
+        if _kind(expert) == "full":
             index = torch.tensor([row], device=device)
             rows_past = select_rows(past, index) if past is not None else None
-            z = request.expert.latents(rows_past, past_bias[index], positions[index])
+            z = expert.latents(rows_past, past_bias[index], positions[index])
             latents[index, : z.shape[1]] = z.to(dtype)
-            bias[index, : z.shape[1]] = request.expert.gate_bias(1).to(dtype)
+            bias[index, : z.shape[1]] = expert.gate_bias(1).to(dtype)
     return latents, bias
 
 
@@ -135,54 +382,8 @@ def _kind(expert):
     return expert.config.kind
 
 
-def _decode(decoder, requests, logits, past, past_bias, positions, eos_token_id):
-    batch, device = len(requests), logits.device
-    generators = [
-        torch.Generator(device="cpu").manual_seed(
-            r.seed if r.seed is not None else secrets.randbits(63)  # unseeded: fresh each time
-        )
-        for r in requests
-    ]
-    tokens = [[] for _ in requests]
-    finished = [None] * batch
-    step = 0
-    while True:
-        next_ids = [_choose(logits[row], requests[row], generators[row]) for row in range(batch)]
-        for row, token in enumerate(next_ids):
-            if finished[row]:
-                continue
-            request = requests[row]
-            if token == eos_token_id or token in request.stop_ids:
-                finished[row] = "stop"
-                continue
-            tokens[row].append(token)
-            if request.on_token is not None and request.on_token(token):
-                finished[row] = "stop"
-                continue
-            if len(tokens[row]) >= request.max_new_tokens:
-                finished[row] = "length"
-        if all(finished):
-            break
-        step += 1
-        feed = torch.tensor(next_ids, device=device)[:, None]
-        new_bias = torch.zeros(batch, 1, dtype=past_bias.dtype, device=device)
-        logits, past = run_decoder(
-            decoder,
-            past=past,
-            past_bias=past_bias,
-            inputs_embeds=embed(decoder, feed),
-            new_bias=new_bias,
-            positions=(positions + step)[:, None],
-            logits_last=1,
-        )
-        logits = logits[:, -1]  # (B, V)
-        past_bias = torch.cat([past_bias, new_bias], dim=1)  # (B, P + step)
-    return [Generation(token_ids=t, finish_reason=f) for t, f in zip(tokens, finished, strict=True)]
-
-
-def _choose(logits, request, generator):
-    if request.temperature <= 0:
-        return int(logits.argmax())
+def _sample(logits, row):
+    request = row.request
     probs = torch.softmax(logits.float().cpu() / request.temperature, dim=-1)
     if request.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
@@ -190,4 +391,4 @@ def _choose(logits, request, generator):
         keep[0] = True  # the likeliest token always stays
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=row.generator))

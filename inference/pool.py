@@ -15,12 +15,11 @@ import torch
 from django.conf import settings
 
 from coprocessor import artifact, base_models
+from coprocessor.engine import Engine, Limits
 from coprocessor.expert import Coprocessor
 from coprocessor.lora import install_lora_hooks
 from registry import storage
 from registry.models import BaseModel
-
-from .batching import Batcher
 
 
 class ExpertUnavailable(Exception):
@@ -32,7 +31,7 @@ class LoadedBase:
     record: BaseModel
     decoder: torch.nn.Module
     tokenizer: object
-    batcher: Batcher = field(repr=False)
+    engine: Engine = field(repr=False)
 
 
 class ExpertCache:
@@ -99,7 +98,7 @@ class ModelPool:
                 loaded = self.bases.get(record.slug)
                 if loaded is None or loaded.record.fingerprint != record.fingerprint:
                     if loaded is not None:  # new weights: experts built on the old ones go too
-                        loaded.batcher.stop()
+                        loaded.engine.stop()
                         self.experts.clear()
                     loaded = self.bases[record.slug] = self._load(record)
         return loaded if loaded.record == record else dataclasses.replace(loaded, record=record)
@@ -114,14 +113,9 @@ class ModelPool:
         # Hooks go in now, before any request runs through the decoder: adding them later
         # (with the first expert) would change it under concurrent forwards.
         install_lora_hooks(decoder)
-        batcher = Batcher(
-            decoder,
-            tokenizer.eos_token_id,
-            max_batch=settings.LATENTRY_MAX_BATCH,
-            wait_s=settings.LATENTRY_BATCH_WAIT_MS / 1000,
-            max_wait_s=settings.LATENTRY_BATCH_MAX_WAIT_MS / 1000,
+        return LoadedBase(
+            record, decoder, tokenizer, Engine(decoder, tokenizer.eos_token_id, limits())
         )
-        return LoadedBase(record, decoder, tokenizer, batcher)
 
     def expert(self, base, version):
         """The Coprocessor of an ExpertVersion; ExpertUnavailable with the reason if it cannot
@@ -145,6 +139,17 @@ class ModelPool:
             raise ExpertUnavailable(f"the expert could not be loaded: {exc}") from None
 
 
+def limits():
+    """The engine's limits from the settings (read when a base model loads)."""
+    return Limits(
+        max_rows=settings.LATENTRY_ENGINE_MAX_ROWS,
+        cache_columns=settings.LATENTRY_ENGINE_CACHE_COLUMNS,
+        max_waiting=settings.LATENTRY_ENGINE_MAX_WAITING,
+        queue_timeout_s=settings.LATENTRY_ENGINE_QUEUE_TIMEOUT_S,
+        prefill_tokens=settings.LATENTRY_ENGINE_PREFILL_TOKENS,
+    )
+
+
 def load_expert(base, version):
     """Read, check (sha256, then the header against the base model) and build an expert."""
     data = version.read_verified()
@@ -158,7 +163,7 @@ def warm_up():
 
     for record in BaseModel.objects.exclude(weights_location=""):
         loaded = pool().base(record)
-        loaded.batcher.submit(Request(prompt_ids=[0, 0], max_new_tokens=1)).result()
+        loaded.engine.submit(Request(prompt_ids=[0, 0], max_new_tokens=1)).future.result()
 
 
 _pool = None
@@ -179,5 +184,5 @@ def reset():
     with _pool_lock:
         if _pool is not None:
             for base in _pool.bases.values():
-                base.batcher.stop()
+                base.engine.stop()
         _pool = None

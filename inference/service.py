@@ -13,6 +13,7 @@ from django.conf import settings
 
 from coprocessor import base_models, routing
 from coprocessor.decoder import prefill
+from coprocessor.engine import Overloaded, TooLarge  # noqa: F401 (Overloaded: views answer 503)
 from coprocessor.generate import Request
 from coprocessor.prefix import batch_prefixes
 from registry.models import BaseModel
@@ -138,29 +139,40 @@ def prepare(ask):
     return loaded, ids
 
 
-def run(ask, user, on_text=None, prepared=None, should_stop=None):
-    """Serve ``ask``; ``on_text(delta)`` streams the text as it is generated, and a true
-    ``should_stop()`` (the client went away) ends the generation early."""
-    return plan(ask, user, on_text, prepared, should_stop).submit().answer()
+def run(ask, user, on_text=None, prepared=None):
+    """Serve ``ask``; ``on_text(delta)`` streams the text as it is generated."""
+    return plan(ask, user, on_text, prepared).submit().answer()
 
 
 def run_together(asks, user, prepared=None):
     """Serve several asks at once: all are chosen before any is queued, and all are queued
-    before any is waited for, so the batcher decodes them in one batch. ``prepared``: one
+    before any is waited for, so the engine admits them together. ``prepared``: one
     ``prepare`` for asks that differ only in their expert."""
     planned = [plan(ask, user, prepared=prepared) for ask in asks]
-    for pending in planned:
-        pending.submit()
+    tickets = _submit(planned[0].engine, [pending.request for pending in planned])
+    for pending, ticket in zip(planned, tickets, strict=True):
+        pending.ticket = ticket
     return [pending.answer() for pending in planned]
 
 
-def plan(ask, user, on_text=None, prepared=None, should_stop=None):
+def _submit(engine, requests):
+    """Queue requests together: Overloaded (503) when the engine has no room for them now,
+    BadRequest when one could never fit."""
+    try:
+        return engine.submit_together(
+            requests, deadline_s=settings.LATENTRY_REQUEST_TIMEOUT_S or None
+        )
+    except TooLarge as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def plan(ask, user, on_text=None, prepared=None):
     """Everything before queueing: the prompt, the expert chosen, the request to generate."""
     loaded, ids = prepared or prepare(ask)
     started = time.perf_counter()
     choice, expert = pick(loaded, ask, ids, user)
     routing_ms = (time.perf_counter() - started) * 1000
-    stream = TextStream(loaded.tokenizer, ask.stop, on_text, should_stop)
+    stream = TextStream(loaded.tokenizer, ask.stop, on_text)
     request = Request(
         prompt_ids=ids,
         expert=expert,
@@ -170,38 +182,73 @@ def plan(ask, user, on_text=None, prepared=None, should_stop=None):
         seed=ask.seed,
         on_token=stream.push,
     )
-    return Pending(loaded.batcher, request, stream, choice, routing_ms)
+    return Pending(loaded.engine, request, stream, choice, routing_ms)
 
 
 @dataclass
 class Pending:
-    batcher: object
+    engine: object
     request: Request
     stream: "TextStream"
     choice: choose.Choice
     routing_ms: float
-    future: object = None
+    ticket: object = None
 
     def submit(self):
-        self.future = self.batcher.submit(self.request)
+        (self.ticket,) = _submit(self.engine, [self.request])
         return self
 
+    def cancel(self):
+        """The caller went away: its row ends at the engine's next step."""
+        if self.ticket is not None:
+            self.ticket.cancel()
+
     def answer(self):
-        generation = self.future.result()
+        generation = self.ticket.future.result()
+        if generation.finish_reason == "error" and self.request.expert and not self.stream.sent:
+            # The expert broke its row after its prefill: nothing reached the caller yet, so
+            # the plain model serves it from the start.
+            return self._again_plain(f"{self.choice.name}: the expert failed ({generation.error})")
         self.stream.finish()
         timings = {f"{k.removesuffix('_s')}_ms": v * 1000 for k, v in generation.timings.items()}
-        augmented = self.request.expert is not None
+        augmented = self.request.expert is not None and not generation.degraded
+        reason = ""
+        if not augmented:
+            reason = f"{self.choice.name}: {generation.degraded}" if generation.degraded else ""
+            reason = reason or self.choice.reason
         return Answer(
             text=self.stream.text,
             token_ids=generation.token_ids,
-            finish_reason=generation.finish_reason,
+            finish_reason=_finish_reason(generation),
             expert=self.choice.name if augmented else None,
             augmented=augmented,
-            reason="" if augmented else self.choice.reason,
+            reason=reason,
             score=self.choice.score,
             prompt_tokens=len(self.request.prompt_ids),
             timings_ms={"routing_ms": self.routing_ms, **timings},
         )
+
+    def _again_plain(self, reason):
+        self.stream.reset()
+        plain = dataclasses.replace(self, request=dataclasses.replace(self.request, expert=None))
+        plain.choice = choose.Choice(score=self.choice.score, reason=reason)
+        return plain.submit().answer()
+
+
+class GenerationFailed(RuntimeError):
+    """The server failed while generating (500; in a stream, an error event)."""
+
+
+def _finish_reason(generation):
+    """OpenAI's finish reasons: a row ended by its deadline ran out of length; one ended by
+    an error is the server's failure."""
+    if generation.finish_reason == "error":
+        raise GenerationFailed(generation.error or "generation failed")
+    if generation.finish_reason == "deadline":
+        return "length"
+    if generation.finish_reason == "cancelled":  # nobody reads it: the caller went away
+        return "stop"
+    return generation.finish_reason
 
 
 def attach(ask, user):
@@ -241,8 +288,7 @@ class TextStream:
     """Token ids to text as they come: decodes the whole so far (merged bytes come out right),
     hands on only what is new, and ends the row at a stop string (which is not returned)."""
 
-    def __init__(self, tokenizer, stops, on_text, should_stop=None):
-        self.should_stop = should_stop
+    def __init__(self, tokenizer, stops, on_text):
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.on_text = on_text
@@ -251,8 +297,6 @@ class TextStream:
         self.sent = 0
 
     def push(self, token_id):
-        if self.should_stop is not None and self.should_stop():
-            return True
         self.ids.append(token_id)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         stopped = False
@@ -270,6 +314,10 @@ class TextStream:
 
     def finish(self):
         self._send(len(self.text))
+
+    def reset(self):
+        """Start again (nothing was sent yet)."""
+        self.ids, self.text, self.sent = [], "", 0
 
     def _send(self, upto):
         if self.on_text is not None and upto > self.sent:

@@ -5,16 +5,14 @@ import base64
 import contextlib
 import json
 import queue
-import threading
 import time
 import uuid
 
-from django.db import connection
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -34,15 +32,31 @@ from .serializers import (
 )
 
 
+class Busy(APIException):
+    """No room for the request now: 503 with Retry-After (DRF sends ``wait`` as that header)."""
+
+    status_code = 503
+    default_code = "overloaded"
+
+    def __init__(self, detail, wait):
+        super().__init__(detail)
+        self.wait = wait
+
+
 @contextlib.contextmanager
 def service_errors():
-    """The router's refusals as HTTP errors: unknown base model 404, bad request 400."""
+    """The router's refusals as HTTP errors: unknown base model 404, bad request 400, no room
+    now 503, a failure while generating 500."""
     try:
         yield
     except service.UnknownModel as exc:
         raise NotFound(str(exc)) from None
     except service.BadRequest as exc:
         raise ValidationError({"detail": str(exc)}) from None
+    except service.Overloaded as exc:
+        raise Busy(f"the server is busy: {exc}", exc.retry_after_s) from None
+    except service.GenerationFailed as exc:
+        raise APIException(str(exc)) from None
 
 
 class RouterView(APIView):
@@ -55,14 +69,16 @@ class RouterView(APIView):
         with service_errors():
             return service.prepare(ask)
 
-    def serve(self, ask, on_text=None, should_stop=None, prepared=None):
-        prepared = prepared or self.prepare(ask)
-        answer = service.run(
-            ask, self.request.user, on_text=on_text, prepared=prepared, should_stop=should_stop
-        )
+    def serve(self, ask):
+        prepared = self.prepare(ask)
+        with service_errors():
+            answer = service.run(ask, self.request.user, prepared=prepared)
+        self.account(answer)
+        return answer
+
+    def account(self, answer):
         if isinstance(self.request.auth, ApiKey):
             Usage.record(self.request.auth, answer.prompt_tokens, len(answer.token_ids))
-        return answer
 
 
 class GenerateView(RouterView):
@@ -161,7 +177,12 @@ def model_entry(model_id, owner, created):
     return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
 
 
-ERROR_TYPES = {404: "not_found_error", 429: "rate_limit_error"}
+ERROR_TYPES = {
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 class OpenAIView(RouterView):
@@ -214,24 +235,15 @@ class OpenAIView(RouterView):
         }
 
     def stream(self, ask, completion_id, base, expert):
-        """Server-sent events: a chunk per piece of text, then one with the finish reason."""
-        prepared = self.prepare(ask)  # refuse a bad request with a 4xx before the stream starts
+        """Server-sent events: a chunk per piece of text, then one with the finish reason.
+        Refusals (4xx, and 503 while it waits for a place in the engine) come before the
+        stream starts."""
+        prepared = self.prepare(ask)
         pieces = queue.Queue()
-        outcome = {}
-        gone = threading.Event()  # the client closed the stream: stop generating for it
-
-        def work():
-            try:
-                outcome["answer"] = self.serve(
-                    ask, on_text=pieces.put, should_stop=gone.is_set, prepared=prepared
-                )
-            except Exception as exc:  # reported in the stream, which has already begun
-                outcome["error"] = exc
-            finally:
-                pieces.put(None)
-                connection.close()  # this thread's own database connection
-
-        threading.Thread(target=work, daemon=True).start()
+        with service_errors():
+            pending = service.plan(ask, self.request.user, pieces.put, prepared).submit()
+            pending.ticket.admission.result()
+        pending.ticket.future.add_done_callback(lambda _: pieces.put(None))
         created = int(time.time())
 
         def chunk(delta, finish_reason=None, extra=None):
@@ -256,15 +268,20 @@ class OpenAIView(RouterView):
                     yield chunk({"role": "assistant", "content": ""})
                 while (piece := pieces.get()) is not None:
                     yield chunk({"content": piece})
-                if "error" in outcome:
-                    error = {"message": str(outcome["error"]), "type": "invalid_request_error"}
+                try:
+                    answer = pending.answer()
+                except service.GenerationFailed as exc:  # the stream has begun: an error event
+                    error = {"message": str(exc), "type": "server_error"}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                 else:
-                    answer = outcome["answer"]
+                    while not pieces.empty():  # a plain retry's text, if the expert broke
+                        if (piece := pieces.get()) is not None:
+                            yield chunk({"content": piece})
+                    self.account(answer)
                     yield chunk({}, answer.finish_reason, {"latentry": latentry_fields(answer)})
                 yield "data: [DONE]\n\n"
             finally:
-                gone.set()  # also when the server closes the stream because the client left
+                pending.cancel()  # also when the server closes the stream because the client left
 
         response = StreamingHttpResponse(events(), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"

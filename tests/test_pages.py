@@ -255,8 +255,8 @@ def test_trying_decodes_both_answers_in_one_batch_equal_to_each_alone(make_exper
     expert = make_expert("pydoc")
     publish(expert)
     plain, augmented = compare(expert, None, prompt="w5 w6 w7", max_new_tokens=6)
-    batcher = pool.pool().bases[expert.base_model.slug].batcher
-    assert batcher.batch_sizes[-1] == 2
+    engine = pool.pool().bases[expert.base_model.slug].engine
+    assert engine.admitted_sizes[-1] == 2
     assert augmented.augmented and not plain.augmented
     base = expert.base_model.slug
     alone = [
@@ -266,7 +266,7 @@ def test_trying_decodes_both_answers_in_one_batch_equal_to_each_alone(make_exper
             None,
         ),
     ]
-    assert list(batcher.batch_sizes)[-2:] == [1, 1]
+    assert list(engine.admitted_sizes)[-2:] == [1, 1]
     assert [a.token_ids for a in alone] == [plain.token_ids, augmented.token_ids]
 
 

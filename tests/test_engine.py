@@ -1,0 +1,183 @@
+"""The serving engine: rows join and leave between steps with outputs unchanged, admission
+stays within the cache budget, and a broken expert ends only its own rows."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from coprocessor.engine import Engine, Limits, Overloaded, TooLarge
+from coprocessor.expert import Coprocessor, CoprocessorConfig
+from coprocessor.generate import Request, RunningBatch, generate
+from tests.factories import FAMILIES, frozen, randomize, wait_for
+
+
+def lora_expert(model, seed=1, n_latents=3):
+    return randomize(Coprocessor(model, CoprocessorConfig(n_latents=n_latents, lora_rank=2)), seed)
+
+
+def prefix_expert(model, seed=2, positions=4):
+    config = CoprocessorConfig(n_latents=0, prefix_positions=positions, lora_rank=2, seed=seed)
+    return randomize(Coprocessor(model, config), seed)
+
+
+def alone(model, request):
+    return generate(model, [request])[0].token_ids
+
+
+def plain(request):
+    return Request(**{**request.__dict__, "expert": None, "on_token": None})
+
+
+def serve(engine, requests):
+    tickets = [engine.submit(r) for r in requests]
+    return [t.future.result(timeout=60) for t in tickets]
+
+
+@pytest.fixture
+def model():
+    return frozen(FAMILIES["llama"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_that_join_a_running_batch_generate_what_they_would_alone(family):
+    model = frozen(FAMILIES[family])
+    engine = Engine(model, eos_token_id=None)
+    experts = [lora_expert(model, 1), prefix_expert(model, 2), None]
+    late = [
+        Request([12, 5, 33], expert=experts[0], max_new_tokens=6),
+        Request([7, 7], expert=None, max_new_tokens=9, temperature=0.9, seed=3),
+        Request(
+            [1, 2, 3, 4, 5, 6, 7], expert=experts[1], max_new_tokens=5, temperature=1.1, seed=4
+        ),
+    ]
+    joined = []
+
+    def join_after_three(token):
+        if len(joined) == 0 and len(first_tokens) == 2:  # from inside the loop, mid-generation
+            joined.extend(engine.submit(r) for r in late)
+        first_tokens.append(token)
+
+    first_tokens = []
+    first = Request([3, 8, 1, 9], expert=experts[1], max_new_tokens=12, on_token=join_after_three)
+    first_ticket = engine.submit(first)
+    outcome = first_ticket.future.result(timeout=60)
+    outputs = [t.future.result(timeout=60) for t in joined]
+    assert outcome.token_ids == alone(model, Request([3, 8, 1, 9], experts[1], 12))
+    assert [o.token_ids for o in outputs] == [alone(model, r) for r in late]
+    # They were admitted while the first was still generating, not after it.
+    first_ended = first_ticket.prefilled + outcome.timings["decode_s"]
+    assert all(t.admitted < first_ended for t in joined)
+
+
+def test_a_full_queue_and_a_late_request_answer_overloaded(model):
+    engine = Engine(model, None, Limits(max_rows=1, max_waiting=1, queue_timeout_s=0.3))
+    release = threading.Event()
+    busy = engine.submit(
+        Request([1, 2], max_new_tokens=50, on_token=lambda t: release.wait(5) and False)
+    )
+    wait_for(lambda: busy.admitted, what="the first request running")
+    queued = engine.submit(Request([3, 4], max_new_tokens=2))
+    with pytest.raises(Overloaded) as refused:
+        engine.submit(Request([5, 6], max_new_tokens=2))
+    assert "queue is full" in str(refused.value) and refused.value.retry_after_s >= 1
+    with pytest.raises(Overloaded, match="not admitted within"):
+        queued.future.result(timeout=10)
+    with pytest.raises(Overloaded):
+        queued.admission.result(timeout=1)
+    release.set()
+    assert busy.future.result(timeout=30).finish_reason == "length"
+
+
+def test_a_request_larger_than_the_whole_cache_budget_is_refused(model):
+    engine = Engine(model, None, Limits(cache_columns=20))
+    with pytest.raises(TooLarge, match="needs 25 cache positions"):
+        engine.submit(Request([1] * 5, max_new_tokens=20))
+
+
+def test_the_running_batch_stays_within_its_cache_budget(model, monkeypatch):
+    limits = Limits(max_rows=16, cache_columns=60)
+    engine = Engine(model, None, limits)
+    peaks = []
+    step = RunningBatch.step
+
+    def recording_step(batch):
+        peaks.append(len(batch.rows) * batch.width)
+        return step(batch)
+
+    monkeypatch.setattr(RunningBatch, "step", recording_step)
+    requests = [Request([i + 1] * (2 + i % 5), max_new_tokens=8 + i % 7) for i in range(12)]
+    outputs = serve(engine, requests)
+    assert [o.token_ids for o in outputs] == [alone(model, r) for r in requests]
+    assert max(peaks) <= limits.cache_columns
+    assert max(peaks) > limits.cache_columns // 2  # it did batch
+
+
+def test_cancel_and_deadline_end_a_row_and_leave_the_others(model):
+    engine = Engine(model, None)
+
+    def pace(token):
+        time.sleep(0.01)
+        return False
+
+    cancelled = engine.submit(Request([1, 2, 3], max_new_tokens=200, on_token=pace))
+    late = engine.submit(Request([4, 5], max_new_tokens=200, on_token=pace), deadline_s=0.2)
+    other = Request([6, 7, 8], max_new_tokens=30)
+    other_ticket = engine.submit(other)
+    wait_for(lambda: cancelled.admitted, what="admission")
+    cancelled.cancel()
+    assert cancelled.future.result(timeout=30).finish_reason == "cancelled"
+    assert late.future.result(timeout=30).finish_reason == "deadline"
+    assert other_ticket.future.result(timeout=30).token_ids == alone(model, other)
+
+
+def nan_weights(expert):
+    with torch.no_grad():
+        next(p for p in expert.parameters() if p.numel() > 1).fill_(float("nan"))
+    return expert
+
+
+def raising(expert):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    if expert.has_coprocessor:
+        expert.latent_head.forward = fail
+    else:
+        expert.prefix.keys = None  # batching its prefix raises
+    return expert
+
+
+@pytest.mark.parametrize("break_it", [nan_weights, raising], ids=["nan", "raises"])
+@pytest.mark.parametrize("make_broken", [lora_expert, prefix_expert], ids=["lora", "prefix"])
+def test_a_broken_expert_ends_only_its_own_rows(model, break_it, make_broken):
+    healthy = lora_expert(model, seed=5)
+    broken = break_it(make_broken(model, seed=6))
+    requests = [
+        Request([3, 8, 1, 9], expert=broken, max_new_tokens=6),
+        Request([7, 7], expert=None, max_new_tokens=6),
+        Request([12, 5, 33], expert=healthy, max_new_tokens=6, temperature=0.8, seed=1),
+        Request([4, 6], expert=broken, max_new_tokens=6, temperature=0.9, seed=2),
+        Request([9, 2, 2], expert=None, max_new_tokens=6, temperature=1.0, seed=3),
+    ]
+    for outputs in (generate(model, requests), serve(Engine(model, None), requests)):
+        for request, output in zip(requests, outputs, strict=True):
+            if request.expert is broken:
+                assert output.degraded, "the broken expert's rows say why they are plain"
+                assert output.token_ids == alone(model, plain(request))
+            else:
+                assert not output.degraded
+                assert output.token_ids == alone(model, request)
+
+
+def test_a_callback_that_raises_ends_its_own_row_and_the_loop_goes_on(model):
+    engine = Engine(model, None)
+
+    def fail(token):
+        raise ValueError("client bug")
+
+    bad = engine.submit(Request([1, 2], max_new_tokens=5, on_token=fail))
+    good = Request([3, 4], max_new_tokens=5)
+    assert bad.future.result(timeout=30).finish_reason == "error"
+    assert engine.submit(good).future.result(timeout=30).token_ids == alone(model, good)
