@@ -21,16 +21,17 @@ install: $(STAMP)
 migrate: install
 	$(PY) manage.py migrate --noinput
 
-# The web server and one job worker (queue "gpu"; CPU where there is no GPU; with the beat
-# that re-sends dead workers' jobs) together;
-# stopping the server stops the worker.
+# One process serves everything (pages, API and the router, under uvicorn), beside one job
+# worker (queue "gpu"; CPU where there is no GPU; with the beat that re-sends dead workers'
+# jobs) that yields the CPU to serving (LATENTRY_WORKER_NICE). Stopping the server stops the
+# worker at once (cold shutdown): a running job resumes from its checkpoint at the next start.
 run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
 	$(PY) manage.py seed_demo_job
 	$(PY) -m celery -A config worker -B -Q gpu -c 1 -n worker@%h -l info & \
-	trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
-	$(PY) manage.py runserver $(HOST):$(PORT)
+	trap 'kill -QUIT $$! 2>/dev/null; wait $$!' EXIT INT TERM; \
+	$(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
 
 worker: migrate
 	$(PY) -m celery -A config worker -Q gpu -c 1 -n worker@%h -l info

@@ -1,6 +1,6 @@
 """The router on the real base model (SmolLM2-135M-Instruct): overhead, switching, cold loads,
 mixed batches and automatic routing, all through inference.service (choice, expert cache,
-batcher, generation) as a request would go, warm unless said otherwise.
+engine, generation) as a request would go, warm unless said otherwise.
 
 1. overhead: a 256-token prompt and 32 greedy new tokens with an expert (default N_L, LoRA r=16)
    vs plain; median of ``--repeats`` alternating runs. ``overhead_ratio`` = augmented / plain.
@@ -51,7 +51,6 @@ django.setup()
 
 import torch  # noqa: E402
 from common import domain_texts  # noqa: E402
-from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
@@ -74,8 +73,6 @@ def main():
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    settings.LATENTRY_BATCH_WAIT_MS = 50.0  # lets the 16 concurrent requests meet
-    settings.LATENTRY_BATCH_MAX_WAIT_MS = 200.0
 
     call_command("migrate", verbosity=0)
     call_command("import_base_model", verbosity=0)
@@ -211,8 +208,8 @@ def measure_mixed(loaded, maker, text, repeats, concurrent=16):
         return seconds
 
     burst(names), burst([""] * concurrent)  # warm: experts cached
-    batcher = loaded.batcher
-    batcher.batch_sizes.clear()
+    admitted = loaded.engine.admitted_sizes
+    admitted.clear()
     mixed_s, plain_s = [], []
     for _ in range(repeats):  # alternating, so drifts in machine speed hit both alike
         mixed_s.append(burst(names))
@@ -221,7 +218,7 @@ def measure_mixed(loaded, maker, text, repeats, concurrent=16):
     pairs = " ".join(f"{p / m:.3f}" for m, p in zip(mixed_s, plain_s, strict=True))
     print(
         f"mixed batches: {concurrent} requests, plain {plain:.2f} s, mixed {mixed:.2f} s; "
-        f"plain/mixed per pair {pairs}; batch sizes {batcher.batch_sizes}"
+        f"plain/mixed per pair {pairs}; requests admitted together {list(admitted)}"
     )
     return plain / mixed
 

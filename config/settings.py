@@ -75,6 +75,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "adrf",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -228,6 +229,12 @@ LATENTRY_ENGINE_QUEUE_TIMEOUT_S = env_float("LATENTRY_ENGINE_QUEUE_TIMEOUT_S", 3
 LATENTRY_ENGINE_PREFILL_TOKENS = env_int("LATENTRY_ENGINE_PREFILL_TOKENS", 4096)
 # A generation that runs longer than this ends with finish_reason "length" (0: no limit).
 LATENTRY_REQUEST_TIMEOUT_S = env_float("LATENTRY_REQUEST_TIMEOUT_S", 300.0)
+# Empty: this process serves the router itself (make run). A URL: this is a web process that
+# loads no model, and "try it" asks the serving process there (README, "Production").
+LATENTRY_SERVING_URL = env_str("LATENTRY_SERVING_URL", "")
+# Fair use per caller (API key, user, or client address), 429 beyond (0: no limit).
+LATENTRY_CALLER_CONCURRENCY = env_int("LATENTRY_CALLER_CONCURRENCY", 4)
+LATENTRY_CALLER_TOKENS_PER_MIN = env_int("LATENTRY_CALLER_TOKENS_PER_MIN", 40000)
 # auto: the least centred cosine between prompt and profile that picks an expert.
 LATENTRY_AUTO_THRESHOLD = env_float("LATENTRY_AUTO_THRESHOLD", 0.2)
 LATENTRY_PROFILE_REFRESH_S = env_float("LATENTRY_PROFILE_REFRESH_S", 30.0)
@@ -303,8 +310,14 @@ LATENTRY_JOB_MAX_ATTEMPTS = env_int("LATENTRY_JOB_MAX_ATTEMPTS", 5)
 LATENTRY_JOB_STORAGE_RETRIES = env_int("LATENTRY_JOB_STORAGE_RETRIES", 3)
 LATENTRY_JOB_RETRY_DELAY = env_int("LATENTRY_JOB_RETRY_DELAY", 10)
 LATENTRY_MAX_DATASET_BYTES = env_int("LATENTRY_MAX_DATASET_BYTES", 100 * 1024 * 1024)
+# Job worker processes lower their CPU priority by this much (nice), so that serving on the
+# same machine keeps its speed while a job trains; 0 leaves it.
+LATENTRY_WORKER_NICE = env_int("LATENTRY_WORKER_NICE", 15)
 # "cpu", "cuda" or "" (cuda when available).
 LATENTRY_DEVICE = env_str("LATENTRY_DEVICE", "")
+# The dtype a serving process runs base models in: float32, bfloat16, float16, or "" (bfloat16
+# on CUDA, float32 on CPU). Training and evaluation jobs run in float32.
+LATENTRY_DTYPE = env_str("LATENTRY_DTYPE", "")
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # Redis delivers an unacknowledged message again after this, and jobs are acknowledged when
     # they end: longer than the longest job, so a long job is not delivered a second time.

@@ -125,12 +125,25 @@ def keep_freed_memory(trim_bytes=1 << 30, mmap_bytes=32 << 20):
     )
 
 
-def load_verified(folder, expected_fingerprint, **kwargs):
-    """Load a converted base model and check it is the one the registry recorded."""
+def serving_dtype(device, name=""):
+    """The dtype a serving process runs a base model in: ``name`` ("float32", "bfloat16",
+    "float16"), or by default bfloat16 on CUDA and float32 on CPU (where bfloat16 matmuls are
+    slower, not faster)."""
+    if name:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"{name!r} is not a floating-point torch dtype")
+        return dtype
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_verified(folder, expected_fingerprint, dtype=torch.float32, **kwargs):
+    """Load a converted base model, check it is the one the registry recorded (the fingerprint
+    is over float32 weights), then cast it to ``dtype``."""
     model, tokenizer = load(folder, **kwargs)
     if fingerprint(model) != expected_fingerprint:
         raise ValueError(f"the weights in {folder} are not the registered base model")
-    return model, tokenizer
+    return model.to(dtype), tokenizer
 
 
 def param_shapes(model):

@@ -4,6 +4,7 @@ account's usage per API key."""
 import dataclasses
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db.models import Max, Sum
 from django.shortcuts import render
@@ -12,7 +13,7 @@ from django.views.decorators.http import require_POST
 from registry.api import GenerateThrottle, expert_by_name, page_throttled
 from registry.models import ApiKey
 
-from . import service
+from . import remote, service
 from .models import Usage
 
 
@@ -39,6 +40,9 @@ def try_expert(request, owner, name):
         except (service.BadRequest, service.UnknownModel) as exc:
             context["error"] = str(exc)
             status = 400
+        except (service.Overloaded, service.GenerationFailed) as exc:
+            context["error"] = f"Try again in a moment: {exc}"
+            status = 503
     else:
         status = 400
     template = "inference/_try_result.html" if request.htmx else "inference/try.html"
@@ -46,8 +50,12 @@ def try_expert(request, owner, name):
 
 
 def compare(expert, user, prompt, max_new_tokens):
+    """The plain answer and the expert's, from this process's router or, when
+    LATENTRY_SERVING_URL names one, from the serving process."""
     plain = service.Ask(base=expert.base_model.slug, prompt=prompt, max_new_tokens=max_new_tokens)
     augmented = dataclasses.replace(plain, expert=expert.full_name)
+    if settings.LATENTRY_SERVING_URL:
+        return remote.run_together([plain, augmented], user)
     return service.run_together([plain, augmented], user, prepared=service.prepare(plain))
 
 

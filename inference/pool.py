@@ -108,7 +108,10 @@ class ModelPool:
         if device == "cpu":
             base_models.keep_freed_memory()
         decoder, tokenizer = base_models.load_verified(
-            record.weights_location, record.fingerprint, device=device
+            record.weights_location,
+            record.fingerprint,
+            dtype=base_models.serving_dtype(device, settings.LATENTRY_DTYPE),
+            device=device,
         )
         # Hooks go in now, before any request runs through the decoder: adding them later
         # (with the first expert) would change it under concurrent forwards.
@@ -158,9 +161,12 @@ def load_expert(base, version):
 
 def warm_up():
     """Load every served base model and run one tiny generation through it, so the first
-    request does not pay for loading (gunicorn.conf.py calls this in each worker)."""
+    request does not pay for loading (config/asgi.py and gunicorn.conf.py call this). A web
+    process that forwards to a serving process (LATENTRY_SERVING_URL) loads none."""
     from coprocessor.generate import Request
 
+    if settings.LATENTRY_SERVING_URL:
+        return
     for record in BaseModel.objects.exclude(weights_location=""):
         loaded = pool().base(record)
         loaded.engine.submit(Request(prompt_ids=[0, 0], max_new_tokens=1)).future.result()

@@ -4,6 +4,7 @@ Views (native and OpenAI-compatible) parse their own request shapes into ``Ask``
 ``Answer``; everything they share is here.
 """
 
+import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ def parse_model(model):
 
 
 def base_record(slug):
+    if settings.LATENTRY_SERVING_URL:  # a web process: the models are in the serving process
+        raise UnknownModel(f"models are served at {settings.LATENTRY_SERVING_URL}, not here")
     record = BaseModel.objects.filter(slug=slug).first()
     if record is None or not record.weights_location:
         raise UnknownModel(f"no base model {slug!r} is served here")
@@ -204,11 +207,32 @@ class Pending:
             self.ticket.cancel()
 
     def answer(self):
-        generation = self.ticket.future.result()
+        """Wait for the generation; the Answer (or GenerationFailed)."""
+        pending = self
+        while not isinstance(outcome := pending.outcome(pending.ticket.future.result()), Answer):
+            pending = outcome.submit()
+        return outcome
+
+    async def answer_async(self):
+        """``answer`` for async views: waiting holds no thread."""
+        pending = self
+        while True:
+            generation = await asyncio.wrap_future(pending.ticket.future)
+            if isinstance(outcome := pending.outcome(generation), Answer):
+                return outcome
+            pending = outcome.submit()
+
+    def outcome(self, generation):
+        """The Answer of a finished generation, or, when the expert broke the row after its
+        prefill and nothing reached the caller yet, the plain request to serve instead."""
         if generation.finish_reason == "error" and self.request.expert and not self.stream.sent:
-            # The expert broke its row after its prefill: nothing reached the caller yet, so
-            # the plain model serves it from the start.
-            return self._again_plain(f"{self.choice.name}: the expert failed ({generation.error})")
+            self.stream.reset()
+            plain = dataclasses.replace(
+                self, request=dataclasses.replace(self.request, expert=None)
+            )
+            reason = f"{self.choice.name}: the expert failed ({generation.error})"
+            plain.choice = choose.Choice(score=self.choice.score, reason=reason)
+            return plain
         self.stream.finish()
         timings = {f"{k.removesuffix('_s')}_ms": v * 1000 for k, v in generation.timings.items()}
         augmented = self.request.expert is not None and not generation.degraded
@@ -227,12 +251,6 @@ class Pending:
             prompt_tokens=len(self.request.prompt_ids),
             timings_ms={"routing_ms": self.routing_ms, **timings},
         )
-
-    def _again_plain(self, reason):
-        self.stream.reset()
-        plain = dataclasses.replace(self, request=dataclasses.replace(self.request, expert=None))
-        plain.choice = choose.Choice(score=self.choice.score, reason=reason)
-        return plain.submit().answer()
 
 
 class GenerationFailed(RuntimeError):

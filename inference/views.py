@@ -1,13 +1,15 @@
 """The router's HTTP interfaces: /api/v1/generate, /api/v1/attach, /api/v1/usage/ and the
 OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions (with streaming)."""
 
+import asyncio
 import base64
 import contextlib
 import json
-import queue
 import time
 import uuid
 
+from adrf.views import APIView as AsyncAPIView
+from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -15,13 +17,15 @@ from rest_framework import generics
 from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 from safetensors.torch import save
 
 from registry.api import GenerateThrottle
+from registry.auth import OnBehalfAuthentication
 from registry.models import ApiKey, BaseModel, Expert
 
-from . import service
+from . import fair_use, service
 from .models import Usage
 from .serializers import (
     AttachSerializer,
@@ -59,33 +63,60 @@ def service_errors():
         raise APIException(str(exc)) from None
 
 
-class RouterView(APIView):
-    """Generation is not a write: read-only API keys may use it; anyone may try it."""
+class RouterView(AsyncAPIView):
+    """Generation is not a write: read-only API keys may use it; anyone may try it.
 
+    Async (adrf): a request waiting for the engine holds no thread, so one serving process
+    holds hundreds of open streams. Whatever touches the database runs in a thread
+    (``sync_to_async``)."""
+
+    authentication_classes = [
+        *api_settings.DEFAULT_AUTHENTICATION_CLASSES,
+        OnBehalfAuthentication,  # "try it" from a web process
+    ]
     permission_classes = [AllowAny]
     throttle_classes = [GenerateThrottle]
 
-    def prepare(self, ask):
+    async def admit(self, ask, on_text=None):
+        """The request planned and queued in the engine, within the caller's fair use; the
+        caller must ``release`` it. Every refusal (4xx, 429, 503) comes from here."""
         with service_errors():
-            return service.prepare(ask)
+            prepared = await sync_to_async(service.prepare)(ask)
+            self.caller = fair_use.caller(self.request)
+            await sync_to_async(fair_use.acquire)(self.caller, len(prepared[1]))
+            try:
+                pending = await sync_to_async(service.plan)(
+                    ask, self.request.user, on_text, prepared
+                )
+                pending.submit()
+            except BaseException:
+                await self.release(None)
+                raise
+        return pending
 
-    def serve(self, ask):
-        prepared = self.prepare(ask)
-        with service_errors():
-            answer = service.run(ask, self.request.user, prepared=prepared)
-        self.account(answer)
+    async def release(self, answer):
+        generated = len(answer.token_ids) if answer else 0
+        await sync_to_async(fair_use.release)(self.caller, generated)
+        if answer and isinstance(self.request.auth, ApiKey):
+            await sync_to_async(Usage.record)(self.request.auth, answer.prompt_tokens, generated)
+
+    async def serve(self, ask):
+        pending = await self.admit(ask)
+        answer = None
+        try:
+            with service_errors():
+                answer = await pending.answer_async()
+        finally:
+            pending.cancel()  # the client left: the engine drops its row at the next step
+            await self.release(answer)
         return answer
-
-    def account(self, answer):
-        if isinstance(self.request.auth, ApiKey):
-            Usage.record(self.request.auth, answer.prompt_tokens, len(answer.token_ids))
 
 
 class GenerateView(RouterView):
     @extend_schema(request=GenerateSerializer, responses=GenerateSerializer.Answer)
-    def post(self, request):
+    async def post(self, request):
         data = validated(GenerateSerializer, request.data)
-        answer = self.serve(service.Ask(**data))
+        answer = await self.serve(service.Ask(**data))
         return Response(answer_json(answer))
 
 
@@ -105,11 +136,10 @@ def answer_json(answer):
 
 class AttachView(RouterView):
     @extend_schema(request=AttachSerializer, responses=AttachSerializer.Answer)
-    def post(self, request):
-        with service_errors():
-            choice, tensors, ids = service.attach(
-                service.Ask(**validated(AttachSerializer, request.data)), request.user
-            )
+    async def post(self, request):
+        ask = service.Ask(**validated(AttachSerializer, request.data))
+        with service_errors():  # database, then one short pass of D: in a thread
+            choice, tensors, ids = await sync_to_async(service.attach)(ask, request.user)
         body = {
             "expert": choice.name if tensors else None,
             "augmented": tensors is not None,
@@ -203,15 +233,15 @@ class OpenAIView(RouterView):
             }
         return response
 
-    def post(self, request):
+    async def post(self, request):
         data = validated(self.serializer_class, request.data)
         base, expert = service.parse_model(data.pop("model"))
         stream = data.pop("stream")
         ask = service.Ask(base=base, expert=expert, **data)
         completion_id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if stream:
-            return self.stream(ask, completion_id, base, expert)
-        answer = self.serve(ask)
+            return await self.stream(ask, completion_id, base, expert)
+        answer = await self.serve(ask)
         return Response(self.completion(answer, completion_id, base, expert))
 
     def completion(self, answer, completion_id, base, expert):
@@ -234,16 +264,25 @@ class OpenAIView(RouterView):
             "latentry": latentry_fields(answer),
         }
 
-    def stream(self, ask, completion_id, base, expert):
+    async def stream(self, ask, completion_id, base, expert):
         """Server-sent events: a chunk per piece of text, then one with the finish reason.
-        Refusals (4xx, and 503 while it waits for a place in the engine) come before the
+        Refusals (4xx, 429, and 503 while it waits for a place in the engine) come before the
         stream starts."""
-        prepared = self.prepare(ask)
-        pieces = queue.Queue()
-        with service_errors():
-            pending = service.plan(ask, self.request.user, pieces.put, prepared).submit()
-            pending.ticket.admission.result()
-        pending.ticket.future.add_done_callback(lambda _: pieces.put(None))
+        loop = asyncio.get_running_loop()
+        pieces = asyncio.Queue()
+
+        def put(piece):  # called on the engine's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        pending = await self.admit(ask, on_text=put)
+        try:
+            with service_errors():
+                await asyncio.wrap_future(pending.ticket.admission)
+        except BaseException:
+            pending.cancel()
+            await self.release(None)
+            raise
+        pending.ticket.future.add_done_callback(lambda _: put(None))
         created = int(time.time())
 
         def chunk(delta, finish_reason=None, extra=None):
@@ -262,26 +301,27 @@ class OpenAIView(RouterView):
             }
             return f"data: {json.dumps(body)}\n\n"
 
-        def events():
+        async def events():
+            answer = None
             try:
                 if self.chat:
                     yield chunk({"role": "assistant", "content": ""})
-                while (piece := pieces.get()) is not None:
+                while (piece := await pieces.get()) is not None:
                     yield chunk({"content": piece})
                 try:
-                    answer = pending.answer()
+                    answer = await pending.answer_async()
                 except service.GenerationFailed as exc:  # the stream has begun: an error event
                     error = {"message": str(exc), "type": "server_error"}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                 else:
                     while not pieces.empty():  # a plain retry's text, if the expert broke
-                        if (piece := pieces.get()) is not None:
+                        if (piece := pieces.get_nowait()) is not None:
                             yield chunk({"content": piece})
-                    self.account(answer)
                     yield chunk({}, answer.finish_reason, {"latentry": latentry_fields(answer)})
                 yield "data: [DONE]\n\n"
             finally:
                 pending.cancel()  # also when the server closes the stream because the client left
+                await self.release(answer)
 
         response = StreamingHttpResponse(events(), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
@@ -321,8 +361,8 @@ class CompletionsView(OpenAIView):
     serializer_class = CompletionSerializer
 
     @extend_schema(request=CompletionSerializer, responses=OPENAI_ANSWERS)
-    def post(self, request):
-        return super().post(request)
+    async def post(self, request):
+        return await super().post(request)
 
 
 class ChatCompletionsView(OpenAIView):
@@ -330,5 +370,5 @@ class ChatCompletionsView(OpenAIView):
     serializer_class = ChatCompletionSerializer
 
     @extend_schema(request=ChatCompletionSerializer, responses=OPENAI_ANSWERS)
-    def post(self, request):
-        return super().post(request)
+    async def post(self, request):
+        return await super().post(request)

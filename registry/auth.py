@@ -1,5 +1,7 @@
 """API authentication: ``Authorization: Bearer lat_<prefix>_<secret>``."""
 
+from django.contrib.auth import get_user_model
+from django.core import signing
 from rest_framework import authentication, exceptions
 
 from .models import ApiKey
@@ -27,3 +29,31 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request):
         return f'{self.keyword} realm="api"'
+
+
+class OnBehalfAuthentication(authentication.BaseAuthentication):
+    """A web process asking the serving process on a signed-in user's behalf ("try it" when
+    LATENTRY_SERVING_URL names the serving service): ``X-Latentry-On-Behalf`` carries the
+    user's id signed with the shared SECRET_KEY, valid for a minute."""
+
+    header = "HTTP_X_LATENTRY_ON_BEHALF"
+    salt = "latentry.on-behalf"
+
+    @classmethod
+    def sign(cls, user):
+        return signing.dumps(user.pk if user.is_authenticated else None, salt=cls.salt)
+
+    def authenticate(self, request):
+        token = request.META.get(self.header)
+        if not token:
+            return None
+        try:
+            user_id = signing.loads(token, salt=self.salt, max_age=60)
+        except signing.BadSignature:
+            raise exceptions.AuthenticationFailed("invalid on-behalf token") from None
+        if user_id is None:
+            return None
+        user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+        if user is None:
+            raise exceptions.AuthenticationFailed("invalid on-behalf token")
+        return user, None

@@ -7,6 +7,7 @@ user); sam is staff. Plain helpers that tests and benches share are in factories
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import socket
@@ -255,7 +256,50 @@ def isolated_artifacts(settings, tmp_path):
     }
 
 
+class _DeprecationIsAnError(logging.Handler):
+    """transformers announces some deprecations through its logger, not the warnings module
+    (``past_key_values`` -> ``cache``): in the tests those fail the call that caused them."""
+
+    def filter(self, record):
+        if "deprecat" in record.getMessage().lower():
+            raise AssertionError(f"transformers deprecation: {record.getMessage()}")
+        return False
+
+    def emit(self, record):
+        pass
+
+
+logging.getLogger("transformers").addHandler(_DeprecationIsAnError())
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from threads, and a second thread fights the other core."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def asgi_server(transactional_db):
+    """The project's ASGI application under uvicorn in a thread, as a serving process runs it
+    (async router views, streams that hold no thread); yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    from config.asgi import application
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            application, host="127.0.0.1", port=port, lifespan="off", log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -181,3 +181,25 @@ def test_a_callback_that_raises_ends_its_own_row_and_the_loop_goes_on(model):
     good = Request([3, 4], max_new_tokens=5)
     assert bad.future.result(timeout=30).finish_reason == "error"
     assert engine.submit(good).future.result(timeout=30).token_ids == alone(model, good)
+
+
+def test_a_bfloat16_decoder_serves_mixed_batches_as_each_alone():
+    model = frozen(FAMILIES["llama"]).to(torch.bfloat16)
+    requests = [
+        Request([3, 8, 1, 9], expert=lora_expert(model, 1), max_new_tokens=5),
+        Request([7, 7], max_new_tokens=5),
+        Request([12, 5, 33], expert=prefix_expert(model, 2), max_new_tokens=5),
+    ]
+    outputs = serve(Engine(model, None), requests)
+    assert [o.token_ids for o in outputs] == [alone(model, r) for r in requests]
+    assert not any(o.degraded for o in outputs)
+
+
+def test_serving_dtype_defaults_by_device_and_refuses_nonsense():
+    from coprocessor.base_models import serving_dtype
+
+    assert serving_dtype("cpu") == torch.float32
+    assert serving_dtype("cuda:0") == torch.bfloat16
+    assert serving_dtype("cpu", "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="not a floating-point"):
+        serving_dtype("cpu", "int8")

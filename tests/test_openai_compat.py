@@ -1,4 +1,5 @@
-"""The OpenAI-compatible endpoints, driven by the official openai client against a live server."""
+"""The OpenAI-compatible endpoints, driven by the official openai client against a live ASGI
+server (uvicorn, as the serving process runs)."""
 
 import openai
 import pytest
@@ -10,11 +11,11 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def client(live_server, alice):
+def client(asgi_server, alice):
     pool.reset()
     choose.profiles.clear()
     _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
-    yield openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    yield openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=key, max_retries=0)
     pool.reset()
 
 

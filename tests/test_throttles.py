@@ -39,9 +39,9 @@ def test_uploads_past_their_rate_are_429_and_store_nothing(tight, alice, make_ex
     assert client.post("/api/v1/datasets/", dataset, format="multipart").status_code == 429
 
 
-def test_the_openai_client_sees_a_rate_limit_error(tight, live_server, base_model, alice):
+def test_the_openai_client_sees_a_rate_limit_error(tight, asgi_server, base_model, alice):
     _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
-    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+    client = openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=key, max_retries=0)
     for _ in range(2):
         client.completions.create(model=base_model.slug, prompt="w5", max_tokens=1)
     with pytest.raises(openai.RateLimitError):

@@ -1,0 +1,360 @@
+"""Serving under open-loop load: the engine against today's static batcher and transformers'
+own continuous batching, on the real base model (SmolLM2-135M-Instruct).
+
+Requests arrive as a Poisson process at each rate in ``--rates`` for ``--duration`` seconds:
+prompts of 16-256 tokens from the held-out Python docs and ``max_new_tokens`` of 8-128, drawn
+from a seeded distribution, generated to their length (no eos), greedy. Half carry one of 16
+experts of the default shape (``CoprocessorConfig``; random weights, which cost what trained
+ones do), half are plain. Arms, on the same arrivals:
+
+  engine        coprocessor.engine.Engine with the serving defaults (the router's engine)
+  engine-plain  the same arrivals, every request plain (for mixed_vs_plain_goodput)
+  static        bench/static_batcher.py: the batcher the router had before the engine
+  transformers  the plain arrivals through transformers' ContinuousBatchingManager
+
+The arms run in this process, each on its own; nothing else runs beside them. A rate is
+sustained when the p95 of each request's latency over its latency alone (a linear fit of
+prompt and new tokens, measured through the engine with nothing else running) is at most
+``--bound`` (4). An arm stops at its first rate not sustained.
+
+    .venv/bin/python bench/serving.py [--rates 0.25,0.5,1,2,3,4] [--duration 40]
+
+Ends with ``RESULT sustained_rps_vs_static=<engine/static> p95_latency_vs_static=<engine/static
+at static's highest sustained rate> plain_tokens_per_s_vs_transformers=<engine-plain/
+transformers, best output tokens/s of each> mixed_vs_plain_goodput=<engine/engine-plain highest
+sustained rate> errors=<n>``; 503s under overload are counted apart from errors.
+"""
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from common import corpus_ids, parser, setup
+from static_batcher import Batcher
+
+from coprocessor import base_models
+from coprocessor.engine import Engine, Overloaded
+from coprocessor.expert import Coprocessor, CoprocessorConfig
+from coprocessor.generate import Request, generate
+
+
+@dataclass
+class Arrival:
+    at: float  # seconds after the start
+    prompt: list
+    new_tokens: int
+    expert: int | None  # index into the experts, or None
+
+
+@dataclass
+class Outcome:
+    arrival: Arrival
+    first_token_s: float | None = None
+    latency_s: float | None = None
+    tokens: int = 0
+    refused: bool = False  # 503: no room
+    error: str = ""
+
+
+@dataclass
+class RateReport:
+    rate: float
+    outcomes: list = field(repr=False)
+    wall_s: float = 0.0
+
+    def done(self):
+        return [o for o in self.outcomes if o.latency_s is not None and not o.error]
+
+    def row(self, alone):
+        done = self.done()
+        slowdown = [o.latency_s / alone(o.arrival) for o in done]
+        return {
+            "rate": self.rate,
+            "rps": len(done) / self.wall_s,
+            "tok_s": sum(o.tokens for o in done) / self.wall_s,
+            "ttft_p50": quantile([o.first_token_s for o in done], 0.5),
+            "ttft_p95": quantile([o.first_token_s for o in done], 0.95),
+            "lat_p50": quantile([o.latency_s for o in done], 0.5),
+            "lat_p95": quantile([o.latency_s for o in done], 0.95),
+            "slowdown_p95": quantile(slowdown, 0.95),
+            "refused": sum(o.refused for o in self.outcomes),
+            "errors": sum(bool(o.error) for o in self.outcomes),
+            "unfinished": sum(o.latency_s is None and not o.refused for o in self.outcomes),
+        }
+
+
+def quantile(values, q):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--rates", default="0.25,0.5,1,2,3,4", help="arrivals per second")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per rate")
+    p.add_argument("--bound", type=float, default=4.0, help="sustained: p95 slowdown at most")
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--arms", default="engine,engine-plain,static,transformers")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    model, tokenizer = setup(args)
+    model.to(base_models.serving_dtype(args.device))
+    _, heldout = corpus_ids(args, tokenizer)
+    heldout = heldout.tolist()
+    experts = [make_expert(model, seed) for seed in range(args.experts)]
+    alone = calibrate(model, heldout, experts)
+    rates = [float(r) for r in args.rates.split(",")]
+    reports = {}
+    for arm in args.arms.split(","):
+        reports[arm] = []
+        for rate in rates:
+            arrivals = workload(rate, args.duration, heldout, len(experts), args.seed)
+            if arm in ("engine-plain", "transformers"):
+                arrivals = [Arrival(a.at, a.prompt, a.new_tokens, None) for a in arrivals]
+            report = ARMS[arm](model, experts, arrivals, rate)
+            row = report.row(alone)
+            reports[arm].append(row)
+            print_row(arm, row, flush=True)
+            if not sustained(row, args.bound):
+                break
+    print_tables(reports, args.bound)
+    print("RESULT " + " ".join(result_fields(reports, args.bound)))
+
+
+def make_expert(model, seed):
+    torch.manual_seed(seed)
+    expert = Coprocessor(model, CoprocessorConfig(seed=seed)).eval()
+    with torch.no_grad():  # visible, like a trained expert's
+        if expert.prefix is not None:
+            expert.prefix.gate.fill_(0.0)
+        if expert.has_coprocessor:
+            expert.latent_head.gate.fill_(0.0)
+    return expert.to(next(model.parameters()).device)
+
+
+def workload(rate, duration, heldout, n_experts, seed):
+    """Poisson arrivals with seeded prompts, lengths and experts (the same for every arm)."""
+    rng = random.Random(f"{seed}-{rate}")
+    arrivals, at = [], rng.expovariate(rate)
+    while at < duration:
+        length = rng.randint(16, 256)
+        start = rng.randrange(0, len(heldout) - length)
+        expert = rng.randrange(n_experts) if rng.random() < 0.5 else None
+        arrivals.append(Arrival(at, heldout[start : start + length], rng.randint(8, 128), expert))
+        at += rng.expovariate(rate)
+    return arrivals
+
+
+def calibrate(model, heldout, experts):
+    """Latency of a request alone: least squares of a + b * prompt + c * new tokens over a few
+    requests served one at a time."""
+    rows, times = [], []
+    for prompt_len, new in [(16, 8), (256, 8), (16, 128), (256, 128), (128, 64), (64, 32)]:
+        for expert in (None, experts[0]):
+            request = Request(heldout[:prompt_len], expert, new)
+            started = time.perf_counter()
+            generate(model, [request])
+            times.append(time.perf_counter() - started)
+            rows.append([1.0, prompt_len, new])
+    coef = torch.linalg.lstsq(torch.tensor(rows), torch.tensor(times)[:, None]).solution[:, 0]
+    a, b, c = coef.tolist()
+    print(
+        f"alone: {a * 1000:.0f} ms + {b * 1000:.2f} ms/prompt token + {c * 1000:.1f} ms/new token"
+    )
+    return lambda arrival: max(1e-3, a + b * len(arrival.prompt) + c * arrival.new_tokens)
+
+
+def open_loop(arrivals, submit):
+    """Call ``submit(arrival, outcome, started)`` at each arrival's time; wait for all."""
+    outcomes = [Outcome(a) for a in arrivals]
+    finished = threading.Semaphore(0)
+    started = time.perf_counter()
+    for arrival, outcome in zip(arrivals, outcomes, strict=True):
+        delay = started + arrival.at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        submit(arrival, outcome, started, finished)
+    for _ in outcomes:
+        finished.acquire(timeout=600)
+    return outcomes, time.perf_counter() - started
+
+
+def stamp_first(outcome, started):
+    def on_token(token):
+        outcome.tokens += 1
+        if outcome.first_token_s is None:
+            outcome.first_token_s = time.perf_counter() - started - outcome.arrival.at
+        return False
+
+    return on_token
+
+
+def finisher(outcome, started, finished):
+    def done(future):
+        try:
+            future.result()
+            outcome.latency_s = time.perf_counter() - started - outcome.arrival.at
+        except Overloaded:
+            outcome.refused = True
+        except Exception as exc:  # counted, not raised: the run goes on
+            outcome.error = repr(exc)
+        finished.release()
+
+    return done
+
+
+def run_engine(model, experts, arrivals, rate):
+    engine = Engine(model, eos_token_id=None)
+
+    def submit(arrival, outcome, started, finished):
+        expert = experts[arrival.expert] if arrival.expert is not None else None
+        request = Request(arrival.prompt, expert, arrival.new_tokens)
+        request.on_token = stamp_first(outcome, started)
+        try:
+            ticket = engine.submit(request)
+        except Overloaded:
+            outcome.refused = True
+            finished.release()
+            return
+        ticket.future.add_done_callback(finisher(outcome, started, finished))
+
+    outcomes, wall = open_loop(arrivals, submit)
+    engine.stop()
+    for o in outcomes:  # a row the engine ended with an error is an error
+        if o.latency_s is not None and o.tokens < o.arrival.new_tokens:
+            o.error = o.error or "ended early"
+    return RateReport(rate, outcomes, wall)
+
+
+def run_static(model, experts, arrivals, rate):
+    batcher = Batcher(model, None, max_batch=16, wait_s=0.005, max_wait_s=0.05)
+
+    def submit(arrival, outcome, started, finished):
+        expert = experts[arrival.expert] if arrival.expert is not None else None
+        request = Request(arrival.prompt, expert, arrival.new_tokens)
+        request.on_token = stamp_first(outcome, started)
+        batcher.submit(request).add_done_callback(finisher(outcome, started, finished))
+
+    outcomes, wall = open_loop(arrivals, submit)
+    batcher.stop()
+    return RateReport(rate, outcomes, wall)
+
+
+def run_transformers(model, experts, arrivals, rate):
+    """transformers' continuous batching (paged cache, its own scheduler), plain requests."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=128, eos_token_id=-1)
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    waiting = {}
+    lock = threading.Lock()
+
+    def collect():
+        while manager.is_running() or waiting:
+            result = manager.get_result(timeout=0.1)
+            if result is None:
+                continue
+            with lock:
+                entry = waiting.get(result.request_id)
+            if entry is None:
+                continue
+            outcome, started, finished = entry
+            now = time.perf_counter() - started - outcome.arrival.at
+            if outcome.first_token_s is None:
+                outcome.first_token_s = now
+            if result.is_finished():
+                outcome.tokens = len(result.generated_tokens)
+                outcome.latency_s = now
+                with lock:
+                    waiting.pop(result.request_id)
+                finished.release()
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    counter = iter(range(1_000_000))
+
+    def submit(arrival, outcome, started, finished):
+        request_id = f"r{next(counter)}"
+        with lock:
+            waiting[request_id] = (outcome, started, finished)
+        manager.add_request(
+            arrival.prompt, request_id, max_new_tokens=arrival.new_tokens, streaming=True
+        )
+
+    outcomes, wall = open_loop(arrivals, submit)
+    manager.stop(block=True)
+    model.destroy_cached_continuous_batching_manager()
+    return RateReport(rate, outcomes, wall)
+
+
+ARMS = {
+    "engine": run_engine,
+    "engine-plain": run_engine,
+    "static": run_static,
+    "transformers": run_transformers,
+}
+
+
+def sustained(row, bound):
+    return row["slowdown_p95"] <= bound and not row["errors"] and not row["unfinished"]
+
+
+def highest_sustained(rows, bound):
+    return max((r["rate"] for r in rows if sustained(r, bound)), default=0.0)
+
+
+def print_row(arm, row, flush=False):
+    print(
+        f"{arm:13} {row['rate']:5.2f}/s: {row['rps']:5.2f} req/s {row['tok_s']:7.1f} tok/s, "
+        f"ttft p50/p95 {row['ttft_p50']:6.2f}/{row['ttft_p95']:6.2f} s, latency p50/p95 "
+        f"{row['lat_p50']:6.2f}/{row['lat_p95']:6.2f} s, slowdown p95 {row['slowdown_p95']:5.2f}, "
+        f"503 {row['refused']}, errors {row['errors']}, unfinished {row['unfinished']}",
+        flush=flush,
+    )
+
+
+def print_tables(reports, bound):
+    print(f"\nsustained: p95 latency at most {bound:g}x the same request alone")
+    for arm, rows in reports.items():
+        print(f"\n{arm}: highest sustained {highest_sustained(rows, bound):g} req/s")
+        for row in rows:
+            print_row(arm, row)
+
+
+def result_fields(reports, bound):
+    def best(arm, key):
+        return max((r[key] for r in reports.get(arm, [])), default=float("nan"))
+
+    def rate_of(arm):
+        return highest_sustained(reports.get(arm, []), bound)
+
+    static_rate = rate_of("static")
+    engine_at = [r for r in reports.get("engine", []) if r["rate"] == static_rate]
+    static_at = [r for r in reports.get("static", []) if r["rate"] == static_rate]
+    p95_ratio = (
+        engine_at[0]["lat_p95"] / static_at[0]["lat_p95"]
+        if engine_at and static_at
+        else float("nan")
+    )
+    errors = sum(r["errors"] for rows in reports.values() for r in rows)
+    tokens = ratio(best("engine-plain", "tok_s"), best("transformers", "tok_s"))
+    return [
+        f"sustained_rps_vs_static={ratio(rate_of('engine'), static_rate):.2f}",
+        f"p95_latency_vs_static={p95_ratio:.3f}",
+        f"plain_tokens_per_s_vs_transformers={tokens:.2f}",
+        f"mixed_vs_plain_goodput={ratio(rate_of('engine'), rate_of('engine-plain')):.2f}",
+        f"errors={errors}",
+    ]
+
+
+def ratio(a, b):
+    return a / b if b else float("nan")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Fair use of the router per caller: concurrent generations and tokens per minute.
+
+A caller is an API key, else a signed-in user, else a client address. Counters live in
+Django's cache, so serving processes that share a cache (Redis in production) share them; a
+counter left by a process that died expires with its timeout. Both limits answer 429 with
+Retry-After (``Refused.wait``); 0 turns a limit off.
+"""
+
+import contextlib
+import time
+
+from django.conf import settings
+from django.core.cache import cache
+from rest_framework.exceptions import Throttled
+from rest_framework.throttling import BaseThrottle
+
+from registry.models import ApiKey
+
+
+class Refused(Throttled):
+    default_code = "fair_use"
+
+
+def caller(request):
+    """Whom a router request is counted against."""
+    if isinstance(request.auth, ApiKey):
+        return f"key:{request.auth.pk}"
+    if request.user.is_authenticated:
+        return f"user:{request.user.pk}"
+    return f"addr:{BaseThrottle().get_ident(request)}"
+
+
+def acquire(who, prompt_tokens):
+    """Take one of the caller's concurrent generations, after checking its token rate, and
+    charge the prompt; ``release`` gives the generation back and charges what it generated."""
+    tokens_limit = settings.LATENTRY_CALLER_TOKENS_PER_MIN
+    if tokens_limit and (cache.get(_window_key(who)) or 0) >= tokens_limit:
+        raise Refused(
+            wait=60 - time.time() % 60,
+            detail=f"over this caller's limit of {tokens_limit} tokens (prompt plus generated) "
+            "a minute",
+        )
+    if limit := settings.LATENTRY_CALLER_CONCURRENCY:
+        slots = _slots_key(who)
+        cache.add(slots, 0, timeout=settings.LATENTRY_REQUEST_TIMEOUT_S + 60 or None)
+        if cache.incr(slots) > limit:
+            cache.decr(slots)
+            raise Refused(
+                wait=1, detail=f"over this caller's limit of {limit} generations at a time"
+            )
+    _charge(who, prompt_tokens)
+
+
+def release(who, generated_tokens):
+    if settings.LATENTRY_CALLER_CONCURRENCY:
+        with contextlib.suppress(ValueError):  # expired meanwhile
+            cache.decr(_slots_key(who))
+    _charge(who, generated_tokens)
+
+
+def _charge(who, tokens):
+    if settings.LATENTRY_CALLER_TOKENS_PER_MIN and tokens:
+        window = _window_key(who)
+        cache.add(window, 0, timeout=120)
+        with contextlib.suppress(ValueError):
+            cache.incr(window, tokens)
+
+
+def _slots_key(who):
+    return f"latentry:generating:{who}"
+
+
+def _window_key(who):
+    return f"latentry:tokens:{who}:{int(time.time() // 60)}"

@@ -1,0 +1,161 @@
+"""The router as a serving engine over HTTP: no room answers 503 with Retry-After (before a
+stream starts), fair use answers 429, and a client that leaves frees its row."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+import requests
+from django.test import Client
+
+from coprocessor.generate import Request, RunningBatch
+from inference import fair_use, pool
+from registry.models import ApiKey, BaseModel
+from tests.factories import ROOT, client_for, free_port, wait_for, worker_env
+
+GENERATE = "/api/v1/generate"
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool():
+    pool.reset()
+    yield
+    pool.reset()
+
+
+@pytest.fixture
+def engine(base_model):
+    return pool.pool().base(BaseModel.objects.get(slug="tiny-llama")).engine
+
+
+def slow_steps(monkeypatch, seconds):
+    step = RunningBatch.step
+
+    def slow_step(batch):
+        time.sleep(seconds)
+        return step(batch)
+
+    monkeypatch.setattr(RunningBatch, "step", slow_step)
+
+
+@pytest.fixture
+def occupied(settings, base_model, monkeypatch):
+    """An engine of one row, busy (a step every 10 ms) until released, and a queue of one,
+    full."""
+    settings.LATENTRY_ENGINE_MAX_ROWS = 1
+    settings.LATENTRY_ENGINE_MAX_WAITING = 1
+    slow_steps(monkeypatch, 0.01)
+    engine = pool.pool().base(BaseModel.objects.get(slug="tiny-llama")).engine
+    release = threading.Event()
+    busy = engine.submit(Request([1, 2], max_new_tokens=200, on_token=lambda _: release.is_set()))
+    wait_for(lambda: busy.admitted, what="the engine busy")
+    engine.submit(Request([3], max_new_tokens=1))  # waits: the queue is full
+    yield engine
+    release.set()
+
+
+def ask(client, **body):
+    return client.post(GENERATE, {"base": "tiny-llama", "max_new_tokens": 6, **body}, format="json")
+
+
+def test_a_full_engine_answers_503_with_retry_after(occupied, alice):
+    response = ask(client_for(alice), prompt="w5 w6")
+    assert response.status_code == 503
+    assert int(response["Retry-After"]) >= 1
+    assert "the queue is full" in response.json()["detail"]
+
+
+def test_a_stream_that_waits_past_its_queue_timeout_is_refused_before_it_starts(
+    settings, occupied, asgi_server, alice
+):
+    occupied.limits.max_waiting, occupied.limits.queue_timeout_s = 5, 0.3
+    _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
+    client = openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.completions.create(model="tiny-llama", prompt="w5 w6", max_tokens=3, stream=True)
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["Retry-After"]
+    assert refused.value.body["type"] == "server_error"
+    assert "not admitted within 0.3 s" in refused.value.body["message"]
+
+
+def test_a_caller_over_its_concurrent_generations_gets_429(settings, base_model, alice):
+    settings.LATENTRY_CALLER_CONCURRENCY = 1
+    fair_use.acquire(f"user:{alice.pk}", 0)  # one generation of alice's already running
+    response = ask(client_for(alice), prompt="w5 w6")
+    assert response.status_code == 429 and response["Retry-After"]
+    assert "1 generations at a time" in response.json()["detail"]
+    other = ask(client_for(None), prompt="w5 w6")  # another caller is not held up
+    assert other.status_code == 200
+    fair_use.release(f"user:{alice.pk}", 0)
+    assert ask(client_for(alice), prompt="w5 w6").status_code == 200
+
+
+def test_a_caller_over_its_token_rate_gets_429_until_the_next_minute(settings, base_model, alice):
+    settings.LATENTRY_CALLER_TOKENS_PER_MIN = 8
+    assert ask(client_for(alice), prompt="w5 w6 w7", max_new_tokens=6).status_code == 200
+    response = ask(client_for(alice), prompt="w5 w6 w7")
+    assert response.status_code == 429
+    assert 0 < int(response["Retry-After"]) <= 60
+    assert "8 tokens (prompt plus generated) a minute" in response.json()["detail"]
+
+
+def test_a_streaming_client_that_leaves_frees_its_row(
+    monkeypatch, engine, asgi_server, alice, settings
+):
+    settings.LATENTRY_MAX_NEW_TOKENS = 200
+    slow_steps(monkeypatch, 0.02)  # 200 tokens take 4 s: long enough to leave in the middle
+    _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
+    body = {"model": "tiny-llama", "prompt": "w5 w6", "max_tokens": 200, "stream": True}
+    headers = {"Authorization": f"Bearer {key}"}
+    with requests.post(
+        f"{asgi_server}/v1/completions", json=body, headers=headers, stream=True, timeout=10
+    ) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+        assert engine.load()[0] == 1
+        left = time.monotonic()
+    wait_for(lambda: engine.load() == (0, 0), timeout=3, what="the row freed")
+    assert time.monotonic() - left < 2
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_try_it_in_a_web_process_asks_the_serving_process(
+    make_expert, publish, settings, tmp_path, alice
+):
+    publish(make_expert("pydoc", visibility="private"))  # only alice may use it
+    port = free_port()
+    env = worker_env("unused", tmp_path / "artifacts", LATENTRY_SERVING_URL="")
+    command = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port)]
+    serving = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(f"{url}/v1/models"), timeout=60, what="the serving process")
+        settings.LATENTRY_SERVING_URL = url
+        browser = Client()
+        browser.force_login(alice)
+        response = browser.post(
+            "/experts/alice/pydoc/try/", {"prompt": "w5 w6 w7", "max_new_tokens": 4}
+        )
+        assert response.status_code == 200, response.text
+        assert "Plain base model" in response.text and "With alice/pydoc@1" in response.text
+        assert 'data-augmented="true"' in response.text
+        assert not pool.pool().bases, "the web process loaded no model"
+        direct = client_for(alice).post(GENERATE, {"base": "tiny-llama", "prompt": "w5"})
+        assert direct.status_code == 404 and url in direct.json()["detail"]
+    finally:
+        serving.terminate()
+        serving.wait(timeout=30)
+
+
+def _answers(url):
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.ConnectionError:
+        return False
