@@ -1,8 +1,8 @@
 """Inference overhead of an expert: augmented vs plain generation, and the coprocessor alone.
 
 A 256-token prompt from the held-out text, 32 greedy new tokens, an expert of the default shape
-(N_L latents and N_P static prefix positions, CoprocessorConfig's); it is untrained but
-computes exactly what a trained one does. Each variant runs
+(N_L latents and N_P static prefix positions, what a job trains: TrainConfig's); it is untrained
+but computes exactly what a trained one does. Each variant runs
 --repeats times after a warm-up; medians are reported.
 
     python bench/overhead.py [--repeats 5]
@@ -19,6 +19,7 @@ from common import corpus_ids, parser, setup, space_token
 from coprocessor.decoder import prefill
 from coprocessor.expert import Coprocessor, CoprocessorConfig
 from coprocessor.generate import Request, generate
+from coprocessor.train import TrainConfig
 
 
 def main():
@@ -26,7 +27,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
-    defaults = CoprocessorConfig()
+    defaults = TrainConfig().expert  # what a job trains
     p.add_argument("--n-latents", type=int, default=defaults.n_latents)
     p.add_argument("--prefix-positions", type=int, default=defaults.prefix_positions)
     args = p.parse_args()

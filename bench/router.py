@@ -55,7 +55,8 @@ from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 from coprocessor import base_models, corpus, routing  # noqa: E402
-from coprocessor.expert import Coprocessor, CoprocessorConfig  # noqa: E402
+from coprocessor.expert import Coprocessor  # noqa: E402
+from coprocessor.train import TrainConfig  # noqa: E402
 from inference import choose, pool, service  # noqa: E402
 from registry import storage  # noqa: E402
 from registry.models import BaseModel, Domain, Expert, ExpertVersion  # noqa: E402
@@ -111,7 +112,7 @@ class ExpertMaker:
     def publish(self, name, profile=None, domain=None):
         self.count += 1
         torch.manual_seed(self.count)
-        expert = Coprocessor(self.loaded.decoder, CoprocessorConfig())
+        expert = Coprocessor(self.loaded.decoder, TrainConfig().expert)  # what a job trains
         path = SCRATCH / "expert.safetensors"
         expert.save(path, self.record.fingerprint, self.record.slug)
         owner = Expert.objects.create(

@@ -4,8 +4,8 @@ own continuous batching, on the real base model (SmolLM2-135M-Instruct).
 Requests arrive as a Poisson process at each rate in ``--rates`` for ``--duration`` seconds:
 prompts of 16-256 tokens from the held-out Python docs and ``max_new_tokens`` of 8-128, drawn
 from a seeded distribution, generated to their length (no eos), greedy. Half carry one of 16
-experts of the default shape (``CoprocessorConfig``; random weights, which cost what trained
-ones do), half are plain. Arms, on the same arrivals:
+experts of the default shape (what a job trains, ``TrainConfig().expert``; random weights,
+which cost what trained ones do), half are plain. Arms, on the same arrivals:
 
   engine        coprocessor.engine.Engine with the serving defaults (the router's engine)
   engine-plain  the same arrivals, every request plain (for mixed_vs_plain_goodput)
@@ -25,6 +25,7 @@ transformers, best output tokens/s of each> mixed_vs_plain_goodput=<engine/engin
 sustained rate> errors=<n>``; 503s under overload are counted apart from errors.
 """
 
+import dataclasses
 import random
 import threading
 import time
@@ -36,8 +37,9 @@ from static_batcher import Batcher
 
 from coprocessor import base_models
 from coprocessor.engine import Engine, Overloaded
-from coprocessor.expert import Coprocessor, CoprocessorConfig
+from coprocessor.expert import Coprocessor
 from coprocessor.generate import Request, generate
+from coprocessor.train import TrainConfig
 
 
 @dataclass
@@ -127,7 +129,8 @@ def main():
 
 def make_expert(model, seed):
     torch.manual_seed(seed)
-    expert = Coprocessor(model, CoprocessorConfig(seed=seed)).eval()
+    config = dataclasses.replace(TrainConfig().expert, seed=seed)  # what a job trains
+    expert = Coprocessor(model, config).eval()
     with torch.no_grad():  # visible, like a trained expert's
         if expert.prefix is not None:
             expert.prefix.gate.fill_(0.0)

@@ -26,7 +26,7 @@ from .decoder import (
     prefill,
     run_decoder,
 )
-from .expert import Coprocessor, CoprocessorConfig
+from .expert import RECOMMENDED, Coprocessor, CoprocessorConfig
 from .generate import Request, generate
 from .prefix import batch_prefixes
 
@@ -36,12 +36,12 @@ class TrainConfig:
     # The expert. 4 latents (CoprocessorConfig's default) and 16 points per window: better
     # held-out perplexity in a fixed CPU budget than 8 and 8, and twice the loss tokens per
     # step (bench/quality.py, train_speed.py).
-    expert: CoprocessorConfig = field(default_factory=CoprocessorConfig)
+    expert: CoprocessorConfig = field(default_factory=lambda: CoprocessorConfig(**RECOMMENDED))
     # The objective.
     ahead_tokens: int = 16  # N_A: tokens after the augmentation point that carry the loss
     window: int = 256  # tokens of context per sampled window
     positions_per_window: int = 16  # augmentation points trained from one prefix pass
-    windows_per_step: int = 1
+    windows_per_step: int = 4  # a prefix learns from every token of its windows: 4 fit a step
     min_prefix: int = 16  # never augment before this many tokens of context
     # The optimisation.
     steps: int = 200  # total steps; with a time budget, an upper bound
@@ -75,7 +75,7 @@ class TrainConfig:
         expert_fields = {f.name for f in fields(CoprocessorConfig)}
         expert = {k: settings.pop(k) for k in list(settings) if k in expert_fields - {"seed"}}
         expert["seed"] = settings.get("seed", cls.seed)
-        return cls(expert=CoprocessorConfig(**expert), **settings)
+        return cls(expert=CoprocessorConfig(**{**RECOMMENDED, **expert}), **settings)
 
     def settings(self):
         """The flat settings that ``from_settings`` reads back."""

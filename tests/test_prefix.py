@@ -273,6 +273,7 @@ def test_replay_windows_come_from_the_decoder_s_own_text():
             window=32,
             ahead_tokens=4,
             positions_per_window=2,
+            windows_per_step=1,
             replay_windows=1,
             replay_pool=3,
             steps=3,
