@@ -42,7 +42,8 @@ def acquire(who, prompt_tokens):
         )
     if limit := settings.LATENTRY_CALLER_CONCURRENCY:
         slots = _slots_key(who)
-        cache.add(slots, 0, timeout=settings.LATENTRY_REQUEST_TIMEOUT_S + 60 or None)
+        # A process that dies holding slots leaves them until this runs out.
+        cache.add(slots, 0, timeout=(settings.LATENTRY_REQUEST_TIMEOUT_S or 3600) + 60)
         if cache.incr(slots) > limit:
             cache.decr(slots)
             raise Refused(

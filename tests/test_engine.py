@@ -149,7 +149,18 @@ def raising(expert):
     return expert
 
 
-@pytest.mark.parametrize("break_it", [nan_weights, raising], ids=["nan", "raises"])
+def raising_in_its_hook(expert):
+    """A LoRA delta of the wrong shape: D's forward hook raises on the expert's rows (a prefix
+    expert has no hook: its prefix raises instead)."""
+    if not expert.has_coprocessor:
+        return raising(expert)
+    expert.lora_a[0] = torch.zeros(expert.lora_a[0].shape[0], 3)
+    return expert
+
+
+@pytest.mark.parametrize(
+    "break_it", [nan_weights, raising, raising_in_its_hook], ids=["nan", "raises", "hook"]
+)
 @pytest.mark.parametrize("make_broken", [lora_expert, prefix_expert], ids=["lora", "prefix"])
 def test_a_broken_expert_ends_only_its_own_rows(model, break_it, make_broken):
     healthy = lora_expert(model, seed=5)

@@ -159,3 +159,29 @@ def _answers(url):
         return requests.get(url, timeout=2).ok
     except requests.ConnectionError:
         return False
+
+
+def test_an_expert_that_breaks_a_row_after_its_prefill_is_served_plain_or_ends_the_stream(
+    monkeypatch, make_expert, publish, alice
+):
+    from inference import service
+
+    publish(make_expert("flaky"))
+    step = RunningBatch.step
+
+    def breaking_step(batch):
+        for row in batch.rows:
+            if row.expert is not None and len(row.tokens) >= 2:
+                row.end("error", "the logits are not finite")
+        return batch.retire() + step(batch)
+
+    monkeypatch.setattr(RunningBatch, "step", breaking_step)
+    ask = service.Ask(base="tiny-llama", expert="alice/flaky", prompt="w5 w6", max_new_tokens=6)
+    answer = service.run(ask, alice)  # nothing was sent yet: served again, plain
+    assert not answer.augmented and "the expert failed" in answer.reason
+    plain = service.run(service.Ask(base="tiny-llama", prompt="w5 w6", max_new_tokens=6), alice)
+    assert answer.token_ids == plain.token_ids
+    sent = []
+    with pytest.raises(service.GenerationFailed, match="not finite"):
+        service.run(ask, alice, on_text=sent.append)  # text went out: the stream ends
+    assert sent
