@@ -90,12 +90,20 @@ def make_heldout(ids, args):
 
 
 def measure(model, expert, which, heldout, offdomain):
-    """An arm's reports on its own corpus and the other domain's."""
+    """An arm's reports on its own corpus and the other domain's, printed at once (a later
+    arm that fails loses nothing)."""
     which = which or "augmented"
-    return {
-        "in": evaluate(model, expert, heldout, include_base=False)[which],
-        "off": evaluate(model, expert, offdomain, include_base=False)[which],
+    plain = which == "base"  # the fine-tuned decoder itself
+    report = {
+        "in": evaluate(model, expert, heldout, include_base=plain)[which],
+        "off": evaluate(model, expert, offdomain, include_base=plain)[which],
     }
+    print(
+        f"  measured: ppl {report['in']['ppl']:.3f} on its corpus, "
+        f"{report['off']['ppl']:.3f} off-domain",
+        flush=True,
+    )
+    return report
 
 
 def change(report, base):

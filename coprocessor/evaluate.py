@@ -61,6 +61,8 @@ def evaluate(decoder, expert, heldout, *, batch_windows=4, include_base=True):
         del models["base"]
     if expert is None:
         del models["augmented"]
+    if not models:
+        raise ValueError("nothing to evaluate: no expert, and the plain decoder left out")
     for start in range(0, len(heldout.windows), batch_windows):
         windows = heldout.windows[start : start + batch_windows].to(device)
         positions = heldout.positions[start : start + batch_windows].to(device)

@@ -185,3 +185,32 @@ def test_an_expert_that_breaks_a_row_after_its_prefill_is_served_plain_or_ends_t
     with pytest.raises(service.GenerationFailed, match="not finite"):
         service.run(ask, alice, on_text=sent.append)  # text went out: the stream ends
     assert sent
+
+
+def test_hundreds_of_open_streams_are_served_together_by_one_process(
+    monkeypatch, settings, engine, asgi_server
+):
+    import asyncio
+
+    import httpx
+
+    settings.LATENTRY_CALLER_CONCURRENCY = settings.LATENTRY_CALLER_TOKENS_PER_MIN = 0
+    settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "generate": None}
+    slow_steps(monkeypatch, 0.005)  # the streams stay open together for a while
+    streams = 200
+    body = {"model": "tiny-llama", "prompt": "w5 w6", "max_tokens": 16, "stream": True}
+
+    async def one(client):
+        async with client.stream("POST", f"{asgi_server}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = [line async for line in response.aiter_lines() if line.startswith("data:")]
+            return lines[-1]
+
+    async def all_of_them():
+        limits = httpx.Limits(max_connections=streams)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+            return await asyncio.gather(*(one(client) for _ in range(streams)))
+
+    ends = asyncio.run(all_of_them())
+    assert ends == ["data: [DONE]"] * streams
+    assert max(engine.admitted_sizes) > 1  # they were batched together
