@@ -191,26 +191,29 @@ def test_hundreds_of_open_streams_are_served_together_by_one_process(
     monkeypatch, settings, engine, asgi_server
 ):
     import asyncio
-
-    import httpx
+    import json
 
     settings.LATENTRY_CALLER_CONCURRENCY = settings.LATENTRY_CALLER_TOKENS_PER_MIN = 0
     settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "generate": None}
     slow_steps(monkeypatch, 0.005)  # the streams stay open together for a while
     streams = 200
-    body = {"model": "tiny-llama", "prompt": "w5 w6", "max_tokens": 16, "stream": True}
+    host, port = asgi_server.removeprefix("http://").split(":")
+    body = json.dumps({"model": "tiny-llama", "prompt": "w5 w6", "max_tokens": 16, "stream": True})
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+    ).encode()
 
-    async def one(client):
-        async with client.stream("POST", f"{asgi_server}/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            lines = [line async for line in response.aiter_lines() if line.startswith("data:")]
-            return lines[-1]
+    async def one():  # a plain socket per stream: every one of them open at the same time
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        answer = (await reader.read()).decode()
+        writer.close()
+        return answer.split("\r\n", 1)[0], "data: [DONE]" in answer
 
     async def all_of_them():
-        limits = httpx.Limits(max_connections=streams)
-        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
-            return await asyncio.gather(*(one(client) for _ in range(streams)))
+        return await asyncio.gather(*(one() for _ in range(streams)))
 
-    ends = asyncio.run(all_of_them())
-    assert ends == ["data: [DONE]"] * streams
+    answers = asyncio.run(all_of_them())
+    assert answers == [("HTTP/1.1 200 OK", True)] * streams
     assert max(engine.admitted_sizes) > 1  # they were batched together
