@@ -5,7 +5,18 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+
+def _application():
+    from django.conf import settings
+
+    from inference.asgi import SharedSyncThreads
+
+    return SharedSyncThreads(django_application, settings.LATENTRY_ROUTER_SYNC_THREADS)
+
+
+application = _application()
 
 
 def _warm_up():

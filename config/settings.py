@@ -227,6 +227,10 @@ LATENTRY_ENGINE_CACHE_COLUMNS = env_int("LATENTRY_ENGINE_CACHE_COLUMNS", 65536)
 LATENTRY_ENGINE_MAX_WAITING = env_int("LATENTRY_ENGINE_MAX_WAITING", 256)
 LATENTRY_ENGINE_QUEUE_TIMEOUT_S = env_float("LATENTRY_ENGINE_QUEUE_TIMEOUT_S", 30.0)
 LATENTRY_ENGINE_PREFILL_TOKENS = env_int("LATENTRY_ENGINE_PREFILL_TOKENS", 4096)
+# The threads that open router requests share for their synchronous work (authentication, the
+# database): they, not the number of open streams, bound a serving process's threads and
+# database connections (inference/asgi.py).
+LATENTRY_ROUTER_SYNC_THREADS = env_int("LATENTRY_ROUTER_SYNC_THREADS", 8)
 # A generation that runs longer than this ends with finish_reason "length" (0: no limit).
 LATENTRY_REQUEST_TIMEOUT_S = env_float("LATENTRY_REQUEST_TIMEOUT_S", 300.0)
 # Empty: this process serves the router itself (make run). A URL: this is a web process that

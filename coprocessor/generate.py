@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoder import embed, negative, prefill, run_decoder, select_rows
+from .decoder import cache_tensors, embed, negative, prefill, roomy_cache, run_decoder, select_rows
 from .expert import prefill_with_latents
 from .prefix import batch_prefixes
 
@@ -94,8 +94,9 @@ class _Part:
 
 
 class RunningBatch:
-    """The rows generated together and their shared cache (``past``: per layer (keys, values),
-    each ``(B, kv_heads, W, head_dim)``; ``bias`` (B, W))."""
+    """The rows generated together and their shared cache (``cache``, with room for every
+    column the rows can still add, so a step writes in place; ``past``: its (keys, values) per
+    layer, each ``(B, kv_heads, W, head_dim)``; ``bias`` (B, W))."""
 
     def __init__(self, decoder, eos_token_id=None):
         self.decoder = decoder
@@ -103,8 +104,12 @@ class RunningBatch:
         parameter = next(decoder.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.rows = []
-        self.past = None
+        self.cache = None
         self.bias = None
+
+    @property
+    def past(self):
+        return None if self.cache is None else cache_tensors(self.cache)
 
     @property
     def width(self):
@@ -132,9 +137,9 @@ class RunningBatch:
         feed = torch.tensor([[row.next_token] for row in self.rows], device=self.device)
         positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
         new_bias = torch.zeros(batch, 1, dtype=self.dtype, device=self.device)
-        logits, self.past = run_decoder(
+        logits, _ = run_decoder(
             self.decoder,
-            past=self.past,
+            past=self.cache,
             past_bias=self.bias,
             inputs_embeds=embed(self.decoder, feed),
             new_bias=new_bias,
@@ -156,13 +161,14 @@ class RunningBatch:
         keep = [i for i, row in enumerate(self.rows) if not row.finish_reason]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.past = self.bias = None
+            self.cache = self.bias = None
             return ended
         index = torch.tensor(keep, device=self.device)
         bias = self.bias[index]
         first = int((bias > negative(self.dtype)).any(0).int().argmax())  # leading padding
         self.bias = bias[:, first:]
-        self.past = [(k[:, :, first:], v[:, :, first:]) for k, v in select_rows(self.past, index)]
+        past = [(k[:, :, first:], v[:, :, first:]) for k, v in select_rows(self.past, index)]
+        self._keep(past)
         return ended
 
     # --- admission ------------------------------------------------------------------------
@@ -241,17 +247,25 @@ class RunningBatch:
 
     def _append(self, rows, part):
         if not self.rows:
-            self.rows, self.past, self.bias = list(rows), part.past, part.bias
+            self.rows, self.bias = list(rows), part.bias
+            self._keep(part.past)
             return
         width = max(self.width, part.bias.shape[1])
         old_past, old_bias = _pad_left(self.past, self.bias, width)
         new_past, new_bias = _pad_left(part.past, part.bias, width)
-        self.past = [
-            (torch.cat([k, nk]), torch.cat([v, nv]))
-            for (k, v), (nk, nv) in zip(old_past, new_past, strict=True)
-        ]
         self.bias = torch.cat([old_bias, new_bias])
         self.rows += rows
+        self._keep(
+            [
+                (torch.cat([k, nk]), torch.cat([v, nv]))
+                for (k, v), (nk, nv) in zip(old_past, new_past, strict=True)
+            ]
+        )
+
+    def _keep(self, past):
+        """Hold ``past`` for the rows, with room for the most tokens any of them can still add."""
+        room = max(row.request.max_new_tokens - len(row.tokens) for row in self.rows)
+        self.cache = roomy_cache(past, room)
 
     # --- choosing tokens ------------------------------------------------------------------
 

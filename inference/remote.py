@@ -45,7 +45,8 @@ def _generate(ask, token):
         raise service.Overloaded(f"the serving service is unreachable: {exc}", 5) from None
     return service.Answer(
         text=answer["text"],
-        token_ids=[None] * answer["completion_tokens"],  # the count is what pages show
+        token_ids=[],
+        completion_tokens=answer["completion_tokens"],
         finish_reason=answer["finish_reason"],
         expert=answer["expert"],
         augmented=answer["augmented"],

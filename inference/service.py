@@ -47,7 +47,8 @@ class Ask:
 @dataclass
 class Answer:
     text: str
-    token_ids: list
+    token_ids: list  # empty when the serving process answered over HTTP: it sends the count
+    completion_tokens: int
     finish_reason: str
     expert: str | None
     augmented: bool
@@ -243,6 +244,7 @@ class Pending:
         return Answer(
             text=self.stream.text,
             token_ids=generation.token_ids,
+            completion_tokens=len(generation.token_ids),
             finish_reason=_finish_reason(generation),
             expert=self.choice.name if augmented else None,
             augmented=augmented,

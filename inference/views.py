@@ -95,7 +95,7 @@ class RouterView(AsyncAPIView):
         return pending
 
     async def release(self, answer):
-        generated = len(answer.token_ids) if answer else 0
+        generated = answer.completion_tokens if answer else 0
         await sync_to_async(fair_use.release)(self.caller, generated)
         if answer and isinstance(self.request.auth, ApiKey):
             await sync_to_async(Usage.record)(self.request.auth, answer.prompt_tokens, generated)
@@ -129,7 +129,7 @@ def answer_json(answer):
         "score": answer.score,
         "finish_reason": answer.finish_reason,
         "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": len(answer.token_ids),
+        "completion_tokens": answer.completion_tokens,
         "timings_ms": {k: round(v, 2) for k, v in answer.timings_ms.items()},
     }
 
@@ -258,8 +258,8 @@ class OpenAIView(RouterView):
             "choices": [choice],
             "usage": {
                 "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": len(answer.token_ids),
-                "total_tokens": answer.prompt_tokens + len(answer.token_ids),
+                "completion_tokens": answer.completion_tokens,
+                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
             },
             "latentry": latentry_fields(answer),
         }

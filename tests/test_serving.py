@@ -196,10 +196,7 @@ def test_many_open_streams_are_served_together_by_one_process(
     settings.LATENTRY_CALLER_CONCURRENCY = settings.LATENTRY_CALLER_TOKENS_PER_MIN = 0
     settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "generate": None}
     slow_steps(monkeypatch, 0.005)  # the streams stay open together for a while
-    # Each open request holds its thread's database connection until it ends (Django's ASGI
-    # handler); PostgreSQL allows 100. Hundreds need the connection given back after the
-    # request's database work: not done yet.
-    streams = 60
+    streams = 200  # twice the connections PostgreSQL allows by default
     host, port = asgi_server.removeprefix("http://").split(":")
     body = json.dumps({"model": "tiny-llama", "prompt": "w5 w6", "max_tokens": 16, "stream": True})
     request = (
@@ -215,8 +212,20 @@ def test_many_open_streams_are_served_together_by_one_process(
         return answer.split("\r\n", 1)[0], "data: [DONE]" in answer
 
     async def all_of_them():
-        return await asyncio.gather(*(one() for _ in range(streams)))
+        threads = []
 
-    answers = asyncio.run(all_of_them())
+        async def count_threads():
+            while True:
+                threads.append(threading.active_count())
+                await asyncio.sleep(0.05)
+
+        counting = asyncio.create_task(count_threads())
+        answers = await asyncio.gather(*(one() for _ in range(streams)))
+        counting.cancel()
+        return answers, max(threads)
+
+    answers, most_threads = asyncio.run(all_of_them())
     assert answers == [("HTTP/1.1 200 OK", True)] * streams
+    # no thread (nor its database connection) per open stream: a few shared ones
+    assert most_threads < 20 + settings.LATENTRY_ROUTER_SYNC_THREADS
     assert max(engine.admitted_sizes) > 1  # they were batched together
