@@ -1,7 +1,8 @@
 """Serving under open-loop load: the engine against today's static batcher and transformers'
 own continuous batching, on the real base model (SmolLM2-135M-Instruct).
 
-Requests arrive as a Poisson process at each rate in ``--rates`` for ``--duration`` seconds:
+Requests arrive as a Poisson process at each rate in ``--rates`` for ``--duration`` seconds
+(longer at low rates, to expect ``--min-requests``):
 prompts of 16-256 tokens from the held-out Python docs and ``max_new_tokens`` of 8-128, drawn
 from a seeded distribution, generated to their length (no eos), greedy. Half carry one of 16
 experts of the default shape (what a job trains, ``TrainConfig().expert``; random weights,
@@ -17,7 +18,8 @@ sustained when the p95 of each request's latency over its latency alone (a linea
 prompt and new tokens, measured through the engine with nothing else running) is at most
 ``--bound`` (4). An arm stops at its first rate not sustained.
 
-    .venv/bin/python bench/serving.py [--rates 0.125,0.25,0.5,1,1.5,2] [--duration 45]
+    .venv/bin/python bench/serving.py [--rates 0.0625,0.125,0.25,0.5,1,1.5,2] [--duration 45]
+        [--min-requests 10]
 
 Ends with ``RESULT sustained_rps_vs_static=<engine/static> p95_latency_vs_static=<engine/static
 at static's highest sustained rate> plain_tokens_per_s_vs_transformers=<engine-plain/
@@ -96,8 +98,11 @@ def quantile(values, q):
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--rates", default="0.125,0.25,0.5,1,1.5,2", help="arrivals per second")
+    p.add_argument("--rates", default="0.0625,0.125,0.25,0.5,1,1.5,2", help="arrivals per second")
     p.add_argument("--duration", type=float, default=45.0, help="seconds of arrivals per rate")
+    p.add_argument(
+        "--min-requests", type=int, default=10, help="low rates run longer to get this many"
+    )
     p.add_argument("--bound", type=float, default=4.0, help="sustained: p95 slowdown at most")
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--arms", default="engine,engine-plain,static,transformers")
@@ -114,7 +119,8 @@ def main():
     for arm in args.arms.split(","):
         reports[arm] = []
         for rate in rates:
-            arrivals = workload(rate, args.duration, heldout, len(experts), args.seed)
+            duration = max(args.duration, args.min_requests / rate)
+            arrivals = workload(rate, duration, heldout, len(experts), args.seed)
             if arm in ("engine-plain", "transformers"):
                 arrivals = [Arrival(a.at, a.prompt, a.new_tokens, None) for a in arrivals]
             report = ARMS[arm](model, experts, arrivals, rate)

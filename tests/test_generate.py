@@ -6,7 +6,7 @@ import torch
 
 from coprocessor.decoder import prefill
 from coprocessor.expert import Coprocessor, CoprocessorConfig, prefill_with_latents
-from coprocessor.generate import Request, generate
+from coprocessor.generate import Request, RunningBatch, generate
 from tests.factories import FAMILIES, VOCAB, frozen, randomize
 
 
@@ -132,3 +132,21 @@ def test_latents_folded_into_the_prefill_equal_each_expert_alone(shapes, prompt_
             torch.testing.assert_close(gate[row, :count], expert.latent_head.gate)
             assert (gate[row, count:] < -1e30).all()
     assert (z[1] == 0).all() and (gate[1] < -1e30).all()
+
+
+def test_a_decode_step_writes_its_column_in_place():
+    """The running batch's cache has room for every token its rows can still add: steps write
+    into it instead of copying the whole cache (transformers' DynamicLayer concatenates)."""
+    model = frozen(FAMILIES["llama"])
+    batch = RunningBatch(model)
+    batch.admit([Request([5, 9, 2], max_new_tokens=6), Request([4, 8], max_new_tokens=3)])
+    layer = batch.cache.layers[0]
+    buffer, width = layer._keys.data_ptr(), batch.width
+    batch.step()
+    assert (layer._keys.data_ptr(), batch.width) == (buffer, width + 1)
+    assert layer.keys.data_ptr() == buffer  # the keys D reads are a view of it
+    while batch.rows:
+        batch.step()  # rows leave: the cache is cut, with room for those that remain
+        if batch.rows:
+            remaining = max(r.request.max_new_tokens - len(r.tokens) for r in batch.rows)
+            assert batch.cache.layers[0]._keys.shape[2] >= batch.width + remaining
