@@ -24,13 +24,17 @@ migrate: install
 # One process serves everything (pages, API and the router, under uvicorn), beside one job
 # worker (queue "gpu"; CPU where there is no GPU; with the beat that re-sends dead workers'
 # jobs) that yields the CPU to serving (LATENTRY_WORKER_NICE). Stopping the server stops the
-# worker at once (cold shutdown): a running job resumes from its checkpoint at the next start.
+# worker at once (cold shutdown), and kills it if it has not exited 10 s later (billiard's pool
+# can hang on its way out, waiting for a lock its killed child held): a running job resumes
+# from its checkpoint at the next start.
 run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
 	$(PY) manage.py seed_demo_job
-	$(PY) -m celery -A config worker -B -Q gpu -c 1 -n worker@%h -l info & \
-	trap 'kill -QUIT $$! 2>/dev/null; wait $$!' EXIT INT TERM; \
+	$(PY) -m celery -A config worker -B -Q gpu -c 1 -n worker@%h -l info & worker=$$!; \
+	trap 'kill -QUIT $$worker 2>/dev/null; \
+	  for _ in $$(seq 20); do kill -0 $$worker 2>/dev/null || exit 0; sleep 0.5; done; \
+	  pkill -KILL -P $$worker; kill -KILL $$worker 2>/dev/null' EXIT INT TERM; \
 	$(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
 
 worker: migrate
