@@ -175,7 +175,7 @@ if S3_BUCKET:
     }
 else:
     ARTIFACT_STORAGE = {
-        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "BACKEND": "registry.storage.AtomicFileSystemStorage",
         "OPTIONS": {"location": ARTIFACTS_DIR, "base_url": None},
     }
 STORAGES = {

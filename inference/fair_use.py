@@ -12,8 +12,8 @@ import time
 from django.conf import settings
 from django.core.cache import cache
 from rest_framework.exceptions import Throttled
-from rest_framework.throttling import BaseThrottle
 
+from registry import auth
 from registry.models import ApiKey
 
 
@@ -22,12 +22,11 @@ class Refused(Throttled):
 
 
 def caller(request):
-    """Whom a router request is counted against."""
+    """Whom a router request is counted against: its API key (each has its own limits), else
+    the user or the client address."""
     if isinstance(request.auth, ApiKey):
         return f"key:{request.auth.pk}"
-    if request.user.is_authenticated:
-        return f"user:{request.user.pk}"
-    return f"addr:{BaseThrottle().get_ident(request)}"
+    return auth.caller(request)
 
 
 def acquire(who, prompt_tokens):

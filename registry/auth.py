@@ -3,6 +3,7 @@
 from django.contrib.auth import get_user_model
 from django.core import signing
 from rest_framework import authentication, exceptions
+from rest_framework.throttling import BaseThrottle
 
 from .models import ApiKey
 
@@ -57,3 +58,11 @@ class OnBehalfAuthentication(authentication.BaseAuthentication):
         if user is None:
             raise exceptions.AuthenticationFailed("invalid on-behalf token")
         return user, None
+
+
+def caller(request):
+    """Who is asking, for counting: the user (signed in, or through one of their API keys),
+    else the client address as DRF's throttles see it."""
+    if request.user.is_authenticated:
+        return f"user:{request.user.pk}"
+    return f"addr:{BaseThrottle().get_ident(request)}"

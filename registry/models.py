@@ -382,7 +382,7 @@ class ExpertVersion(models.Model):
                 number = number or locked.next_version_number()
                 if cls.objects.filter(expert=locked, number=number).exists():
                     raise VersionConflict(f"version {number} of {expert.full_name} exists")
-                created = storage.put(key, fileobj)
+                created = storage.put(key, fileobj, sha256=sha256)
                 return cls.objects.create(
                     expert=locked,
                     number=number,
@@ -463,11 +463,44 @@ class ExpertVersion(models.Model):
     def download_filename(self):
         return f"{self.expert.owner.username}--{self.expert.name}--v{self.number}.safetensors"
 
-    def count_download(self):
+    def count_download(self, caller):
+        """Count a download by ``caller`` (``registry.auth.caller``) once a day: a loop of
+        requests cannot buy the catalog's default sort."""
+        if not Download.record(self, caller):
+            return
         ExpertVersion.objects.filter(pk=self.pk).update(
             download_count=models.F("download_count") + 1
         )
         self.expert.count_download()
+
+
+class Download(models.Model):
+    """That a caller downloaded a version today; kept for the day only. The caller is stored
+    as a digest: client addresses are not kept."""
+
+    version = models.ForeignKey(ExpertVersion, on_delete=models.CASCADE, related_name="+")
+    caller_digest = models.CharField(max_length=64)
+    day = models.DateField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["version", "caller_digest", "day"], name="one_download_per_caller_day"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.version} on {self.day}"
+
+    @classmethod
+    def record(cls, version, caller):
+        """True if this is the caller's first download of ``version`` today."""
+        today = timezone.now().date()
+        digest = hashlib.sha256(f"{settings.SECRET_KEY}:{caller}".encode()).hexdigest()
+        _, created = cls.objects.get_or_create(version=version, caller_digest=digest, day=today)
+        if created:
+            cls.objects.filter(day__lt=today).delete()  # yesterday's no longer count
+        return created
 
 
 class Review(models.Model):

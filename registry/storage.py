@@ -1,15 +1,19 @@
 """Artifact storage: local folder or S3, chosen by settings (STORAGES["artifacts"]).
 
 Keys are content-addressed (``experts/<sha256>.safetensors``), so the same bytes are stored
-once. Errors of the backend become StorageUnavailable, which the API answers with 503.
+once; an object already under a key is trusted only when its size and sha256 match, and local
+writes are all or nothing (``AtomicFileSystemStorage``). Errors of the backend become
+StorageUnavailable, which the API answers with 503.
 """
 
 import hashlib
 import logging
+import os
+import tempfile
 
 from botocore.exceptions import BotoCoreError, ClientError
 from django.core.files import File
-from django.core.files.storage import storages
+from django.core.files.storage import FileSystemStorage, storages
 from django.http import FileResponse, HttpResponseRedirect
 
 logger = logging.getLogger(__name__)
@@ -44,25 +48,71 @@ def sha256_of(fileobj, chunk_size=1024 * 1024):
     return digest.hexdigest()
 
 
-def put(key, fileobj):
-    """Store ``fileobj`` under ``key`` unless that content is already there.
+class AtomicFileSystemStorage(FileSystemStorage):
+    """Local disk, all or nothing: a file is written under a temporary name in its folder and
+    renamed into place, so a write that fails halfway leaves nothing under the key (Django's
+    own writes the key's file directly). An existing file is replaced: keys name content."""
+
+    def __init__(self, **options):
+        super().__init__(**{"allow_overwrite": True, **options})
+
+    def _save(self, name, content):
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                for chunk in content.chunks():
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        return str(name).replace("\\", "/")
+
+
+def put(key, fileobj, *, sha256=None):
+    """Store ``fileobj`` under ``key`` unless those bytes are already there: an object under
+    the key counts only if its size, and its sha256 when given, match (a truncated or
+    corrupted one is replaced).
 
     Returns True if this call created the object (so a failed publish should remove it).
     """
     storage = artifacts()
+    size = fileobj.seek(0, os.SEEK_END)
     try:
         if storage.exists(key):
-            return False
-        fileobj.seek(0)
-        saved = storage.save(key, File(fileobj))
+            if _holds(storage, key, size, sha256):
+                return False
+            logger.warning("artifact %s does not match its content: storing it again", key)
+            _save(storage, key, fileobj)
+            return False  # rows may name the key already: it is theirs too
+        return _save(storage, key, fileobj)
     except STORAGE_ERRORS as exc:
         raise StorageUnavailable(f"artifact storage failed: {exc}") from exc
+
+
+def _save(storage, key, fileobj):
+    fileobj.seek(0)
+    saved = storage.save(key, File(fileobj))
     if saved != key:
-        # Another upload of the same bytes got there first and the local backend picked a
-        # new name: drop our copy, theirs is identical.
+        # Another upload of the same bytes got there first and the backend picked a new
+        # name: drop our copy, theirs is identical.
         storage.delete(saved)
         return False
     return True
+
+
+def _holds(storage, key, size, sha256):
+    """Whether the object under ``key`` has this size and, when given, this sha256."""
+    if storage.size(key) != size:
+        return False
+    if sha256 is None:
+        return True
+    with storage.open(key, "rb") as stored:
+        return sha256_of(stored) == sha256
 
 
 def delete(key):

@@ -19,6 +19,7 @@ from rest_framework.views import APIView
 
 from . import storage, uploads
 from .api import ApiDefaults, NullsLastOrderingFilter, PayloadTooLarge, UploadThrottle
+from .auth import caller
 from .filters import ExpertFilter
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
 from .permissions import IsAuthor, IsOwnerOrReadOnly
@@ -187,7 +188,7 @@ class ExpertVersionViewSet(
             response = storage.download_response(version.artifact_key, version.download_filename())
         except FileNotFoundError:
             raise NotFound("the file of this version is missing from storage") from None
-        version.count_download()
+        version.count_download(caller(request))
         return response
 
 

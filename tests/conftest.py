@@ -219,7 +219,7 @@ def artifact_backend(request, settings, tmp_path):
         settings.STORAGES = {
             **settings.STORAGES,
             "artifacts": {
-                "BACKEND": "django.core.files.storage.FileSystemStorage",
+                "BACKEND": "registry.storage.AtomicFileSystemStorage",
                 "OPTIONS": {"location": tmp_path / "artifacts"},
             },
         }
@@ -250,7 +250,7 @@ def isolated_artifacts(settings, tmp_path):
     settings.STORAGES = {
         **settings.STORAGES,
         "artifacts": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "BACKEND": "registry.storage.AtomicFileSystemStorage",
             "OPTIONS": {"location": tmp_path / "artifacts"},
         },
     }

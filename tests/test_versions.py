@@ -83,6 +83,29 @@ def test_download_returns_the_bytes_and_counts(
     assert ExpertVersion.objects.get().download_count == 1
 
 
+def test_downloads_count_once_per_caller_and_version_a_day(
+    monkeypatch, alice_client, bob, sam, anon_client, make_expert, expert_file
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    expert = make_expert()
+    upload(alice_client, expert, expert_file())
+    for _ in range(5):  # a loop of requests cannot buy the default sort
+        assert download(client_for(bob), expert, 1)[0].status_code in (200, 302)
+    download(client_for(sam), expert, 1)
+    download(anon_client, expert, 1)
+    download(anon_client, expert, 1)  # the same address
+    expert.refresh_from_db()
+    assert expert.download_count == ExpertVersion.objects.get().download_count == 3
+    tomorrow = timezone.now() + timedelta(days=1)
+    monkeypatch.setattr(timezone, "now", lambda: tomorrow)
+    download(client_for(bob), expert, 1)
+    expert.refresh_from_db()
+    assert expert.download_count == 4
+
+
 def test_private_downloads_are_404_for_others(
     artifact_backend, alice, bob, make_expert, expert_file
 ):

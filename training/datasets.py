@@ -87,7 +87,7 @@ def store_file(fileobj, *, sha256, size, fmt, base_model=None):
     suffix = ".jsonl" if fmt == Dataset.JSONL else ".txt"
     key = storage.content_key(sha256, "datasets", suffix)
     token_count = count_tokens(base_model, texts) if base_model is not None else None
-    created = storage.put(key, fileobj)
+    created = storage.put(key, fileobj, sha256=sha256)
     return dict(
         format=fmt,
         file_key=key,
