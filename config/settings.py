@@ -64,6 +64,18 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
     SECRET_KEY = "insecure-development-key-do-not-use-in-production"
 
+
+def _example_secret_keys():
+    """The SECRET_KEY values that deploy/'s examples show: copied as they are, they would let
+    anyone who read them sign sessions."""
+    example = BASE_DIR / "deploy" / "systemd" / "env.example"
+    lines = example.read_text().splitlines() if example.exists() else []
+    return {line.partition("=")[2].strip() for line in lines if line.startswith("SECRET_KEY=")}
+
+
+if SECRET_KEY in _example_secret_keys():
+    raise ImproperlyConfigured("SECRET_KEY is the example from deploy/: set a secret of your own")
+
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 

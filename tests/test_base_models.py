@@ -1,5 +1,7 @@
 """Loading base models from a folder, a Hub cache (offline) and GGUF; fingerprints."""
 
+import os
+
 import pytest
 import torch
 
@@ -52,3 +54,32 @@ def test_describe_gives_what_validation_needs():
     spec = base_models.describe(frozen(FAMILIES["gpt2"]))
     assert spec.hidden_size == 32 and spec.num_layers == 2
     assert spec.param_shapes["transformer.h.0.attn.c_attn.weight"] == [32, 96]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("slug", ["../../etc", "a/b", "héllo", ""])
+def test_import_base_model_takes_only_a_slug(slug, settings, tmp_path):
+    from django.core.management import CommandError, call_command
+
+    from registry.models import BaseModel
+
+    settings.BASE_MODELS_DIR = tmp_path
+    with pytest.raises(CommandError, match="is not a slug"):
+        call_command("import_base_model", "some-folder", "--slug", slug)
+    assert not BaseModel.objects.exists() and not any(tmp_path.iterdir())
+
+
+def test_the_service_refuses_the_example_secret_key_from_deploy():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path("deploy/systemd/env.example").read_text()
+    key = next(line for line in example.splitlines() if line.startswith("SECRET_KEY="))
+    env = {**os.environ, "SECRET_KEY": key.partition("=")[2], "DEBUG": "false"}
+    run = subprocess.run(
+        [sys.executable, "manage.py", "check"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode != 0 and "SECRET_KEY is the example from deploy/" in run.stderr
+    env["SECRET_KEY"] = "a-secret-of-our-own-" + "x" * 40
+    assert subprocess.run([sys.executable, "manage.py", "check"], env=env).returncode == 0

@@ -1,7 +1,9 @@
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
+from django.core.validators import validate_slug
 
 from coprocessor import base_models
 from registry.models import BaseModel
@@ -20,6 +22,12 @@ class Command(BaseCommand):
         parser.add_argument("--revision", default="")
 
     def handle(self, source, slug, revision, **options):
+        if slug is not None:
+            try:
+                validate_slug(slug)  # it names a folder and goes into URLs
+            except ValidationError:
+                problem = f"--slug {slug!r} is not a slug: use a-z, 0-9, - and _"
+                raise CommandError(problem) from None
         slug = slug or (base_models.DEFAULT_SLUG if source is None else _slug_of(source))
         existing = BaseModel.objects.filter(slug=slug).first()
         if existing is not None:
