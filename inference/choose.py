@@ -7,6 +7,7 @@ what every text has in common) with the routing profile of each expert the calle
 the best one above the threshold wins, else none.
 """
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from django.conf import settings
 
 from registry.models import Expert, ExpertVersion, split_full_name
 
+VERSION_NUMBER = re.compile(r"[0-9]{1,9}")  # within every database's integer
+
 
 @dataclass
 class Choice:
@@ -26,13 +29,20 @@ class Choice:
     reason: str = ""  # why there is no expert (or why it was dropped)
 
 
+def well_formed(spec):
+    """Whether ``spec`` reads ``owner/name`` or ``owner/name@<version number>``."""
+    ref, at, number = spec.partition("@")
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+    return split_full_name(ref) is not None and (not at or bool(VERSION_NUMBER.fullmatch(number)))
+
+
 def named(spec, base_record, user):
     """Choice for ``owner/name[@version]``; a missing or invisible expert gives no expert.
 
     One query finds the version; only when there is none do more say why."""
+    if not well_formed(spec):
+        raise ValueError(f"expert {spec!r} is not owner/name or owner/name@version")
     ref, _, number = spec.partition("@")
-    if split_full_name(ref) is None or (number and not number.isdigit()):
-        return Choice(reason=f"expert {spec!r} is not owner/name or owner/name@version")
     experts = Expert.objects.visible_to(user).named(ref).filter(base_model=base_record)
     versions = ExpertVersion.objects.filter(expert__in=experts).order_by("-number")
     if number:

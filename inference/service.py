@@ -108,6 +108,8 @@ def pick(loaded, ask, ids, user):
             loaded.decoder, torch.tensor([ids], device=device), visible.to(device)
         )[0].cpu()
         choice = choose.auto(hidden, loaded.record, user)
+    elif not choose.well_formed(spec):  # a client's mistake, unlike a missing expert
+        raise BadRequest(f"expert {spec!r} is not owner/name or owner/name@version")
     else:
         choice = choose.named(spec, loaded.record, user)
     if choice.version is None:

@@ -86,7 +86,6 @@ def test_naming_an_expert_costs_one_query(alice, make_expert, publish, django_as
         ("alice/words@9", "no such ready version"),
         ("alice/nothing", "alice/nothing not found"),
         ("alice/secret", "alice/secret not found"),  # private: the same answer as missing
-        ("not-a-name", "is not owner/name"),
     ],
 )
 def test_missing_or_invisible_experts_degrade_to_the_plain_model_and_say_why(
@@ -96,6 +95,14 @@ def test_missing_or_invisible_experts_degrade_to_the_plain_model_and_say_why(
     publish(make_expert("secret", visibility="private"), seed=2)
     body = ask(bob_client, prompt="w5 w6", expert=spec).json()
     assert body["augmented"] is False and reason in body["reason"]
+
+
+@pytest.mark.parametrize("spec", ["not-a-name", "alice/words@²", "alice/words@٣", "alice/words@"])
+def test_a_malformed_expert_name_is_400(alice_client, make_expert, publish, spec):
+    publish(make_expert("words"))
+    response = ask(alice_client, prompt="w5 w6", expert=spec)
+    assert response.status_code == 400
+    assert "is not owner/name or owner/name@version" in str(response.json())
 
 
 def test_a_corrupted_stored_file_degrades_and_its_version_is_rejected(
