@@ -27,6 +27,7 @@ READABLE_FORMATS = ("latentry.coprocessor/1", FORMAT_TAG)
 KINDS = ("lora", "full", "prefix")
 ALLOWED_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_DEPTH = 32  # of the header and of JSON inside its metadata
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 # The most latents an expert may put in a request's cache: the router keeps this many positions
 # of the context free for them, so training, upload and serving share one ceiling.
@@ -139,8 +140,8 @@ def read_header(fileobj, file_size):
     if not raw.lstrip().startswith(b"{"):
         raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = _loads(raw.decode("utf-8"), "safetensors header")
+    except UnicodeDecodeError as exc:
         raise ArtifactError(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ArtifactError("safetensors header must be a JSON object")
@@ -181,7 +182,38 @@ def validate(header, spec, *, file_size=None, max_bytes=None):
     if not problems:
         problems = _tensor_problems(header, spec)
     if problems:
-        raise ArtifactError("; ".join(problems))
+        raise ArtifactError(_joined(problems))
+
+
+def _joined(problems, shown=5, width=300):
+    """Problems as one message of bounded length: the first few, and how many more."""
+    text = "; ".join(p if len(p) <= width else p[: width - 1] + "…" for p in problems[:shown])
+    return text + (f"; and {len(problems) - shown} more" if len(problems) > shown else "")
+
+
+def _loads(text, what):
+    """JSON of at most MAX_JSON_DEPTH levels: deeper JSON is refused, not a RecursionError."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"{what} is nested too deeply") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ArtifactError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value):
+    """Nesting depth of decoded JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _tensor_info(name, entry):
@@ -193,8 +225,10 @@ def _tensor_info(name, entry):
             f"tensor {name!r}: dtype {dtype!r} is not allowed (use one of "
             f"{', '.join(ALLOWED_DTYPES)})"
         )
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise ArtifactError(f"tensor {name!r}: shape must be a list of non-negative integers")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 1 for d in shape)):
+        raise ArtifactError(
+            f"tensor {name!r}: shape must be a list of positive integers (no zero dimension)"
+        )
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
@@ -235,10 +269,7 @@ def _int_field(metadata, key):
 def _json_field(metadata, key, default=None):
     if key not in metadata:
         return default
-    try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise ArtifactError(f"metadata {key!r} must be JSON") from None
+    return _loads(metadata[key], f"metadata {key!r}")
 
 
 def _metadata_problems(metadata, spec):
@@ -260,6 +291,8 @@ def _metadata_problems(metadata, spec):
             f"trained for base model fingerprint {fingerprint[:12]}…, this base model is "
             f"{spec.fingerprint[:12]}…"
         )
+    if not isinstance(_json_field(metadata, "config", default={}), dict):
+        problems.append("metadata 'config' must be a JSON object")
     if metadata["kind"] == "lora":
         if _int_field(metadata, "lora_rank") is None:
             problems.append("LoRA experts need an integer lora_rank in the metadata")
@@ -391,7 +424,9 @@ def _lora_problems(pairs, meta, spec):
     if not pairs:
         return ["a LoRA expert needs lora_A/lora_B tensors"]
     rank = int(meta["lora_rank"])
-    targets = set(json.loads(meta["lora_target_modules"]))
+    if rank < 1:
+        return [f"lora_rank is {rank}, it must be at least 1"]
+    targets = set(_json_field(meta, "lora_target_modules"))  # a list of names: checked before
     problems = []
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:

@@ -182,3 +182,40 @@ def test_a_file_with_lora_on_some_layers_only_loads_as_exactly_those(tiny_spec, 
     hidden = torch.randn(1, 4, tiny_spec.hidden_size)
     torch.testing.assert_close(expert.latent_head(hidden), hidden)
     assert (expert.latent_head.gate == 0).all()
+
+
+def deep(levels):
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rank=0), "positive integers \\(no zero dimension\\)"),
+        (dict(metadata={"lora_rank": "0"}), "lora_rank is 0, it must be at least 1"),
+        (dict(tensors={"soft_tokens": torch.zeros(0, 32)}), "no zero dimension"),
+        (dict(metadata={"config": deep(100_000)}), "metadata 'config' is nested too deeply"),
+        (dict(metadata={"config": deep(33)}), "nested more than 32 levels deep"),
+        (dict(metadata={"lora_target_modules": deep(100_000)}), "nested too deeply"),
+        (dict(metadata={"lora_target_modules": '{"q_proj": 1}'}), "a JSON list of names"),
+    ],
+    ids=[
+        "rank-0-tensors",
+        "rank-0",
+        "zero-dim",
+        "deep-config",
+        "33-levels",
+        "deep-targets",
+        "targets",
+    ],
+)
+def test_hostile_files_are_refused_with_a_reason(tiny_spec, kwargs, message):
+    with pytest.raises(artifact.ArtifactError, match=message):
+        check(expert_file_bytes(tiny_spec, **kwargs), tiny_spec)
+
+
+def test_a_file_with_many_problems_gets_a_message_of_bounded_length(tiny_spec):
+    wrong = {f"evil.{i}.weight": torch.zeros(1) for i in range(5000)}
+    with pytest.raises(artifact.ArtifactError) as raised:
+        check(expert_file_bytes(tiny_spec, tensors=wrong), tiny_spec)
+    assert len(str(raised.value)) < 2000 and "more" in str(raised.value)
