@@ -11,9 +11,10 @@ django_application = get_asgi_application()
 def _application():
     from django.conf import settings
 
-    from inference.asgi import SharedSyncThreads
+    from inference.asgi import BoundedBody, SharedSyncThreads
 
-    return SharedSyncThreads(django_application, settings.LATENTRY_ROUTER_SYNC_THREADS)
+    app = SharedSyncThreads(django_application, settings.LATENTRY_ROUTER_SYNC_THREADS)
+    return BoundedBody(app, settings.LATENTRY_ROUTER_MAX_BODY_BYTES)
 
 
 application = _application()

@@ -216,11 +216,16 @@ CACHES = {
     )
 }
 # Rate limits per user (or client address when signed out), answered with 429 and Retry-After:
-# generation (native and OpenAI-compatible) and uploads (versions, datasets). Empty: no limit.
+# generation (native and OpenAI-compatible), uploads (versions, datasets) and starting jobs.
+# Empty: no limit.
 LATENTRY_THROTTLE_RATES = {
     "generate": env_str("LATENTRY_GENERATE_RATE", "120/min") or None,
     "upload": env_str("LATENTRY_UPLOAD_RATE", "60/hour") or None,
+    "job": env_str("LATENTRY_JOB_START_RATE", "30/hour") or None,
 }
+# Training and evaluation jobs one user may have queued or running at once (429 beyond; 0: no
+# limit). The jobs the platform queues itself (an evaluation after training) are not refused.
+LATENTRY_MAX_ACTIVE_JOBS = env_int("LATENTRY_MAX_ACTIVE_JOBS", 3)
 # Anonymous catalog pages (no search) are served from that cache for this long: browsing is most
 # of the traffic, and building a page costs ten times what serving the cached one does. 0: off.
 LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)
@@ -243,6 +248,8 @@ LATENTRY_ENGINE_PREFILL_TOKENS = env_int("LATENTRY_ENGINE_PREFILL_TOKENS", 4096)
 # database): they, not the number of open streams, bound a serving process's threads and
 # database connections (inference/asgi.py).
 LATENTRY_ROUTER_SYNC_THREADS = env_int("LATENTRY_ROUTER_SYNC_THREADS", 8)
+# The largest request body the router paths take (413 beyond; deploy/nginx.conf agrees).
+LATENTRY_ROUTER_MAX_BODY_BYTES = env_int("LATENTRY_ROUTER_MAX_BODY_BYTES", 1024 * 1024)
 # A generation that runs longer than this ends with finish_reason "length" (0: no limit).
 LATENTRY_REQUEST_TIMEOUT_S = env_float("LATENTRY_REQUEST_TIMEOUT_S", 300.0)
 # Empty: this process serves the router itself (make run). A URL: this is a web process that

@@ -11,6 +11,7 @@ router paths, whose synchronous work is short (authentication, a lookup, a usage
 """
 
 import itertools
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import ThreadSensitiveContext
@@ -35,3 +36,50 @@ class SharedSyncThreads:
             return await self.app(scope, receive, send)
         async with ThreadSensitiveContext(executor=next(self.executors)):
             return await self.app(scope, receive, send)
+
+
+class BoundedBody:
+    """ASGI middleware: a router request's body may hold at most ``max_bytes``; a larger one is
+    answered 413 before the application reads it (a declared Content-Length) or as soon as it
+    passes the bound (a chunked one). Django's handler would otherwise take any body whole,
+    spooled to disk, before a view could refuse it."""
+
+    def __init__(self, app, max_bytes, paths=ROUTER_PATHS):
+        self.app, self.max_bytes, self.paths = app, max_bytes, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.paths):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await self._refuse(scope, send)
+        received, started = 0, False
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return {"type": "http.disconnect"}  # Django stops reading: RequestAborted
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, bounded_receive, watched_send)
+        if received > self.max_bytes and not started:
+            await self._refuse(scope, send)
+
+    async def _refuse(self, scope, send):
+        message = f"the request body is over the limit of {self.max_bytes} bytes"
+        if scope["path"].startswith("/v1/"):  # OpenAI's shape
+            error = {"message": message, "type": "invalid_request_error", "code": 413}
+            body = {"error": {**error, "param": None}}
+        else:
+            body = {"detail": message}
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})

@@ -3,6 +3,7 @@ serializers, ordering."""
 
 from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError
 from django.db.models import F
 from django.http import Http404, HttpResponse, JsonResponse
@@ -50,6 +51,18 @@ class RateThrottle(SimpleRateThrottle):
 
 class GenerateThrottle(RateThrottle):
     scope = "generate"
+
+
+class JobStartThrottle(RateThrottle):
+    """Starting training and evaluation jobs only: reading and cancelling them are not
+    limited."""
+
+    scope = "job"
+
+    def allow_request(self, request, view):
+        if getattr(view, "action", None) != "create":
+            return True
+        return super().allow_request(request, view)
 
 
 class UploadThrottle(RateThrottle):
@@ -138,6 +151,8 @@ def exception_handler(exc, context):
         exc = ServiceUnavailable(str(exc))
     elif isinstance(exc, DataError):  # e.g. a NUL byte that reached a query: bad input
         exc = exceptions.ValidationError({"detail": [UNSTORABLE]})
+    elif isinstance(exc, DjangoValidationError):  # a model's own check of its input
+        exc = exceptions.ValidationError({"detail": exc.messages})
     return drf_exception_handler(exc, context)
 
 

@@ -265,3 +265,66 @@ def test_no_job_reads_more_datasets_than_the_cap(alice, make_expert, publish):
     with pytest.raises(ValidationError, match="at most 20 datasets"):
         TrainingJob.start(alice, version.expert, many, SMALL_JOB)
     assert not EvaluationJob.objects.exists() and not TrainingJob.objects.exists()
+
+
+def test_an_evaluation_never_reads_data_the_owner_may_not(
+    alice_client, alice, sam, words, make_expert, expert_file, domain, eager
+):
+    from tests.factories import client_for, upload
+
+    expert = make_expert("uploaded")
+    assert upload(alice_client, expert, expert_file()).status_code == 201
+    version = expert.versions.get()
+    staff_private = make_dataset(sam, "staff-notes")  # staff may use it; alice may not
+    body = {"expert": "alice/uploaded", "datasets": ["sam/staff-notes"], "window": 64, "ahead": 4}
+    response = client_for(sam).post(EVALS, body, format="json")
+    assert response.status_code == 400 and "staff-notes" in str(response.json())
+    assert not EvaluationJob.objects.exists()
+    # the admin action picks the domain's datasets the owner may read, and no others
+    from training.admin import evaluation_datasets
+
+    Dataset = type(staff_private)
+    Dataset.objects.filter(pk__in=[staff_private.pk, words.pk]).update(domain=domain)
+    assert evaluation_datasets(version) == [words]
+
+
+def test_evaluation_windows_are_bounded_by_the_base_models_context(
+    alice_client, alice, words, make_expert, expert_file, base_model, eager
+):
+    from tests.factories import upload
+
+    expert = make_expert("uploaded")
+    assert upload(alice_client, expert, expert_file()).status_code == 201
+    body = {"expert": "alice/uploaded", "datasets": ["alice/words"], "ahead": 4}
+    too_wide = {**body, "window": base_model.context_length + 1}
+    response = alice_client.post(EVALS, too_wide, format="json")
+    assert response.status_code == 400 and "context" in str(response.json())
+    too_far = {**body, "window": 64, "ahead": 60}
+    assert alice_client.post(EVALS, too_far, format="json").status_code == 400
+    version = expert.versions.get()
+    version.config = {"training": {"window": 10**12, "ahead_tokens": 10**9}}  # the uploader's
+    params = EvaluationJob.as_trained(version)
+    assert params["window"] == base_model.context_length
+    assert params["ahead"] == base_model.context_length - 16
+
+
+def test_one_user_may_have_only_so_many_jobs_queued_or_running(
+    settings, alice_client, bob_client, words, bob
+):
+    settings.LATENTRY_MAX_ACTIVE_JOBS = 2
+    make_dataset(bob, "words")
+    for n in range(2):  # not eager: they stay queued
+        assert start(alice_client, expert=f"e{n}").status_code == 202
+    refused = start(alice_client, expert="e2")
+    assert refused.status_code == 429 and "2 jobs queued or running" in refused.json()["detail"]
+    assert start(bob_client, datasets=("words",)).status_code == 202  # others are not held up
+    job = TrainingJob.objects.filter(created_by__username="alice").first()
+    assert alice_client.post(f"{JOBS}{job.pk}/cancel/").status_code == 200
+    assert start(alice_client, expert="e2").status_code == 202  # room again
+
+
+def test_starting_jobs_is_rate_limited(settings, alice_client, words):
+    settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "job": "2/hour"}
+    settings.LATENTRY_MAX_ACTIVE_JOBS = 0
+    assert [start(alice_client, expert=f"e{n}").status_code for n in range(3)] == [202, 202, 429]
+    assert alice_client.get(JOBS).status_code == 200  # reading is not limited

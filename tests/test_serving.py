@@ -229,3 +229,18 @@ def test_many_open_streams_are_served_together_by_one_process(
     # no thread (nor its database connection) per open stream: a few shared ones
     assert most_threads < 20 + settings.LATENTRY_ROUTER_SYNC_THREADS
     assert max(engine.admitted_sizes) > 1  # they were batched together
+
+
+def test_router_bodies_over_the_bound_are_413_before_they_are_read(asgi_server, settings):
+    limit = settings.LATENTRY_ROUTER_MAX_BODY_BYTES
+    big = b'{"model": "tiny-llama", "prompt": "' + b"w5 " * limit + b'"}'
+    declared = requests.post(f"{asgi_server}/v1/completions", data=big, timeout=30)
+    assert declared.status_code == 413
+    assert "over the limit" in declared.json()["error"]["message"]  # OpenAI's shape
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    chunked = requests.post(f"{asgi_server}/api/v1/generate", data=chunks(), timeout=30)
+    assert chunked.status_code == 413 and "over the limit" in chunked.json()["detail"]

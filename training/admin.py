@@ -297,6 +297,7 @@ def evaluation_datasets(version):
     """The held-out part of what it was trained on; else the domain's newest datasets (as many
     as one job may read)."""
     if version.training_job_id:
-        return list(version.training_job.datasets.all())
-    newest = Dataset.objects.filter(domain=version.expert.domain).order_by("-pk")
+        return EvaluationJob.readable(version, version.training_job.datasets.all())
+    usable = Dataset.objects.usable_by(version.expert.owner)  # never another user's private data
+    newest = usable.filter(domain=version.expert.domain).order_by("-pk")
     return list(newest[: Job.MAX_DATASETS])

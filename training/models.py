@@ -15,6 +15,8 @@ from django.utils import timezone
 
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
+MIN_PREFIX = 16  # evaluation reads at least this many tokens before the first ahead token
+
 
 class JobHeld(Exception):
     """A live worker runs this job; another delivery of it must not."""
@@ -247,6 +249,15 @@ class Job(models.Model):
         self.refresh_from_db()
         return True
 
+    @staticmethod
+    def active_count(user):
+        """Training and evaluation jobs ``user`` started that are queued or running."""
+        active = [Job.QUEUED, Job.RUNNING]
+        return sum(
+            kind.objects.filter(created_by=user, status__in=active).count()
+            for kind in (TrainingJob, EvaluationJob)
+        )
+
     @classmethod
     def check_datasets(cls, datasets):
         """ValidationError unless a job may read ``datasets``: at most MAX_DATASETS."""
@@ -327,25 +338,59 @@ class EvaluationJob(Job):
     @classmethod
     def start(cls, user, version, datasets, params=None):
         """Queue a job that measures ``version`` on ``datasets``; ``params`` default to
-        ``as_trained(version)``."""
+        ``as_trained(version)``. ValidationError if the expert's owner may not read one of the
+        datasets (its figures would show in their version's metrics) or the window does not fit
+        the base model's context."""
         cls.check_datasets(datasets)
+        unreadable = {d.pk for d in datasets} - {d.pk for d in cls.readable(version, datasets)}
+        if unreadable:
+            names = ", ".join(sorted(d.name for d in datasets if d.pk in unreadable))
+            raise ValidationError(f"the expert's owner may not read the dataset(s) {names}")
+        params = params if params is not None else cls.as_trained(version)
+        cls.check_params(version.expert.base_model, params)
         with transaction.atomic():
-            if params is None:
-                params = cls.as_trained(version)
             job = cls.objects.create(created_by=user, version=version, params=params)
             job.datasets.set(datasets)
             job.enqueue()
         return job
 
     @staticmethod
+    def readable(version, datasets):
+        """Those of ``datasets`` that the expert's owner may read: the only ones a version's
+        metrics may come from."""
+        owner = version.expert.owner
+        return list(Dataset.objects.usable_by(owner).filter(pk__in=[d.pk for d in datasets]))
+
+    @staticmethod
+    def check_params(base_model, params):
+        """ValidationError unless the window fits the base model's context and leaves room for
+        a prefix of MIN_PREFIX tokens before the ahead tokens."""
+        window, ahead = params["window"], params["ahead"]
+        if window > base_model.context_length:
+            raise ValidationError(
+                f"window {window} is over the base model's context ({base_model.context_length})"
+            )
+        if not 1 <= ahead <= window - MIN_PREFIX:
+            limit = window - MIN_PREFIX
+            raise ValidationError(f"ahead must be 1 to window - {MIN_PREFIX} ({limit})")
+
+    @staticmethod
     def as_trained(version):
-        """Params that measure a version as it was trained: its window and ahead tokens, on
+        """Params that measure a version as it was trained: its window and ahead tokens (as
+        far as the base model's context allows: the file's config is the uploader's), on
         held-out text."""
         config = version.config if isinstance(version.config, dict) else {}
         training = config.get("training", {})
-        return {
-            "window": int(training.get("window", 256)),
-            "ahead": int(training.get("ahead_tokens", 16)),
-            "max_windows": 32,
-            "split": "heldout",
-        }
+        training = training if isinstance(training, dict) else {}
+        window = min(_int(training.get("window"), 256), version.expert.base_model.context_length)
+        window = max(window, 32)
+        ahead = min(max(_int(training.get("ahead_tokens"), 16), 1), window - MIN_PREFIX)
+        return {"window": window, "ahead": ahead, "max_windows": 32, "split": "heldout"}
+
+
+def _int(value, default):
+    """``value`` as an int, or ``default`` when it is not one."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default

@@ -130,8 +130,9 @@ def _succeed(job, version):
     # page stops polling at a finished job with no evaluation running).
     with transaction.atomic():
         succeeded = job.finish(Job.SUCCEEDED)
-        if succeeded:
-            EvaluationJob.start(job.created_by, version, job.datasets.all())
+        readable = EvaluationJob.readable(version, job.datasets.all())
+        if succeeded and readable:
+            EvaluationJob.start(job.created_by, version, readable)
     if succeeded:
         discard_checkpoint(job)
     return version

@@ -1,22 +1,23 @@
 """REST API of datasets and jobs under /api/v1/. Jobs are visible to their creator and staff."""
 
+from django.conf import settings
 from django.db import transaction
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
 
-from registry.api import ApiDefaults, Conflict, UploadThrottle
+from registry.api import ApiDefaults, Conflict, JobStartThrottle, UploadThrottle
 from registry.models import Expert
 from registry.permissions import IsOwnerOrReadOnly
 
 from . import datasets
-from .models import Dataset, EvaluationJob, TrainingJob
+from .models import Dataset, EvaluationJob, Job, TrainingJob
 from .serializers import (
     DatasetSerializer,
     EvaluationJobCreateSerializer,
@@ -77,6 +78,7 @@ class JobViewSet(
     viewsets.GenericViewSet,
 ):
     permission_classes = [IsAuthenticated]
+    throttle_classes = [JobStartThrottle]
     model = None
 
     def get_queryset(self):
@@ -93,6 +95,12 @@ class JobViewSet(
         """Start a job: 202 with the job, whose URL (Location) is where progress is read."""
         create = self.create_serializer_class(data=request.data, context={"request": request})
         create.is_valid(raise_exception=True)
+        limit = settings.LATENTRY_MAX_ACTIVE_JOBS
+        if limit and Job.active_count(request.user) >= limit:
+            raise Throttled(
+                detail=f"you have {limit} jobs queued or running, the most one user may have: "
+                "wait for one to end, or cancel one"
+            )
         job = self.start(create.validated_data)
         url = reverse(f"training_api:{self.basename}-detail", args=[job.pk], request=request)
         return Response(
