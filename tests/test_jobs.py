@@ -309,22 +309,23 @@ def test_evaluation_windows_are_bounded_by_the_base_models_context(
 
 
 def test_one_user_may_have_only_so_many_jobs_queued_or_running(
-    settings, alice_client, bob_client, words, bob
+    settings, alice_client, bob_client, words, bob, domain
 ):
     settings.LATENTRY_MAX_ACTIVE_JOBS = 2
     make_dataset(bob, "words")
     for n in range(2):  # not eager: they stay queued
-        assert start(alice_client, expert=f"e{n}").status_code == 202
-    refused = start(alice_client, expert="e2")
+        assert start(alice_client, expert=f"e{n}", domain="python").status_code == 202
+    refused = start(alice_client, expert="e2", domain="python")
     assert refused.status_code == 429 and "2 jobs queued or running" in refused.json()["detail"]
-    assert start(bob_client, datasets=("words",)).status_code == 202  # others are not held up
+    assert start(bob_client, domain="python").status_code == 202  # others are not held up
     job = TrainingJob.objects.filter(created_by__username="alice").first()
     assert alice_client.post(f"{JOBS}{job.pk}/cancel/").status_code == 200
-    assert start(alice_client, expert="e2").status_code == 202  # room again
+    assert start(alice_client, expert="e2", domain="python").status_code == 202  # room again
 
 
-def test_starting_jobs_is_rate_limited(settings, alice_client, words):
+def test_starting_jobs_is_rate_limited(settings, alice_client, words, domain):
     settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "job": "2/hour"}
     settings.LATENTRY_MAX_ACTIVE_JOBS = 0
-    assert [start(alice_client, expert=f"e{n}").status_code for n in range(3)] == [202, 202, 429]
+    answers = [start(alice_client, expert=f"e{n}", domain="python") for n in range(3)]
+    assert [a.status_code for a in answers] == [202, 202, 429]
     assert alice_client.get(JOBS).status_code == 200  # reading is not limited
