@@ -26,15 +26,24 @@ class SharedSyncThreads:
 
     def __init__(self, app, threads, paths=ROUTER_PATHS):
         self.app, self.paths = app, paths
-        self.executors = itertools.cycle(
+        self.executors = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"router-sync-{i}")
             for i in range(threads)
-        )
+        ]
+        self.next_executor = itertools.cycle(self.executors)
+
+    def close_connections(self):
+        """Close the database connections the shared threads hold (a test database cannot be
+        dropped while they are open)."""
+        from django.db import connections
+
+        for executor in self.executors:
+            executor.submit(connections.close_all).result()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(self.paths):
             return await self.app(scope, receive, send)
-        async with ThreadSensitiveContext(executor=next(self.executors)):
+        async with ThreadSensitiveContext(executor=next(self.next_executor)):
             return await self.app(scope, receive, send)
 
 

@@ -303,3 +303,4 @@ def asgi_server(transactional_db):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+    application.app.close_connections()  # SharedSyncThreads, inside BoundedBody
