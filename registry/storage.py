@@ -83,26 +83,16 @@ def put(key, fileobj, *, sha256=None):
     storage = artifacts()
     size = fileobj.seek(0, os.SEEK_END)
     try:
-        if storage.exists(key):
-            if _holds(storage, key, size, sha256):
-                return False
+        replacing = storage.exists(key)
+        if replacing and _holds(storage, key, size, sha256):
+            return False
+        if replacing:
             logger.warning("artifact %s does not match its content: storing it again", key)
-            _save(storage, key, fileobj)
-            return False  # rows may name the key already: it is theirs too
-        return _save(storage, key, fileobj)
+        fileobj.seek(0)
+        storage.save(key, File(fileobj))  # both backends write over the key, all or nothing
     except STORAGE_ERRORS as exc:
         raise StorageUnavailable(f"artifact storage failed: {exc}") from exc
-
-
-def _save(storage, key, fileobj):
-    fileobj.seek(0)
-    saved = storage.save(key, File(fileobj))
-    if saved != key:
-        # Another upload of the same bytes got there first and the backend picked a new
-        # name: drop our copy, theirs is identical.
-        storage.delete(saved)
-        return False
-    return True
+    return not replacing  # rows may name a replaced key already: it is theirs too
 
 
 def _holds(storage, key, size, sha256):
