@@ -204,6 +204,10 @@ FILE_UPLOAD_HANDLERS = [
 ]
 FILE_UPLOAD_TEMP_DIR = env_str("FILE_UPLOAD_TEMP_DIR") or None
 LATENTRY_MAX_ARTIFACT_BYTES = env_int("LATENTRY_MAX_ARTIFACT_BYTES", 600 * 1024 * 1024)
+# Bounds on an expert file's JSON: its safetensors header, and the config in its metadata
+# (stored in the database with the version).
+LATENTRY_MAX_HEADER_BYTES = env_int("LATENTRY_MAX_HEADER_BYTES", 1024 * 1024)
+LATENTRY_MAX_CONFIG_BYTES = env_int("LATENTRY_MAX_CONFIG_BYTES", 64 * 1024)
 
 # Per process by default; share one (CACHE_URL=redis://...) when several processes serve, so
 # that rate limits and the catalog cache hold across them.

@@ -26,9 +26,14 @@ FORMAT_TAG = "latentry.coprocessor/2"
 READABLE_FORMATS = ("latentry.coprocessor/1", FORMAT_TAG)
 KINDS = ("lora", "full", "prefix")
 ALLOWED_DTYPES = ("F32", "F16", "BF16")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Defaults of the bounds a caller may tighten (the registry passes its settings): a real
+# expert's header is tens of kilobytes, its config a few hundred bytes.
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_CONFIG_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32  # of the header and of JSON inside its metadata
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+FINITE_CHECK_CHUNK = 4 * 1024 * 1024  # bytes read at a time when checking values
 # The most latents an expert may put in a request's cache: the router keeps this many positions
 # of the context free for them, so training, upload and serving share one ceiling.
 MAX_LATENTS = 64
@@ -120,16 +125,28 @@ class BaseModelSpec:
     kv_heads: int = 0
     head_dim: int = 0
 
+    def max_tensors(self):
+        """The most tensors an expert can use: a LoRA pair per base weight (or a copy of each
+        parameter), the latent head's, the prefix's and the soft tokens."""
+        extras = len(HEAD_TENSORS) + len(PREFIX_TENSORS) + 1
+        # Without the parameter list: generously, 16 weights per layer and a few outside.
+        weights = len(self.param_shapes) or 16 * self.num_layers + 8
+        return 2 * weights + extras
 
-def read_header(fileobj, file_size):
+
+def read_header(fileobj, file_size, max_header_bytes=MAX_HEADER_BYTES):
     """Parse the safetensors header of ``fileobj`` (positioned anywhere) without reading data."""
     fileobj.seek(0)
     prefix = fileobj.read(8)
     if len(prefix) < 8:
         raise ArtifactError("file is too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", prefix)
-    if header_len == 0 or header_len > MAX_HEADER_BYTES:
+    if header_len == 0 or (header_len > max_header_bytes and header_len > file_size - 8):
         raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
+    if header_len > max_header_bytes:
+        raise ArtifactError(
+            f"safetensors header is {header_len} bytes, over the limit of {max_header_bytes}"
+        )
     raw = fileobj.read(header_len)
     if len(raw) < header_len:
         if raw.startswith(b"{"):
@@ -174,15 +191,58 @@ def read_header_from_path(path):
         return read_header(f, size)
 
 
-def validate(header, spec, *, file_size=None, max_bytes=None):
+def validate(header, spec, *, file_size=None, max_bytes=None, max_config_bytes=MAX_CONFIG_BYTES):
     """Check an expert header against a base model. Raise ArtifactError listing every problem."""
     if max_bytes is not None and file_size is not None and file_size > max_bytes:
         raise ArtifactError(f"file is {file_size} bytes, over the limit of {max_bytes}")
+    config_bytes = len(header.metadata.get("config", "").encode())
+    if config_bytes > max_config_bytes:
+        raise ArtifactError(
+            f"metadata 'config' is {config_bytes} bytes, over the limit of {max_config_bytes}"
+        )
+    if len(header.tensors) > spec.max_tensors():
+        raise ArtifactError(
+            f"file has {len(header.tensors)} tensors, an expert for this base model has at "
+            f"most {spec.max_tensors()}"
+        )
     problems = _metadata_problems(header.metadata, spec)
     if not problems:
         problems = _tensor_problems(header, spec)
     if problems:
         raise ArtifactError(_joined(problems))
+
+
+def check_finite(fileobj, header):
+    """Refuse NaN and infinite values in any tensor. Reads the data section once, in chunks of
+    FINITE_CHECK_CHUNK bytes, so a large file is never held in memory."""
+    import torch
+
+    data_start = 8 + header.header_bytes
+    bad = [
+        f"tensor {name!r} has NaN or infinite values"
+        for name, info in sorted(header.tensors.items(), key=lambda item: item[1].start)
+        if not _finite(
+            fileobj, data_start + info.start, info, getattr(torch, TORCH_DTYPES[info.dtype])
+        )
+    ]
+    if bad:
+        raise ArtifactError(_joined(bad))
+
+
+def _finite(fileobj, offset, info, dtype):
+    import torch
+
+    fileobj.seek(offset)
+    remaining = info.end - info.start
+    while remaining:
+        chunk = fileobj.read(min(FINITE_CHECK_CHUNK, remaining))
+        if not chunk:
+            raise ArtifactError("file is truncated: its tensor data ends early")
+        remaining -= len(chunk)
+        # whole elements: a file read returns what was asked (chunk sizes are multiples of 4)
+        if not torch.isfinite(torch.frombuffer(bytearray(chunk), dtype=dtype)).all():
+            return False
+    return True
 
 
 def _joined(problems, shown=5, width=300):

@@ -44,7 +44,7 @@ def named(spec, base_record, user):
         raise ValueError(f"expert {spec!r} is not owner/name or owner/name@version")
     ref, _, number = spec.partition("@")
     experts = Expert.objects.visible_to(user).named(ref).filter(base_model=base_record)
-    versions = ExpertVersion.objects.filter(expert__in=experts).order_by("-number")
+    versions = ExpertVersion.objects.light().filter(expert__in=experts).order_by("-number")
     if number:
         versions = versions.filter(number=int(number))
     version = versions.ready().first()
@@ -80,6 +80,7 @@ class Profiles:
         rows = []
         versions = (
             ExpertVersion.objects.ready()
+            .defer("config")
             .filter(expert__base_model=base_record)
             .exclude(routing_profile=[])
             .select_related("expert__owner")

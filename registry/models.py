@@ -14,7 +14,13 @@ from django.db.models import Value as V
 from django.db.models.functions import Cast, Concat, Lower
 from django.utils import timezone
 
-from coprocessor.artifact import ArtifactError, BaseModelSpec, read_header, validate
+from coprocessor.artifact import (
+    ArtifactError,
+    BaseModelSpec,
+    check_finite,
+    read_header,
+    validate,
+)
 
 from . import storage
 
@@ -240,7 +246,7 @@ class Expert(models.Model):
             raise NameTaken(fields.get("name")) from None
 
     def latest_ready_version(self):
-        return self.versions.ready().order_by("-number").first()
+        return self.versions.ready().light().order_by("-number").first()
 
     def reviewable_by(self, user):
         """Whether ``user`` may review it: any signed-in user but its owner."""
@@ -290,6 +296,11 @@ class ExpertVersionQuerySet(models.QuerySet):
     def ready(self):
         """Versions that may be routed to and downloaded."""
         return self.filter(status=ExpertVersion.READY)
+
+    def light(self):
+        """Without the large JSON columns that routing and pages never read: the file's config
+        (up to LATENTRY_MAX_CONFIG_BYTES, decoded per row if fetched) and the routing profile."""
+        return self.defer("config", "routing_profile")
 
 
 class ExpertVersion(models.Model):
@@ -356,20 +367,23 @@ class ExpertVersion(models.Model):
     ):
         """Validate an expert file, store it, and make it the expert's next ready version.
 
-        1. Validate from the safetensors header alone (ArtifactError: nothing changes).
+        1. Validate the safetensors header, then read the values once for NaN and Inf
+           (ArtifactError: nothing changes).
         2. Lock the expert row so concurrent uploads to one expert take turns.
         3. Store the bytes under their content address, then create the row.
         4. If anything fails after storing, remove the object unless another version uses it.
 
         A training job publishes at most once: publishing again returns its version.
         """
-        header = read_header(fileobj, size)
+        header = read_header(fileobj, size, max_header_bytes=settings.LATENTRY_MAX_HEADER_BYTES)
         validate(
             header,
             expert.base_model.spec(),
             file_size=size,
             max_bytes=settings.LATENTRY_MAX_ARTIFACT_BYTES,
+            max_config_bytes=settings.LATENTRY_MAX_CONFIG_BYTES,
         )
+        check_finite(fileobj, header)
         key = storage.content_key(sha256)
         created = False
         try:

@@ -72,7 +72,7 @@ def expert_detail(request, owner, name, review_form=None):
     """The expert's card, measurements, every version (rejected ones with the reason) and
     reviews."""
     expert = expert_by_name(request, owner, name)
-    versions = expert.versions.defer("routing_profile").order_by("-number")
+    versions = expert.versions.light().order_by("-number")
     latest = next((v for v in versions if v.status == ExpertVersion.READY), None)
     reviews = expert.reviews.select_related("user").order_by("-updated_at")
     mine = request.user.is_authenticated and reviews.filter(user=request.user).first()

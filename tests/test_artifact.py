@@ -194,7 +194,7 @@ def deep(levels):
         (dict(rank=0), "positive integers \\(no zero dimension\\)"),
         (dict(metadata={"lora_rank": "0"}), "lora_rank is 0, it must be at least 1"),
         (dict(tensors={"soft_tokens": torch.zeros(0, 32)}), "no zero dimension"),
-        (dict(metadata={"config": deep(100_000)}), "metadata 'config' is nested too deeply"),
+        (dict(metadata={"config": deep(20_000)}), "metadata 'config' is nested too deeply"),
         (dict(metadata={"config": deep(33)}), "nested more than 32 levels deep"),
         (dict(metadata={"lora_target_modules": deep(100_000)}), "nested too deeply"),
         (dict(metadata={"lora_target_modules": '{"q_proj": 1}'}), "a JSON list of names"),
@@ -215,7 +215,48 @@ def test_hostile_files_are_refused_with_a_reason(tiny_spec, kwargs, message):
 
 
 def test_a_file_with_many_problems_gets_a_message_of_bounded_length(tiny_spec):
-    wrong = {f"evil.{i}.weight": torch.zeros(1) for i in range(5000)}
+    name = "evil." + "x" * 2000
+    wrong = {f"{name}.{i}.weight": torch.zeros(1) for i in range(tiny_spec.max_tensors() // 2)}
     with pytest.raises(artifact.ArtifactError) as raised:
         check(expert_file_bytes(tiny_spec, tensors=wrong), tiny_spec)
     assert len(str(raised.value)) < 2000 and "more" in str(raised.value)
+
+
+def test_more_tensors_than_the_base_model_can_use_are_refused(tiny_spec):
+    many = {f"extra.{i}": torch.zeros(1) for i in range(tiny_spec.max_tensors())}
+    with pytest.raises(
+        artifact.ArtifactError, match="tensors, an expert for this base model has at most"
+    ):
+        check(expert_file_bytes(tiny_spec, tensors=many), tiny_spec)
+
+
+def test_header_and_config_sizes_are_bounded(tiny_spec):
+    data = expert_file_bytes(tiny_spec, metadata={"config": '{"note": "' + "x" * 5000 + '"}'})
+    with pytest.raises(
+        artifact.ArtifactError, match="'config' is 5012 bytes, over the limit of 4096"
+    ):
+        check(data, tiny_spec, max_config_bytes=4096)
+    header_len = struct.unpack("<Q", data[:8])[0]
+    with pytest.raises(
+        artifact.ArtifactError, match=f"header is {header_len} bytes, over the limit"
+    ):
+        artifact.read_header(io.BytesIO(data), len(data), max_header_bytes=header_len - 1)
+    check(data, tiny_spec, max_config_bytes=5012)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_refused(tiny_spec, monkeypatch, dtype, bad):
+    # Small chunks: the bad value sits in a later chunk of a tensor than the first.
+    monkeypatch.setattr(artifact, "FINITE_CHECK_CHUNK", 64)
+    soft = torch.randn(4, tiny_spec.hidden_size).to(dtype)
+    soft[3, 17] = bad
+    data = expert_file_bytes(tiny_spec, tensors={"soft_tokens": soft})
+    header = check(data, tiny_spec)  # the header alone is fine
+    with pytest.raises(artifact.ArtifactError, match="tensor 'soft_tokens' has NaN or infinite"):
+        artifact.check_finite(io.BytesIO(data), header)
+
+
+def test_finite_values_pass_the_value_check(tiny_spec):
+    data = expert_file_bytes(tiny_spec)
+    artifact.check_finite(io.BytesIO(data), check(data, tiny_spec))

@@ -72,12 +72,16 @@ def test_a_named_expert_is_attached_and_equals_the_library_s_output(
     assert pinned["expert"] == "alice/words@1"
 
 
-def test_naming_an_expert_costs_one_query(alice, make_expert, publish, django_assert_num_queries):
+def test_naming_an_expert_costs_one_query_without_large_columns(
+    alice, make_expert, publish, django_assert_num_queries
+):
     expert = make_expert("words")
     publish(expert)
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(1) as captured:
         choice = choose.named("alice/words", expert.base_model, alice)
     assert choice.name == "alice/words@1"
+    (query,) = captured.captured_queries
+    assert '"config"' not in query["sql"] and '"routing_profile"' not in query["sql"]
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,23 @@ def test_bad_files_are_rejected_and_leave_nothing(
     assert stored_keys() == []
 
 
+def test_a_file_with_nan_values_is_refused_and_leaves_nothing(
+    settings, alice_client, make_expert, expert_file, tiny_spec
+):
+    expert = make_expert()
+    soft = torch.randn(4, tiny_spec.hidden_size)
+    soft[0, 0] = float("nan")
+    response = upload(alice_client, expert, expert_file(tensors={"soft_tokens": soft}))
+    assert response.status_code == 400
+    assert "tensor 'soft_tokens' has NaN or infinite values" in response.json()["file"][0]
+    settings.LATENTRY_MAX_CONFIG_BYTES = 10
+    response = upload(alice_client, expert, expert_file())
+    assert response.status_code == 400
+    assert "over the limit of 10" in response.json()["file"][0]
+    assert not ExpertVersion.objects.exists()
+    assert stored_keys() == []
+
+
 def test_wrong_shapes_for_the_base_model_are_named(alice_client, make_expert, expert_file):
     expert = make_expert()
     bad = expert_file(tensors={"soft_tokens": torch.zeros(4, 48)})
