@@ -220,13 +220,18 @@ CACHES = {
     )
 }
 # Rate limits per user (or client address when signed out), answered with 429 and Retry-After:
-# generation (native and OpenAI-compatible), uploads (versions, datasets) and starting jobs.
-# Empty: no limit.
+# generation (native and OpenAI-compatible), uploads (versions, datasets), starting jobs, and
+# the sign-up and log-in forms' POSTs (per address). Empty: no limit.
 LATENTRY_THROTTLE_RATES = {
     "generate": env_str("LATENTRY_GENERATE_RATE", "120/min") or None,
     "upload": env_str("LATENTRY_UPLOAD_RATE", "60/hour") or None,
     "job": env_str("LATENTRY_JOB_START_RATE", "30/hour") or None,
+    "signup": env_str("LATENTRY_SIGNUP_RATE", "10/hour") or None,
+    "login": env_str("LATENTRY_LOGIN_RATE", "10/min") or None,
 }
+# Bytes one user may keep stored: the files of their experts' versions and their datasets (a
+# file counts once per row that names it). Past it, uploads and publishing answer 400. 0: none.
+LATENTRY_MAX_STORED_BYTES = env_int("LATENTRY_MAX_STORED_BYTES", 5 * 1024**3)
 # Training and evaluation jobs one user may have queued or running at once (429 beyond; 0: no
 # limit). The jobs the platform queues itself (an evaluation after training) are not refused.
 LATENTRY_MAX_ACTIVE_JOBS = env_int("LATENTRY_MAX_ACTIVE_JOBS", 3)
@@ -333,7 +338,18 @@ LATENTRY_JOB_QUEUE = env_str("LATENTRY_JOB_QUEUE", "gpu")
 LATENTRY_PROGRESS_SECONDS = env_float("LATENTRY_PROGRESS_SECONDS", 2.0)
 LATENTRY_JOB_LEASE_SECONDS = env_int("LATENTRY_JOB_LEASE_SECONDS", 120)
 LATENTRY_JOB_TIME_LIMIT = env_int("LATENTRY_JOB_TIME_LIMIT", 12 * 3600)
+# A training job's time budget when it names none, and the most it may name (within the time
+# limit less 5 minutes for publishing).
+LATENTRY_JOB_TIME_BUDGET_S = env_int("LATENTRY_JOB_TIME_BUDGET_S", 3600)
+LATENTRY_JOB_MAX_TIME_BUDGET_S = env_int("LATENTRY_JOB_MAX_TIME_BUDGET_S", 6 * 3600)
+# (windows_per_step + replay_windows) x positions_per_window x window of one training step:
+# what its activations grow with. 4x the default's 16,384.
+LATENTRY_MAX_STEP_TOKENS = env_int("LATENTRY_MAX_STEP_TOKENS", 65_536)
 LATENTRY_JOB_MAX_ATTEMPTS = env_int("LATENTRY_JOB_MAX_ATTEMPTS", 5)
+# The queue is fair across users (training.models.fair_order): a worker sends a job whose
+# creator has had more turns than another waiting user to the back of the queue, this many
+# times at most.
+LATENTRY_JOB_MAX_YIELDS = env_int("LATENTRY_JOB_MAX_YIELDS", 100)
 LATENTRY_JOB_STORAGE_RETRIES = env_int("LATENTRY_JOB_STORAGE_RETRIES", 3)
 LATENTRY_JOB_RETRY_DELAY = env_int("LATENTRY_JOB_RETRY_DELAY", 10)
 LATENTRY_MAX_DATASET_BYTES = env_int("LATENTRY_MAX_DATASET_BYTES", 100 * 1024 * 1024)
@@ -351,12 +367,21 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": LATENTRY_JOB_TIME_LIMIT + 600}
 # celery beat (`make run` embeds it in its worker; production runs one `beat` process): re-send
 # the jobs of workers that died, once per lease. It goes to the job queue, the one workers read.
+# And sweep storage of objects no row names (registry.references), every
+# LATENTRY_SWEEP_SECONDS, sparing objects younger than LATENTRY_SWEEP_GRACE_S.
+LATENTRY_SWEEP_SECONDS = env_int("LATENTRY_SWEEP_SECONDS", 3600)
+LATENTRY_SWEEP_GRACE_S = env_int("LATENTRY_SWEEP_GRACE_S", 3600)
 CELERY_BEAT_SCHEDULE = {
     "recover-lapsed-jobs": {
         "task": "training.recover_lapsed_jobs",
         "schedule": float(LATENTRY_JOB_LEASE_SECONDS),
         "options": {"queue": LATENTRY_JOB_QUEUE, "expires": float(LATENTRY_JOB_LEASE_SECONDS)},
-    }
+    },
+    "sweep-storage": {
+        "task": "registry.sweep_storage",
+        "schedule": float(LATENTRY_SWEEP_SECONDS),
+        "options": {"queue": LATENTRY_JOB_QUEUE, "expires": float(LATENTRY_SWEEP_SECONDS)},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 

@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from inference import pages as inference_pages
 from registry import pages as registry_pages
+from registry.api import LoginThrottle, throttle_posts
 from training import pages as training_pages
 
 expert = "experts/<str:owner>/<str:name>/"
@@ -20,7 +21,11 @@ pages = [
     path(expert + "train/", training_pages.train, name="expert-train"),
     path("publishers/<str:owner>/", registry_pages.publisher, name="publisher"),
     path("accounts/signup/", registry_pages.signup, name="signup"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path(
+        "accounts/login/",
+        throttle_posts(LoginThrottle)(auth_views.LoginView.as_view()),
+        name="login",
+    ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("account/", registry_pages.account, name="account"),
     path("account/keys/<str:prefix>/revoke/", registry_pages.revoke_key, name="revoke-key"),

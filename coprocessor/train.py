@@ -45,7 +45,7 @@ class TrainConfig:
     min_prefix: int = 16  # never augment before this many tokens of context
     # The optimisation.
     steps: int = 200  # total steps; with a time budget, an upper bound
-    time_budget_s: float = 0.0  # > 0: stop after this much training time, decay by time
+    time_budget_s: float = 0.0  # > 0: stop after this much training time (or the steps)
     lr: float = 1e-3
     gate_lr: float = 5e-2  # the gate is one scalar per latent; Adam moves it ~gate_lr a step
     prefix_lr: float = 1e-2  # the static prefix's keys and values (Cartridges train at ~1e-2)
@@ -388,9 +388,10 @@ def train(
             stopped = "time"
             break
         started = time.perf_counter()
-        progress = (
-            elapsed / config.time_budget_s if config.time_budget_s else step / max(config.steps, 1)
-        )
+        # whichever of the step count and the time budget will end the run first
+        progress = step / max(config.steps, 1)
+        if config.time_budget_s:
+            progress = max(progress, elapsed / config.time_budget_s)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(config, step, progress)
         loss = train_step(

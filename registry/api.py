@@ -1,6 +1,8 @@
 """What the whole API version shares: the viewsets' base, pagination, errors, strict
 serializers, ordering."""
 
+import functools
+
 from django.conf import settings
 from django.core.exceptions import FieldDoesNotExist
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -83,17 +85,54 @@ def fragment_or_page(request, fragment, page):
     return fragment if wants_fragment else page
 
 
+class AddressThrottle(RateThrottle):
+    """A limit per client address, signed in or not."""
+
+    def get_cache_key(self, request, view):
+        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
+
+
+class SignupThrottle(AddressThrottle):
+    """Accounts made from one address (pages only: the API cannot sign up)."""
+
+    scope = "signup"
+
+
+class LoginThrottle(AddressThrottle):
+    """Log-in attempts from one address: password guessing gets a few tries a minute."""
+
+    scope = "login"
+
+
 def page_throttled(request, throttle_class):
-    """The API's rate limit for a page's POST: a 429 response past it, else None."""
+    """The API's rate limit for a page's POST: a 429 response naming the limit past it, else
+    None."""
     throttle = throttle_class()
     if throttle.allow_request(request, None):
         return None
+    wait = max(1, round(throttle.wait() or 1))
     response = HttpResponse(
-        "Too many requests: try again in a moment.", status=429, content_type="text/plain"
+        f"Too many requests: the limit is {throttle.rate}. Try again in {wait} s.",
+        status=429,
+        content_type="text/plain",
     )
-    if (wait := throttle.wait()) is not None:
-        response["Retry-After"] = str(max(1, round(wait)))
+    response["Retry-After"] = str(wait)
     return response
+
+
+def throttle_posts(throttle_class):
+    """Decorate a page view so that its POSTs count against ``throttle_class``'s rate."""
+
+    def decorate(view):
+        @functools.wraps(view)
+        def throttled(request, *args, **kwargs):
+            if request.method == "POST" and (refused := page_throttled(request, throttle_class)):
+                return refused
+            return view(request, *args, **kwargs)
+
+        return throttled
+
+    return decorate
 
 
 class Conflict(exceptions.APIException):

@@ -22,7 +22,7 @@ from coprocessor.artifact import (
     validate,
 )
 
-from . import storage
+from . import quotas, references, storage
 
 slug_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9._-]{0,99}$",
@@ -285,7 +285,7 @@ class Expert(models.Model):
         keys = list(self.versions.values_list("artifact_key", flat=True))
         with transaction.atomic():
             self.delete()
-            transaction.on_commit(lambda: [ExpertVersion._discard(key, True) for key in keys])
+            transaction.on_commit(lambda: [references.discard_unused(key) for key in keys])
 
 
 class VersionConflict(Exception):
@@ -369,7 +369,8 @@ class ExpertVersion(models.Model):
 
         1. Validate the safetensors header, then read the values once for NaN and Inf
            (ArtifactError: nothing changes).
-        2. Lock the expert row so concurrent uploads to one expert take turns.
+        2. Lock the expert row so concurrent uploads to one expert take turns, and check the
+           owner's storage quota (QuotaExceeded: nothing changes).
         3. Store the bytes under their content address, then create the row.
         4. If anything fails after storing, remove the object unless another version uses it.
 
@@ -396,6 +397,8 @@ class ExpertVersion(models.Model):
                 number = number or locked.next_version_number()
                 if cls.objects.filter(expert=locked, number=number).exists():
                     raise VersionConflict(f"version {number} of {expert.full_name} exists")
+                quotas.check_room(locked.owner, size)
+                references.locked(key)  # a delete of the same bytes waits, or went first
                 created = storage.put(key, fileobj, sha256=sha256)
                 return cls.objects.create(
                     expert=locked,
@@ -421,8 +424,8 @@ class ExpertVersion(models.Model):
 
     @classmethod
     def _discard(cls, key, created):
-        if created and not cls.objects.filter(artifact_key=key).exists():
-            storage.delete(key)
+        if created:
+            references.discard_unused(key)
 
     def open_artifact(self):
         return storage.open_artifact(self.artifact_key)
@@ -605,3 +608,14 @@ class ApiKey(models.Model):
 
     def revoke(self):
         ApiKey.objects.filter(pk=self.pk, revoked_at=None).update(revoked_at=timezone.now())
+
+
+class StoredObject(models.Model):
+    """A lock row per stored object key. Publishing a file and deleting an unused one both lock
+    the key's row first (``references.locked``), so they take turns: a delete that found no row
+    naming the bytes cannot remove them while a publish is about to name them."""
+
+    key = models.CharField(max_length=200, primary_key=True)
+
+    def __str__(self):
+        return self.key

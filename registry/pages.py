@@ -19,8 +19,16 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from coprocessor.artifact import ArtifactError
 
-from . import storage, uploads
-from .api import UploadThrottle, expert_by_name, fragment_or_page, owned_expert, page_throttled
+from . import quotas, storage, uploads
+from .api import (
+    SignupThrottle,
+    UploadThrottle,
+    expert_by_name,
+    fragment_or_page,
+    owned_expert,
+    page_throttled,
+    throttle_posts,
+)
 from .charts import line_chart
 from .filters import ExpertFilter
 from .forms import ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
@@ -143,6 +151,7 @@ def publisher(request, owner):
     return render(request, "registry/publisher.html", {"publisher": user, "experts": experts})
 
 
+@throttle_posts(SignupThrottle)
 def signup(request):
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
@@ -199,6 +208,8 @@ def expert_upload(request, owner, name):
             )
         except (ArtifactError, VersionConflict) as exc:
             form.add_error("file", str(exc))
+        except quotas.QuotaExceeded as exc:
+            form.add_error("file", exc.message)
         except storage.StorageUnavailable:
             form.add_error("file", "storage is unavailable right now; nothing was saved, try again")
             status = 503

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.utils import timezone
 
 from config.celery import app
 from registry import storage
 from registry.models import Expert, ExpertVersion
 from tests.factories import SMALL_JOB, make_dataset, phrase_text, stored_keys
 from training import tasks
-from training.models import EvaluationJob, Job, TrainingJob
+from training.models import EvaluationJob, Job, TrainingJob, another_users_turn, fair_order
 
 JOBS = "/api/v1/jobs/training/"
 EVALS = "/api/v1/jobs/evaluation/"
@@ -329,3 +330,46 @@ def test_starting_jobs_is_rate_limited(settings, alice_client, words, domain):
     answers = [start(alice_client, expert=f"e{n}", domain="python") for n in range(3)]
     assert [a.status_code for a in answers] == [202, 202, 429]
     assert alice_client.get(JOBS).status_code == 200  # reading is not limited
+
+
+def test_a_job_gets_the_default_time_budget_and_no_more_than_the_maximum(
+    settings, alice_client, words, domain
+):
+    settings.LATENTRY_JOB_TIME_BUDGET_S = 900
+    settings.LATENTRY_JOB_MAX_TIME_BUDGET_S = 1800
+    assert start(alice_client, domain="python").status_code == 202
+    assert TrainingJob.objects.get().params["time_budget_s"] == 900
+    too_long = start(alice_client, expert="e1", params={**SMALL_JOB, "time_budget_s": 1801})
+    assert too_long.status_code == 400
+    assert "must be at most 1800 s" in str(too_long.json())
+    unbounded = start(alice_client, expert="e1", params={**SMALL_JOB, "time_budget_s": 0})
+    assert unbounded.status_code == 400
+
+
+def test_the_work_of_one_training_step_is_bounded(settings, alice_client, words, domain):
+    settings.LATENTRY_MAX_STEP_TOKENS = 4 * 4 * 64  # SMALL_JOB's 2 windows x 4 positions x 64
+    huge = {**SMALL_JOB, "windows_per_step": 8}
+    response = start(alice_client, domain="python", params=huge)
+    assert response.status_code == 400
+    assert "over the limit of 1024 tokens a step" in str(response.json())
+    assert start(alice_client, domain="python", params=SMALL_JOB).status_code == 202
+
+
+def test_the_queue_is_fair_across_users(settings, alice, bob, words, make_expert, monkeypatch):
+    # alice queues three jobs, then bob one; alice's first is running.
+    mine = [TrainingJob.start(alice, make_expert(f"a{n}"), [words], SMALL_JOB) for n in range(3)]
+    theirs = TrainingJob.start(bob, make_expert("b0", owner=bob), [words], SMALL_JOB)
+    TrainingJob.objects.filter(pk=mine[0].pk).update(status=Job.RUNNING, started_at=timezone.now())
+    order = [job.pk for job in fair_order()]
+    assert order == [theirs.pk, mine[1].pk, mine[2].pk]
+    sent = []
+    monkeypatch.setattr(
+        tasks.train_expert, "apply_async", lambda args, kwargs, **options: sent.append(kwargs)
+    )
+    tasks.train_expert.apply((mine[1].pk,))  # bob has the turn: to the back of the queue
+    assert sent == [{"yielded": 1}]
+    assert TrainingJob.objects.get(pk=mine[1].pk).status == Job.QUEUED
+    settings.LATENTRY_JOB_MAX_YIELDS = 1
+    tasks.train_expert.apply((mine[1].pk,), {"yielded": 1})  # no endless waiting: it runs
+    assert TrainingJob.objects.get(pk=mine[1].pk).status == Job.SUCCEEDED
+    assert not another_users_turn(theirs)

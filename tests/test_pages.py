@@ -5,6 +5,7 @@ import io
 import re
 
 import pytest
+from django.contrib.auth.models import User
 from django.test import Client
 
 from inference import pool, service
@@ -155,6 +156,24 @@ def test_reviews_are_one_per_user_and_not_by_the_owner(make_expert, alice, bob):
     assert own.status_code == 403 and "cannot review your own expert" in own.text
     bad = bob_client.post("/experts/alice/pydoc/review/", {"stars": 9})
     assert bad.status_code == 400 and "Select a valid choice" in bad.content.decode()
+
+
+def test_sign_up_and_log_in_attempts_are_limited_per_address(settings, alice):
+    rates = {"login": "2/min", "signup": "1/hour"}
+    settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, **rates}
+    client = Client()
+    wrong = {"username": "alice", "password": "guess"}
+    answers = [client.post("/accounts/login/", wrong).status_code for _ in range(2)]
+    right = client.post("/accounts/login/", {"username": "alice", "password": "alice-pass-1"})
+    assert answers == [200, 200] and right.status_code == 429
+    assert "the limit is 2/min" in right.content.decode() and int(right["Retry-After"]) >= 1
+    assert "_auth_user_id" not in client.session
+    assert client.get("/accounts/login/").status_code == 200  # the form still shows
+    new = {"username": "dora", "password1": "a-long-pass-42", "password2": "a-long-pass-42"}
+    assert client.post("/accounts/signup/", new).status_code == 302
+    again = client.post("/accounts/signup/", {**new, "username": "eve"})
+    assert again.status_code == 429 and "the limit is 1/hour" in again.content.decode()
+    assert not Expert.objects.exists() and not User.objects.filter(username="eve").exists()
 
 
 def test_signing_up_creating_an_expert_and_editing_its_card(base_model, domain):

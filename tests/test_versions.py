@@ -278,3 +278,25 @@ def test_deleting_an_expert_removes_its_unshared_files(
     with django_capture_on_commit_callbacks(execute=True):
         assert alice_client.delete("/api/v1/experts/alice/first/").status_code == 204
     assert stored_keys() == [f"experts/{hashlib.sha256(shared).hexdigest()}.safetensors"]
+
+
+def test_stored_bytes_are_limited_per_user(
+    settings, alice_client, bob_client, make_expert, bob, expert_file
+):
+    expert = make_expert()
+    first = expert_file(seed=1)
+    settings.LATENTRY_MAX_STORED_BYTES = len(first) * 2 + 10
+    assert upload(alice_client, expert, first).status_code == 201
+    dataset = io.BytesIO(b"x" * len(first))
+    dataset.name = "d.txt"
+    response = alice_client.post(
+        "/api/v1/datasets/", {"name": "d", "file": dataset}, format="multipart"
+    )
+    assert response.status_code == 201, response.json()
+    over = upload(alice_client, expert, expert_file(seed=2))
+    assert over.status_code == 400
+    message = str(over.json())
+    assert f"over the quota of {settings.LATENTRY_MAX_STORED_BYTES}" in message
+    assert ExpertVersion.objects.count() == 1 and len(stored_keys()) == 2
+    theirs = make_expert("theirs", owner=bob)  # a quota is per user
+    assert upload(bob_client, theirs, expert_file(seed=2)).status_code == 201

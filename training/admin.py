@@ -73,7 +73,7 @@ class DatasetAdminForm(forms.ModelForm):
         elif upload is not None:
             try:
                 sha256 = getattr(upload, "sha256", None) or storage.sha256_of(upload)
-                self.stored, self.created = datasets.store_file(
+                self.described = datasets.describe_file(
                     upload,
                     sha256=sha256,
                     size=upload.size,
@@ -95,8 +95,11 @@ class DatasetAdmin(admin.ModelAdmin):
     readonly_fields = ["format", "file_key", "sha256", "size", "documents", "token_count"]
 
     def save_model(self, request, obj, form, change):
-        for name, value in getattr(form, "stored", {}).items():
-            setattr(obj, name, value)
+        # The admin saves in a transaction: the file is stored under its key's lock.
+        if described := getattr(form, "described", None):
+            datasets.store(form.cleaned_data["upload"], described)
+            for name, value in described.items():
+                setattr(obj, name, value)
         super().save_model(request, obj, form, change)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from django.db import IntegrityError, transaction
 
 from coprocessor import corpus
-from registry import storage, uploads
+from registry import quotas, references, storage, uploads
 
 from .models import Dataset
 
@@ -45,21 +45,27 @@ def parse(data, fmt):
 
 
 def create(owner, name, fileobj, *, sha256, size, fmt, base_model=None, **fields):
-    """Validate, store and record a dataset. Nothing is stored if validation fails or the
-    name is taken (NameTaken: checked first, so a taken name costs no parsing)."""
+    """Validate, store and record a dataset. Nothing is stored if validation fails, the name
+    is taken (NameTaken: checked first, so a taken name costs no parsing) or the owner's
+    storage quota is full (QuotaExceeded)."""
     if Dataset.objects.filter(owner=owner, name=name).exists():
         raise NameTaken(name)
-    stored, created = store_file(fileobj, sha256=sha256, size=size, fmt=fmt, base_model=base_model)
+    with transaction.atomic():  # fail fast, before parsing
+        quotas.check_room(owner, size)
+    described = describe_file(fileobj, sha256=sha256, size=size, fmt=fmt, base_model=base_model)
+    key, created = described["file_key"], False
     try:
         with transaction.atomic():
-            return Dataset.objects.create(owner=owner, name=name, **stored, **fields)
+            quotas.check_room(owner, size)  # again, with the row locked: uploads take turns
+            created = store(fileobj, described)
+            return Dataset.objects.create(owner=owner, name=name, **described, **fields)
     except IntegrityError:  # the same name, created meanwhile
         if created:
-            discard_unused(stored["file_key"])
+            references.discard_unused(key)
         raise NameTaken(name) from None
     except BaseException:
         if created:  # never a file that was there before this upload
-            discard_unused(stored["file_key"])
+            references.discard_unused(key)
         raise
 
 
@@ -77,9 +83,16 @@ def create_from_upload(owner, name, upload, fmt="", **fields):
     )
 
 
-def store_file(fileobj, *, sha256, size, fmt, base_model=None):
-    """Validate a dataset file and store it; returns (the Dataset fields that describe it,
-    whether this call created the stored file)."""
+def store(fileobj, described):
+    """Inside the transaction that saves the row: store a described file under its key.
+    Returns whether this call created the stored object."""
+    references.locked(described["file_key"])  # a delete of the same bytes waits, or went first
+    return storage.put(described["file_key"], fileobj, sha256=described["sha256"])
+
+
+def describe_file(fileobj, *, sha256, size, fmt, base_model=None):
+    """Validate a dataset file; returns the Dataset fields that describe it (``file_key``: where
+    ``create`` stores it)."""
     if problem := Dataset.size_problem(size, getattr(fileobj, "too_large", False)):
         raise DatasetError(problem)
     fileobj.seek(0)
@@ -87,7 +100,6 @@ def store_file(fileobj, *, sha256, size, fmt, base_model=None):
     suffix = ".jsonl" if fmt == Dataset.JSONL else ".txt"
     key = storage.content_key(sha256, "datasets", suffix)
     token_count = count_tokens(base_model, texts) if base_model is not None else None
-    created = storage.put(key, fileobj, sha256=sha256)
     return dict(
         format=fmt,
         file_key=key,
@@ -96,13 +108,7 @@ def store_file(fileobj, *, sha256, size, fmt, base_model=None):
         documents=len(texts),
         base_model=base_model,
         token_count=token_count,
-    ), created
-
-
-def discard_unused(key):
-    """Remove a stored dataset file that no dataset row names (any more)."""
-    if not Dataset.objects.filter(file_key=key).exists():
-        storage.delete(key)
+    )
 
 
 def read_texts(dataset):

@@ -5,14 +5,18 @@ happen under ``select_for_update``; a worker holds a job by writing its name and
 so a delivery of a job whose worker is alive is dropped and one whose worker died takes over.
 """
 
+from collections import Counter
 from datetime import timedelta
 
 from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
+from django.db.models.signals import post_delete
+from django.dispatch import receiver
 from django.utils import timezone
 
+from registry import storage
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
 MIN_PREFIX = 16  # evaluation reads at least this many tokens before the first ahead token
@@ -206,9 +210,13 @@ class Job(models.Model):
                 return False
             fields.update(status=status, error=error, finished_at=timezone.now())
             type(self).objects.filter(pk=self.pk).update(**fields)
+            transaction.on_commit(self.ended)
         for name, value in fields.items():
             setattr(self, name, value)
         return True
+
+    def ended(self):
+        """Called once the job's end is committed, however it ended."""
 
     def request_cancel(self):
         """Queued jobs (and running ones whose worker died) end now; running ones stop at
@@ -222,6 +230,7 @@ class Job(models.Model):
                 type(self).objects.filter(pk=self.pk).update(
                     status=self.CANCELLED, error="cancelled", finished_at=timezone.now()
                 )
+                transaction.on_commit(self.ended)
         self.refresh_from_db()
         return True
 
@@ -231,8 +240,8 @@ class Job(models.Model):
         transaction.on_commit(lambda: task.apply_async((pk,), queue=settings.LATENTRY_JOB_QUEUE))
 
     def retry(self):
-        """Queue a failed or cancelled job again; False if it is in neither state. Training
-        continues from a kept checkpoint (a storage outage keeps it); other runs start over."""
+        """Queue a failed or cancelled job again; False if it is in neither state. It starts
+        over: a job's checkpoint goes when the job ends."""
         with transaction.atomic():
             locked = type(self).objects.select_for_update().get(pk=self.pk)
             if locked.status not in (self.FAILED, self.CANCELLED):
@@ -310,6 +319,19 @@ class TrainingJob(Job):
             raise ValidationError(
                 f"must be at most the base model's context ({base_model.context_length})"
             )
+
+    def ended(self):
+        self.discard_checkpoint()
+
+    def discard_checkpoint(self):
+        """Remove the checkpoint: it serves only the run that wrote it. If storage is down,
+        the object is left unnamed and the sweep (registry.references) removes it later."""
+        key = TrainingJob.objects.filter(pk=self.pk).values_list("checkpoint_key", flat=True)
+        key = key.first() or self.checkpoint_key
+        TrainingJob.objects.filter(pk=self.pk).update(checkpoint_key="")
+        self.checkpoint_key = ""
+        if key:
+            storage.delete(key)
 
     @property
     def published_version(self):
@@ -394,3 +416,51 @@ def _int(value, default):
         return int(value)
     except (TypeError, ValueError, OverflowError):
         return default
+
+
+def fair_order():
+    """Queued jobs (both kinds) in the order the queue serves them: fair across users.
+
+    A job's turn is (jobs its creator started since the oldest queued job was created, plus
+    its place among its creator's queued jobs; then its age). So one user's pile of jobs
+    alternates with everyone else's instead of going first, as round-robin between users
+    would, and a user who just had a job started waits behind one who has not.
+    """
+    kinds = (TrainingJob, EvaluationJob)
+    queued = sorted(
+        (
+            job
+            for kind in kinds
+            for job in kind.objects.filter(status=Job.QUEUED, cancel_requested=False).only(
+                "pk", "created_by", "created_at"
+            )
+        ),
+        key=lambda job: job.created_at,
+    )
+    if not queued:
+        return []
+    started = Counter(
+        user
+        for kind in kinds
+        for user in kind.objects.filter(started_at__gte=queued[0].created_at).values_list(
+            "created_by", flat=True
+        )
+    )
+    turns = []
+    for job in queued:
+        turns.append((started[job.created_by_id], job.created_at, job))
+        started[job.created_by_id] += 1
+    return [job for *_, job in sorted(turns, key=lambda turn: turn[:2])]
+
+
+def another_users_turn(job):
+    """Whether a queued job of another user should run before ``job`` (see fair_order)."""
+    order = fair_order()
+    return bool(order) and order[0].created_by_id != job.created_by_id
+
+
+@receiver(post_delete, sender=TrainingJob)
+def _delete_checkpoint(sender, instance, **kwargs):
+    """A deleted job (or one deleted with its expert) takes its checkpoint along."""
+    if key := instance.checkpoint_key:
+        transaction.on_commit(lambda: storage.delete(key))

@@ -10,7 +10,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
-from registry import storage
+from registry import quotas, storage
 from registry.api import UploadThrottle, fragment_or_page, owned_expert, page_throttled
 from registry.charts import line_chart
 
@@ -48,6 +48,8 @@ def create_dataset(user, form):
         form.add_error("file", str(exc))
     except datasets.NameTaken as exc:
         form.add_error("name", str(exc))
+    except quotas.QuotaExceeded as exc:
+        form.add_error("file", exc.message)
     except storage.StorageUnavailable:
         form.storage_down = True
         form.add_error("file", "storage is unavailable right now; nothing was saved, try again")

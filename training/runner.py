@@ -19,7 +19,7 @@ from registry import storage
 from registry.models import ExpertVersion
 
 from . import datasets, runtime
-from .models import EvaluationJob, Job, TrainingJob
+from .models import EvaluationJob, Job
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,6 @@ def _succeed(job, version):
         readable = EvaluationJob.readable(version, job.datasets.all())
         if succeeded and readable:
             EvaluationJob.start(job.created_by, version, readable)
-    if succeeded:
-        discard_checkpoint(job)
     return version
 
 
@@ -161,12 +159,6 @@ def _store_checkpoint(job, path, reporter):
     job.report(checkpoint_key=key, checkpoint_step=step, history=reporter.history)
     if previous and previous != key:
         storage.delete(previous)
-
-
-def discard_checkpoint(job):
-    if job.checkpoint_key:
-        storage.delete(job.checkpoint_key)
-        TrainingJob.objects.filter(pk=job.pk).update(checkpoint_key="")
 
 
 def run_evaluation(job, device):

@@ -56,6 +56,11 @@ class DatasetSerializer(StrictModelSerializer):
         return upload
 
 
+def longest_time_budget():
+    """The most seconds a job may train: the setting, within the job time limit less 5 min."""
+    return min(settings.LATENTRY_JOB_MAX_TIME_BUDGET_S, settings.LATENTRY_JOB_TIME_LIMIT - 300)
+
+
 class TrainingParamsSerializer(StrictSerializer):
     """Hyper-parameters with the bounds a job may ask for; defaults are TrainConfig's."""
 
@@ -102,7 +107,9 @@ class TrainingParamsSerializer(StrictSerializer):
     grad_accum = serializers.IntegerField(min_value=1, max_value=64, default=DEFAULTS.grad_accum)
     steps = serializers.IntegerField(min_value=1, max_value=1_000_000, default=DEFAULTS.steps)
     time_budget_s = serializers.FloatField(
-        min_value=0, max_value=7 * 24 * 3600, default=DEFAULTS.time_budget_s
+        min_value=1,
+        required=False,
+        help_text="training stops after this many seconds (default and most: settings)",
     )
     lr = serializers.FloatField(min_value=1e-6, max_value=1.0, default=DEFAULTS.lr)
     warmup_steps = serializers.IntegerField(
@@ -115,10 +122,24 @@ class TrainingParamsSerializer(StrictSerializer):
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
-        longest = settings.LATENTRY_JOB_TIME_LIMIT - 300
+        attrs.setdefault("time_budget_s", float(settings.LATENTRY_JOB_TIME_BUDGET_S))
+        longest = longest_time_budget()
         if attrs["time_budget_s"] > longest:
             raise serializers.ValidationError(
-                {"time_budget_s": [f"must be at most {longest} s (the job time limit, less 5 min)"]}
+                {"time_budget_s": [f"must be at most {longest} s (LATENTRY_JOB_MAX_TIME_BUDGET_S)"]}
+            )
+        rows = attrs["windows_per_step"] + attrs["replay_windows"]
+        step_tokens = rows * attrs["positions_per_window"] * attrs["window"]
+        if step_tokens > settings.LATENTRY_MAX_STEP_TOKENS:
+            raise serializers.ValidationError(
+                {
+                    "windows_per_step": [
+                        f"(windows_per_step + replay_windows) x positions_per_window x window is "
+                        f"{step_tokens}, over the limit of {settings.LATENTRY_MAX_STEP_TOKENS} "
+                        "tokens a step (LATENTRY_MAX_STEP_TOKENS): a step must fit a worker's "
+                        "memory"
+                    ]
+                }
             )
         if not (attrs["n_latents"] or attrs["prefix_positions"]):
             raise serializers.ValidationError(

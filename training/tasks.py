@@ -20,15 +20,16 @@ from django.utils import timezone
 
 from coprocessor.artifact import ArtifactError
 from coprocessor.train import Cancelled
+from registry.quotas import QuotaExceeded
 from registry.storage import StorageUnavailable
 
 from . import runner, runtime
 from .datasets import DatasetError
-from .models import EvaluationJob, Job, JobHeld, JobLost, TrainingJob
+from .models import EvaluationJob, Job, JobHeld, JobLost, TrainingJob, another_users_turn
 
 logger = logging.getLogger(__name__)
 
-USER_ERRORS = (runtime.JobError, DatasetError, ArtifactError, ValueError)
+USER_ERRORS = (runtime.JobError, DatasetError, ArtifactError, QuotaExceeded, ValueError)
 
 task_options = dict(
     bind=True,
@@ -40,16 +41,18 @@ task_options = dict(
 
 
 @shared_task(name="training.train_expert", **task_options)
-def train_expert(self, job_id):
-    _run(self, TrainingJob, job_id, runner.run_training)
+def train_expert(self, job_id, yielded=0):
+    _run(self, TrainingJob, job_id, runner.run_training, yielded)
 
 
 @shared_task(name="training.evaluate_version", **task_options)
-def evaluate_version(self, job_id):
-    _run(self, EvaluationJob, job_id, runner.run_evaluation)
+def evaluate_version(self, job_id, yielded=0):
+    _run(self, EvaluationJob, job_id, runner.run_evaluation, yielded)
 
 
-def _run(task, model, job_id, work):
+def _run(task, model, job_id, work, yielded=0):
+    if _yield_turn(task, model, job_id, yielded):
+        return
     device = runtime.device()
     try:
         job = model.claim(job_id, task.request.hostname or "local", device)
@@ -71,7 +74,6 @@ def _run(task, model, job_id, work):
         logger.warning("%s; leaving it to the worker that has it now", exc)
     except Cancelled:
         job.finish(Job.CANCELLED, error="cancelled by request")
-        _cleanup(job)
     except StorageUnavailable as exc:
         if task.request.retries < settings.LATENTRY_JOB_STORAGE_RETRIES:
             job.release(f"storage unavailable, retry {task.request.retries + 1}: {exc}")
@@ -81,10 +83,22 @@ def _run(task, model, job_id, work):
         job.finish(Job.FAILED, error="stopped at the job time limit")
     except USER_ERRORS as exc:
         job.finish(Job.FAILED, error=str(exc))
-        _cleanup(job)
     except Exception as exc:
         logger.exception("%s failed", job)
         job.finish(Job.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _yield_turn(task, model, job_id, yielded):
+    """Send a job to the back of the queue when another user's queued job has the turn
+    (``models.fair_order``): the broker is first-in first-out, so the other job's message comes
+    before this one's again. At most LATENTRY_JOB_MAX_YIELDS times, in case the other job's
+    message was lost (recovery sends it again)."""
+    job = model.objects.filter(pk=job_id, status=Job.QUEUED).first()
+    if job is None or yielded >= settings.LATENTRY_JOB_MAX_YIELDS or not another_users_turn(job):
+        return False
+    logger.info("%s waits: another user's job has the turn", job)
+    task.apply_async((job_id,), {"yielded": yielded + 1}, queue=settings.LATENTRY_JOB_QUEUE)
+    return True
 
 
 class Heartbeat:
@@ -111,11 +125,6 @@ class Heartbeat:
                     return  # taken over: the work finds out at its next report
         finally:
             connection.close()  # this thread's own database connection
-
-
-def _cleanup(job):
-    if isinstance(job, TrainingJob):
-        runner.discard_checkpoint(job)
 
 
 def recover_orphans(hostname=None, include_queued=True):

@@ -12,6 +12,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
 
+from registry import references
 from registry.api import ApiDefaults, Conflict, JobStartThrottle, UploadThrottle
 from registry.models import Expert
 from registry.permissions import IsOwnerOrReadOnly
@@ -67,7 +68,7 @@ class DatasetViewSet(
         key = dataset.file_key
         with transaction.atomic():
             dataset.delete()
-            transaction.on_commit(lambda: datasets.discard_unused(key))
+            transaction.on_commit(lambda: references.discard_unused(key))
 
 
 class JobViewSet(

@@ -1,0 +1,43 @@
+"""What one user may keep stored: the one place that counts a user's bytes.
+
+A user's stored bytes are the sizes of their experts' versions and of their datasets, a file
+counting once per row that names it (content addressing may share the object; the quota is about
+what each user asked to keep). Callers check inside the transaction that creates the row, with
+the user's row locked, so concurrent uploads by one user take turns and cannot both slip under.
+"""
+
+from django.apps import apps
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.db.models import Sum
+
+
+class QuotaExceeded(ValidationError):
+    """Storing this would take the user past LATENTRY_MAX_STORED_BYTES (a 400 in the API)."""
+
+    def __str__(self):  # the message itself where a job records its error
+        return self.message
+
+
+def stored_bytes(user):
+    """Bytes of ``user``'s versions and datasets."""
+    versions = apps.get_model("registry", "ExpertVersion").objects.filter(expert__owner=user)
+    datasets = apps.get_model("training", "Dataset").objects.filter(owner=user)
+    return sum(rows.aggregate(total=Sum("size"))["total"] or 0 for rows in (versions, datasets))
+
+
+def check_room(user, size):
+    """Lock ``user``'s row and raise QuotaExceeded unless ``size`` more bytes fit their quota.
+    Call inside the transaction that records the new row."""
+    limit = settings.LATENTRY_MAX_STORED_BYTES
+    if not limit:
+        return
+    get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+    used = stored_bytes(user)
+    if used + size > limit:
+        raise QuotaExceeded(
+            f"storing {size} bytes would bring {user.username}'s stored bytes to {used + size}, "
+            f"over the quota of {limit} (LATENTRY_MAX_STORED_BYTES); delete versions or "
+            "datasets to make room"
+        )
