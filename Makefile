@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The settings default to production (DEBUG off, SECRET_KEY required); these targets develop.
+export DEBUG ?= true
 
 .PHONY: install chromium run worker test lint format migrate clean
 

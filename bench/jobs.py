@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 SCRATCH = Path(tempfile.mkdtemp(prefix="latentry-bench-jobs-"))
 os.environ["LATENTRY_VAR_DIR"] = str(SCRATCH)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.setdefault("DEBUG", "true")  # an in-process development setup
 os.environ.pop("DATABASE_URL", None)  # the scratch SQLite file
 
 import django  # noqa: E402

@@ -43,6 +43,7 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="latentry-bench-router-"))
 os.environ["LATENTRY_VAR_DIR"] = str(SCRATCH)
 os.environ.setdefault("BASE_MODELS_DIR", str(ROOT / "var" / "base_models"))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.setdefault("DEBUG", "true")  # an in-process development setup
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("S3_BUCKET", None)
 

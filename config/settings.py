@@ -57,11 +57,15 @@ VAR_DIR = Path(env_str("LATENTRY_VAR_DIR", str(BASE_DIR / "var")))
 # Local state (SQLite file, broker folders, artifacts) lives here; a fresh checkout has none.
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-DEBUG = env_bool("DEBUG", True)
+# Off unless set: `make run` and `make test` set DEBUG=true, a deployment leaves it off.
+DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (DEBUG=true for development; make run "
+            "and make test set it)"
+        )
     SECRET_KEY = "insecure-development-key-do-not-use-in-production"
 
 
@@ -353,6 +357,9 @@ LATENTRY_JOB_MAX_YIELDS = env_int("LATENTRY_JOB_MAX_YIELDS", 100)
 LATENTRY_JOB_STORAGE_RETRIES = env_int("LATENTRY_JOB_STORAGE_RETRIES", 3)
 LATENTRY_JOB_RETRY_DELAY = env_int("LATENTRY_JOB_RETRY_DELAY", 10)
 LATENTRY_MAX_DATASET_BYTES = env_int("LATENTRY_MAX_DATASET_BYTES", 100 * 1024 * 1024)
+# Datasets up to this size get their token count in the upload's request; larger ones from a
+# worker (training.count_dataset_tokens), token_count null meanwhile.
+LATENTRY_INLINE_TOKENIZE_BYTES = env_int("LATENTRY_INLINE_TOKENIZE_BYTES", 1024 * 1024)
 # Job worker processes lower their CPU priority by this much (nice), so that serving on the
 # same machine keeps its speed while a job trains; 0 leaves it.
 LATENTRY_WORKER_NICE = env_int("LATENTRY_WORKER_NICE", 15)

@@ -4,7 +4,7 @@ serializers, ordering."""
 import functools
 
 from django.conf import settings
-from django.core.exceptions import FieldDoesNotExist
+from django.core.exceptions import FieldDoesNotExist, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError
 from django.db.models import F
@@ -192,6 +192,9 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError({"detail": [UNSTORABLE]})
     elif isinstance(exc, DjangoValidationError):  # a model's own check of its input
         exc = exceptions.ValidationError({"detail": exc.messages})
+    elif isinstance(exc, RequestDataTooBig):  # a JSON or form body (DRF reads it whole)
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        exc = PayloadTooLarge(f"request body is over the limit of {limit} bytes")
     return drf_exception_handler(exc, context)
 
 

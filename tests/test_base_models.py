@@ -83,3 +83,20 @@ def test_the_service_refuses_the_example_secret_key_from_deploy():
     assert run.returncode != 0 and "SECRET_KEY is the example from deploy/" in run.stderr
     env["SECRET_KEY"] = "a-secret-of-our-own-" + "x" * 40
     assert subprocess.run([sys.executable, "manage.py", "check"], env=env).returncode == 0
+
+
+def test_debug_is_off_unless_set():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DEBUG", "SECRET_KEY")}
+    show = "from django.conf import settings; print(settings.DEBUG)"
+    run = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", show], env=env, capture_output=True, text=True
+    )
+    assert run.returncode != 0 and "SECRET_KEY must be set when DEBUG is off" in run.stderr
+    env["SECRET_KEY"] = "a-secret-of-our-own-" + "x" * 40
+    run = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", show], env=env, capture_output=True, text=True
+    )
+    assert run.stdout.strip().splitlines()[-1] == "False"

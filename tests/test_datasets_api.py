@@ -126,3 +126,26 @@ def test_management_command_creates_a_dataset(alice, base_model, tmp_path):
     dataset = Dataset.objects.get(name="cmd")
     assert dataset.public and dataset.token_count == 120
     assert "alice/cmd" in out.getvalue()
+
+
+def test_a_large_upload_is_counted_by_a_worker_not_the_request(
+    settings, alice_client, base_model, django_capture_on_commit_callbacks, monkeypatch
+):
+    from training import tasks
+
+    settings.LATENTRY_INLINE_TOKENIZE_BYTES = 100
+    queued = []
+    monkeypatch.setattr(
+        tasks.count_dataset_tokens, "apply_async", lambda args, **options: queued.append(args)
+    )
+    text = phrase_text(length=600).encode()
+    with django_capture_on_commit_callbacks(execute=True):
+        response = alice_client.post(
+            URL,
+            _multipart(text, "big", "big.txt", {"base_model": "tiny-llama"}),
+            format="multipart",
+        )
+    assert response.status_code == 201 and response.json()["token_count"] is None
+    (args,) = queued
+    tasks.count_dataset_tokens(*args)  # what the worker runs
+    assert Dataset.objects.get(name="big").token_count == 600

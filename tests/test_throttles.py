@@ -63,3 +63,13 @@ def test_the_pages_share_the_limits(tight, alice, make_expert, publish):
         client.post("/datasets/", {"name": f"d{i}", "file": io.BytesIO(b"x")}) for i in range(2)
     ]
     assert uploads[1].status_code == 429
+
+
+def test_a_json_body_over_the_memory_limit_is_413_naming_it(settings, alice, make_expert):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    make_expert()
+    response = client_for(alice).patch(
+        "/api/v1/experts/alice/pydoc/", {"summary": "x" * 2000}, format="json"
+    )
+    assert response.status_code == 413
+    assert response.json()["detail"] == "request body is over the limit of 1000 bytes"

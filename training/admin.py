@@ -101,6 +101,8 @@ class DatasetAdmin(admin.ModelAdmin):
             for name, value in described.items():
                 setattr(obj, name, value)
         super().save_model(request, obj, form, change)
+        if described:
+            datasets.count_later(obj)
 
 
 class JobAdmin(admin.ModelAdmin):

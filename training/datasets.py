@@ -3,6 +3,7 @@
 import functools
 from pathlib import Path
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from coprocessor import corpus
@@ -58,7 +59,9 @@ def create(owner, name, fileobj, *, sha256, size, fmt, base_model=None, **fields
         with transaction.atomic():
             quotas.check_room(owner, size)  # again, with the row locked: uploads take turns
             created = store(fileobj, described)
-            return Dataset.objects.create(owner=owner, name=name, **described, **fields)
+            dataset = Dataset.objects.create(owner=owner, name=name, **described, **fields)
+            count_later(dataset)
+            return dataset
     except IntegrityError:  # the same name, created meanwhile
         if created:
             references.discard_unused(key)
@@ -99,7 +102,9 @@ def describe_file(fileobj, *, sha256, size, fmt, base_model=None):
     texts = parse(fileobj.read(), fmt)
     suffix = ".jsonl" if fmt == Dataset.JSONL else ".txt"
     key = storage.content_key(sha256, "datasets", suffix)
-    token_count = count_tokens(base_model, texts) if base_model is not None else None
+    # Tokenizing a large file takes a while: a worker counts (count_later), not the request.
+    inline = base_model is not None and size <= settings.LATENTRY_INLINE_TOKENIZE_BYTES
+    token_count = count_tokens(base_model, texts) if inline else None
     return dict(
         format=fmt,
         file_key=key,
@@ -109,6 +114,15 @@ def describe_file(fileobj, *, sha256, size, fmt, base_model=None):
         base_model=base_model,
         token_count=token_count,
     )
+
+
+def count_later(dataset):
+    """Queue the token count of a dataset whose upload was too large to count inline."""
+    if dataset.base_model_id is not None and dataset.token_count is None:
+        from .tasks import count_dataset_tokens
+
+        pk, queue = dataset.pk, settings.LATENTRY_JOB_QUEUE
+        transaction.on_commit(lambda: count_dataset_tokens.apply_async((pk,), queue=queue))
 
 
 def read_texts(dataset):

@@ -60,7 +60,9 @@ class Dataset(models.Model):
         BaseModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="datasets"
     )
     token_count = models.PositiveBigIntegerField(
-        null=True, blank=True, help_text="tokens under base_model's tokenizer"
+        null=True,
+        blank=True,
+        help_text="tokens under base_model's tokenizer (null while a worker counts them)",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -23,9 +23,9 @@ from coprocessor.train import Cancelled
 from registry.quotas import QuotaExceeded
 from registry.storage import StorageUnavailable
 
-from . import runner, runtime
+from . import datasets, runner, runtime
 from .datasets import DatasetError
-from .models import EvaluationJob, Job, JobHeld, JobLost, TrainingJob, another_users_turn
+from .models import Dataset, EvaluationJob, Job, JobHeld, JobLost, TrainingJob, another_users_turn
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,16 @@ def _yield_turn(task, model, job_id, yielded):
     logger.info("%s waits: another user's job has the turn", job)
     task.apply_async((job_id,), {"yielded": yielded + 1}, queue=settings.LATENTRY_JOB_QUEUE)
     return True
+
+
+@shared_task(name="training.count_dataset_tokens", ignore_result=True)
+def count_dataset_tokens(dataset_id):
+    """Count a large dataset's tokens under its base model's tokenizer, off the web request."""
+    dataset = Dataset.objects.select_related("base_model").filter(pk=dataset_id).first()
+    if dataset is None or dataset.base_model is None:
+        return
+    count = datasets.count_tokens(dataset.base_model, datasets.read_texts(dataset))
+    Dataset.objects.filter(pk=dataset_id).update(token_count=count)
 
 
 class Heartbeat:
