@@ -27,6 +27,19 @@ How:
 Ends with ``RESULT sustained_rps=<x> errors=<n> lost_writes=<n>``: the requests/s of the highest
 sustained step, the errors at that step, and the writes lost over the whole run. Target: zero
 errors and zero lost writes at the highest sustained step.
+
+``--abuse`` measures instead what abusive accounts do to everyone else. The same service (no
+job worker), with the limits abusers meet switched on: uploads 60/hour, job starts 30/hour and
+3 active, a storage quota of 8 MiB. ``--legit-clients`` (4) legitimate clients send the mix at
+Poisson arrivals of ``--legit-rate`` (5) requests/s each, for ``--seconds`` alone and then beside
+``--abusers`` (3) accounts with ``--abuser-threads`` (2) clients each that send, back to back:
+hostile uploads (NaN values, 5,000 tensors, a config nested 100,000 deep, a pickle), valid 1 MB
+uploads to hoard storage, 3 MB JSON bodies, loops of downloads and of job starts. Ends with
+``RESULT legit_errors=<n> legit_p95_ratio=<with/without> abuser_bytes_stored=<n>
+lost_writes=<n>`` (the most any abuser holds). Targets: 0 legitimate errors, p95 ratio <= 1.5,
+no abuser past the quota, 0 lost writes.
+
+    .venv/bin/python bench/load.py --abuse [--seconds 15]
 """
 
 import argparse
@@ -149,7 +162,7 @@ def seed(env, clients, var_dir):
         nonce = {"nonce": uuid.uuid4().hex}
         return expert_file_bytes(spec, n_latents=2, rank=2, metadata=nonce)
 
-    return people, unique_file, base.slug
+    return people, unique_file, base.slug, spec
 
 
 def queue_training_job(port, key, base_slug):
@@ -184,11 +197,19 @@ def request(port, key, method, path, body=None, conn=None):
             conn.close()
 
 
-def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed_value):
+def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed_value, rate=None):
+    """A legitimate client: the MIX back to back, or (``rate``) at Poisson arrivals of that
+    many requests a second, as people send them whatever else the service is doing."""
     key, expert_path = person
     rng = random.Random(seed_value)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    next_at = time.monotonic()
     while time.monotonic() < deadline:
+        if rate:
+            next_at += rng.expovariate(rate)
+            if next_at >= deadline:
+                break
+            time.sleep(max(0.0, next_at - time.monotonic()))
         kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
         if kind == "read":
             path = rng.choice(
@@ -272,9 +293,194 @@ def lost_writes(uploads, training_job_id):
             except Exception as exc:  # missing or altered file
                 print(f"{expert_path} v{number}: {exc}")
                 lost += 1
+    if training_job_id is None:
+        return lost
     job = TrainingJob.objects.get(pk=training_job_id)
     print(f"training job {job.pk}: {job.status} {job.error}")
     return lost + (job.status != TrainingJob.SUCCEEDED)
+
+
+# --- the abusive share ----------------------------------------------------------------------
+
+ABUSER_QUOTA = 8 * 1024 * 1024  # LATENTRY_MAX_STORED_BYTES during the abuse run
+ABUSE = ["hostile", "hoard", "oversized", "download", "job"]
+
+
+def abuse_environment(args, var_dir):
+    """The load run's environment with the limits on that abusers meet: uploads 60/hour, job
+    starts 30/hour and 3 active, a small storage quota. Generation stays unlimited: the paced
+    legitimate clients ask for it often, and its per-user limit is tested elsewhere."""
+    env = environment(args, var_dir)
+    env.update(
+        LATENTRY_UPLOAD_RATE="60/hour",
+        LATENTRY_JOB_START_RATE="30/hour",
+        LATENTRY_MAX_ACTIVE_JOBS="3",
+        LATENTRY_MAX_STORED_BYTES=str(ABUSER_QUOTA),
+    )
+    return env
+
+
+def seed_abusers(count, spec):
+    """Abusive accounts (a key, an expert to hoard versions in, a dataset to start jobs on) and
+    the hostile files they send: NaN values, 5,000 tensors, a config nested 100,000 deep,
+    a pickle."""
+    import pickle
+
+    import torch
+    from django.contrib.auth import get_user_model
+
+    from registry.models import ApiKey, BaseModel, Domain, Expert
+    from tests.factories import expert_file_bytes, make_dataset, phrase_text
+
+    base, domain = BaseModel.objects.get(), Domain.objects.get(slug="load")
+    accounts = []
+    for i in range(count):
+        user = get_user_model().objects.create_user(f"abuser{i}")
+        _, key = ApiKey.create_for(user, "abuse")
+        Expert.objects.create(owner=user, name="hoard", domain=domain, base_model=base)
+        make_dataset(user, "junk", text=phrase_text(length=3000, seed=i))
+        accounts.append((key, f"abuser{i}"))
+    nan = torch.randn(2, spec.hidden_size)
+    nan[1, 3] = float("nan")
+    hostile = [
+        expert_file_bytes(spec, n_latents=2, tensors={"soft_tokens": nan}),
+        expert_file_bytes(spec, tensors={f"x.{i}": torch.zeros(1) for i in range(5000)}),
+        expert_file_bytes(spec, metadata={"config": "[" * 100_000 + "]" * 100_000}),
+        pickle.dumps({"soft_tokens": [0.0] * 4096}),
+    ]
+
+    def hoard_file():  # a valid 1 MB expert, distinct every time
+        nonce = {"nonce": uuid.uuid4().hex}
+        return expert_file_bytes(spec, n_latents=2, rank=1024, metadata=nonce)
+
+    return accounts, hostile, hoard_file
+
+
+def abuser(port, account, files, base_slug, deadline, outcomes, uploads, lock, seed_value):
+    """Back to back, at random: hostile uploads, hoarding valid ones, 3 MB JSON bodies, loops
+    of downloads, loops of job starts. Records (kind, status) and the 201 uploads."""
+    key, name = account
+    hostile, hoard_file = files
+    rng = random.Random(seed_value)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    versions = f"/api/v1/experts/{name}/hoard/versions/"
+    while time.monotonic() < deadline:
+        kind = rng.choice(ABUSE)
+        if kind in ("hostile", "hoard"):
+            data = rng.choice(hostile) if kind == "hostile" else hoard_file()
+            form = {"file": ("e.safetensors", data, "application/octet-stream")}
+            args = ("POST", versions, encode_multipart_formdata(form))
+        elif kind == "oversized":
+            body = {"base": base_slug, "prompt": "w5 " * 1_000_000, "max_new_tokens": 8}
+            args = ("POST", "/api/v1/generate", json.dumps(body))
+        elif kind == "download":
+            args = ("GET", "/api/v1/experts/publisher/expert-0/versions/1/download/")
+        else:
+            params = {"steps": 10, "window": 64, "ahead_tokens": 4, "positions_per_window": 4}
+            job = {"expert": "hoard", "datasets": ["junk"], "params": params}
+            args = ("POST", "/api/v1/jobs/training/", json.dumps(job))
+        try:
+            status, answer = request(port, key, *args, conn=conn)
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            status, answer = None, b""
+        with lock:
+            outcomes.append((kind, status))
+            if kind == "hoard" and status == 201:
+                number = json.loads(answer)["number"]
+                uploads.append((versions.removesuffix("versions/"), number))
+    conn.close()
+
+
+def legit_phase(port, people, upload, base_slug, args, uploads, abusers=None):
+    """``args.legit_clients`` paced clients for ``args.seconds``, beside the abusers if given;
+    returns the legitimate clients' Stats and the abusers' outcomes."""
+    stats = Stats("with abusers" if abusers else "alone")
+    stats.failures = []
+    outcomes = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + args.seconds
+    threads = [
+        threading.Thread(
+            target=client,
+            args=(port, people[i], upload, base_slug, deadline, stats, uploads, lock, i),
+            kwargs={"rate": args.legit_rate},
+        )
+        for i in range(args.legit_clients)
+    ]
+    if abusers:
+        accounts, *files = abusers
+        threads += [
+            threading.Thread(
+                target=abuser,
+                args=(port, account, files, base_slug, deadline, outcomes, uploads, lock, n),
+            )
+            for n, account in enumerate(accounts * args.abuser_threads)
+        ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats.seconds = time.perf_counter() - started
+    return stats, outcomes
+
+
+def abuse_run(args):
+    """Legitimate clients alone, then beside abusive accounts; their errors and p95, what the
+    abusers got answered and hold at the end, and lost writes."""
+    from collections import Counter
+
+    with tempfile.TemporaryDirectory(prefix="latentry-abuse-") as tmp:
+        var_dir = Path(tmp)
+        (var_dir / "staticfiles").mkdir()
+        env = abuse_environment(args, var_dir)
+        recreate_database(args.database_url)
+        flush_redis()
+        migrate(env)
+        people, upload, base_slug, spec = seed(env, args.legit_clients, var_dir)
+        abusers = seed_abusers(args.abusers, spec)
+        port = free_port()
+        with open(var_dir / "server.log", "w+") as log:
+            server = start_gunicorn(env, port, log)
+            try:
+                wait_until_ready(server, port)
+                uploads = []
+                warm = argparse.Namespace(**{**vars(args), "seconds": 5})
+                legit_phase(port, people, upload, base_slug, warm, uploads)
+                alone, _ = legit_phase(port, people, upload, base_slug, args, uploads)
+                beside, outcomes = legit_phase(
+                    port, people, upload, base_slug, args, uploads, abusers
+                )
+            finally:
+                stop(server)
+        lost = lost_writes(uploads, None)
+        from django.contrib.auth import get_user_model
+
+        from registry.quotas import stored_bytes
+
+        held = {
+            user.username: stored_bytes(user)
+            for user in get_user_model().objects.filter(username__startswith="abuser")
+        }
+    for stats in (alone, beside):
+        print(
+            f"legitimate, {stats.name}: {stats.rps:6.1f} req/s, p50 {stats.percentile_ms(50):5.0f}"
+            f" ms, p95 {stats.percentile_ms(95):5.0f} ms, errors {stats.errors}"
+            + (f" ({stats.failures[:3]})" if stats.errors else "")
+        )
+    answered = Counter(outcomes)
+    for kind in ABUSE:
+        statuses = {status: n for (k, status), n in sorted(answered.items(), key=str) if k == kind}
+        print(f"abusers' {kind}: {statuses}")
+    print(f"abusers hold {held} bytes; quota {ABUSER_QUOTA}")
+    print(f"{len(uploads)} uploads answered 201 (legitimate and hoarded); lost writes {lost}")
+    ratio = beside.percentile_ms(95) / alone.percentile_ms(95)
+    print(
+        f"RESULT legit_errors={beside.errors + alone.errors} legit_p95_ratio={ratio:.2f} "
+        f"abuser_bytes_stored={max(held.values())} lost_writes={lost}"
+    )
 
 
 def main():
@@ -283,7 +489,14 @@ def main():
     p.add_argument("--p95-ms", type=float, default=1000)
     p.add_argument("--steps", default="1,2,4,8,16,32,64,128")
     p.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    p.add_argument("--abuse", action="store_true", help="the abusive-share run instead")
+    p.add_argument("--legit-clients", type=int, default=4)
+    p.add_argument("--legit-rate", type=float, default=5.0, help="requests/s per legit client")
+    p.add_argument("--abusers", type=int, default=3, help="abusive accounts")
+    p.add_argument("--abuser-threads", type=int, default=2, help="clients per abusive account")
     args = p.parse_args()
+    if args.abuse:
+        return abuse_run(args)
     steps = [int(s) for s in args.steps.split(",")]
     print(f"steps {steps} x {args.seconds:.0f}s; bound p95 < {args.p95_ms:.0f} ms, no errors")
 
@@ -294,7 +507,7 @@ def main():
         recreate_database(args.database_url)
         flush_redis()
         migrate(env)
-        people, upload, base_slug = seed(env, max(steps), var_dir)
+        people, upload, base_slug, _ = seed(env, max(steps), var_dir)
         port = free_port()
         with open(var_dir / "server.log", "w+") as log:
             server = start_gunicorn(env, port, log)
