@@ -126,6 +126,12 @@ def add_expert_arguments(p):
         help="windows of D's own text per step (the off-domain anchor)",
     )
     p.add_argument("--replay-pool", type=int, default=defaults["replay_pool"])
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=defaults["min_lr_ratio"],
+        help="where the cosine decay ends, as a share of each learning rate (1: constant)",
+    )
 
 
 def train_config(args, tokenizer, **overrides):
@@ -146,6 +152,7 @@ def train_config(args, tokenizer, **overrides):
         prefix_snippets=args.prefix_snippets,
         replay_windows=args.replay_windows,
         replay_pool=args.replay_pool,
+        min_lr_ratio=args.min_lr_ratio,
         anchor_token_id=space_token(tokenizer),
     )
     return TrainConfig.from_settings({**settings, **overrides})
