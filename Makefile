@@ -33,14 +33,14 @@ run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
 	$(PY) manage.py seed_demo_job
-	$(PY) -m celery -A config worker -B -Q gpu -c 1 -n worker@%h -l info & worker=$$!; \
+	$(PY) -m celery -A config worker -B -Q gpu,maintenance -c 1 -n worker@%h -l info & worker=$$!; \
 	trap 'kill -QUIT $$worker 2>/dev/null; \
 	  for _ in $$(seq 20); do kill -0 $$worker 2>/dev/null || exit 0; sleep 0.5; done; \
 	  pkill -KILL -P $$worker; kill -KILL $$worker 2>/dev/null' EXIT INT TERM; \
 	$(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
 
 worker: migrate
-	$(PY) -m celery -A config worker -Q gpu -c 1 -n worker@%h -l info
+	$(PY) -m celery -A config worker -Q gpu,maintenance -c 1 -n worker@%h -l info
 
 # The browser tests drive Debian's Chromium; install it (root, or sudo) where it is missing.
 chromium:

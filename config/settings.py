@@ -290,6 +290,9 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "registry.api.exception_handler",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    # Proxies in front that set X-Forwarded-For (deploy/nginx.conf: 1). 0 reads the client's
+    # address from the connection, so a client cannot name its own address to dodge limits.
+    "NUM_PROXIES": env_int("NUM_PROXIES", 0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Latentry API",
@@ -339,6 +342,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # LATENTRY_PROGRESS_SECONDS; a running job whose heartbeat is older than the lease is taken
 # over by the next worker that starts or receives it.
 LATENTRY_JOB_QUEUE = env_str("LATENTRY_JOB_QUEUE", "gpu")
+# Short housekeeping tasks (the storage sweep, token counts of large datasets), on their own
+# queue so that they do not wait behind hours of training: a small CPU worker, or every worker
+# between jobs (make run's worker reads both queues).
+LATENTRY_MAINTENANCE_QUEUE = env_str("LATENTRY_MAINTENANCE_QUEUE", "maintenance")
 LATENTRY_PROGRESS_SECONDS = env_float("LATENTRY_PROGRESS_SECONDS", 2.0)
 LATENTRY_JOB_LEASE_SECONDS = env_int("LATENTRY_JOB_LEASE_SECONDS", 120)
 LATENTRY_JOB_TIME_LIMIT = env_int("LATENTRY_JOB_TIME_LIMIT", 12 * 3600)
@@ -351,9 +358,9 @@ LATENTRY_JOB_MAX_TIME_BUDGET_S = env_int("LATENTRY_JOB_MAX_TIME_BUDGET_S", 6 * 3
 LATENTRY_MAX_STEP_TOKENS = env_int("LATENTRY_MAX_STEP_TOKENS", 65_536)
 LATENTRY_JOB_MAX_ATTEMPTS = env_int("LATENTRY_JOB_MAX_ATTEMPTS", 5)
 # The queue is fair across users (training.models.fair_order): a worker sends a job whose
-# creator has had more turns than another waiting user to the back of the queue, this many
-# times at most.
-LATENTRY_JOB_MAX_YIELDS = env_int("LATENTRY_JOB_MAX_YIELDS", 100)
+# creator has had more turns than another waiting user back to the queue, for this long at most
+# (in case the other job's message was lost).
+LATENTRY_JOB_MAX_YIELD_S = env_int("LATENTRY_JOB_MAX_YIELD_S", 600)
 LATENTRY_JOB_STORAGE_RETRIES = env_int("LATENTRY_JOB_STORAGE_RETRIES", 3)
 LATENTRY_JOB_RETRY_DELAY = env_int("LATENTRY_JOB_RETRY_DELAY", 10)
 LATENTRY_MAX_DATASET_BYTES = env_int("LATENTRY_MAX_DATASET_BYTES", 100 * 1024 * 1024)
@@ -387,7 +394,10 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-storage": {
         "task": "registry.sweep_storage",
         "schedule": float(LATENTRY_SWEEP_SECONDS),
-        "options": {"queue": LATENTRY_JOB_QUEUE, "expires": float(LATENTRY_SWEEP_SECONDS)},
+        "options": {
+            "queue": LATENTRY_MAINTENANCE_QUEUE,
+            "expires": float(LATENTRY_SWEEP_SECONDS),
+        },
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

@@ -135,12 +135,14 @@ class BaseModelSpec:
 
 
 def read_header(fileobj, file_size, max_header_bytes=MAX_HEADER_BYTES):
-    """Parse the safetensors header of ``fileobj`` (positioned anywhere) without reading data."""
+    """Parse the safetensors header of ``fileobj`` (positioned anywhere) without reading data.
+    ``max_header_bytes`` None: only the file's size bounds the header (a file already trusted)."""
     fileobj.seek(0)
     prefix = fileobj.read(8)
     if len(prefix) < 8:
         raise ArtifactError("file is too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", prefix)
+    max_header_bytes = max_header_bytes or file_size
     if header_len == 0 or (header_len > max_header_bytes and header_len > file_size - 8):
         raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
     if header_len > max_header_bytes:
@@ -185,10 +187,12 @@ def _not_safetensors_reason(prefix, header_len, file_size):
 
 
 def read_header_from_path(path):
+    """The header of a local file (exported or about to be imported: the registry checks
+    uploads with its own bounds)."""
     with open(path, "rb") as f:
         f.seek(0, 2)
         size = f.tell()
-        return read_header(f, size)
+        return read_header(f, size, max_header_bytes=None)
 
 
 def validate(header, spec, *, file_size=None, max_bytes=None, max_config_bytes=MAX_CONFIG_BYTES):
@@ -196,7 +200,7 @@ def validate(header, spec, *, file_size=None, max_bytes=None, max_config_bytes=M
     if max_bytes is not None and file_size is not None and file_size > max_bytes:
         raise ArtifactError(f"file is {file_size} bytes, over the limit of {max_bytes}")
     config_bytes = len(header.metadata.get("config", "").encode())
-    if config_bytes > max_config_bytes:
+    if max_config_bytes is not None and config_bytes > max_config_bytes:
         raise ArtifactError(
             f"metadata 'config' is {config_bytes} bytes, over the limit of {max_config_bytes}"
         )
@@ -573,9 +577,11 @@ def load_expert_bytes(data, spec=None, max_bytes=None):
 
     from safetensors.torch import load
 
-    header = read_header(io.BytesIO(data), len(data))
+    # The size bounds on headers and configs keep abusive uploads out (the registry applies its
+    # settings at publish); a file already published is loaded whatever they are now.
+    header = read_header(io.BytesIO(data), len(data), max_header_bytes=None)
     if spec is not None:
-        validate(header, spec, file_size=len(data), max_bytes=max_bytes)
+        validate(header, spec, file_size=len(data), max_bytes=max_bytes, max_config_bytes=None)
     return load(data), header.metadata
 
 

@@ -369,13 +369,14 @@ class ExpertVersion(models.Model):
 
         1. Validate the safetensors header, then read the values once for NaN and Inf
            (ArtifactError: nothing changes).
-        2. Lock the expert row so concurrent uploads to one expert take turns, and check the
-           owner's storage quota (QuotaExceeded: nothing changes).
-        3. Store the bytes under their content address, then create the row.
+        2. Lock the expert row so concurrent uploads to one expert take turns.
+        3. Store the bytes under their content address (``references.store``), check the
+           owner's storage quota (QuotaExceeded), then create the row.
         4. If anything fails after storing, remove the object unless another version uses it.
 
         A training job publishes at most once: publishing again returns its version.
         """
+        quotas.check_room(expert.owner, size, lock=False)  # before reading anything more
         header = read_header(fileobj, size, max_header_bytes=settings.LATENTRY_MAX_HEADER_BYTES)
         validate(
             header,
@@ -397,9 +398,8 @@ class ExpertVersion(models.Model):
                 number = number or locked.next_version_number()
                 if cls.objects.filter(expert=locked, number=number).exists():
                     raise VersionConflict(f"version {number} of {expert.full_name} exists")
-                quotas.check_room(locked.owner, size)
-                references.locked(key)  # a delete of the same bytes waits, or went first
-                created = storage.put(key, fileobj, sha256=sha256)
+                created = references.store(key, fileobj, sha256=sha256)
+                quotas.check_room(locked.owner, size)  # held only until the commit below
                 return cls.objects.create(
                     expert=locked,
                     number=number,

@@ -2,8 +2,9 @@
 
 A user's stored bytes are the sizes of their experts' versions and of their datasets, a file
 counting once per row that names it (content addressing may share the object; the quota is about
-what each user asked to keep). Callers check inside the transaction that creates the row, with
-the user's row locked, so concurrent uploads by one user take turns and cannot both slip under.
+what each user asked to keep). Callers check early without a lock (nothing read or stored yet),
+then again just before creating the row, with the user's row locked until the commit, so
+concurrent uploads by one user cannot both slip under.
 """
 
 from django.apps import apps
@@ -27,13 +28,16 @@ def stored_bytes(user):
     return sum(rows.aggregate(total=Sum("size"))["total"] or 0 for rows in (versions, datasets))
 
 
-def check_room(user, size):
-    """Lock ``user``'s row and raise QuotaExceeded unless ``size`` more bytes fit their quota.
-    Call inside the transaction that records the new row."""
+def check_room(user, size, lock=True):
+    """Raise QuotaExceeded unless ``size`` more bytes fit ``user``'s quota. With ``lock``, call
+    it just before the row is created, in that transaction: it locks the user's row until the
+    commit (``FOR NO KEY UPDATE``, which leaves rows that point at the user free to be written
+    meanwhile). Without, it is a cheap early refusal before any work."""
     limit = settings.LATENTRY_MAX_STORED_BYTES
     if not limit:
         return
-    get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+    if lock:
+        get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).first()
     used = stored_bytes(user)
     if used + size > limit:
         raise QuotaExceeded(

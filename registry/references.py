@@ -44,13 +44,19 @@ def locked(key):
             return lock
 
 
+def store(key, fileobj, *, sha256=None):
+    """Inside the transaction that writes the row naming ``key``: store ``fileobj`` under it,
+    holding the key's lock. Returns whether this call created the stored object."""
+    locked(key)  # a delete of the same bytes waits for the commit, or went first
+    return storage.put(key, fileobj, sha256=sha256)
+
+
 def discard_unused(key):
     """Remove the object under ``key`` if no row names it; True if it was removed."""
     with transaction.atomic():
         lock = locked(key)
-        if _rows(key).exists():
+        if _rows(key).exists() or not storage.delete(key):
             return False
-        storage.delete(key)
         lock.delete()
     return True
 
@@ -84,10 +90,11 @@ def _ended_jobs_checkpoints(cutoff, dry_run):
     TrainingJob = apps.get_model("training", "TrainingJob")
     ended = TrainingJob.objects.filter(finished_at__lt=cutoff).exclude(checkpoint_key="")
     keys = []
-    for job in ended:
-        keys.append(job.checkpoint_key)
-        if not dry_run:
-            job.discard_checkpoint()
+    for pk, key in ended.values_list("pk", "checkpoint_key"):
+        # only if the job is still that ended run (not retried and checkpointing meanwhile)
+        still = TrainingJob.objects.filter(pk=pk, finished_at__lt=cutoff, checkpoint_key=key)
+        if dry_run or (still.update(checkpoint_key="") and storage.delete(key)):
+            keys.append(key)
     return keys
 
 

@@ -106,10 +106,13 @@ def _holds(storage, key, size, sha256):
 
 
 def delete(key):
+    """Remove the object under ``key``; False (logged) if storage failed."""
     try:
         artifacts().delete(key)
     except STORAGE_ERRORS:
         logger.exception("could not delete artifact %s", key)
+        return False
+    return True
 
 
 def open_artifact(key):

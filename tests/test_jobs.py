@@ -4,6 +4,7 @@ Real worker processes (kill, resume, cancel, storage faults) are in test_job_wor
 """
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -364,12 +365,15 @@ def test_the_queue_is_fair_across_users(settings, alice, bob, words, make_expert
     assert order == [theirs.pk, mine[1].pk, mine[2].pk]
     sent = []
     monkeypatch.setattr(
-        tasks.train_expert, "apply_async", lambda args, kwargs, **options: sent.append(kwargs)
+        tasks.train_expert,
+        "apply_async",
+        lambda args, kwargs, countdown, **options: sent.append((kwargs, countdown)),
     )
-    tasks.train_expert.apply((mine[1].pk,))  # bob has the turn: to the back of the queue
-    assert sent == [{"yielded": 1}]
+    tasks.train_expert.apply((mine[1].pk,))  # bob has the turn: back to the queue
+    ((kwargs, countdown),) = sent
+    assert countdown == tasks.YIELD_DELAY_S and kwargs["waiting_since"] > time.time() - 60
     assert TrainingJob.objects.get(pk=mine[1].pk).status == Job.QUEUED
-    settings.LATENTRY_JOB_MAX_YIELDS = 1
-    tasks.train_expert.apply((mine[1].pk,), {"yielded": 1})  # no endless waiting: it runs
+    long_ago = time.time() - settings.LATENTRY_JOB_MAX_YIELD_S
+    tasks.train_expert.apply((mine[1].pk,), {"waiting_since": long_ago})  # no endless wait
     assert TrainingJob.objects.get(pk=mine[1].pk).status == Job.SUCCEEDED
     assert not another_users_turn(theirs)

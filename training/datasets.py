@@ -51,14 +51,13 @@ def create(owner, name, fileobj, *, sha256, size, fmt, base_model=None, **fields
     storage quota is full (QuotaExceeded)."""
     if Dataset.objects.filter(owner=owner, name=name).exists():
         raise NameTaken(name)
-    with transaction.atomic():  # fail fast, before parsing
-        quotas.check_room(owner, size)
+    quotas.check_room(owner, size, lock=False)  # fail fast, before parsing
     described = describe_file(fileobj, sha256=sha256, size=size, fmt=fmt, base_model=base_model)
     key, created = described["file_key"], False
     try:
         with transaction.atomic():
-            quotas.check_room(owner, size)  # again, with the row locked: uploads take turns
             created = store(fileobj, described)
+            quotas.check_room(owner, size)  # again, locked until the commit below
             dataset = Dataset.objects.create(owner=owner, name=name, **described, **fields)
             count_later(dataset)
             return dataset
@@ -89,8 +88,7 @@ def create_from_upload(owner, name, upload, fmt="", **fields):
 def store(fileobj, described):
     """Inside the transaction that saves the row: store a described file under its key.
     Returns whether this call created the stored object."""
-    references.locked(described["file_key"])  # a delete of the same bytes waits, or went first
-    return storage.put(described["file_key"], fileobj, sha256=described["sha256"])
+    return references.store(described["file_key"], fileobj, sha256=described["sha256"])
 
 
 def describe_file(fileobj, *, sha256, size, fmt, base_model=None):
@@ -121,7 +119,7 @@ def count_later(dataset):
     if dataset.base_model_id is not None and dataset.token_count is None:
         from .tasks import count_dataset_tokens
 
-        pk, queue = dataset.pk, settings.LATENTRY_JOB_QUEUE
+        pk, queue = dataset.pk, settings.LATENTRY_MAINTENANCE_QUEUE
         transaction.on_commit(lambda: count_dataset_tokens.apply_async((pk,), queue=queue))
 
 

@@ -16,7 +16,7 @@ from django.db.models.signals import post_delete
 from django.dispatch import receiver
 from django.utils import timezone
 
-from registry import storage
+from registry import quotas, storage
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
 MIN_PREFIX = 16  # evaluation reads at least this many tokens before the first ahead token
@@ -212,7 +212,7 @@ class Job(models.Model):
                 return False
             fields.update(status=status, error=error, finished_at=timezone.now())
             type(self).objects.filter(pk=self.pk).update(**fields)
-            transaction.on_commit(self.ended)
+            transaction.on_commit(self.ended, robust=True)
         for name, value in fields.items():
             setattr(self, name, value)
         return True
@@ -232,7 +232,7 @@ class Job(models.Model):
                 type(self).objects.filter(pk=self.pk).update(
                     status=self.CANCELLED, error="cancelled", finished_at=timezone.now()
                 )
-                transaction.on_commit(self.ended)
+                transaction.on_commit(self.ended, robust=True)
         self.refresh_from_db()
         return True
 
@@ -306,6 +306,7 @@ class TrainingJob(Job):
         depend on the expert are checked here too, so no way in skips them."""
         cls.check_datasets(datasets)
         cls.check_window(expert.base_model, params["window"])
+        quotas.check_room(expert.owner, 1, lock=False)  # a full quota: it could not publish
         with transaction.atomic():
             job = cls.objects.create(
                 created_by=user, expert=expert, base_model=expert.base_model, params=params
@@ -433,9 +434,11 @@ def fair_order():
         (
             job
             for kind in kinds
-            for job in kind.objects.filter(status=Job.QUEUED, cancel_requested=False).only(
-                "pk", "created_by", "created_at"
-            )
+            # Not the ones waiting for a retry after a storage outage: their message comes
+            # back later, and nobody should wait for it meanwhile.
+            for job in kind.objects.filter(
+                status=Job.QUEUED, cancel_requested=False, attempts=0
+            ).only("pk", "created_by", "created_at")
         ),
         key=lambda job: job.created_at,
     )

@@ -61,10 +61,14 @@ def train(request, owner, name):
     expert = owned_expert(request, owner, name)
     form = TrainingForm(request.POST or None, user=request.user, expert=expert)
     if request.method == "POST" and form.is_valid():
-        job = TrainingJob.start(
-            request.user, expert, form.cleaned_data["datasets"], form.cleaned_data["params"]
-        )
-        return redirect("job", job.pk)
+        try:
+            job = TrainingJob.start(
+                request.user, expert, form.cleaned_data["datasets"], form.cleaned_data["params"]
+            )
+        except quotas.QuotaExceeded as exc:
+            form.add_error(None, exc.message)
+        else:
+            return redirect("job", job.pk)
     status = 400 if form.errors else 200
     return render(request, "training/train.html", {"form": form, "expert": expert}, status=status)
 

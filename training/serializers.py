@@ -122,8 +122,8 @@ class TrainingParamsSerializer(StrictSerializer):
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
-        attrs.setdefault("time_budget_s", float(settings.LATENTRY_JOB_TIME_BUDGET_S))
         longest = longest_time_budget()
+        attrs.setdefault("time_budget_s", float(min(settings.LATENTRY_JOB_TIME_BUDGET_S, longest)))
         if attrs["time_budget_s"] > longest:
             raise serializers.ValidationError(
                 {"time_budget_s": [f"must be at most {longest} s (LATENTRY_JOB_MAX_TIME_BUDGET_S)"]}

@@ -8,6 +8,7 @@ a delay; anything else ends the job ``failed`` with a readable error.
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from celery import shared_task
@@ -29,6 +30,8 @@ from .models import Dataset, EvaluationJob, Job, JobHeld, JobLost, TrainingJob, 
 
 logger = logging.getLogger(__name__)
 
+YIELD_DELAY_S = 2  # a job that gave up its turn is back in the queue after this
+
 USER_ERRORS = (runtime.JobError, DatasetError, ArtifactError, QuotaExceeded, ValueError)
 
 task_options = dict(
@@ -41,17 +44,17 @@ task_options = dict(
 
 
 @shared_task(name="training.train_expert", **task_options)
-def train_expert(self, job_id, yielded=0):
-    _run(self, TrainingJob, job_id, runner.run_training, yielded)
+def train_expert(self, job_id, waiting_since=None):
+    _run(self, TrainingJob, job_id, runner.run_training, waiting_since)
 
 
 @shared_task(name="training.evaluate_version", **task_options)
-def evaluate_version(self, job_id, yielded=0):
-    _run(self, EvaluationJob, job_id, runner.run_evaluation, yielded)
+def evaluate_version(self, job_id, waiting_since=None):
+    _run(self, EvaluationJob, job_id, runner.run_evaluation, waiting_since)
 
 
-def _run(task, model, job_id, work, yielded=0):
-    if _yield_turn(task, model, job_id, yielded):
+def _run(task, model, job_id, work, waiting_since=None):
+    if _yield_turn(task, model, job_id, waiting_since):
         return
     device = runtime.device()
     try:
@@ -88,16 +91,27 @@ def _run(task, model, job_id, work, yielded=0):
         job.finish(Job.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _yield_turn(task, model, job_id, yielded):
-    """Send a job to the back of the queue when another user's queued job has the turn
-    (``models.fair_order``): the broker is first-in first-out, so the other job's message comes
-    before this one's again. At most LATENTRY_JOB_MAX_YIELDS times, in case the other job's
-    message was lost (recovery sends it again)."""
-    job = model.objects.filter(pk=job_id, status=Job.QUEUED).first()
-    if job is None or yielded >= settings.LATENTRY_JOB_MAX_YIELDS or not another_users_turn(job):
+def _yield_turn(task, model, job_id, waiting_since):
+    """Send a job back to the queue, a few seconds later, when another user's queued job has
+    the turn (``models.fair_order``): the broker is first-in first-out, so the other job's
+    message is taken meanwhile. For at most LATENTRY_JOB_MAX_YIELD_S in all (in case the other
+    job's message was lost); never a job that already started (a retry keeps its count)."""
+    job = model.objects.filter(pk=job_id, status=Job.QUEUED, attempts=0).first()
+    now = time.time()
+    waiting_since = waiting_since or now
+    if (
+        job is None
+        or now - waiting_since >= settings.LATENTRY_JOB_MAX_YIELD_S
+        or not another_users_turn(job)
+    ):
         return False
     logger.info("%s waits: another user's job has the turn", job)
-    task.apply_async((job_id,), {"yielded": yielded + 1}, queue=settings.LATENTRY_JOB_QUEUE)
+    task.apply_async(
+        (job_id,),
+        {"waiting_since": waiting_since},
+        queue=settings.LATENTRY_JOB_QUEUE,
+        countdown=YIELD_DELAY_S,
+    )
     return True
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import storage
+from registry import quotas, storage
 from registry.models import BaseModel, Domain
 from training import datasets
 
@@ -42,7 +42,7 @@ class Command(BaseCommand):
                     description=description,
                     public=public,
                 )
-        except (OSError, datasets.DatasetError, datasets.NameTaken) as exc:
+        except (OSError, datasets.DatasetError, datasets.NameTaken, quotas.QuotaExceeded) as exc:
             raise CommandError(f"{path}: {exc}") from exc
         self.stdout.write(
             f"created dataset {dataset.full_name}: {dataset.documents} documents, "
