@@ -85,7 +85,9 @@ def test_launching_from_the_admin_checks_the_window_against_the_base_models_cont
     alice, base_model, make_expert, admin_client
 ):
     form = {"expert": make_expert("too-wide").pk, "datasets": [make_dataset(alice).pk]}
-    response = admin_client.post(f"{CHANGELIST}add/", {**form, "params": '{"window": 4096}'})
+    response = admin_client.post(
+        f"{CHANGELIST}add/", {**form, "params": '{"window": 4096, "windows_per_step": 1}'}
+    )
     assert response.status_code == 200
     assert "at most the base model&#x27;s context (256)" in response.content.decode()
     assert not TrainingJob.objects.exists()

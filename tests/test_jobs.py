@@ -106,7 +106,8 @@ def test_a_dataset_too_short_fails_the_job_with_a_readable_error(
         ({"kind": "qlora"}, "kind"),
         ({"learning_rate": 0.1}, "learning_rate"),
         ({"window": 32, "ahead_tokens": 16, "positions_per_window": 8}, "window"),
-        ({"window": 4096}, "window"),  # over the tiny model's 256-token context
+        # over the tiny model's 256-token context (a step's work within its bound)
+        ({"window": 4096, "windows_per_step": 1, "positions_per_window": 4}, "window"),
     ],
 )
 def test_out_of_bounds_hyper_parameters_get_400_naming_them(

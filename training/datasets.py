@@ -3,6 +3,7 @@
 import functools
 from pathlib import Path
 
+from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
@@ -117,10 +118,9 @@ def describe_file(fileobj, *, sha256, size, fmt, base_model=None):
 def count_later(dataset):
     """Queue the token count of a dataset whose upload was too large to count inline."""
     if dataset.base_model_id is not None and dataset.token_count is None:
-        from .tasks import count_dataset_tokens
-
+        task = current_app.tasks["training.count_dataset_tokens"]  # by name: tasks import us
         pk, queue = dataset.pk, settings.LATENTRY_MAINTENANCE_QUEUE
-        transaction.on_commit(lambda: count_dataset_tokens.apply_async((pk,), queue=queue))
+        transaction.on_commit(lambda: task.apply_async((pk,), queue=queue))
 
 
 def read_texts(dataset):
