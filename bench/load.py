@@ -70,7 +70,6 @@ from bench.api_load import (  # noqa: E402
     stop,
     wait_until_ready,
 )
-from tests.factories import Worker, wait_for  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_load"
 BROKER_URL = "redis://127.0.0.1:6379/5"
@@ -511,6 +510,8 @@ def main():
         port = free_port()
         with open(var_dir / "server.log", "w+") as log:
             server = start_gunicorn(env, port, log)
+            from tests.factories import Worker, wait_for  # after seed() set Django up
+
             worker = Worker("load", env, name="load", log_path=var_dir / "worker.log")
             try:
                 wait_until_ready(server, port)
