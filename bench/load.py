@@ -32,18 +32,19 @@ errors and zero lost writes at the highest sustained step.
 job worker), with the limits abusers meet switched on: uploads 60/hour, job starts 30/hour and
 3 active, a storage quota of 8 MiB. ``--legit-clients`` (4) legitimate clients send the mix at
 Poisson arrivals of ``--legit-rate`` (5) requests/s each, for ``--seconds`` alone and then beside
-``--abusers`` (3) accounts with ``--abuser-threads`` (2) clients each that send, back to back:
-hostile uploads (NaN values, 5,000 tensors, a config nested 100,000 deep, a pickle), valid 1 MB
-uploads to hoard storage, 3 MB JSON bodies, loops of downloads and of job starts. Ends with
-``RESULT legit_errors=<n> legit_p95_ratio=<with/without> abuser_bytes_stored=<n>
-lost_writes=<n>`` (the most any abuser holds). Targets: 0 legitimate errors, p95 ratio <= 1.5,
-no abuser past the quota, 0 lost writes.
+``--abusers`` (3) accounts with ``--abuser-threads`` (2) clients each, from a process of their
+own, at ``--abuser-rate`` (5) requests/s each (60% of the traffic): hostile uploads (NaN values,
+5,000 tensors, a config nested 100,000 deep, a pickle), valid 1 MB uploads to hoard storage,
+3 MB JSON bodies, loops of downloads and of job starts. Ends with ``RESULT legit_errors=<n>
+legit_p95_ratio=<with/without> abuser_bytes_stored=<n> lost_writes=<n>`` (the most any abuser
+holds). Targets: 0 legitimate errors, p95 ratio <= 1.5, no abuser past the quota, 0 lost writes.
 
     .venv/bin/python bench/load.py --abuse [--seconds 15]
 """
 
 import argparse
 import contextlib
+import dataclasses
 import http.client
 import io
 import json
@@ -321,8 +322,9 @@ def abuse_environment(args, var_dir):
 
 def seed_abusers(count, spec):
     """Abusive accounts (a key, an expert to hoard versions in, a dataset to start jobs on) and
-    the hostile files they send: NaN values, 5,000 tensors, a config nested 100,000 deep,
-    a pickle."""
+    their requests, built before the clock starts: hostile files (NaN values, 5,000 tensors, a
+    config nested 100,000 deep, a pickle), distinct valid 1 MB files to hoard storage with, a
+    3 MB JSON body."""
     import pickle
 
     import torch
@@ -347,31 +349,51 @@ def seed_abusers(count, spec):
         expert_file_bytes(spec, metadata={"config": "[" * 100_000 + "]" * 100_000}),
         pickle.dumps({"soft_tokens": [0.0] * 4096}),
     ]
+    hoard = [  # more than the quota holds: each account stops at 8
+        expert_file_bytes(spec, n_latents=2, rank=1024, metadata={"nonce": uuid.uuid4().hex})
+        for _ in range(12 * count)
+    ]
+    oversized = json.dumps(
+        {"base": base.slug, "prompt": "w5 " * 1_000_000, "max_new_tokens": 8}
+    ).encode()
+    return Abuse(accounts, [multipart(data) for data in hostile], hoard, oversized)
 
-    def hoard_file():  # a valid 1 MB expert, distinct every time
-        nonce = {"nonce": uuid.uuid4().hex}
-        return expert_file_bytes(spec, n_latents=2, rank=1024, metadata=nonce)
 
-    return accounts, hostile, hoard_file
+@dataclasses.dataclass
+class Abuse:
+    accounts: list
+    hostile: list  # multipart bodies
+    hoard: list  # file bytes, used up one by one
+    oversized: bytes
 
 
-def abuser(port, account, files, base_slug, deadline, outcomes, uploads, lock, seed_value):
-    """Back to back, at random: hostile uploads, hoarding valid ones, 3 MB JSON bodies, loops
-    of downloads, loops of job starts. Records (kind, status) and the 201 uploads."""
+def multipart(data):
+    return encode_multipart_formdata({"file": ("e.safetensors", data, "application/octet-stream")})
+
+
+def abuser(port, account, abuse, rate, deadline, outcomes, uploads, lock, seed_value):
+    """At Poisson arrivals of ``rate`` a second, at random: hostile uploads, hoarding valid
+    ones, 3 MB JSON bodies, loops of downloads and of job starts. Records (kind, status) and
+    the 201 uploads."""
     key, name = account
-    hostile, hoard_file = files
     rng = random.Random(seed_value)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     versions = f"/api/v1/experts/{name}/hoard/versions/"
-    while time.monotonic() < deadline:
+    next_at = time.monotonic()
+    while True:
+        next_at += rng.expovariate(rate)
+        if next_at >= deadline:
+            break
+        time.sleep(max(0.0, next_at - time.monotonic()))
         kind = rng.choice(ABUSE)
-        if kind in ("hostile", "hoard"):
-            data = rng.choice(hostile) if kind == "hostile" else hoard_file()
-            form = {"file": ("e.safetensors", data, "application/octet-stream")}
-            args = ("POST", versions, encode_multipart_formdata(form))
+        if kind == "hostile":
+            args = ("POST", versions, rng.choice(abuse.hostile))
+        elif kind == "hoard":
+            with lock:
+                data = abuse.hoard.pop() if abuse.hoard else rng.choice(abuse.hostile)
+            args = ("POST", versions, multipart(data) if isinstance(data, bytes) else data)
         elif kind == "oversized":
-            body = {"base": base_slug, "prompt": "w5 " * 1_000_000, "max_new_tokens": 8}
-            args = ("POST", "/api/v1/generate", json.dumps(body))
+            args = ("POST", "/api/v1/generate", abuse.oversized)
         elif kind == "download":
             args = ("GET", "/api/v1/experts/publisher/expert-0/versions/1/download/")
         else:
@@ -380,10 +402,10 @@ def abuser(port, account, files, base_slug, deadline, outcomes, uploads, lock, s
             args = ("POST", "/api/v1/jobs/training/", json.dumps(job))
         try:
             status, answer = request(port, key, *args, conn=conn)
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException):  # the server closed an unread body
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            status, answer = None, b""
+            status, answer = "closed", b""
         with lock:
             outcomes.append((kind, status))
             if kind == "hoard" and status == 201:
@@ -392,12 +414,31 @@ def abuser(port, account, files, base_slug, deadline, outcomes, uploads, lock, s
     conn.close()
 
 
-def legit_phase(port, people, upload, base_slug, args, uploads, abusers=None):
+def abusers_process(port, abuse, args, deadline, results):
+    """The abusive clients in a process of their own, so that their work in the client (bodies
+    of megabytes) does not hold the legitimate clients' interpreter lock."""
+    outcomes, uploads, lock = [], [], threading.Lock()
+    threads = [
+        threading.Thread(
+            target=abuser,
+            args=(port, account, abuse, args.abuser_rate, deadline, outcomes, uploads, lock, n),
+        )
+        for n, account in enumerate(abuse.accounts * args.abuser_threads)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.put((outcomes, uploads))
+
+
+def legit_phase(port, people, upload, base_slug, args, uploads, abuse=None):
     """``args.legit_clients`` paced clients for ``args.seconds``, beside the abusers if given;
     returns the legitimate clients' Stats and the abusers' outcomes."""
-    stats = Stats("with abusers" if abusers else "alone")
+    import multiprocessing
+
+    stats = Stats("with abusers" if abuse else "alone")
     stats.failures = []
-    outcomes = []
     lock = threading.Lock()
     deadline = time.monotonic() + args.seconds
     threads = [
@@ -408,21 +449,24 @@ def legit_phase(port, people, upload, base_slug, args, uploads, abusers=None):
         )
         for i in range(args.legit_clients)
     ]
-    if abusers:
-        accounts, *files = abusers
-        threads += [
-            threading.Thread(
-                target=abuser,
-                args=(port, account, files, base_slug, deadline, outcomes, uploads, lock, n),
-            )
-            for n, account in enumerate(accounts * args.abuser_threads)
-        ]
+    if abuse:
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        process = context.Process(
+            target=abusers_process, args=(port, abuse, args, deadline, results)
+        )
+        process.start()
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     stats.seconds = time.perf_counter() - started
+    outcomes = []
+    if abuse:
+        outcomes, hoarded = results.get(timeout=120)
+        process.join()
+        uploads += hoarded
     return stats, outcomes
 
 
@@ -439,7 +483,7 @@ def abuse_run(args):
         flush_redis()
         migrate(env)
         people, upload, base_slug, spec = seed(env, args.legit_clients, var_dir)
-        abusers = seed_abusers(args.abusers, spec)
+        abuse = seed_abusers(args.abusers, spec)
         port = free_port()
         with open(var_dir / "server.log", "w+") as log:
             server = start_gunicorn(env, port, log)
@@ -450,7 +494,7 @@ def abuse_run(args):
                 legit_phase(port, people, upload, base_slug, warm, uploads)
                 alone, _ = legit_phase(port, people, upload, base_slug, args, uploads)
                 beside, outcomes = legit_phase(
-                    port, people, upload, base_slug, args, uploads, abusers
+                    port, people, upload, base_slug, args, uploads, abuse
                 )
             finally:
                 stop(server)
@@ -493,6 +537,7 @@ def main():
     p.add_argument("--legit-rate", type=float, default=5.0, help="requests/s per legit client")
     p.add_argument("--abusers", type=int, default=3, help="abusive accounts")
     p.add_argument("--abuser-threads", type=int, default=2, help="clients per abusive account")
+    p.add_argument("--abuser-rate", type=float, default=5.0, help="requests/s per abusive client")
     args = p.parse_args()
     if args.abuse:
         return abuse_run(args)
