@@ -96,6 +96,16 @@ def environment(args, var_dir):
     return env
 
 
+def fresh_service(args, var_dir, make_environment):
+    """An empty, migrated database and Redis for a run in ``var_dir``; returns its environment."""
+    (var_dir / "staticfiles").mkdir()
+    env = make_environment(args, var_dir)
+    recreate_database(args.database_url)
+    flush_redis()
+    migrate(env)
+    return env
+
+
 def flush_redis():
     import redis
 
@@ -197,19 +207,25 @@ def request(port, key, method, path, body=None, conn=None):
             conn.close()
 
 
-def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed_value, rate=None):
-    """A legitimate client: the MIX back to back, or (``rate``) at Poisson arrivals of that
-    many requests a second, as people send them whatever else the service is doing."""
-    key, expert_path = person
-    rng = random.Random(seed_value)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def arrivals(rng, deadline, rate=None):
+    """Yield when the next request is due until ``deadline``: back to back, or (``rate``) at
+    Poisson arrivals of that many a second, as people send them whatever the service is doing."""
     next_at = time.monotonic()
     while time.monotonic() < deadline:
         if rate:
             next_at += rng.expovariate(rate)
             if next_at >= deadline:
-                break
+                return
             time.sleep(max(0.0, next_at - time.monotonic()))
+        yield
+
+
+def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed_value, rate=None):
+    """A legitimate client: the MIX at ``arrivals``."""
+    key, expert_path = person
+    rng = random.Random(seed_value)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for _ in arrivals(rng, deadline, rate):
         kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
         if kind == "read":
             path = rng.choice(
@@ -379,19 +395,13 @@ def abuser(port, account, abuse, rate, deadline, outcomes, uploads, lock, seed_v
     rng = random.Random(seed_value)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     versions = f"/api/v1/experts/{name}/hoard/versions/"
-    next_at = time.monotonic()
-    while True:
-        next_at += rng.expovariate(rate)
-        if next_at >= deadline:
-            break
-        time.sleep(max(0.0, next_at - time.monotonic()))
+    for _ in arrivals(rng, deadline, rate):
         kind = rng.choice(ABUSE)
-        if kind == "hostile":
-            args = ("POST", versions, rng.choice(abuse.hostile))
-        elif kind == "hoard":
-            with lock:
-                data = abuse.hoard.pop() if abuse.hoard else rng.choice(abuse.hostile)
-            args = ("POST", versions, multipart(data) if isinstance(data, bytes) else data)
+        with lock:
+            hoarded = abuse.hoard.pop() if kind == "hoard" and abuse.hoard else None
+        if kind in ("hostile", "hoard"):  # hostile once the hoard is spent
+            body = multipart(hoarded) if hoarded else rng.choice(abuse.hostile)
+            args = ("POST", versions, body)
         elif kind == "oversized":
             args = ("POST", "/api/v1/generate", abuse.oversized)
         elif kind == "download":
@@ -477,11 +487,7 @@ def abuse_run(args):
 
     with tempfile.TemporaryDirectory(prefix="latentry-abuse-") as tmp:
         var_dir = Path(tmp)
-        (var_dir / "staticfiles").mkdir()
-        env = abuse_environment(args, var_dir)
-        recreate_database(args.database_url)
-        flush_redis()
-        migrate(env)
+        env = fresh_service(args, var_dir, abuse_environment)
         people, upload, base_slug, spec = seed(env, args.legit_clients, var_dir)
         abuse = seed_abusers(args.abusers, spec)
         port = free_port()
@@ -546,11 +552,7 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="latentry-load-") as tmp:
         var_dir = Path(tmp)
-        (var_dir / "staticfiles").mkdir()
-        env = environment(args, var_dir)
-        recreate_database(args.database_url)
-        flush_redis()
-        migrate(env)
+        env = fresh_service(args, var_dir, environment)
         people, upload, base_slug, _ = seed(env, max(steps), var_dir)
         port = free_port()
         with open(var_dir / "server.log", "w+") as log:

@@ -74,7 +74,7 @@ def sweep(now=None, dry_run=False):
         for key in _stored_keys(prefix):
             if key in named or _modified(key) > cutoff:
                 continue
-            if key.rpartition("/")[2].startswith(".partial-"):  # a local write that died
+            if key.rpartition("/")[2].startswith(storage.PARTIAL_PREFIX):  # a write that died
                 if not dry_run:
                     storage.delete(key)
                 removed.append(key)
@@ -92,8 +92,7 @@ def _ended_jobs_checkpoints(cutoff, dry_run):
     keys = []
     for pk, key in ended.values_list("pk", "checkpoint_key"):
         # only if the job is still that ended run (not retried and checkpointing meanwhile)
-        still = TrainingJob.objects.filter(pk=pk, finished_at__lt=cutoff, checkpoint_key=key)
-        if dry_run or (still.update(checkpoint_key="") and storage.delete(key)):
+        if dry_run or TrainingJob.drop_checkpoint(pk, key, finished_at__lt=cutoff):
             keys.append(key)
     return keys
 

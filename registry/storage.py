@@ -48,6 +48,9 @@ def sha256_of(fileobj, chunk_size=1024 * 1024):
     return digest.hexdigest()
 
 
+PARTIAL_PREFIX = ".partial-"  # a local write in progress, or one that died halfway
+
+
 class AtomicFileSystemStorage(FileSystemStorage):
     """Local disk, all or nothing: a file is written under a temporary name in its folder and
     renamed into place, so a write that fails halfway leaves nothing under the key (Django's
@@ -59,7 +62,7 @@ class AtomicFileSystemStorage(FileSystemStorage):
     def _save(self, name, content):
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=PARTIAL_PREFIX)
         try:
             with os.fdopen(handle, "wb") as out:
                 for chunk in content.chunks():

@@ -329,12 +329,18 @@ class TrainingJob(Job):
     def discard_checkpoint(self):
         """Remove the checkpoint: it serves only the run that wrote it. If storage is down,
         the object is left unnamed and the sweep (registry.references) removes it later."""
-        key = TrainingJob.objects.filter(pk=self.pk).values_list("checkpoint_key", flat=True)
-        key = key.first() or self.checkpoint_key
-        TrainingJob.objects.filter(pk=self.pk).update(checkpoint_key="")
+        named = TrainingJob.objects.filter(pk=self.pk).values_list("checkpoint_key", flat=True)
         self.checkpoint_key = ""
-        if key:
-            storage.delete(key)
+        if key := named.first():
+            TrainingJob.drop_checkpoint(self.pk, key)
+
+    @classmethod
+    def drop_checkpoint(cls, pk, key, **still):
+        """Clear job ``pk``'s checkpoint ``key`` if its row still names it (and matches
+        ``still``: a run that wrote another one meanwhile keeps it), then remove the object.
+        True if it was removed."""
+        cleared = cls.objects.filter(pk=pk, checkpoint_key=key, **still).update(checkpoint_key="")
+        return bool(cleared) and storage.delete(key)
 
     @property
     def published_version(self):
