@@ -5,6 +5,7 @@ on a corpus is measured on the same tokens as the plain decoder and as each othe
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +53,12 @@ def heldout_set(
 
 @torch.no_grad()
 def evaluate(decoder, expert, heldout, *, batch_windows=4, include_base=True):
-    """Perplexity per ahead position and overall, for plain D and (if given) D + expert."""
+    """Perplexity per ahead position and overall, for plain D and (if given) D + expert, and
+    the seconds each spent in its forward passes (the two alternate batch by batch, so a
+    busy machine slows both alike: their ratio is the expert's latency overhead)."""
     device = next(decoder.parameters()).device
     sums = {"base": torch.zeros(heldout.ahead), "augmented": torch.zeros(heldout.ahead)}
+    seconds = {"base": 0.0, "augmented": 0.0}
     rows = 0
     models = {"base": None, "augmented": expert}
     if not include_base:
@@ -67,6 +71,7 @@ def evaluate(decoder, expert, heldout, *, batch_windows=4, include_base=True):
         windows = heldout.windows[start : start + batch_windows].to(device)
         positions = heldout.positions[start : start + batch_windows].to(device)
         for name, model in models.items():
+            started = time.perf_counter()
             # A static prefix changes the windows' own cache: one prefill per model.
             past, past_bias, tokens, targets, starts = position_batch(
                 decoder, windows, positions, heldout.ahead, getattr(model, "prefix", None)
@@ -74,21 +79,24 @@ def evaluate(decoder, expert, heldout, *, batch_windows=4, include_base=True):
             logits = augmented_forward(
                 decoder, model, past=past, past_bias=past_bias, tokens=tokens, positions=starts
             )
-            sums[name] += ahead_losses(logits, targets).sum(0).cpu()
+            sums[name] += ahead_losses(logits, targets).sum(0).cpu()  # .cpu() waits for it
+            seconds[name] += time.perf_counter() - started
         rows += tokens.shape[0]
     names = [n for n, on in (("base", include_base), ("augmented", expert is not None)) if on]
-    return _report(sums, rows, names)
+    return _report(sums, seconds, rows, names)
 
 
-def _report(sums, rows, names):
+def _report(sums, seconds, rows, names):
     report = {"pairs": rows, "positions": len(sums["base"])}
     for name in names:
         mean = sums[name] / rows
         report[name] = {
             "ppl": math.exp(mean.mean().item()),
             "ppl_by_position": [round(math.exp(x), 4) for x in mean.tolist()],
+            "seconds": seconds[name],
         }
     if len(names) == 2:
         base, aug = report["base"]["ppl"], report["augmented"]["ppl"]
         report["reduction_pct"] = 100 * (base - aug) / base
+        report["latency_ratio"] = seconds["augmented"] / max(seconds["base"], 1e-9)
     return report

@@ -1,13 +1,14 @@
 """Which expert a request gets: named, ``auto``, or none.
 
-Named: ``owner/name`` or ``owner/name@version`` (latest ready version by default), through the
-same visibility gate as everything else. ``auto``: the prompt's mean-pooled last hidden state
+Named: ``owner/name``, ``owner/name@<number>`` or ``owner/name@<alias>`` (``latest``, the
+newest ready version, by default), through the same visibility gate as everything else. The
+name resolves to one version once, when the request starts: an alias moved meanwhile does not
+change what a request in flight runs. ``auto``: the prompt's mean-pooled last hidden state
 under the base model, compared (cosine, after removing the mean of all profiles, which is
 what every text has in common) with the routing profile of each expert the caller may list;
 the best one above the threshold wins, else none.
 """
 
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -16,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from django.conf import settings
 
-from registry.models import Expert, ExpertVersion, split_full_name
-
-VERSION_NUMBER = re.compile(r"[0-9]{1,9}")  # within every database's integer
+from registry.models import Expert, ExpertVersion, is_version_ref, split_full_name
 
 
 @dataclass
@@ -30,32 +29,29 @@ class Choice:
 
 
 def well_formed(spec):
-    """Whether ``spec`` reads ``owner/name`` or ``owner/name@<version number>``."""
-    ref, at, number = spec.partition("@")
-    # ASCII digits only: str.isdigit() also takes "²", which int() refuses
-    return split_full_name(ref) is not None and (not at or bool(VERSION_NUMBER.fullmatch(number)))
+    """Whether ``spec`` reads ``owner/name`` or ``owner/name@<number or alias>``."""
+    name, at, ref = spec.partition("@")
+    return split_full_name(name) is not None and (not at or is_version_ref(ref))
 
 
 def named(spec, base_record, user):
-    """Choice for ``owner/name[@version]``; a missing or invisible expert gives no expert.
+    """Choice for ``owner/name[@ref]``; a missing or invisible expert gives no expert.
 
     One query finds the version; only when there is none do more say why."""
     if not well_formed(spec):
-        raise ValueError(f"expert {spec!r} is not owner/name or owner/name@version")
-    ref, _, number = spec.partition("@")
-    experts = Expert.objects.visible_to(user).named(ref).filter(base_model=base_record)
-    versions = ExpertVersion.objects.light().filter(expert__in=experts).order_by("-number")
-    if number:
-        versions = versions.filter(number=int(number))
+        raise ValueError(f"expert {spec!r} is not owner/name, owner/name@version or @alias")
+    name, _, ref = spec.partition("@")
+    experts = Expert.objects.visible_to(user).named(name).filter(base_model=base_record)
+    versions = ExpertVersion.objects.light().filter(expert__in=experts).at(ref)
     version = versions.ready().first()
     if version is not None:
-        return Choice(version=version, name=f"{ref}@{version.number}")
+        return Choice(version=version, name=f"{name}@{version.number}")
     if not experts.exists():
         return Choice(reason=f"expert {spec} not found for {base_record.slug}")
     rejected = versions.filter(status=ExpertVersion.REJECTED).first()
     if rejected is not None:
         reason = rejected.status_reason
-        return Choice(reason=f"expert {ref}@{rejected.number} was rejected: {reason}")
+        return Choice(reason=f"expert {name}@{rejected.number} was rejected: {reason}")
     return Choice(reason=f"expert {spec} has no such ready version")
 
 

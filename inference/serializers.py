@@ -5,7 +5,10 @@ from registry.api import StrictSerializer
 
 from .models import Usage
 
-EXPERT_HELP = '"owner/name", "owner/name@version", "auto", or empty for the plain base model'
+EXPERT_HELP = (
+    '"owner/name", "owner/name@version", "owner/name@alias" (e.g. @stable), "auto", '
+    "or empty for the plain base model"
+)
 
 
 def check_sampling(attrs):

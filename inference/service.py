@@ -34,7 +34,7 @@ class UnknownModel(LookupError):
 @dataclass
 class Ask:
     base: str
-    expert: str = ""  # "", "auto", "owner/name" or "owner/name@N"
+    expert: str = ""  # "", "auto", "owner/name", "owner/name@N" or "owner/name@alias"
     prompt: str | None = None
     messages: list | None = None
     max_new_tokens: int = 64
@@ -109,7 +109,7 @@ def pick(loaded, ask, ids, user):
         )[0].cpu()
         choice = choose.auto(hidden, loaded.record, user)
     elif not choose.well_formed(spec):  # a client's mistake, unlike a missing expert
-        raise BadRequest(f"expert {spec!r} is not owner/name or owner/name@version")
+        raise BadRequest(f"expert {spec!r} is not owner/name, owner/name@version or @alias")
     else:
         choice = choose.named(spec, loaded.record, user)
     if choice.version is None:

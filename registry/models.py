@@ -22,7 +22,7 @@ from coprocessor.artifact import (
     validate,
 )
 
-from . import quotas, references, storage
+from . import events, quotas, references, storage
 
 slug_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9._-]{0,99}$",
@@ -31,6 +31,11 @@ slug_validator = RegexValidator(
 
 TAG = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 MAX_TAGS = 20
+
+# A version reference after "@": a number, an alias, or "latest" (built in: the newest ready).
+VERSION_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits within every database's integer
+ALIAS_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")  # starts with a letter: never a number
+LATEST = "latest"
 
 
 def validate_tags(tags):
@@ -42,6 +47,22 @@ def validate_tags(tags):
             raise ValidationError(f"{tag!r}: tags are 1-40 lowercase letters, digits or '-'")
     if len(tags) > MAX_TAGS:
         raise ValidationError(f"at most {MAX_TAGS} tags")
+
+
+def is_version_ref(ref):
+    """Whether ``ref`` can follow "@": a version number or an alias name (``latest`` too)."""
+    return bool(VERSION_NUMBER.fullmatch(ref) or ALIAS_NAME.fullmatch(ref))
+
+
+def validate_alias_name(name):
+    """ValidationError unless ``name`` is an alias owners may point: a letter, then up to 39
+    lowercase letters, digits or '-'; not ``latest``, which always means the newest."""
+    if not isinstance(name, str) or not ALIAS_NAME.fullmatch(name):
+        raise ValidationError(
+            f"{name!r}: an alias is a letter, then up to 39 lowercase letters, digits or '-'"
+        )
+    if name == LATEST:
+        raise ValidationError("'latest' is built in: it is always the newest ready version")
 
 
 def split_full_name(full_name):
@@ -185,8 +206,12 @@ class Expert(models.Model):
     download_count = models.PositiveBigIntegerField(default=0)
     rating = models.FloatField(null=True, blank=True, help_text="mean stars of its reviews")
     review_count = models.PositiveIntegerField(default=0)
-    # Perplexity reduction (%) of the newest evaluated version, measured by the platform.
+    # Perplexity reduction (%) of the newest ready version, measured by the platform: on the
+    # domain's benchmarks where it has been measured there, else on the owner's own data.
+    BENCHMARK, OWNER_DATA = "benchmark", "owner-data"
+    GAIN_SOURCE_CHOICES = [(BENCHMARK, "Domain benchmark"), (OWNER_DATA, "Owner's data")]
     measured_gain = models.FloatField(null=True, blank=True)
+    gain_source = models.CharField(max_length=12, choices=GAIN_SOURCE_CHOICES, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     # Name, title, summary and tags lower-cased in one column the database keeps up to date:
@@ -248,6 +273,51 @@ class Expert(models.Model):
     def latest_ready_version(self):
         return self.versions.ready().light().order_by("-number").first()
 
+    def refresh_measured_gain(self):
+        """Set the catalog's figure from the newest ready version: its benchmark gain if it
+        has one, else its gain on the owner's held-out data, else none."""
+        latest = self.latest_ready_version()
+        gain, source = None, ""
+        if latest is not None and latest.benchmark_gain is not None:
+            gain, source = latest.benchmark_gain, self.BENCHMARK
+        elif latest is not None and latest.metrics.get("reduction_pct") is not None:
+            gain, source = latest.metrics["reduction_pct"], self.OWNER_DATA
+        gain = round(gain, 3) if gain is not None else None
+        Expert.objects.filter(pk=self.pk).update(measured_gain=gain, gain_source=source)
+        self.measured_gain, self.gain_source = gain, source
+
+    def version_at(self, ref, versions=None):
+        """The version ``ref`` names (a number, an alias, ``latest`` or ""), or None. Ready
+        versions only for ``latest``; a number or an alias names whatever it points at."""
+        versions = (versions if versions is not None else self.versions.all()).filter(expert=self)
+        return versions.at(ref).first()
+
+    def move_alias(self, user, name, number):
+        """Point alias ``name`` at version ``number`` (None: remove it), recorded as an
+        AliasMove, in one transaction. Requests that resolved the alias before keep the
+        version they got. ValidationError for a bad name or a version that is not ready."""
+        validate_alias_name(name)
+        with transaction.atomic():
+            Expert.objects.select_for_update().get(pk=self.pk)  # moves of one expert take turns
+            alias = self.aliases.select_related("version").filter(name=name).first()
+            before = alias.version.number if alias is not None else None
+            if number is None:
+                if alias is None:
+                    raise ValidationError(f"{self.full_name} has no alias {name!r}")
+                alias.delete()
+            else:
+                version = self.versions.ready().light().filter(number=number).first()
+                if version is None:
+                    raise ValidationError(f"{self.full_name} has no ready version {number}")
+                VersionAlias.objects.update_or_create(
+                    expert=self, name=name, defaults={"version": version}
+                )
+            move = AliasMove.objects.create(
+                expert=self, alias=name, from_number=before, to_number=number, moved_by=user
+            )
+            events.emit(self.owner_id, events.ALIAS_MOVED, move.as_event())
+        return move
+
     def reviewable_by(self, user):
         """Whether ``user`` may review it: any signed-in user but its owner."""
         return user.is_authenticated and user.pk != self.owner_id
@@ -302,6 +372,18 @@ class ExpertVersionQuerySet(models.QuerySet):
         (up to LATENTRY_MAX_CONFIG_BYTES, decoded per row if fetched) and the routing profile."""
         return self.defer("config", "routing_profile")
 
+    def at(self, ref):
+        """The versions ``ref`` names, newest first: all ready ones for "" or ``latest``, the
+        one numbered ``ref``, or the one alias ``ref`` points at (none for anything else).
+        One query either way: an alias is a join, so a move cannot fall between two reads."""
+        if ref in ("", LATEST):
+            return self.ready().order_by("-number")
+        if VERSION_NUMBER.fullmatch(ref):
+            return self.filter(number=int(ref))
+        if ALIAS_NAME.fullmatch(ref):
+            return self.filter(aliases__name=ref)
+        return self.none()
+
 
 class ExpertVersion(models.Model):
     """A published expert file. Ready from its publication (which validates it) until a later
@@ -338,6 +420,14 @@ class ExpertVersion(models.Model):
     # Mean-pooled hidden states of the base model over the training data: what `auto` routing
     # compares prompts with. Empty for uploads until an evaluation computes one.
     routing_profile = models.JSONField(default=list, blank=True)
+    # The platform's domain benchmarks (training.Benchmark), summarised from its results there:
+    # mean perplexity reduction (%) on its own domain's benchmarks, mean perplexity change (%)
+    # on other domains' (positive: attaching it elsewhere hurts), and the forward-pass time
+    # with the expert over without it. None until measured.
+    benchmark_gain = models.FloatField(null=True, blank=True)
+    off_domain_change = models.FloatField(null=True, blank=True)
+    latency_ratio = models.FloatField(null=True, blank=True)
+    benchmarked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = ExpertVersionQuerySet.as_manager()
@@ -400,7 +490,7 @@ class ExpertVersion(models.Model):
                     raise VersionConflict(f"version {number} of {expert.full_name} exists")
                 created = references.store(key, fileobj, sha256=sha256)
                 quotas.check_room(locked.owner, size)  # held only until the commit below
-                return cls.objects.create(
+                version = cls.objects.create(
                     expert=locked,
                     number=number,
                     artifact_key=key,
@@ -415,6 +505,10 @@ class ExpertVersion(models.Model):
                     training_job=training_job,
                     routing_profile=routing_profile or [],
                 )
+                version.expert = locked
+                locked.refresh_measured_gain()  # a new newest version has no figures yet
+                events.emit(locked.owner_id, events.VERSION_PUBLISHED, version.as_event())
+                return version
         except IntegrityError:
             cls._discard(key, created)
             raise VersionConflict(f"version {number} of {expert.full_name} exists") from None
@@ -473,9 +567,21 @@ class ExpertVersion(models.Model):
             if profile is not None:
                 locked.routing_profile = profile
             locked.save(update_fields=["metrics", "routing_profile"])
-            latest = locked.expert.latest_ready_version()
-            if gain is not None and latest is not None and latest.pk == locked.pk:
-                Expert.objects.filter(pk=locked.expert_id).update(measured_gain=round(gain, 3))
+            locked.expert.refresh_measured_gain()
+            events.emit(locked.expert.owner_id, events.EVALUATION_RECORDED, locked.as_event())
+
+    def as_event(self):
+        """The version as webhook payloads show it."""
+        return {
+            "expert": self.expert.full_name,
+            "version": self.number,
+            "status": self.status,
+            "sha256": self.sha256,
+            "size": self.size,
+            "measured_gain": self.metrics.get("reduction_pct"),
+            "benchmark_gain": self.benchmark_gain,
+            "off_domain_change": self.off_domain_change,
+        }
 
     def download_filename(self):
         return f"{self.expert.owner.username}--{self.expert.name}--v{self.number}.safetensors"
@@ -619,3 +725,51 @@ class StoredObject(models.Model):
 
     def __str__(self):
         return self.key
+
+
+class VersionAlias(models.Model):
+    """A name its owner points at one of an expert's versions: ``owner/name@stable``."""
+
+    expert = models.ForeignKey(Expert, on_delete=models.CASCADE, related_name="aliases")
+    name = models.CharField(max_length=40)
+    version = models.ForeignKey(ExpertVersion, on_delete=models.CASCADE, related_name="aliases")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["expert", "name"], name="one_alias_name_per_expert")
+        ]
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.expert_id}@{self.name}"
+
+
+class AliasMove(models.Model):
+    """One move of an alias, kept for good: who pointed it, when, from which version to which
+    (None: it did not exist before, or was removed)."""
+
+    expert = models.ForeignKey(Expert, on_delete=models.CASCADE, related_name="alias_moves")
+    alias = models.CharField(max_length=40)
+    from_number = models.PositiveIntegerField(null=True, blank=True)
+    to_number = models.PositiveIntegerField(null=True, blank=True)
+    moved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    moved_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-moved_at", "-pk"]
+
+    def __str__(self):
+        return f"{self.expert_id}@{self.alias}: {self.from_number} -> {self.to_number}"
+
+    def as_event(self):
+        return {
+            "expert": self.expert.full_name,
+            "alias": self.alias,
+            "from_version": self.from_number,
+            "to_version": self.to_number,
+            "moved_by": self.moved_by.username if self.moved_by else None,
+            "moved_at": self.moved_at.isoformat(),
+        }

@@ -29,8 +29,9 @@ urlpatterns = [
     path("experts/", expert_list, name="expert-list"),
     path(expert, expert_detail, name="expert-detail"),
     path(expert + "versions/", version_list, name="version-list"),
-    path(expert + "versions/<int:number>/", version_detail, name="version-detail"),
-    path(expert + "versions/<int:number>/download/", version_download, name="version-download"),
+    # <ref>: a version number, an alias or "latest"
+    path(expert + "versions/<str:ref>/", version_detail, name="version-detail"),
+    path(expert + "versions/<str:ref>/download/", version_download, name="version-download"),
     path(expert + "reviews/", review_list, name="review-list"),
     path(expert + "reviews/<int:pk>/", review_detail, name="review-detail"),
 ]

@@ -133,11 +133,18 @@ class ExpertVersionViewSet(
     permission_classes = [IsAuthenticatedOrReadOnly]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
     throttle_classes = [UploadThrottle]
-    lookup_field = "number"
-    lookup_value_regex = r"\d+"
+    lookup_url_kwarg = "ref"
 
     def get_queryset(self):
         return self.get_expert().versions.select_related("expert__owner")
+
+    def get_object(self):
+        """The version ``ref`` names: a number, an alias or ``latest`` (the newest ready)."""
+        ref = self.kwargs["ref"]
+        version = self.get_queryset().at(ref).first()
+        if version is None:
+            raise NotFound(f"{self.get_expert().full_name} has no version {ref!r}")
+        return version
 
     @extend_schema(
         request={"multipart/form-data": VersionUploadSerializer},

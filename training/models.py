@@ -12,14 +12,15 @@ from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
-from django.db.models.signals import post_delete
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
-from registry import quotas, storage
+from registry import events, quotas, storage
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
 MIN_PREFIX = 16  # evaluation reads at least this many tokens before the first ahead token
+HELDOUT_POSITIONS_PER_WINDOW = 4  # coprocessor.evaluate.heldout_set's default
 
 
 class JobHeld(Exception):
@@ -32,10 +33,13 @@ class JobLost(Exception):
 
 class DatasetQuerySet(models.QuerySet):
     def usable_by(self, user):
-        """Datasets ``user`` may train or evaluate on: their own and public ones."""
+        """Datasets ``user`` may train or evaluate on: their own and public ones (staff: all
+        of them), but never another user's domain benchmark."""
+        others_benchmark = models.Q(benchmark__isnull=False) & ~models.Q(owner=user)
+        usable = self.exclude(others_benchmark)
         if user.is_staff:
-            return self
-        return self.filter(models.Q(owner=user) | models.Q(public=True))
+            return usable
+        return usable.filter(models.Q(owner=user) | models.Q(public=True))
 
 
 class Dataset(models.Model):
@@ -213,6 +217,7 @@ class Job(models.Model):
             fields.update(status=status, error=error, finished_at=timezone.now())
             type(self).objects.filter(pk=self.pk).update(**fields)
             transaction.on_commit(self.ended, robust=True)
+            self.announce_end(status, error)
         for name, value in fields.items():
             setattr(self, name, value)
         return True
@@ -233,6 +238,7 @@ class Job(models.Model):
                     status=self.CANCELLED, error="cancelled", finished_at=timezone.now()
                 )
                 transaction.on_commit(self.ended, robust=True)
+                self.announce_end(self.CANCELLED, "cancelled")
         self.refresh_from_db()
         return True
 
@@ -264,9 +270,11 @@ class Job(models.Model):
     def active_count(user):
         """Training and evaluation jobs ``user`` started that are queued or running."""
         active = [Job.QUEUED, Job.RUNNING]
-        return sum(
-            kind.objects.filter(created_by=user, status__in=active).count()
-            for kind in (TrainingJob, EvaluationJob)
+        return (
+            TrainingJob.objects.filter(created_by=user, status__in=active).count()
+            + EvaluationJob.objects.filter(
+                created_by=user, status__in=active, on_benchmarks=False
+            ).count()
         )
 
     @classmethod
@@ -274,6 +282,18 @@ class Job(models.Model):
         """ValidationError unless a job may read ``datasets``: at most MAX_DATASETS."""
         if len(datasets) > cls.MAX_DATASETS:
             raise ValidationError(f"choose at most {cls.MAX_DATASETS} datasets")
+
+    def announce_end(self, status, error):
+        """Tell the job's creator (their webhooks) how it ended, once that is committed."""
+        event = {self.SUCCEEDED: events.JOB_SUCCEEDED, self.CANCELLED: events.JOB_CANCELLED}
+        payload = {
+            "job": self.pk,
+            "kind": self.kind,
+            "expert": self.subject(),
+            "status": status,
+            "error": error,
+        }
+        events.emit(self.created_by_id, event.get(status, events.JOB_FAILED), payload)
 
 
 class TrainingJob(Job):
@@ -292,6 +312,7 @@ class TrainingJob(Job):
     train_tokens = models.PositiveBigIntegerField(default=0)
 
     task_name = "training.train_expert"
+    kind = "training"
 
     class Meta(Job.Meta):
         pass
@@ -299,12 +320,18 @@ class TrainingJob(Job):
     def __str__(self):
         return f"training #{self.pk} → {self.expert}"
 
+    def subject(self):
+        return self.expert.full_name
+
     @classmethod
     def start(cls, user, expert, datasets, params):
         """Queue a job that trains ``expert``'s next version on ``datasets``. ``params`` are
         bounded hyper-parameters (serializers.TrainingParamsSerializer); the rules that
         depend on the expert are checked here too, so no way in skips them."""
         cls.check_datasets(datasets)
+        if held := Benchmark.objects.filter(dataset__in=datasets).select_related("dataset"):
+            names = ", ".join(b.dataset.full_name for b in held)
+            raise ValidationError(f"domain benchmarks are never trained on: {names}")
         cls.check_window(expert.base_model, params["window"])
         quotas.check_room(expert.owner, 1, lock=False)  # a full quota: it could not publish
         with transaction.atomic():
@@ -357,14 +384,40 @@ class EvaluationJob(Job):
     datasets = models.ManyToManyField(Dataset, related_name="evaluation_jobs")
     params = models.JSONField(default=dict, help_text="window, ahead, max_windows, split")
     result = models.JSONField(default=dict, blank=True, help_text="report per dataset")
+    # Queued by the platform to measure the version on domain benchmarks (datasets are the
+    # benchmarks' own, params each benchmark's): not counted against the owner's active jobs.
+    on_benchmarks = models.BooleanField(default=False)
 
     task_name = "training.evaluate_version"
+    kind = "evaluation"
 
     class Meta(Job.Meta):
         pass
 
     def __str__(self):
         return f"evaluation #{self.pk} of {self.version.expert}@{self.version.number}"
+
+    def subject(self):
+        return f"{self.version.expert.full_name}@{self.version.number}"
+
+    @classmethod
+    def start_on_benchmarks(cls, version, benchmarks):
+        """Queue the platform's measurement of ``version`` on ``benchmarks`` (those it has no
+        result for yet), on behalf of the expert's owner: None if there is nothing to do."""
+        done = BenchmarkResult.objects.filter(version=version).values("benchmark")
+        todo = [b for b in benchmarks if b.pk not in {r["benchmark"] for r in done}]
+        if not todo or version.status != ExpertVersion.READY:
+            return None
+        with transaction.atomic():
+            job = cls.objects.create(
+                created_by=version.expert.owner,
+                version=version,
+                params={"split": "all"},
+                on_benchmarks=True,
+            )
+            job.datasets.set([b.dataset for b in todo])
+            job.enqueue()
+        return job
 
     @classmethod
     def start(cls, user, version, datasets, params=None):
@@ -419,6 +472,140 @@ class EvaluationJob(Job):
         return {"window": window, "ahead": ahead, "max_windows": 32, "split": "heldout"}
 
 
+BENCHMARK_SEED = 1234  # one seed for every benchmark: the same held-out pairs for all
+
+
+class Benchmark(models.Model):
+    """A dataset staff hold out to measure every expert on the same text.
+
+    Every ready version is measured on every benchmark: on its own domain's for the catalog's
+    gain and the leaderboard, on the others' for what attaching it elsewhere costs. The text
+    is never listed to, read by or trained on by anyone else: only the figures are shown.
+    """
+
+    domain = models.ForeignKey(Domain, on_delete=models.CASCADE, related_name="benchmarks")
+    dataset = models.OneToOneField(Dataset, on_delete=models.PROTECT, related_name="benchmark")
+    added_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    window = models.PositiveIntegerField(default=256, help_text="tokens per held-out window")
+    ahead = models.PositiveIntegerField(default=16, help_text="tokens predicted per pair")
+    max_windows = models.PositiveIntegerField(default=64, help_text="windows measured at most")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["domain", "created_at"]
+
+    def __str__(self):
+        return f"{self.domain.slug}: {self.dataset}"
+
+    def clean(self):
+        if self.dataset_id and self.dataset.public:
+            raise ValidationError({"dataset": "a public dataset cannot be a benchmark"})
+        if self.dataset_id and not self.dataset.owner.is_staff:
+            raise ValidationError({"dataset": "a benchmark's dataset must belong to staff"})
+        if self.window and self.ahead and not 1 <= self.ahead <= self.window - MIN_PREFIX:
+            raise ValidationError({"ahead": f"must be 1 to window - {MIN_PREFIX}"})
+
+    @property
+    def params(self):
+        return {
+            "window": self.window,
+            "ahead": self.ahead,
+            "max_windows": self.max_windows,
+            "seed": BENCHMARK_SEED,
+            "split": "all",
+        }
+
+    @property
+    def pairs(self):
+        """How many (window, position) pairs it measures at most."""
+        return self.max_windows * HELDOUT_POSITIONS_PER_WINDOW
+
+    @classmethod
+    def add(cls, user, domain, dataset, **params):
+        """Attach ``dataset`` (staff's, not public) to ``domain`` and measure every ready
+        version on it (a maintenance task queues the evaluations once this commits)."""
+        benchmark = cls(domain=domain, dataset=dataset, added_by=user, **params)
+        benchmark.full_clean()
+        with transaction.atomic():
+            benchmark.save()
+            transaction.on_commit(lambda: benchmark.measure_all_later())
+        return benchmark
+
+    def measure_all_later(self):
+        current_app.send_task(
+            "training.measure_on_benchmark",
+            args=[self.pk],
+            queue=settings.LATENTRY_MAINTENANCE_QUEUE,
+        )
+
+
+class BenchmarkResult(models.Model):
+    """One version measured on one benchmark by the platform."""
+
+    version = models.ForeignKey(
+        ExpertVersion, on_delete=models.CASCADE, related_name="benchmark_results"
+    )
+    benchmark = models.ForeignKey(Benchmark, on_delete=models.CASCADE, related_name="results")
+    job = models.ForeignKey(
+        EvaluationJob, null=True, on_delete=models.SET_NULL, related_name="benchmark_results"
+    )
+    pairs = models.PositiveIntegerField()
+    ppl_base = models.FloatField()
+    ppl_expert = models.FloatField()
+    reduction_pct = models.FloatField()
+    latency_ratio = models.FloatField(help_text="forward-pass time with the expert / without")
+    measured_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["version", "benchmark"], name="one_result_per_benchmark"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.version} on {self.benchmark}: {self.reduction_pct:.2f}%"
+
+    @classmethod
+    def record(cls, version, benchmark, report, job):
+        cls.objects.update_or_create(
+            version=version,
+            benchmark=benchmark,
+            defaults={
+                "job": job,
+                "pairs": report["pairs"],
+                "ppl_base": report["ppl_base"],
+                "ppl_expert": report["ppl_expert"],
+                "reduction_pct": report["reduction_pct"],
+                "latency_ratio": report["latency_ratio"],
+                "measured_at": timezone.now(),
+            },
+        )
+
+    @staticmethod
+    def summarise(version):
+        """Write the version's benchmark summary (ExpertVersion.benchmark_gain and the rest)
+        from its results, and refresh its expert's catalog figure."""
+        results = list(BenchmarkResult.objects.filter(version=version).select_related("benchmark"))
+        domain = version.expert.domain_id
+        own = [r.reduction_pct for r in results if r.benchmark.domain_id == domain]
+        other = [-r.reduction_pct for r in results if r.benchmark.domain_id != domain]
+        ExpertVersion.objects.filter(pk=version.pk).update(
+            benchmark_gain=_mean(own),
+            off_domain_change=_mean(other),
+            latency_ratio=_mean([r.latency_ratio for r in results]),
+            benchmarked_at=max((r.measured_at for r in results), default=None),
+        )
+        version.refresh_from_db()
+        version.expert.refresh_measured_gain()
+
+
+def _mean(values):
+    return round(sum(values) / len(values), 3) if values else None
+
+
 def _int(value, default):
     """``value`` as an int, or ``default`` when it is not one."""
     try:
@@ -468,6 +655,16 @@ def another_users_turn(job):
     """Whether a queued job of another user should run before ``job`` (see fair_order)."""
     order = fair_order()
     return bool(order) and order[0].created_by_id != job.created_by_id
+
+
+@receiver(post_save, sender=ExpertVersion)
+def _measure_on_benchmarks(sender, instance, created, **kwargs):
+    """A new version is measured on every benchmark once it is committed."""
+    if created and Benchmark.objects.exists():
+        transaction.on_commit(
+            lambda: EvaluationJob.start_on_benchmarks(instance, Benchmark.objects.all()),
+            robust=True,
+        )
 
 
 @receiver(post_delete, sender=TrainingJob)

@@ -19,7 +19,7 @@ from registry import storage
 from registry.models import ExpertVersion
 
 from . import datasets, runtime
-from .models import EvaluationJob, Job
+from .models import BENCHMARK_SEED, Benchmark, BenchmarkResult, EvaluationJob, Job
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,8 @@ def _store_checkpoint(job, path, reporter):
 
 def run_evaluation(job, device):
     """Held-out perplexity per dataset, stored on the version as platform-measured metrics."""
+    if job.on_benchmarks:
+        return run_benchmarks(job, device)
     version = job.version
     base = version.expert.base_model
     decoder, tokenizer = runtime.base_model(base, device)
@@ -187,6 +189,49 @@ def run_evaluation(job, device):
     return reports
 
 
+def run_benchmarks(job, device):
+    """Measure the version on each benchmark's whole text with that benchmark's fixed, seeded
+    pairs; record one BenchmarkResult each and the version's summary, then end the job."""
+    version = job.version
+    base = version.expert.base_model
+    decoder, tokenizer = runtime.base_model(base, device)
+    expert = runtime.load_version(version, decoder)
+    benchmarks = list(Benchmark.objects.filter(dataset__in=job.datasets.all()))
+    job.report(total_steps=len(benchmarks))
+    reports = []
+    for done, benchmark in enumerate(benchmarks):
+        train_texts, heldout_texts = dataset_splits(benchmark.dataset)
+        params = {**benchmark.params, "window": min(benchmark.window, base.context_length)}
+        reports.append(
+            (
+                benchmark,
+                _evaluate_dataset(
+                    decoder,
+                    tokenizer,
+                    expert,
+                    train_texts + heldout_texts,
+                    params,
+                    benchmark.dataset,
+                ),
+            )
+        )
+        if job.report(step=done + 1):
+            raise Cancelled(f"cancelled after {done + 1} of {len(benchmarks)} benchmarks")
+    with transaction.atomic():
+        for benchmark, report in reports:
+            BenchmarkResult.record(version, benchmark, report, job)
+        BenchmarkResult.summarise(version)
+        job.finish(Job.SUCCEEDED, result={"benchmarks": [_public(r) for _, r in reports]})
+    return reports
+
+
+def _public(report):
+    """What the owner sees of a benchmark measurement: the figures, not the per-position
+    curve, which says more about the text than the leaderboard needs."""
+    keep = ("dataset", "window", "ahead", "pairs", "ppl_base", "ppl_expert", "reduction_pct")
+    return {key: report[key] for key in (*keep, "latency_ratio")}
+
+
 def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
     ids = corpus.tokenize(tokenizer, texts)
     ahead = params.get("ahead", 16)
@@ -198,7 +243,11 @@ def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
             f"evaluation needs at least {needed}"
         )
     heldout = heldout_set(
-        ids, window=window, ahead=ahead, max_windows=params.get("max_windows", 32)
+        ids,
+        window=window,
+        ahead=ahead,
+        max_windows=params.get("max_windows", 32),
+        seed=params.get("seed", BENCHMARK_SEED),
     )
     report = evaluate(decoder, expert, heldout)
     return {
@@ -211,6 +260,7 @@ def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
         "ppl_base": report["base"]["ppl"],
         "ppl_expert": report["augmented"]["ppl"],
         "reduction_pct": report["reduction_pct"],
+        "latency_ratio": report["latency_ratio"],
         "ppl_base_by_position": report["base"]["ppl_by_position"],
         "ppl_expert_by_position": report["augmented"]["ppl_by_position"],
     }

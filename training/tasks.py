@@ -21,12 +21,22 @@ from django.utils import timezone
 
 from coprocessor.artifact import ArtifactError
 from coprocessor.train import Cancelled
+from registry.models import ExpertVersion
 from registry.quotas import QuotaExceeded
 from registry.storage import StorageUnavailable
 
 from . import datasets, runner, runtime
 from .datasets import DatasetError
-from .models import Dataset, EvaluationJob, Job, JobHeld, JobLost, TrainingJob, another_users_turn
+from .models import (
+    Benchmark,
+    Dataset,
+    EvaluationJob,
+    Job,
+    JobHeld,
+    JobLost,
+    TrainingJob,
+    another_users_turn,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +133,22 @@ def count_dataset_tokens(dataset_id):
         return
     count = datasets.count_tokens(dataset.base_model, datasets.read_texts(dataset))
     Dataset.objects.filter(pk=dataset_id).update(token_count=count)
+
+
+@shared_task(name="training.measure_on_benchmark", ignore_result=True)
+def measure_on_benchmark(benchmark_id):
+    """Queue the measurement of every ready version not yet measured on a new benchmark."""
+    benchmark = Benchmark.objects.filter(pk=benchmark_id).first()
+    if benchmark is None:
+        return
+    versions = (
+        ExpertVersion.objects.ready()
+        .light()
+        .exclude(benchmark_results__benchmark=benchmark)
+        .select_related("expert__owner")
+    )
+    for version in versions.iterator():
+        EvaluationJob.start_on_benchmarks(version, [benchmark])
 
 
 class Heartbeat:
