@@ -146,8 +146,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # "database is locked" halfway through a transaction.
     DATABASES["default"]["OPTIONS"] = {"transaction_mode": "IMMEDIATE", "timeout": 30}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
-    # A file, not memory, so that worker processes started by the tests share it.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+    # A file, not memory, so that worker processes started by the tests share it (its own
+    # name per checkout or concurrent run: LATENTRY_TEST_SQLITE).
+    test_sqlite = env_str("LATENTRY_TEST_SQLITE", str(VAR_DIR / "test.sqlite3"))
+    DATABASES["default"]["TEST"] = {"NAME": test_sqlite}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

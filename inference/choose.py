@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from django.conf import settings
 
-from registry.models import Expert, ExpertVersion, is_version_ref, split_full_name
+from registry.models import LATEST, Expert, ExpertVersion, is_version_ref, split_full_name
 
 
 @dataclass
@@ -42,13 +42,15 @@ def named(spec, base_record, user):
         raise ValueError(f"expert {spec!r} is not owner/name, owner/name@version or @alias")
     name, _, ref = spec.partition("@")
     experts = Expert.objects.visible_to(user).named(name).filter(base_model=base_record)
-    versions = ExpertVersion.objects.light().filter(expert__in=experts).at(ref)
-    version = versions.ready().first()
+    versions = ExpertVersion.objects.light().filter(expert__in=experts)
+    version = versions.at(ref).ready().first()
     if version is not None:
         return Choice(version=version, name=f"{name}@{version.number}")
     if not experts.exists():
         return Choice(reason=f"expert {spec} not found for {base_record.slug}")
-    rejected = versions.filter(status=ExpertVersion.REJECTED).first()
+    if ref not in ("", LATEST):  # the newest, if rejected, is the one that was meant
+        versions = versions.at(ref)
+    rejected = versions.filter(status=ExpertVersion.REJECTED).order_by("-number").first()
     if rejected is not None:
         reason = rejected.status_reason
         return Choice(reason=f"expert {name}@{rejected.number} was rejected: {reason}")

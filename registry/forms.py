@@ -4,7 +4,7 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 
-from .models import ApiKey, BaseModel, Expert, Review, validate_tags
+from .models import ApiKey, BaseModel, Expert, Review, validate_alias_name, validate_tags
 from .uploads import over_limit
 
 
@@ -103,3 +103,15 @@ class ApiKeyForm(forms.Form):
         widget=forms.CheckboxSelectMultiple,
         help_text="read: browse and generate; write: also upload, review and train",
     )
+
+
+class AliasForm(forms.Form):
+    """Point an alias at a version, or (no version) remove it."""
+
+    alias = forms.CharField(max_length=40, validators=[validate_alias_name])
+    version = forms.TypedChoiceField(coerce=int, required=False, empty_value=None)
+
+    def __init__(self, *args, versions=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        choices = [(v.number, f"v{v.number}") for v in versions]
+        self.fields["version"].choices = [("", "remove the alias"), *choices]

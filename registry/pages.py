@@ -8,6 +8,7 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import F
@@ -31,7 +32,7 @@ from .api import (
 )
 from .charts import line_chart
 from .filters import ExpertFilter
-from .forms import ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
+from .forms import AliasForm, ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, NameTaken, VersionConflict
 
 CATALOG_PAGE_SIZE = 12
@@ -76,25 +77,54 @@ def query_without(params, *names):
     return query.urlencode()
 
 
-def expert_detail(request, owner, name, review_form=None):
-    """The expert's card, measurements, every version (rejected ones with the reason) and
-    reviews."""
+def expert_detail(request, owner, name, review_form=None, alias_form=None):
+    """The expert's card, measurements, every version (rejected ones with the reason), its
+    aliases with their moves, and reviews."""
     expert = expert_by_name(request, owner, name)
     versions = expert.versions.light().order_by("-number")
-    latest = next((v for v in versions if v.status == ExpertVersion.READY), None)
+    ready = [v for v in versions if v.status == ExpertVersion.READY]
+    latest = ready[0] if ready else None
     reviews = expert.reviews.select_related("user").order_by("-updated_at")
     mine = request.user.is_authenticated and reviews.filter(user=request.user).first()
     can_review = expert.reviewable_by(request.user)
+    is_owner = request.user == expert.owner
     context = {
         "expert": expert,
         "versions": versions,
         "latest": latest,
         "chart": perplexity_chart(latest),
+        "aliases": expert.aliases.select_related("version"),
+        "alias_moves": expert.alias_moves.select_related("moved_by")[:ALIAS_MOVES_SHOWN],
+        "alias_form": alias_form or (AliasForm(versions=ready) if is_owner else None),
         "reviews": reviews,
         "review_form": review_form or (ReviewForm(instance=mine or None) if can_review else None),
-        "is_owner": request.user == expert.owner,
+        "is_owner": is_owner,
     }
     return render(request, "registry/expert_detail.html", context)
+
+
+ALIAS_MOVES_SHOWN = 20
+
+
+@login_required
+@require_POST
+def move_alias(request, owner, name):
+    """Point one of the owner's aliases at a version, or remove it."""
+    expert = owned_expert(request, owner, name)
+    form = AliasForm(request.POST, versions=expert.versions.ready().light())
+    if form.is_valid():
+        alias, number = form.cleaned_data["alias"], form.cleaned_data["version"]
+        try:
+            expert.move_alias(request.user, alias, number)
+        except ValidationError as exc:
+            form.add_error(None, exc)
+    if not form.is_valid():
+        response = expert_detail(request, owner, name, alias_form=form)
+        response.status_code = 400
+        return response
+    where = f"v{number}" if number else "nowhere (removed)"
+    messages.success(request, f"{expert.full_name}@{alias} now points to {where}.")
+    return redirect(expert_url(expert) + "#aliases")
 
 
 def perplexity_chart(version):

@@ -5,7 +5,17 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from .api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
-from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, Review, validate_tags
+from .models import (
+    AliasMove,
+    ApiKey,
+    BaseModel,
+    Domain,
+    Expert,
+    ExpertVersion,
+    Review,
+    VersionAlias,
+    validate_tags,
+)
 from .uploads import over_limit
 
 
@@ -63,12 +73,19 @@ class ExpertSerializer(StrictModelSerializer):
             "rating",
             "review_count",
             "measured_gain",
+            "gain_source",
             "latest_version",
             "created_at",
             "updated_at",
             "url",
         ]
-        read_only_fields = ["download_count", "rating", "review_count", "measured_gain"]
+        read_only_fields = [
+            "download_count",
+            "rating",
+            "review_count",
+            "measured_gain",
+            "gain_source",
+        ]
 
     def get_url(self, expert) -> str:
         return reverse("api:expert-detail", args=[expert.owner.username, expert.name])
@@ -106,6 +123,10 @@ class ExpertVersionSerializer(serializers.ModelSerializer):
             "claimed_metrics",
             "changelog",
             "download_count",
+            "benchmark_gain",
+            "off_domain_change",
+            "latency_ratio",
+            "benchmarked_at",
             "created_at",
             "download_url",
         ]
@@ -172,3 +193,27 @@ class NewApiKeySerializer(ApiKeySerializer):
 
     class Meta(ApiKeySerializer.Meta):
         fields = [*ApiKeySerializer.Meta.fields, "key"]
+
+
+class AliasSerializer(serializers.ModelSerializer):
+    version = serializers.IntegerField(source="version.number", read_only=True)
+
+    class Meta:
+        model = VersionAlias
+        fields = ["name", "version", "updated_at"]
+        read_only_fields = fields
+
+
+class AliasPointSerializer(StrictSerializer):
+    version = serializers.IntegerField(min_value=1, help_text="the version number to point at")
+
+
+class AliasMoveSerializer(serializers.ModelSerializer):
+    from_version = serializers.IntegerField(source="from_number", read_only=True)
+    to_version = serializers.IntegerField(source="to_number", read_only=True)
+    moved_by = serializers.CharField(source="moved_by.username", read_only=True, default=None)
+
+    class Meta:
+        model = AliasMove
+        fields = ["alias", "from_version", "to_version", "moved_by", "moved_at"]
+        read_only_fields = fields

@@ -24,6 +24,9 @@ from .filters import ExpertFilter
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
 from .permissions import IsAuthor, IsOwnerOrReadOnly
 from .serializers import (
+    AliasMoveSerializer,
+    AliasPointSerializer,
+    AliasSerializer,
     ApiKeySerializer,
     BaseModelSerializer,
     DomainSerializer,
@@ -225,6 +228,59 @@ class ReviewViewSet(ApiDefaults, ExpertChildMixin, viewsets.ModelViewSet):
     def perform_destroy(self, review):
         review.delete()
         self.get_expert().update_rating()
+
+
+class AliasViewSet(ApiDefaults, ExpertChildMixin, viewsets.GenericViewSet):
+    """Named aliases of an expert's versions (``owner/name@stable``). Anyone who can see the
+    expert reads them; its owner points (PUT) and removes (DELETE) them. ``latest`` is built in
+    and always the newest ready version. Every move is kept: see ``alias-moves``."""
+
+    serializer_class = AliasSerializer
+    permission_classes = [IsAuthenticatedOrReadOnly]
+    lookup_url_kwarg = "alias"
+
+    def get_queryset(self):
+        return self.get_expert().aliases.select_related("version")
+
+    def list(self, request, *args, **kwargs):
+        return Response(self.get_serializer(self.get_queryset(), many=True).data)
+
+    def retrieve(self, request, *args, **kwargs):
+        alias = self.get_queryset().filter(name=kwargs["alias"]).first()
+        if alias is None:
+            raise NotFound(f"{self.get_expert().full_name} has no alias {kwargs['alias']!r}")
+        return Response(self.get_serializer(alias).data)
+
+    @extend_schema(request=AliasPointSerializer, responses={200: AliasSerializer})
+    def update(self, request, *args, **kwargs):
+        """Point the alias at a ready version (creating it if new), in one recorded move."""
+        point = AliasPointSerializer(data=request.data)
+        point.is_valid(raise_exception=True)
+        self._move(kwargs["alias"], point.validated_data["version"])
+        return self.retrieve(request, *args, **kwargs)
+
+    def destroy(self, request, *args, **kwargs):
+        self._move(kwargs["alias"], None)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _move(self, name, number):
+        expert = self.get_expert()
+        if expert.owner != self.request.user:
+            raise PermissionDenied("only the owner may move aliases")
+        expert.move_alias(self.request.user, name, number)  # ValidationError: 400
+
+
+class AliasMoveViewSet(
+    ApiDefaults, ExpertChildMixin, mixins.ListModelMixin, viewsets.GenericViewSet
+):
+    """Every move of the expert's aliases, newest first: who, when, from which version to
+    which (null: created, or removed)."""
+
+    serializer_class = AliasMoveSerializer
+    permission_classes = [IsAuthenticatedOrReadOnly]
+
+    def get_queryset(self):
+        return self.get_expert().alias_moves.select_related("moved_by")
 
 
 class ApiKeyViewSet(

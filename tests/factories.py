@@ -233,6 +233,15 @@ def client_for(user=None):
     return client
 
 
+def logged_in(user):
+    """A browser-like client with a session for ``user``: what the pages see."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
+
+
 def bearer_client(user, scopes=(ApiKey.READ, ApiKey.WRITE)):
     _, plaintext = ApiKey.create_for(user, "test", scopes)
     client = APIClient()
@@ -429,3 +438,16 @@ def _close(sock):
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+def slow_steps(monkeypatch, seconds):
+    """Make every decode step of the engine take ``seconds`` longer: requests stay in flight."""
+    from coprocessor.generate import RunningBatch
+
+    step = RunningBatch.step
+
+    def slow_step(batch):
+        time.sleep(seconds)
+        return step(batch)
+
+    monkeypatch.setattr(RunningBatch, "step", slow_step)

@@ -13,7 +13,7 @@ from inference.pages import compare
 from registry.charts import line_chart
 from registry.models import ApiKey, Expert, ExpertVersion, Review
 from registry.templatetags.latentry import markdown
-from tests.factories import make_dataset
+from tests.factories import logged_in, make_dataset
 from training.models import Dataset, TrainingJob
 
 pytestmark = pytest.mark.django_db
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.django_db
 def listed(response):
     """The experts named by the cards of a catalog response, in order."""
     return re.findall(r'/experts/\w+/([\w.-]+)/"><?', response.content.decode())
-
-
-def logged_in(user):
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_the_catalog_searches_filters_sorts_and_pages(make_expert, base_model, alice):

@@ -106,7 +106,7 @@ def test_a_malformed_expert_name_is_400(alice_client, make_expert, publish, spec
     publish(make_expert("words"))
     response = ask(alice_client, prompt="w5 w6", expert=spec)
     assert response.status_code == 400
-    assert "is not owner/name or owner/name@version" in str(response.json())
+    assert "is not owner/name, owner/name@version or @alias" in str(response.json())
 
 
 def test_a_corrupted_stored_file_degrades_and_its_version_is_rejected(

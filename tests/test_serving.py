@@ -14,7 +14,7 @@ from django.test import Client
 from coprocessor.generate import Request, RunningBatch
 from inference import fair_use, pool
 from registry.models import ApiKey, BaseModel
-from tests.factories import ROOT, client_for, free_port, wait_for, worker_env
+from tests.factories import ROOT, client_for, free_port, slow_steps, wait_for, worker_env
 
 GENERATE = "/api/v1/generate"
 
@@ -29,16 +29,6 @@ def fresh_pool():
 @pytest.fixture
 def engine(base_model):
     return pool.pool().base(BaseModel.objects.get(slug="tiny-llama")).engine
-
-
-def slow_steps(monkeypatch, seconds):
-    step = RunningBatch.step
-
-    def slow_step(batch):
-        time.sleep(seconds)
-        return step(batch)
-
-    monkeypatch.setattr(RunningBatch, "step", slow_step)
 
 
 @pytest.fixture

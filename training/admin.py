@@ -11,7 +11,7 @@ from registry.charts import line_chart
 from registry.models import ExpertVersion
 
 from . import datasets
-from .models import Dataset, EvaluationJob, Job, TrainingJob
+from .models import Benchmark, Dataset, EvaluationJob, Job, TrainingJob
 from .serializers import TrainingParamsSerializer
 
 
@@ -67,6 +67,8 @@ class DatasetAdminForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
+        if cleaned.get("public") and hasattr(self.instance, "benchmark"):
+            self.add_error("public", "this dataset is a domain benchmark: it stays private")
         upload = cleaned.get("upload")
         if self.instance.pk is None and upload is None:
             self.add_error("upload", "choose the dataset's file")
@@ -103,6 +105,45 @@ class DatasetAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         if described:
             datasets.count_later(obj)
+
+
+class BenchmarkForm(forms.ModelForm):
+    class Meta:
+        model = Benchmark
+        fields = ["domain", "dataset", "window", "ahead", "max_windows"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "dataset" in self.fields:  # staff's private datasets that are not benchmarks yet
+            self.fields["dataset"].queryset = Dataset.objects.filter(
+                owner__is_staff=True, public=False, benchmark__isnull=True
+            )
+
+
+@admin.register(Benchmark)
+class BenchmarkAdmin(admin.ModelAdmin):
+    """Staff attach a private dataset to a domain; every ready version is then measured on
+    it (a maintenance task queues the evaluations). Its settings cannot change afterwards:
+    every figure must come from the same pairs."""
+
+    form = BenchmarkForm
+    list_display = ["__str__", "domain", "window", "ahead", "max_windows", "measured", "created_at"]
+    list_select_related = ["domain", "dataset__owner"]
+    readonly_fields = ["added_by", "created_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return self.readonly_fields
+        return [*self.readonly_fields, "domain", "dataset", "window", "ahead", "max_windows"]
+
+    @admin.display(description="versions measured")
+    def measured(self, benchmark):
+        return benchmark.results.count()
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.added_by = request.user
+        super().save_model(request, obj, form, change)  # a new one is measured on commit
 
 
 class JobAdmin(admin.ModelAdmin):

@@ -528,17 +528,12 @@ class Benchmark(models.Model):
         version on it (a maintenance task queues the evaluations once this commits)."""
         benchmark = cls(domain=domain, dataset=dataset, added_by=user, **params)
         benchmark.full_clean()
-        with transaction.atomic():
-            benchmark.save()
-            transaction.on_commit(lambda: benchmark.measure_all_later())
+        benchmark.save()
         return benchmark
 
     def measure_all_later(self):
-        current_app.send_task(
-            "training.measure_on_benchmark",
-            args=[self.pk],
-            queue=settings.LATENTRY_MAINTENANCE_QUEUE,
-        )
+        task = current_app.tasks["training.measure_on_benchmark"]  # by name: tasks import us
+        task.apply_async((self.pk,), queue=settings.LATENTRY_MAINTENANCE_QUEUE)
 
 
 class BenchmarkResult(models.Model):
@@ -665,6 +660,13 @@ def _measure_on_benchmarks(sender, instance, created, **kwargs):
             lambda: EvaluationJob.start_on_benchmarks(instance, Benchmark.objects.all()),
             robust=True,
         )
+
+
+@receiver(post_save, sender=Benchmark)
+def _measure_everything(sender, instance, created, **kwargs):
+    """A new benchmark: every ready version is measured on it once it is committed."""
+    if created:
+        transaction.on_commit(instance.measure_all_later, robust=True)
 
 
 @receiver(post_delete, sender=TrainingJob)

@@ -6,6 +6,7 @@ refreshes itself instead) until the job ends and its evaluation is in.
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
@@ -13,10 +14,14 @@ from django.views.decorators.http import require_POST
 from registry import quotas, storage
 from registry.api import UploadThrottle, fragment_or_page, owned_expert, page_throttled
 from registry.charts import line_chart
+from registry.models import Domain
 
 from . import datasets
 from .forms import DatasetForm, TrainingForm
+from .leaderboard import Leaderboard, domains_with_benchmarks
 from .models import Dataset, EvaluationJob, TrainingJob
+
+LEADERBOARD_PAGE_SIZE = 50
 
 
 @login_required
@@ -107,7 +112,9 @@ def job_detail(request, pk):
 def job_context(job):
     version = job.published_version
     evaluation = (
-        EvaluationJob.objects.filter(version=version).order_by("-created_at").first()
+        EvaluationJob.objects.filter(version=version, on_benchmarks=False)
+        .order_by("-created_at")
+        .first()
         if version
         else None
     )
@@ -130,3 +137,15 @@ def job_cancel(request, pk):
     if job.request_cancel():
         messages.info(request, "Cancelling: the job stops at its next progress report.")
     return redirect("job", job.pk)
+
+
+def leaderboards(request):
+    """The domains that have benchmarks, each linking to its leaderboard."""
+    return render(request, "training/leaderboards.html", {"domains": domains_with_benchmarks()})
+
+
+def leaderboard(request, slug):
+    """A domain's public experts ranked by their newest ready version's benchmark gain."""
+    board = Leaderboard.of(get_object_or_404(Domain, slug=slug))
+    page = Paginator(board.versions, LEADERBOARD_PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "training/leaderboard.html", {"board": board, "page": page})

@@ -1,13 +1,14 @@
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.urls import reverse
 from rest_framework import serializers
 
 from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
 from coprocessor.train import TrainConfig
 from registry.api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
-from registry.models import BaseModel, Domain, Expert, slug_validator
+from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
-from .models import Dataset, EvaluationJob, TrainingJob
+from .models import Benchmark, Dataset, EvaluationJob, TrainingJob
 
 DEFAULTS = TrainConfig()
 
@@ -312,3 +313,45 @@ class EvaluationJobCreateSerializer(StrictSerializer):
 
     def validate_datasets(self, names):
         return resolve_datasets(self.context["request"].user, names)
+
+
+class BenchmarkSerializer(serializers.ModelSerializer):
+    """A benchmark as the leaderboard shows it: its size and settings, never its text."""
+
+    name = serializers.CharField(source="dataset.name", read_only=True)
+    tokens = serializers.IntegerField(source="dataset.token_count", read_only=True)
+    pairs = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Benchmark
+        fields = ["name", "tokens", "pairs", "window", "ahead", "created_at"]
+        read_only_fields = fields
+
+    def get_pairs(self, benchmark) -> int:
+        return getattr(benchmark, "measured_pairs", None) or benchmark.pairs
+
+
+class LeaderboardRowSerializer(serializers.ModelSerializer):
+    expert = serializers.CharField(source="expert.full_name", read_only=True)
+    version = serializers.IntegerField(source="number", read_only=True)
+    downloads = serializers.IntegerField(source="expert.download_count", read_only=True)
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ExpertVersion
+        fields = [
+            "expert",
+            "version",
+            "benchmark_gain",
+            "off_domain_change",
+            "size",
+            "latency_ratio",
+            "downloads",
+            "benchmarked_at",
+            "url",
+        ]
+        read_only_fields = fields
+
+    def get_url(self, version) -> str:
+        expert = version.expert
+        return reverse("api:expert-detail", args=[expert.owner.username, expert.name])

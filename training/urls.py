@@ -1,3 +1,4 @@
+from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from . import views
@@ -10,4 +11,11 @@ router.register("datasets", views.DatasetViewSet, basename="dataset")
 router.register("jobs/training", views.TrainingJobViewSet, basename="trainingjob")
 router.register("jobs/evaluation", views.EvaluationJobViewSet, basename="evaluationjob")
 
-urlpatterns = router.urls
+urlpatterns = [
+    *router.urls,
+    path(
+        "domains/<slug:slug>/leaderboard/",
+        views.LeaderboardView.as_view(),
+        name="leaderboard",
+    ),
+]

@@ -4,25 +4,28 @@ from django.conf import settings
 from django.db import transaction
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, status, viewsets
+from rest_framework import generics, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
 
 from registry import references
 from registry.api import ApiDefaults, Conflict, JobStartThrottle, UploadThrottle
-from registry.models import Expert
+from registry.models import Domain, Expert
 from registry.permissions import IsOwnerOrReadOnly
 
 from . import datasets
+from .leaderboard import Leaderboard
 from .models import Dataset, EvaluationJob, Job, TrainingJob
 from .serializers import (
+    BenchmarkSerializer,
     DatasetSerializer,
     EvaluationJobCreateSerializer,
     EvaluationJobSerializer,
+    LeaderboardRowSerializer,
     TrainingJobCreateSerializer,
     TrainingJobSerializer,
 )
@@ -63,6 +66,8 @@ class DatasetViewSet(
             raise Conflict(str(exc)) from None
 
     def perform_destroy(self, dataset):
+        if hasattr(dataset, "benchmark"):
+            raise Conflict("this dataset is a domain benchmark; staff remove the benchmark first")
         if dataset.training_jobs.exists() or dataset.evaluation_jobs.exists():
             raise Conflict("jobs used this dataset; it is kept as their record")
         key = dataset.file_key
@@ -179,3 +184,29 @@ class EvaluationJobViewSet(JobViewSet):
             raise Conflict(f"{expert.full_name} has no such ready version to evaluate")
         params = {k: data[k] for k in ("window", "ahead", "max_windows", "split")}
         return EvaluationJob.start(self.request.user, version, data["datasets"], params)
+
+
+class LeaderboardView(ApiDefaults, generics.ListAPIView):
+    """A domain's public experts ranked by their newest ready version's gain on the domain's
+    benchmarks (same seeded held-out pairs for all), with the benchmarks' sizes."""
+
+    serializer_class = LeaderboardRowSerializer
+    permission_classes = [AllowAny]
+
+    def get_queryset(self):
+        return self.board().versions
+
+    def board(self):
+        if not hasattr(self, "_board"):
+            self._board = Leaderboard.of(get_object_or_404(Domain, slug=self.kwargs["slug"]))
+        return self._board
+
+    def list(self, request, *args, **kwargs):
+        response = super().list(request, *args, **kwargs)
+        board = self.board()
+        response.data = {
+            "domain": board.domain.slug,
+            "benchmarks": BenchmarkSerializer(board.benchmarks, many=True).data,
+            **response.data,
+        }
+        return response

@@ -56,3 +56,29 @@ def gain(value):
         return mark_safe('<span class="muted" title="not measured yet">—</span>')
     css = "gain-up" if value > 0 else "gain-down"
     return format_html('<span class="{}">{}</span>', css, f"{float(value):+.2f}%")
+
+
+@register.filter
+def gain_source(expert):
+    """Where the catalog's figure comes from, for the reader: the domain's benchmark (the
+    same text for every expert) or the owner's own data (not comparable between experts)."""
+    labels = {"benchmark": "domain benchmark", "owner-data": "owner's data"}
+    label = labels.get(expert.gain_source)
+    return format_html('<span class="muted source">({})</span>', label) if label else ""
+
+
+@register.filter
+def change(value):
+    """A signed perplexity change off the domain (positive: worse), or a dash."""
+    if value is None:
+        return mark_safe('<span class="muted" title="not measured yet">—</span>')
+    css = "gain-down" if value > 0 else "gain-up"
+    return format_html('<span class="{}">{}</span>', css, f"{float(value):+.2f}%")
+
+
+@register.filter
+def overhead(ratio):
+    """A latency ratio as the time it adds: 1.08 -> +8%."""
+    if ratio is None:
+        return mark_safe('<span class="muted" title="not measured yet">—</span>')
+    return f"{100 * (float(ratio) - 1):+.0f}%"
