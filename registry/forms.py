@@ -114,4 +114,4 @@ class AliasForm(forms.Form):
     def __init__(self, *args, versions=(), **kwargs):
         super().__init__(*args, **kwargs)
         choices = [(v.number, f"v{v.number}") for v in versions]
-        self.fields["version"].choices = [("", "remove the alias"), *choices]
+        self.fields["version"].choices = [*choices, ("", "nothing: remove the alias")]

@@ -247,3 +247,65 @@ def test_a_user_publishes_tries_trains_and_manages_keys(
     expect(page.locator("table").first).to_contain_text("revoked")
     assert ApiKey.objects.get(name="laptop").revoked_at is not None
     assert secret not in page.content()
+
+
+def test_a_leaderboard_reads_without_javascript_and_on_a_phone(
+    browser, live_server, make_expert, publish, domain, sam, base_model
+):
+    from config.celery import app
+    from tests.factories import make_dataset
+    from training.models import Benchmark
+
+    app.conf.task_always_eager = True  # the measurements run here, as the benchmark is added
+    try:
+        for name, seed in [("pydoc", 1), ("stdlib", 2), ("typing-tips", 3)]:
+            publish(make_expert(name, summary=f"{name} in the cache"), seed=seed)
+        bench = make_dataset(sam, "python-bench", phrase_text(length=1200), base_model=base_model)
+        Benchmark.add(sam, domain, bench, window=64, ahead=4, max_windows=6)
+    finally:
+        app.conf.task_always_eager = False
+    context = browser.new_context(
+        base_url=live_server.url, java_script_enabled=False, viewport={"width": 390, "height": 844}
+    )
+    page = context.new_page()
+    page.goto("/leaderboards/")
+    page.get_by_role("link", name="Python").click()
+    page.wait_for_url("**/domains/python/leaderboard/")
+    rows = page.locator("table.leaderboard tbody tr")
+    assert rows.count() == 3
+    assert rows.first.locator("td").first.inner_text() == "1"
+    assert "python-bench" in page.locator("dl[aria-label=benchmarks]").inner_text()
+    # The page fits a phone: only the table scrolls sideways, inside its own box.
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    shoot(page, "leaderboard-phone")
+    first = rows.first.locator("a").inner_text()
+    rows.first.locator("a").click()
+    page.wait_for_url(f"**/experts/{first}/")
+    assert page.get_by_text("Python benchmark").is_visible()
+    context.close()
+
+
+def test_the_owner_moves_an_alias_on_the_expert_page(page, make_expert, publish, alice):
+    expert = make_expert("pydoc")
+    publish(expert, seed=1)
+    publish(expert, seed=2)
+    page.goto("/accounts/login/")
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("alice-pass-1")
+    page.get_by_role("button", name="Log in").click()
+    page.goto("/experts/alice/pydoc/")
+    form = page.locator("#aliases form")
+    form.get_by_label("Alias").fill("stable")
+    form.get_by_label("Points to").select_option("1")
+    form.get_by_role("button", name="Move alias").click()
+    page.wait_for_url("**/experts/alice/pydoc/#aliases")
+    form = page.locator("#aliases form")
+    form.get_by_label("Alias").fill("stable")
+    form.get_by_label("Points to").select_option("2")
+    form.get_by_role("button", name="Move alias").click()
+    page.wait_for_url("**/experts/alice/pydoc/#aliases")
+    expect(page.locator("p.message[role=status]").first).to_contain_text("now points to v2")
+    history = page.get_by_role("table", name="alias history").locator("tbody tr")
+    assert history.all_inner_texts()[0].split("\t")[1:] == ["stable", "v1", "v2", "alice"]
+    assert expert.aliases.get(name="stable").version.number == 2
+    page.locator("#aliases").screenshot(path=str(SHOTS / "aliases.png"))
