@@ -568,7 +568,12 @@ class ExpertVersion(models.Model):
                 locked.routing_profile = profile
             locked.save(update_fields=["metrics", "routing_profile"])
             locked.expert.refresh_measured_gain()
-            events.emit(locked.expert.owner_id, events.EVALUATION_RECORDED, locked.as_event())
+            locked.announce_evaluation(Expert.OWNER_DATA)
+
+    def announce_evaluation(self, source):
+        """Tell the owner (their webhooks) that the platform measured this version."""
+        payload = {**self.as_event(), "source": source}
+        events.emit(self.expert.owner_id, events.EVALUATION_RECORDED, payload)
 
     def as_event(self):
         """The version as webhook payloads show it."""

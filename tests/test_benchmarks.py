@@ -184,3 +184,27 @@ def test_the_leaderboard_page_reads_without_javascript(published, add_benchmark,
     assert 'href="/domains/python/leaderboard/"' in index
     expert_page = client.get("/experts/alice/pyone/").content.decode()
     assert "Python benchmark" in expert_page and "domain benchmark" in expert_page
+
+
+def test_each_measurement_is_announced_to_the_owner(published, add_benchmark, domain, alice):
+    from registry import events
+
+    heard = []
+
+    def listen(sender, user_id, event, payload, **kwargs):
+        heard.append((user_id, event, payload))
+
+    events.happened.connect(listen)
+    try:
+        add_benchmark(domain, "python-bench")
+    finally:
+        events.happened.disconnect(listen)
+    measured = [p for u, e, p in heard if e == events.EVALUATION_RECORDED and u == alice.pk]
+    assert {(p["expert"], p["source"]) for p in measured} == {
+        ("alice/pyone", "benchmark"),
+        ("alice/pytwo", "benchmark"),
+        ("alice/sh", "benchmark"),
+    }
+    assert all(p["benchmark_gain"] is not None or p["expert"] == "alice/sh" for p in measured)
+    succeeded = [p for u, e, p in heard if e == events.JOB_SUCCEEDED]
+    assert len(succeeded) == 3 and {p["kind"] for p in succeeded} == {"evaluation"}

@@ -595,6 +595,7 @@ class BenchmarkResult(models.Model):
         )
         version.refresh_from_db()
         version.expert.refresh_measured_gain()
+        version.announce_evaluation(Expert.BENCHMARK)
 
 
 def _mean(values):
