@@ -15,8 +15,8 @@ from config.celery import app
 from registry import storage
 from registry.models import Expert, ExpertVersion
 from tests.factories import SMALL_JOB, make_dataset, phrase_text, stored_keys
-from training import tasks
-from training.models import EvaluationJob, Job, TrainingJob, another_users_turn, fair_order
+from training import datasets, runner, tasks
+from training.models import Benchmark, EvaluationJob, Job, TrainingJob, another_users_turn, fair_order
 
 JOBS = "/api/v1/jobs/training/"
 EVALS = "/api/v1/jobs/evaluation/"
@@ -163,7 +163,7 @@ def test_evaluation_jobs_are_for_owners_and_staff(
 def test_the_demo_seed_queues_one_python_docs_job(django_user_model, base_model):
     from django.core.management import call_command
 
-    django_user_model.objects.create_user("demo")
+    django_user_model.objects.create_user("demo", is_staff=True)  # as seed_demo makes it
     out = io.StringIO()
     call_command("seed_demo_job", "--base-model", "tiny-llama", "--minutes", "1", stdout=out)
     call_command("seed_demo_job", "--base-model", "tiny-llama", stdout=out)
@@ -173,6 +173,10 @@ def test_the_demo_seed_queues_one_python_docs_job(django_user_model, base_model)
     dataset = job.datasets.get()
     assert dataset.public and dataset.documents > 50 and dataset.token_count > 0
     assert "exists" in out.getvalue()
+    benchmark = Benchmark.objects.get()  # the held-out tail, which the job never trains on
+    assert benchmark.domain.slug == "python" and not benchmark.dataset.public
+    held_out = runner.dataset_splits(dataset)[1]
+    assert datasets.read_texts(benchmark.dataset) == held_out
 
 
 def test_a_worker_that_lost_its_job_to_another_stops_writing(alice, words, make_expert):

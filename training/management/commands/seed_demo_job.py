@@ -8,22 +8,24 @@ from django.core.management.base import BaseCommand, CommandError
 from coprocessor import base_models, corpus
 from registry import storage
 from registry.models import BaseModel, Domain, Expert
-from training import datasets
-from training.models import Dataset, TrainingJob
+from training import datasets, runner
+from training.models import Benchmark, Dataset, TrainingJob
 from training.serializers import TrainingParamsSerializer
 
 CARD = """# Python documentation expert
 
 Trained on the Python documentation that CPython ships (`pydoc_data.topics`) by the demo job
 that `make run` queues. Its measured perplexity reduction on held-out topics appears on this
-page when the evaluation job that follows the training finishes.
+page when the evaluation job that follows the training finishes, and its figures on the Python
+benchmark (the same held-out tail, which no job trains on) on the Python leaderboard.
 """
 
 
 class Command(BaseCommand):
     help = (
-        "Demo data for jobs: the Python documentation as a public dataset and one queued "
-        "training job that publishes demo/python-docs. Does nothing if that job exists."
+        "Demo data for jobs: the Python documentation as a public dataset, its held-out tail "
+        "as the Python domain's benchmark, and one queued training job that publishes "
+        "demo/python-docs. Does nothing if that job exists."
     )
 
     def add_arguments(self, parser):
@@ -35,7 +37,9 @@ class Command(BaseCommand):
         base = BaseModel.objects.filter(slug=base_model).first()
         if user is None or base is None:
             raise CommandError("run seed_demo first (the demo user and base model)")
+        python, _ = Domain.objects.get_or_create(slug="python", defaults={"name": "Python"})
         dataset = self.python_docs(user, base)
+        self.python_benchmark(user, base, python, dataset)
         expert, _ = Expert.objects.get_or_create(
             owner=user,
             name="python-docs",
@@ -43,9 +47,7 @@ class Command(BaseCommand):
                 "title": "Python documentation",
                 "summary": "Knows the Python language reference and library docs.",
                 "model_card": CARD,
-                "domain": Domain.objects.get_or_create(slug="python", defaults={"name": "Python"})[
-                    0
-                ],
+                "domain": python,
                 "base_model": base,
                 "tags": ["python", "docs", "demo"],
             },
@@ -81,3 +83,25 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"created dataset {dataset} ({dataset.token_count} tokens)")
         return dataset
+
+    def python_benchmark(self, user, base, domain, training_set):
+        """The held-out tail of the training set (what no job trains on) as the Python
+        domain's benchmark, owned by the staff user ``demo``."""
+        if Dataset.objects.filter(owner=user, name="python-docs-benchmark").exists():
+            return
+        _, heldout = runner.dataset_splits(training_set)
+        data = ContentFile("\n".join(heldout).encode(), name="python-docs-benchmark.txt")
+        benchmark_set = datasets.create(
+            user,
+            "python-docs-benchmark",
+            data,
+            sha256=storage.sha256_of(data),
+            size=data.size,
+            fmt=Dataset.TEXT,
+            base_model=base,
+            description="The held-out tail of demo/python-docs: the Python benchmark.",
+        )
+        Benchmark.add(
+            user, training_set.domain, benchmark_set, window=256, ahead=16, max_windows=32
+        )
+        self.stdout.write(f"added {benchmark_set} as the Python benchmark")
