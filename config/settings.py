@@ -4,6 +4,7 @@ The defaults give a working single-machine setup (SQLite, filesystem broker, art
 local disk under var/). Production sets DATABASE_URL, CELERY_BROKER_URL, S3_BUCKET and friends.
 """
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def env_list(name, default):
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def env_networks(name):
+    """Comma-separated networks (``10.0.0.0/8,fd00::/8``), each checked; empty by default."""
+    networks = env_list(name, [])
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name} must be comma-separated networks such as 10.0.0.0/8, got {network!r}"
+            ) from None
+    return networks
+
+
 VAR_DIR = Path(env_str("LATENTRY_VAR_DIR", str(BASE_DIR / "var")))
 # Local state (SQLite file, broker folders, artifacts) lives here; a fresh checkout has none.
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -99,6 +113,7 @@ INSTALLED_APPS = [
     "registry",
     "training",
     "inference",
+    "webhooks",
 ]
 
 MIDDLEWARE = [
@@ -403,6 +418,18 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+
+# Webhooks (webhooks/): each user may register LATENTRY_MAX_WEBHOOKS URLs. Deliveries go only
+# to addresses that are globally routable or inside LATENTRY_WEBHOOK_ALLOWED_NETWORKS (empty:
+# loopback, private, link-local and other special ranges are refused), checked when the URL is
+# resolved for each attempt. An attempt waits LATENTRY_WEBHOOK_TIMEOUT_S to connect and for each
+# read; a failed one is tried again after 2**n x LATENTRY_WEBHOOK_RETRY_BASE_S (5 tries in all).
+# The newest LATENTRY_WEBHOOK_KEEP_DELIVERIES finished deliveries per hook are kept.
+LATENTRY_MAX_WEBHOOKS = env_int("LATENTRY_MAX_WEBHOOKS", 10)
+LATENTRY_WEBHOOK_ALLOWED_NETWORKS = env_networks("LATENTRY_WEBHOOK_ALLOWED_NETWORKS")
+LATENTRY_WEBHOOK_TIMEOUT_S = env_float("LATENTRY_WEBHOOK_TIMEOUT_S", 5.0)
+LATENTRY_WEBHOOK_RETRY_BASE_S = env_float("LATENTRY_WEBHOOK_RETRY_BASE_S", 30.0)
+LATENTRY_WEBHOOK_KEEP_DELIVERIES = env_int("LATENTRY_WEBHOOK_KEEP_DELIVERIES", 100)
 
 LOGGING = {
     "version": 1,

@@ -7,6 +7,7 @@ from inference import pages as inference_pages
 from registry import pages as registry_pages
 from registry.api import LoginThrottle, throttle_posts
 from training import pages as training_pages
+from webhooks import pages as webhooks_pages
 
 expert = "experts/<str:owner>/<str:name>/"
 
@@ -31,6 +32,8 @@ pages = [
     path("account/", registry_pages.account, name="account"),
     path("account/keys/<str:prefix>/revoke/", registry_pages.revoke_key, name="revoke-key"),
     path("account/usage/", inference_pages.usage, name="usage-page"),
+    path("account/webhooks/", webhooks_pages.webhook_list, name="webhooks"),
+    path("account/webhooks/<int:pk>/delete/", webhooks_pages.webhook_delete, name="webhook-delete"),
     path("datasets/", training_pages.dataset_list, name="datasets"),
     path("leaderboards/", training_pages.leaderboards, name="leaderboards"),
     path("domains/<slug:slug>/leaderboard/", training_pages.leaderboard, name="leaderboard"),
@@ -44,6 +47,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("registry.urls")),
     path("api/v1/", include("training.urls")),
+    path("api/v1/", include("webhooks.urls")),
     path("", include("inference.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

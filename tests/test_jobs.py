@@ -16,7 +16,14 @@ from registry import storage
 from registry.models import Expert, ExpertVersion
 from tests.factories import SMALL_JOB, make_dataset, phrase_text, stored_keys
 from training import datasets, runner, tasks
-from training.models import Benchmark, EvaluationJob, Job, TrainingJob, another_users_turn, fair_order
+from training.models import (
+    Benchmark,
+    EvaluationJob,
+    Job,
+    TrainingJob,
+    another_users_turn,
+    fair_order,
+)
 
 JOBS = "/api/v1/jobs/training/"
 EVALS = "/api/v1/jobs/evaluation/"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("config", "coprocessor", "registry", "training", "inference")
+PACKAGES = ("config", "coprocessor", "registry", "training", "inference", "webhooks")
 
 
 def module_name(path):
@@ -133,6 +133,16 @@ def test_training_and_inference_do_not_use_each_other(graph):
             assert "inference" not in apps, name
         if app_of(name) == "inference":
             assert "training" not in apps, name
+
+
+def test_webhooks_use_only_the_registry_and_only_config_uses_them(graph):
+    for name, path in project_modules().items():
+        apps = {app_of(m) for m in graph[name]}
+        if app_of(name) == "webhooks":
+            assert apps <= {"webhooks", "registry"}, name
+            assert not top_level_imports(path) & {"torch", "transformers", "coprocessor"}, name
+        elif app_of(name) != "config":
+            assert "webhooks" not in apps, name
 
 
 def test_no_app_imports_another_apps_views(graph):

@@ -1,0 +1,499 @@
+"""Webhooks: registered per user, signed, sent by a Celery task with retries, recorded, and
+never sent where the operator has not allowed.
+
+Deliveries go to a receiver the test starts on 127.0.0.1 (allowed here by
+LATENTRY_WEBHOOK_ALLOWED_NETWORKS, refused by default); the task runs eagerly, its retries
+without waiting (LATENTRY_WEBHOOK_RETRY_BASE_S = 0).
+"""
+
+import datetime
+import json
+import socket
+import ssl
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+from django.test import Client
+
+from config.celery import app
+from registry.models import ApiKey
+from tests.factories import bearer_client, client_for, free_port, upload
+from webhooks import outbound
+from webhooks.models import Delivery, Webhook
+from webhooks.signing import signature_header, verify
+from webhooks.tasks import deliver
+
+HOOKS = "/api/v1/webhooks/"
+
+
+class Receiver:
+    """An HTTP server in a thread that records every request and answers each with the next of
+    ``statuses`` (then 204)."""
+
+    def __init__(self, tls=None):
+        self.requests, self.statuses = [], []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append({"path": self.path, "headers": self.headers, "body": body})
+                status = receiver.statuses.pop(0) if receiver.statuses else 204
+                self.send_response(status)
+                if status in (301, 302, 307, 308):
+                    self.send_header("Location", "/elsewhere")
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"nope!")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def webhook_settings(settings):
+    settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    settings.LATENTRY_WEBHOOK_RETRY_BASE_S = 0
+    settings.LATENTRY_WEBHOOK_TIMEOUT_S = 5
+    return settings
+
+
+@pytest.fixture
+def eager():
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = False
+
+
+def add_hook(client, url, events=("version.published", "alias.moved"), **fields):
+    return client.post(HOOKS, {"url": url, "events": list(events), **fields}, format="json")
+
+
+def test_an_event_reaches_the_owners_hook_signed(
+    alice, alice_client, bob_client, make_expert, expert_file, receiver, eager,
+    django_capture_on_commit_callbacks,
+):  # fmt: skip
+    created = add_hook(alice_client, receiver.url)
+    assert created.status_code == 201, created.json()
+    secret = created.json()["secret"]
+    assert secret.startswith("whsec_")
+    assert add_hook(alice_client, receiver.url, events=["job.failed"]).status_code == 201
+    assert add_hook(bob_client, receiver.url, events=["version.published"]).status_code == 201
+    expert = make_expert("pydoc")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert upload(alice_client, expert, expert_file()).status_code == 201
+    with django_capture_on_commit_callbacks(execute=True):
+        expert.move_alias(alice, "stable", 1)
+
+    assert len(receiver.requests) == 2  # alice's hook for both; not her job hook, not bob's
+    published, moved = receiver.requests
+    for request in receiver.requests:
+        assert request["path"] == "/hook"
+        assert request["headers"]["Content-Type"] == "application/json"
+        assert verify(secret, request["body"], request["headers"]["Latentry-Signature"])
+    assert published["headers"]["Latentry-Event"] == "version.published"
+    body = json.loads(published["body"])
+    assert body["event"] == "version.published"
+    assert body["data"]["expert"] == "alice/pydoc" and body["data"]["version"] == 1
+    assert body["id"] == int(published["headers"]["Latentry-Delivery"])
+    assert json.loads(moved["body"])["data"]["alias"] == "stable"
+    hook = Webhook.objects.get(pk=created.json()["id"])
+    assert [(d.event, d.status, d.attempts, d.response_status) for d in hook.deliveries.all()] == [
+        ("alias.moved", Delivery.SUCCEEDED, 1, 204),
+        ("version.published", Delivery.SUCCEEDED, 1, 204),
+    ]
+    assert all(d.delivered_at is not None for d in hook.deliveries.all())
+
+
+def test_a_signature_is_refused_when_stale_tampered_or_malformed():
+    body = b'{"event":"alias.moved"}'
+    header = signature_header("whsec_test", body, timestamp=1_000_000)
+    assert verify("whsec_test", body, header, now=1_000_000 + 299)
+    assert not verify("whsec_test", body, header, now=1_000_000 + 301)  # replayed later
+    assert not verify("whsec_test", body, header, now=1_000_000 - 301)  # from the future
+    assert not verify("whsec_test", b'{"event":"alias.moved "}', header, now=1_000_000)
+    assert not verify("whsec_other", body, header, now=1_000_000)
+    resigned = header.replace("t=1000000", "t=1000100")  # a new time on the old signature
+    assert not verify("whsec_test", body, resigned, now=1_000_100)
+    for malformed in ("", "v1=abc", "t=1000000", "t=x,v1=abc", "t=1000000,v1=é", None):
+        assert not verify("whsec_test", body, malformed, now=1_000_000)
+    assert verify("whsec_test", body.decode(), header, now=1_000_000)  # str bodies as well
+
+
+def make_delivery(user, url, event="alias.moved"):
+    hook = Webhook.objects.create(owner=user, url=url, events=[event], secret=Webhook.new_secret())
+    return Delivery.objects.create(webhook=hook, event=event, payload={"n": 1})
+
+
+def run(delivery):
+    """What the worker does: the task, with its retries (eagerly), to the end."""
+    deliver.apply((delivery.pk,))
+    delivery.refresh_from_db()
+    return delivery
+
+
+def test_a_failing_receiver_is_tried_again_until_it_answers(alice, receiver):
+    receiver.statuses = [500, 503]
+    delivery = run(make_delivery(alice, receiver.url))
+    assert (delivery.status, delivery.attempts, delivery.response_status) == (
+        Delivery.SUCCEEDED, 3, 204,
+    )  # fmt: skip
+    assert delivery.error == ""
+    assert len(receiver.requests) == 3
+    assert len({r["body"] for r in receiver.requests}) == 1  # the same body every time
+    assert {r["headers"]["Latentry-Delivery"] for r in receiver.requests} == {str(delivery.pk)}
+
+
+def test_a_delivery_fails_after_its_last_attempt_and_follows_no_redirect(alice, receiver):
+    receiver.statuses = [302] * Delivery.MAX_ATTEMPTS
+    delivery = run(make_delivery(alice, receiver.url))
+    assert (delivery.status, delivery.attempts, delivery.response_status) == (
+        Delivery.FAILED, Delivery.MAX_ATTEMPTS, 302,
+    )  # fmt: skip
+    assert delivery.error == "HTTP 302: nope!"
+    assert [r["path"] for r in receiver.requests] == ["/hook"] * Delivery.MAX_ATTEMPTS
+    assert delivery.delivered_at is None
+
+
+def test_a_receiver_that_is_not_listening_is_retried_then_failed(alice):
+    delivery = run(make_delivery(alice, f"http://127.0.0.1:{free_port()}/hook"))
+    assert (delivery.status, delivery.attempts) == (Delivery.FAILED, Delivery.MAX_ATTEMPTS)
+    assert delivery.response_status is None
+    assert "could not connect to 127.0.0.1" in delivery.error
+
+
+def test_loopback_is_refused_by_default_and_nothing_is_sent(alice, receiver, settings):
+    settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = []
+    # A name is accepted when registered; what it resolves to is checked at each attempt.
+    created = add_hook(
+        client_for(alice), f"http://localhost:{receiver.port}/hook", events=["alias.moved"]
+    )
+    assert created.status_code == 201, created.json()
+    hook = Webhook.objects.get()
+    delivery = run(Delivery.objects.create(webhook=hook, event="alias.moved", payload={}))
+    assert (delivery.status, delivery.attempts) == (Delivery.FAILED, 1)  # at once: no retry
+    assert delivery.error.startswith("refused: localhost: ")
+    assert "loopback address" in delivery.error
+    assert "LATENTRY_WEBHOOK_ALLOWED_NETWORKS" in delivery.error
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("http://127.0.0.1/hook", "loopback"),
+        ("http://10.0.0.1/hook", "private"),
+        ("https://192.168.1.20:8443/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::1]/hook", "loopback"),
+        ("http://[::ffff:10.0.0.1]/hook", "private"),
+        ("http://[fd00::1]/hook", "private"),
+        ("http://0.0.0.0/hook", "unspecified"),
+        ("http://224.0.0.1/hook", "multicast"),
+    ],
+)
+def test_private_ranges_are_refused_at_registration(alice_client, settings, url, kind):
+    settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = []
+    response = add_hook(alice_client, url)
+    assert response.status_code == 400
+    [message] = response.json()["url"]
+    assert f"is a {kind} address" in message and "LATENTRY_WEBHOOK_ALLOWED_NETWORKS" in message
+    assert not Webhook.objects.exists()
+
+
+def test_addresses_that_carry_a_private_one_are_refused(settings):
+    settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = ["10.1.0.0/16"]
+    problem = outbound.problem_with
+    assert problem(ip_address("93.184.215.14")) is None
+    assert problem(ip_address("2606:4700::1111")) is None
+    assert problem(ip_address("10.1.2.3")) is None  # allowed by the operator
+    assert problem(ip_address("::ffff:10.1.2.3")) is None  # the same address
+    assert "private" in problem(ip_address("10.2.0.1"))
+    assert "private" in problem(ip_address("2002:a00:1::"))  # 6to4 of 10.0.0.1
+    assert "reserved" in problem(ip_address("64:ff9b::a00:1"))  # NAT64 of 10.0.0.1
+    assert "reserved" in problem(ip_address("240.0.0.1"))
+    assert problem(ip_address("100.64.0.1"))  # carrier-grade NAT: not global
+
+
+@pytest.fixture
+def dns(monkeypatch):
+    """Names the test points where it likes: {name: [address, ...]}; others resolve as usual."""
+    answers = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in answers:
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def test_each_attempt_resolves_again_and_connects_to_the_address_it_checked(alice, receiver, dns):
+    dns["hooks.example.com"] = ["127.0.0.1"]
+    url = f"http://hooks.example.com:{receiver.port}/hook?from=latentry"
+    delivery = run(make_delivery(alice, url))
+    assert delivery.status == Delivery.SUCCEEDED
+    [request] = receiver.requests
+    assert request["headers"]["Host"] == f"hooks.example.com:{receiver.port}"
+    assert request["path"] == "/hook?from=latentry"
+
+    dns["hooks.example.com"] = ["10.0.0.7"]  # the name now points inside the network
+    delivery = run(make_delivery(alice, url))
+    assert (delivery.status, delivery.attempts) == (Delivery.FAILED, 1)
+    assert "hooks.example.com: 10.0.0.7 is a private address" in delivery.error
+    dns["hooks.example.com"] = ["127.0.0.1", "169.254.169.254"]  # one bad answer is enough
+    delivery = run(make_delivery(alice, url))
+    assert (
+        delivery.status == Delivery.FAILED and "169.254.169.254 is a link-local" in delivery.error
+    )
+    assert len(receiver.requests) == 1
+
+
+@pytest.fixture
+def tls():
+    """A server context for hooks.example.com, its certificate signed by a CA made here that
+    the test trusts through SSL_CERT_FILE (which OpenSSL's default paths read)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject, key, issuer, issuer_key, extensions):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+            )
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    usage = dict.fromkeys(
+        ["content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+         "encipher_only", "decipher_only", "digital_signature"], False,
+    )  # fmt: skip
+    ca = certificate(
+        "Test CA", ca_key, "Test CA", ca_key,
+        [(x509.BasicConstraints(ca=True, path_length=None), True),
+         (x509.KeyUsage(key_cert_sign=True, crl_sign=True, **usage), True)],
+    )  # fmt: skip
+    server = certificate(
+        "hooks.example.com", key, "Test CA", ca_key,
+        [(x509.SubjectAlternativeName([x509.DNSName("hooks.example.com")]), False),
+         (x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]), False)],
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        ca_file, chain = Path(folder, "ca.pem"), Path(folder, "server.pem")
+        ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        chain.write_bytes(
+            server.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(chain)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SSL_CERT_FILE", str(ca_file))
+            yield context
+
+
+def test_https_checks_the_certificate_against_the_urls_name(alice, tls, dns):
+    receiver = Receiver(tls=tls)
+    dns["hooks.example.com"] = dns["other.example.com"] = ["127.0.0.1"]
+    try:
+        good = run(make_delivery(alice, f"https://hooks.example.com:{receiver.port}/hook"))
+        wrong = run(make_delivery(alice, f"https://other.example.com:{receiver.port}/hook"))
+    finally:
+        receiver.close()
+    assert good.status == Delivery.SUCCEEDED, good.error
+    assert len(receiver.requests) == 1  # nothing for the name the certificate is not for
+    assert (wrong.status, wrong.attempts) == (Delivery.FAILED, Delivery.MAX_ATTEMPTS)
+    assert wrong.error.startswith("TLS with 127.0.0.1 failed: ")
+    assert "hostname 'other.example.com' doesn't match 'hooks.example.com'" in wrong.error
+
+
+def test_others_cannot_see_or_change_a_hook(alice, alice_client, bob_client, receiver):
+    hook = add_hook(alice_client, receiver.url).json()
+    one = f"{HOOKS}{hook['id']}/"
+    assert bob_client.get(HOOKS).json()["results"] == []
+    assert bob_client.get(one).status_code == 404
+    assert bob_client.patch(one, {"active": False}, format="json").status_code == 404
+    assert bob_client.delete(one).status_code == 404
+    assert bob_client.get(f"{one}deliveries/").status_code == 404
+    assert bob_client.post(f"{one}test/").status_code == 404
+    assert Webhook.objects.get().active
+    reader = bearer_client(alice, scopes=[ApiKey.READ])
+    assert reader.get(one).status_code == 200
+    assert add_hook(reader, receiver.url).status_code == 403
+    assert reader.delete(one).status_code == 403
+    assert Webhook.objects.count() == 1
+
+
+def test_the_secret_shows_only_on_creation_and_the_owner_may_change_a_hook(alice_client, receiver):
+    created = add_hook(alice_client, receiver.url, events=["alias.moved", "job.failed"])
+    one = f"{HOOKS}{created.json()['id']}/"
+    assert "secret" not in alice_client.get(one).json()
+    assert "secret" not in alice_client.get(HOOKS).json()["results"][0]
+    changed = alice_client.patch(
+        one, {"events": ["job.succeeded", "job.failed", "job.failed"], "active": False}
+    )
+    assert changed.status_code == 200, changed.json()
+    assert changed.json()["events"] == ["job.failed", "job.succeeded"]
+    assert changed.json()["active"] is False
+    assert alice_client.patch(one, {"url": "http://10.0.0.1/"}).status_code == 400
+    assert alice_client.patch(one, {"secret": "mine"}).status_code == 400
+    assert alice_client.delete(one).status_code == 204
+    assert not Webhook.objects.exists()
+
+
+def test_a_switched_off_hook_hears_nothing(alice, receiver, django_capture_on_commit_callbacks):
+    from registry import events
+
+    hook = Webhook.create_for(alice, receiver.url, ["alias.moved"], active=False)
+    with django_capture_on_commit_callbacks(execute=True):
+        events.emit(alice.pk, events.ALIAS_MOVED, {"alias": "stable"})
+    assert not hook.deliveries.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"url": "https://hooks.example.com/", "events": ["version.deleted"]}, "events", "valid"),
+        ({"url": "https://hooks.example.com/", "events": []}, "events", "at least 1"),
+        ({"url": "https://hooks.example.com/"}, "events", "required"),
+        ({"url": "ftp://hooks.example.com/", "events": ["job.failed"]}, "url", "http://"),
+        ({"url": "not a url", "events": ["job.failed"]}, "url", "valid URL"),
+        ({"url": "https://me:pw@hooks.example.com/", "events": ["job.failed"]}, "url", "password"),
+        ({"url": "https://hooks.example.com/" + "a" * 500, "events": ["job.failed"]}, "url", "500"),
+        ({"url": "https://hooks.example.com/", "events": ["job.failed"], "secret": "x"}, "secret",
+         "unknown field"),
+    ],
+)  # fmt: skip
+def test_bad_events_and_urls_are_400_naming_the_problem(alice_client, body, field, words):
+    response = alice_client.post(HOOKS, body, format="json")
+    assert response.status_code == 400
+    assert words in str(response.json()[field]), response.json()
+    assert not Webhook.objects.exists()
+
+
+def test_a_user_may_register_only_so_many_hooks(alice_client, bob_client, settings):
+    settings.LATENTRY_MAX_WEBHOOKS = 2
+    url = "https://hooks.example.com/latentry"
+    assert [add_hook(alice_client, url).status_code for _ in range(2)] == [201, 201]
+    refused = add_hook(alice_client, url)
+    assert refused.status_code == 400
+    assert "LATENTRY_MAX_WEBHOOKS" in refused.json()["detail"][0]
+    assert add_hook(bob_client, url).status_code == 201  # a cap per user
+    assert Webhook.objects.count() == 3
+
+
+def test_a_test_ping_is_delivered_and_listed_newest_first(
+    alice_client, receiver, eager, django_capture_on_commit_callbacks
+):
+    hook = add_hook(alice_client, receiver.url).json()
+    receiver.statuses = [500]
+    for _ in range(2):
+        with django_capture_on_commit_callbacks(execute=True):
+            queued = alice_client.post(f"{HOOKS}{hook['id']}/test/")
+        assert queued.status_code == 202 and queued.json()["event"] == "ping"
+    assert [json.loads(r["body"])["event"] for r in receiver.requests] == ["ping"] * 3
+    listed = alice_client.get(f"{HOOKS}{hook['id']}/deliveries/?page_size=1")
+    assert listed.json()["count"] == 2
+    [newest] = listed.json()["results"]
+    assert (newest["status"], newest["attempts"]) == ("succeeded", 1)
+    older = alice_client.get(listed.json()["next"]).json()["results"][0]
+    assert (older["status"], older["attempts"], older["error"]) == ("succeeded", 2, "")
+
+
+def test_only_the_newest_finished_deliveries_are_kept(alice, settings):
+    settings.LATENTRY_WEBHOOK_KEEP_DELIVERIES = 3
+    first = make_delivery(alice, "https://hooks.example.com/")
+    hook = first.webhook
+    Delivery.objects.filter(pk=first.pk).update(status=Delivery.FAILED)
+    stuck = Delivery.objects.create(webhook=hook, event="alias.moved")  # still pending
+    for _ in range(4):
+        Delivery.objects.create(webhook=hook, event="alias.moved", status=Delivery.SUCCEEDED)
+    made = Delivery.objects.announce(alice.pk, "alias.moved", {"alias": "stable"})
+    kept = list(hook.deliveries.order_by("pk").values_list("pk", flat=True))
+    assert len(kept) == 4 and stuck.pk in kept and first.pk not in kept
+    assert kept[-1] == made[0].pk
+
+
+def test_the_owner_manages_hooks_on_a_page_without_javascript(alice, bob, receiver):
+    page = Client()
+    page.force_login(alice)
+    assert 'href="/account/webhooks/"' in page.get("/account/").text
+    bad = page.post("/account/webhooks/", {"url": "http://10.0.0.1/", "events": ["job.failed"]})
+    assert bad.status_code == 400 and "private address" in bad.text
+    added = page.post("/account/webhooks/", {"url": receiver.url, "events": ["job.failed"]})
+    assert added.status_code == 200 and added["Cache-Control"] == "no-store"
+    hook = Webhook.objects.get()
+    assert hook.secret in added.text
+    again = page.get("/account/webhooks/")
+    assert hook.secret not in again.text and receiver.url in again.text
+    Delivery.objects.create(
+        webhook=hook, event="job.failed", status=Delivery.FAILED, attempts=5, error="HTTP 500"
+    )
+    listed = page.get("/account/webhooks/").text
+    assert "job.failed" in listed and "failed" in listed and "HTTP 500" in listed
+    other = Client()
+    other.force_login(bob)
+    assert other.post(f"/account/webhooks/{hook.pk}/delete/").status_code == 404
+    assert receiver.url not in other.get("/account/webhooks/").text
+    assert page.post(f"/account/webhooks/{hook.pk}/delete/").status_code == 302
+    assert not Webhook.objects.exists()
+
+
+def test_staff_read_hooks_and_deliveries_in_the_admin(admin_client, alice):
+    delivery = make_delivery(alice, "https://hooks.example.com/latentry")
+    hook = delivery.webhook
+    for path in (
+        "/admin/webhooks/webhook/",
+        f"/admin/webhooks/webhook/{hook.pk}/change/",
+        "/admin/webhooks/delivery/",
+        f"/admin/webhooks/delivery/{delivery.pk}/change/",
+    ):
+        page = admin_client.get(path)
+        assert page.status_code == 200, path
+        assert hook.secret not in page.text
+    assert admin_client.get("/admin/webhooks/webhook/add/").status_code == 403
