@@ -211,7 +211,9 @@ class Expert(models.Model):
     BENCHMARK, OWNER_DATA = "benchmark", "owner-data"
     GAIN_SOURCE_CHOICES = [(BENCHMARK, "Domain benchmark"), (OWNER_DATA, "Owner's data")]
     measured_gain = models.FloatField(null=True, blank=True)
-    gain_source = models.CharField(max_length=12, choices=GAIN_SOURCE_CHOICES, blank=True)
+    gain_source = models.CharField(
+        max_length=12, choices=GAIN_SOURCE_CHOICES, null=True, blank=True, default=None
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     # Name, title, summary and tags lower-cased in one column the database keeps up to date:
@@ -277,7 +279,7 @@ class Expert(models.Model):
         """Set the catalog's figure from the newest ready version: its benchmark gain if it
         has one, else its gain on the owner's held-out data, else none."""
         latest = self.latest_ready_version()
-        gain, source = None, ""
+        gain, source = None, None
         if latest is not None and latest.benchmark_gain is not None:
             gain, source = latest.benchmark_gain, self.BENCHMARK
         elif latest is not None and latest.metrics.get("reduction_pct") is not None:

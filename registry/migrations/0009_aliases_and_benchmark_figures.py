@@ -22,7 +22,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='expert',
             name='gain_source',
-            field=models.CharField(blank=True, choices=[('benchmark', 'Domain benchmark'), ('owner-data', "Owner's data")], max_length=12),
+            field=models.CharField(blank=True, choices=[('benchmark', 'Domain benchmark'), ('owner-data', "Owner's data")], default=None, max_length=12, null=True),
         ),
         migrations.AddField(
             model_name='expertversion',
