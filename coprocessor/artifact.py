@@ -589,6 +589,9 @@ def load_expert_bytes(data, spec=None, max_bytes=None):
 
 EXPERT_FILENAME = "expert.safetensors"
 CARTRIDGE_FOLDER = "cartridge"
+CARD_FILENAME = "README.md"
+# The card's own tags; the expert's tags and its domain follow them.
+CARD_TAGS = ("latentry", "coprocessor", "kv-cache-augmentation")
 
 
 def export_folder(
@@ -601,12 +604,19 @@ def export_folder(
     card="",
     license="apache-2.0",
     domain="",
+    title="",
+    tags=(),
+    datasets=(),
+    figures=None,
+    evaluations=(),
 ):
     """Write a Hub-style folder: the expert file, PEFT adapter files, latentry.json, README.md.
 
     PEFT users can load the LoRA part with ``PeftModel.from_pretrained(base, folder)`` and the
     static prefix as a cartridge with ``PeftModel.from_pretrained(base, folder / "cartridge")``;
-    Latentry imports the folder back from ``expert.safetensors``.
+    Latentry imports the folder back from ``expert.safetensors``. The card (``model_card``)
+    carries the Hub's front matter, the title, summary, domain and the platform's measured
+    ``figures`` under ``latentry:``, and ``evaluations`` as the Hub's ``model-index``.
     """
     import hashlib
     import shutil
@@ -633,9 +643,19 @@ def export_folder(
         "config": header.config,
     }
     (folder / "latentry.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    (folder / "README.md").write_text(
-        _model_card(name, base_model_source, summary, card, license, domain)
-    )
+    model_card(
+        name,
+        base_model_source,
+        summary=summary,
+        card=card,
+        license=license,
+        domain=domain,
+        title=title,
+        tags=tags,
+        datasets=datasets,
+        figures=figures,
+        evaluations=evaluations,
+    ).save(folder / CARD_FILENAME)
     return folder
 
 
@@ -695,28 +715,141 @@ def _frozen_positions(header):
     return min(int(frozen), header.prefix_positions) if isinstance(frozen, int) else 1
 
 
-def _model_card(name, base_model_source, summary, card, license, domain):
-    front = [
-        "---",
-        f"base_model: {base_model_source}",
-        f"license: {license}",
-        "library_name: latentry",
-        "tags:",
-        "- latentry",
-        "- coprocessor",
-        "- kv-cache-augmentation",
+def model_card(
+    name,
+    base_model_source,
+    *,
+    summary="",
+    card="",
+    license="apache-2.0",
+    domain="",
+    title="",
+    tags=(),
+    datasets=(),
+    figures=None,
+    evaluations=(),
+):
+    """The folder's README.md as a ``huggingface_hub.ModelCard``: the Hub's fields in the front
+    matter (``base_model`` with ``base_model_relation: adapter``, ``license``, ``tags``,
+    ``datasets``, ``library_name``), ours under ``latentry:``, held-out ``evaluations`` (dicts
+    with ``dataset``, ``split``, ``ppl_expert``, ``reduction_pct``) as ``model-index``
+    results, and ``card`` (Markdown) as the body, or a heading and the summary when it is
+    empty."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    latentry = {"name": name, "title": title, "summary": summary, "domain": domain}
+    results = [result for e in evaluations for result in _eval_results(e)]
+    data = ModelCardData(
+        base_model=base_model_source,
+        base_model_relation="adapter",
+        license=license,
+        library_name="latentry",
+        tags=[*CARD_TAGS, *tags, *([domain] if domain else [])],
+        datasets=list(datasets) or None,
+        model_name=name if results else None,
+        eval_results=results or None,
+        latentry={**latentry, **(figures or {})},
+    )
+    body = card.strip() or f"# {title or name}\n\n{summary}".strip()
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def _eval_results(evaluation):
+    """One held-out evaluation as the Hub's results: the perplexity with the expert, and how
+    much lower it is than the base model's (%)."""
+    from huggingface_hub import EvalResult
+
+    where = dict(
+        task_type="text-generation",
+        dataset_type=evaluation["dataset"],
+        dataset_name=evaluation["dataset"],
+        dataset_split=evaluation.get("split") or None,
+    )
+    return [
+        EvalResult(
+            **where,
+            metric_type="perplexity",
+            metric_name="Perplexity with the expert",
+            metric_value=round(evaluation["ppl_expert"], 4),
+        ),
+        EvalResult(
+            **where,
+            metric_type="perplexity_reduction",
+            metric_name="Perplexity reduction over the base model (%)",
+            metric_value=round(evaluation["reduction_pct"], 3),
+        ),
     ]
-    if domain:
-        front.append(f"- {domain}")
-    front.append("---")
-    body = card.strip() or f"# {name}\n\n{summary}".strip()
-    return "\n".join(front) + "\n\n" + body + "\n"
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a folder's README.md says, as Latentry reads it back."""
+
+    title: str
+    summary: str
+    license: str
+    tags: list[str]
+    domain: str
+    body: str
+    data: dict  # the whole front matter
+
+
+def read_card(folder):
+    """The folder's card (``Card``), parsed with ``huggingface_hub.ModelCard``; an empty one
+    without a README.md. ``latentry:`` gives the title, summary and domain where present (our
+    exports); otherwise the body's first heading is the title and its first paragraph the
+    summary. ArtifactError for front matter that is not YAML or not a mapping."""
+    from pathlib import Path
+
+    import yaml
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / CARD_FILENAME
+    if not path.is_file():  # ModelCard.load would take a missing path for a Hub repo id
+        return Card(title="", summary="", license="", tags=[], domain="", body="", data={})
+    try:
+        card = ModelCard.load(path, ignore_metadata_errors=True)
+    except (ValueError, TypeError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ArtifactError(f"{path} is not a readable model card: {exc}") from None
+    data = card.data.to_dict()
+    ours = data.get("latentry") if isinstance(data.get("latentry"), dict) else {}
+    body = card.text.strip()
+    heading, paragraph = _heading_and_paragraph(body)
+    tags = data.get("tags") or []
+    return Card(
+        title=_text(ours.get("title")) or heading,
+        summary=_text(ours.get("summary")) or paragraph,
+        license=_text(data.get("license")),
+        tags=[str(t) for t in (tags if isinstance(tags, list) else [tags])],
+        domain=_text(ours.get("domain")),
+        body=body,
+        data=data,
+    )
+
+
+def _text(value):
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _heading_and_paragraph(markdown):
+    """The first ``#`` heading's text and the first paragraph that is not a heading."""
+    heading, paragraph = "", ""
+    for block in markdown.split("\n\n"):
+        block = block.strip()
+        if block.startswith("#"):
+            heading = heading or block.splitlines()[0].lstrip("#").strip()
+        elif block and not paragraph:
+            paragraph = " ".join(line.strip() for line in block.splitlines())
+        if heading and paragraph:
+            break
+    return heading, paragraph
 
 
 def import_folder(folder):
     """Read a Hub-style folder back: (path of the expert file, latentry.json, README body).
 
-    The file is checked against the sha256 that latentry.json records.
+    The file is checked against the sha256 that latentry.json records; ``read_card`` reads the
+    rest of the card.
     """
     import hashlib
     from pathlib import Path
@@ -732,9 +865,4 @@ def import_folder(folder):
     if hashlib.sha256(path.read_bytes()).hexdigest() != info.get("sha256"):
         raise ArtifactError(f"{EXPERT_FILENAME} does not match the sha256 in latentry.json")
     read_header_from_path(path)
-    card = ""
-    readme = folder / "README.md"
-    if readme.exists():
-        text = readme.read_text()
-        card = text.split("---", 2)[2].strip() if text.startswith("---") else text
-    return path, info, card
+    return path, info, read_card(folder).body

@@ -16,6 +16,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from coprocessor.artifact import ArtifactError
 
+from . import search
 from .models import Expert, NameTaken, VersionConflict
 from .permissions import ApiKeyScope
 from .storage import StorageUnavailable
@@ -230,7 +231,10 @@ class NullsLastOrderingFilter(filters.OrderingFilter):
         ordering = self.get_ordering(request, queryset, view)
         if not ordering:
             return queryset
-        return queryset.order_by(*(self.expression(queryset.model, f) for f in ordering), "-pk")
+        order = [self.expression(queryset.model, f) for f in ordering]
+        if not request.query_params.get(self.ordering_param):
+            order = search.best_first(queryset, order)  # a search, no order asked: best first
+        return queryset.order_by(*order, "-pk")
 
     @staticmethod
     def expression(model, field):

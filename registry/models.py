@@ -22,7 +22,7 @@ from coprocessor.artifact import (
     validate,
 )
 
-from . import events, quotas, references, storage
+from . import events, quotas, references, search, storage
 
 slug_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9._-]{0,99}$",
@@ -157,11 +157,9 @@ class ExpertQuerySet(models.QuerySet):
         return self.filter(owner__username=parts[0], name=parts[1])
 
     def search(self, text):
-        """Those whose name, title, summary or tags hold every word of ``text`` (the first 8)."""
-        experts = self
-        for word in text.split()[:8]:
-            experts = experts.filter(search_text__contains=word.lower())
-        return experts
+        """Those whose name, title, summary or tags hold every word of ``text`` (the first 8),
+        annotated with their rank; ``search.best_first`` orders by it (registry/search.py)."""
+        return search.search(self, text)
 
     def with_ready_version(self, kind=None):
         """Those with at least one ready version (of ``kind``, if given)."""
@@ -217,8 +215,8 @@ class Expert(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     # Name, title, summary and tags lower-cased in one column the database keeps up to date:
-    # search is then one plain LIKE per word, not four case-folding scans of every row. On
-    # PostgreSQL a trigram index (migration 0002) answers that LIKE without a scan.
+    # search (registry/search.py) reads one column, not four case-folded ones. On PostgreSQL a
+    # full-text GIN index over it (migration 0010) finds words by their start without a scan.
     search_text = models.GeneratedField(
         expression=Lower(
             Concat(

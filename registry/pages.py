@@ -20,7 +20,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from coprocessor.artifact import ArtifactError
 
-from . import quotas, storage, uploads
+from . import quotas, search, storage, uploads
 from .api import (
     SignupThrottle,
     UploadThrottle,
@@ -50,7 +50,8 @@ def catalog(request):
     experts = ExpertFilter(params, queryset=Expert.objects.listed_for(request.user)).qs
     experts = experts.with_related()
     sort = params.get("sort") if params.get("sort") in SORTS else "downloads"
-    page = Paginator(experts.order_by(*SORTS[sort]), CATALOG_PAGE_SIZE).get_page(params.get("page"))
+    order = search.best_first(experts, SORTS[sort])  # a search: best first, then the sort
+    page = Paginator(experts.order_by(*order), CATALOG_PAGE_SIZE).get_page(params.get("page"))
     context = {
         "page": page,
         "params": params,
