@@ -1,7 +1,9 @@
-"""Load on the REST API: catalog, search and expert detail against a trivial endpoint.
+"""Load on the REST API: catalog, search, expert detail, leaderboards and aliases against a
+trivial endpoint.
 
 What it measures: requests/s and p50/p95 latency of the read endpoints a visitor hits most
-(the catalog list, the catalog by downloads, search, one expert), each under the same number of
+(the catalog list, the catalog by downloads, search, one expert, a domain's leaderboard page, a
+version named by its alias), each under the same number of
 concurrent clients for the same time, next to ``GET /api/v1/health/`` on the same server. The
 health check goes through the same middleware and DRF view stack but does no database work, so it
 is the framework's floor; the catalog is reported as a ratio of it.
@@ -12,7 +14,9 @@ How:
    production settings (``DEBUG=false``), and seed it with bulk inserts: users, domains, base
    models with real-sized parameter tables, and 10,000 experts of mixed visibility (80% public,
    10% unlisted, 10% private) with heavy-tailed downloads, ratings, measured gains, ages and
-   versions, so that ordering, filtering and the "latest version" subquery have real work to do.
+   versions, so that ordering, filtering and the "latest version" subquery have real work to do;
+   a benchmark per domain, benchmark figures on 70% of the ready versions (so each leaderboard
+   ranks a few hundred experts), and a ``stable`` alias on half the experts with versions.
 2. Serve ``config.wsgi`` with gunicorn on a free local port, as production would. The server's
    environment is this one's plus those settings, so ``LATENTRY_CATALOG_CACHE_SECONDS=0`` in
    front of the command measures the catalog built afresh for every request.
@@ -27,8 +31,13 @@ Usage::
     .venv/bin/python bench/api_load.py [--seconds 20] [--rounds 4] [--clients 16]
         [--experts 10000] [--database-url postgres://postgres@127.0.0.1:5432/latentry_bench]
 
-The last line is ``RESULT catalog_rps_vs_floor=<ratio> search_p95_ms=<ms> errors=<n>``; the
-target is a catalog at least 0.5x the floor's requests/s with zero errors.
+After the load, the router's lookup of a named version (``inference.choose.named``, the one
+query the router path makes for ``owner/name@ref``) is timed in this process, by alias and by
+number, ``--lookups`` times each, alternating.
+
+The last line is ``RESULT catalog_rps_vs_floor=<ratio> search_p95_ms=<ms>
+leaderboard_p95_ms=<ms> alias_lookup_vs_number=<ratio> errors=<n>``; the targets are a catalog at
+least 0.5x the floor's requests/s, search p95 at most 50 ms, and zero errors.
 """
 
 import argparse
@@ -134,6 +143,8 @@ def seed(env, n_experts, rng):
     base_models = seed_base_models()
     experts = seed_experts(n_experts, users, base_models, rng)
     seed_versions(experts, rng)
+    seed_benchmarks(users[0])
+    seed_aliases(rng)
     with connection.cursor() as cursor:
         # auto_now_add stamps every row with the same instant; spread them over a year.
         cursor.execute("SELECT setseed(0.42)")
@@ -145,9 +156,8 @@ def seed(env, n_experts, rng):
         cursor.execute("VACUUM FULL registry_expert")
         cursor.execute("VACUUM ANALYZE")
     connection.close()
-    return [
-        f"/api/v1/experts/{e.owner.username}/{e.name}/" for e in experts if e.visibility == e.PUBLIC
-    ]
+    public = [e for e in experts if e.visibility == e.PUBLIC]
+    return [f"/api/v1/experts/{e.owner.username}/{e.name}/" for e in public]
 
 
 def seed_domains():
@@ -247,9 +257,56 @@ def seed_versions(experts, rng):
                     kind="lora",
                     n_latents=16,
                     status=ExpertVersion.READY if rng.random() < 0.9 else ExpertVersion.REJECTED,
+                    **benchmark_figures(rng),
                 )
             )
     ExpertVersion.objects.bulk_create(versions, batch_size=5000)
+
+
+def benchmark_figures(rng):
+    """What the platform's benchmark measurements leave on 70% of the versions."""
+    from django.utils import timezone
+
+    if rng.random() >= 0.7:
+        return {}
+    return {
+        "benchmark_gain": round(rng.uniform(-2, 25), 3),
+        "off_domain_change": round(rng.uniform(-3, 10), 3),
+        "latency_ratio": round(rng.uniform(1.0, 1.3), 3),
+        "benchmarked_at": timezone.now(),
+    }
+
+
+def seed_benchmarks(staff):
+    """A benchmark per domain: a staff user's private dataset row (its file is never read)."""
+    from registry.models import Domain
+    from training.models import Benchmark, Dataset
+
+    staff.is_staff = True
+    staff.save(update_fields=["is_staff"])
+    for domain in Domain.objects.all():
+        dataset = Dataset.objects.create(
+            owner=staff,
+            name=f"{domain.slug}-bench",
+            format=Dataset.TEXT,
+            file_key=f"datasets/{domain.pk:064x}.txt",
+            sha256=f"{domain.pk:064x}",
+            size=10**6,
+            token_count=250_000,
+        )
+        Benchmark.objects.bulk_create([Benchmark(domain=domain, dataset=dataset)])  # no signals
+
+
+def seed_aliases(rng):
+    """``stable`` on version 1 of half the experts that have one."""
+    from registry.models import ExpertVersion, VersionAlias
+
+    firsts = ExpertVersion.objects.filter(number=1, status=ExpertVersion.READY)
+    VersionAlias.objects.bulk_create(
+        VersionAlias(expert_id=v.expert_id, name="stable", version=v)
+        for v in firsts.only("pk", "expert_id")
+        if rng.random() < 0.5
+    )
 
 
 # --- server ---------------------------------------------------------------------------------
@@ -377,16 +434,53 @@ def drive(port, stats, paths, clients, seconds):
     stats.seconds += time.perf_counter() - start
 
 
-def endpoints(detail_paths, rng):
+def endpoints(detail_paths, alias_paths, rng):
     searches = [f"/api/v1/experts/?q={word}" for word in SEARCH_WORDS]
     details = rng.sample(detail_paths, min(2000, len(detail_paths)))
+    leaderboards = [f"/domains/{slug}/leaderboard/" for slug in TOPICS]
+    by_alias = rng.sample(alias_paths, min(2000, len(alias_paths)))
     return [
         ("floor /health/", ["/api/v1/health/"]),
         ("catalog", ["/api/v1/experts/"]),
         ("catalog by downloads", ["/api/v1/experts/?ordering=-download_count"]),
         ("search ?q=", searches),
         ("expert detail", details),
+        ("leaderboard page", leaderboards),
+        ("version @stable", by_alias),
     ]
+
+
+def alias_paths():
+    """The API path of every public expert's version named by alias."""
+    from registry.models import Expert, VersionAlias
+
+    aliases = VersionAlias.objects.filter(expert__visibility=Expert.PUBLIC)
+    return [
+        f"/api/v1/experts/{owner}/{name}/versions/stable/"
+        for owner, name in aliases.values_list("expert__owner__username", "expert__name")
+    ]
+
+
+def time_lookups(n, rng):
+    """Seconds per ``choose.named`` of a version, by alias and by number, alternating: the
+    router's one query for ``owner/name@ref``."""
+    from inference import choose
+    from registry.models import VersionAlias
+
+    aliases = list(
+        VersionAlias.objects.select_related("expert__owner", "expert__base_model", "version")
+    )
+    by_alias, by_number = Stats("router lookup @stable"), Stats("router lookup @1")
+    for _ in range(n):
+        alias = rng.choice(aliases)
+        name, base = f"{alias.expert.owner.username}/{alias.expert.name}", alias.expert.base_model
+        for stats, ref in ((by_alias, "stable"), (by_number, str(alias.version.number))):
+            start = time.perf_counter()
+            choice = choose.named(f"{name}@{ref}", base, alias.expert.owner)
+            stats.latencies.append(time.perf_counter() - start)
+            stats.seconds += stats.latencies[-1]
+            assert choice.version.pk == alias.version_id, choice.reason
+    return [by_alias, by_number]
 
 
 def serve_and_drive(env, log, plan, args):
@@ -448,7 +542,7 @@ def prepare(args, var_dir):
     from django.conf import settings
 
     print(f"LATENTRY_CATALOG_CACHE_SECONDS={settings.LATENTRY_CATALOG_CACHE_SECONDS}")
-    return env, detail_paths
+    return env, detail_paths, alias_paths()
 
 
 def main():
@@ -458,12 +552,13 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--experts", type=int, default=10_000)
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    parser.add_argument("--lookups", type=int, default=2000, help="router lookups timed, each")
     args = parser.parse_args()
     print_settings(args)
 
     with tempfile.TemporaryDirectory(prefix="latentry-bench-") as tmp:
-        env, detail_paths = prepare(args, Path(tmp))
-        plan = endpoints(detail_paths, random.Random(1))
+        env, detail_paths, by_alias = prepare(args, Path(tmp))
+        plan = endpoints(detail_paths, by_alias, random.Random(1))
         with open(Path(tmp) / "gunicorn.log", "w+") as log:
             try:
                 results = serve_and_drive(env, log, plan, args)
@@ -471,12 +566,16 @@ def main():
                 log.seek(0)
                 if problems := log.read().strip():
                     print(f"gunicorn log:\n{problems[-3000:]}")
+        lookups = time_lookups(args.lookups, random.Random(2))
 
-    print_table(results)
-    floor, catalog, search = results[0], results[1], results[3]
+    print_table(results + lookups)
+    floor, catalog, search, leaderboard = results[0], results[1], results[3], results[5]
+    alias, number = lookups
     print(
         f"RESULT catalog_rps_vs_floor={catalog.rps / floor.rps:.2f} "
         f"search_p95_ms={search.percentile_ms(95):.1f} "
+        f"leaderboard_p95_ms={leaderboard.percentile_ms(95):.1f} "
+        f"alias_lookup_vs_number={alias.percentile_ms(50) / number.percentile_ms(50):.2f} "
         f"errors={sum(s.errors for s in results)}"
     )
 
