@@ -84,12 +84,14 @@ class ExpertViewSet(ApiDefaults, viewsets.ModelViewSet):
         return experts.visible_to(self.request.user)
 
     def list(self, request, *args, **kwargs):
-        """The catalog. Pages seen signed out, searches aside, may be a few seconds old."""
+        """The catalog. Pages seen signed out, searches too, may be a few seconds old."""
         # Browsing signed out is most of the traffic, and building a page costs about ten times
-        # serving a cached one. Signed-in users (who also see their own experts) and searches
-        # (too many distinct ones to be worth keeping) are always answered fresh.
+        # serving a cached one; a search, which ranks every match, costs more. Popular words
+        # come back often, and an entry lives LATENTRY_CATALOG_CACHE_SECONDS only, so a flood
+        # of distinct searches holds the cache's memory for that long at most. Signed-in users
+        # (who also see their own experts) are always answered fresh.
         seconds = settings.LATENTRY_CATALOG_CACHE_SECONDS
-        if not seconds or request.user.is_authenticated or request.query_params.get("q"):
+        if not seconds or request.user.is_authenticated:
             return super().list(request, *args, **kwargs)
         uri = request.build_absolute_uri()  # the page links in it are absolute
         key = "catalog:" + hashlib.sha256(uri.encode()).hexdigest()

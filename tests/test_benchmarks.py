@@ -208,3 +208,20 @@ def test_each_measurement_is_announced_to_the_owner(published, add_benchmark, do
     assert all(p["benchmark_gain"] is not None or p["expert"] == "alice/sh" for p in measured)
     succeeded = [p for u, e, p in heard if e == events.JOB_SUCCEEDED]
     assert len(succeeded) == 3 and {p["kind"] for p in succeeded} == {"evaluation"}
+
+
+def test_the_leaderboard_table_is_built_once_per_cache_period(
+    published, add_benchmark, domain, client, settings, django_assert_max_num_queries
+):
+    settings.LATENTRY_CATALOG_CACHE_SECONDS = 60
+    add_benchmark(domain, "python-bench")
+    def table(html):
+        return html.decode().split('<div class="table-wrap">')[1]
+
+    first = table(client.get("/domains/python/leaderboard/").content)
+    with django_assert_max_num_queries(2):  # the session and the domain; the table is cached
+        again = table(client.get("/domains/python/leaderboard/").content)
+    assert again == first
+    settings.LATENTRY_CATALOG_CACHE_SECONDS = 0
+    ExpertVersion.objects.filter(pk=published["pyone"].pk).update(benchmark_gain=99.0)
+    assert "+99.00%" in client.get("/domains/python/leaderboard/").content.decode()

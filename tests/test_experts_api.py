@@ -211,11 +211,24 @@ def test_anonymous_catalog_pages_are_cached_for_a_few_seconds(
     make_expert("second")
     with django_assert_num_queries(0):
         assert names(anon_client.get("/api/v1/experts/")) == ["alice/first"]
-    # Signed-in users and searches are always answered fresh.
+    # Signed-in users are always answered fresh.
     assert names(alice_client.get("/api/v1/experts/")) == ["alice/second", "alice/first"]
+    # A search is cached too, each one by its own address.
+    assert names(anon_client.get("/api/v1/experts/?q=first")) == ["alice/first"]
     assert names(anon_client.get("/api/v1/experts/?q=second")) == ["alice/second"]
+    make_expert("first-again")
+    with django_assert_num_queries(0):
+        assert names(anon_client.get("/api/v1/experts/?q=first")) == ["alice/first"]
+    assert names(alice_client.get("/api/v1/experts/?q=first")) == [
+        "alice/first-again",
+        "alice/first",
+    ]
     settings.LATENTRY_CATALOG_CACHE_SECONDS = 0
-    assert names(anon_client.get("/api/v1/experts/")) == ["alice/second", "alice/first"]
+    assert names(anon_client.get("/api/v1/experts/")) == [
+        "alice/first-again",
+        "alice/second",
+        "alice/first",
+    ]
 
 
 def test_base_models_and_domains_are_readable(anon_client, base_model, domain):

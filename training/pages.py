@@ -4,10 +4,13 @@ A running job's page polls a fragment with htmx every couple of seconds (a plain
 refreshes itself instead) until the job ends and its evaluation is in.
 """
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
 from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
@@ -145,7 +148,18 @@ def leaderboards(request):
 
 
 def leaderboard(request, slug):
-    """A domain's public experts ranked by their newest ready version's benchmark gain."""
-    board = Leaderboard.of(get_object_or_404(Domain, slug=slug))
-    page = Paginator(board.versions, LEADERBOARD_PAGE_SIZE).get_page(request.GET.get("page"))
-    return render(request, "training/leaderboard.html", {"board": board, "page": page})
+    """A domain's public experts ranked by their newest ready version's benchmark gain.
+
+    The table is the same for everyone (public experts only), so it is built once per
+    LATENTRY_CATALOG_CACHE_SECONDS for each page, like the anonymous catalog."""
+    domain = get_object_or_404(Domain, slug=slug)
+    number = request.GET.get("page", "1")
+    key, seconds = f"leaderboard:{domain.pk}:{number[:12]}", settings.LATENTRY_CATALOG_CACHE_SECONDS
+    table = cache.get(key) if seconds else None
+    if table is None:
+        board = Leaderboard.of(domain)
+        page = Paginator(board.versions, LEADERBOARD_PAGE_SIZE).get_page(number)
+        table = render_to_string("training/_leaderboard_table.html", {"board": board, "page": page})
+        if seconds:
+            cache.set(key, table, seconds)
+    return render(request, "training/leaderboard.html", {"domain": domain, "table": table})
