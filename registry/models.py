@@ -277,12 +277,7 @@ class Expert(models.Model):
         """Set the catalog's figure from the newest ready version: its benchmark gain if it
         has one, else its gain on the owner's held-out data, else none."""
         latest = self.latest_ready_version()
-        gain, source = None, None
-        if latest is not None and latest.benchmark_gain is not None:
-            gain, source = latest.benchmark_gain, self.BENCHMARK
-        elif latest is not None and latest.metrics.get("reduction_pct") is not None:
-            gain, source = latest.metrics["reduction_pct"], self.OWNER_DATA
-        gain = round(gain, 3) if gain is not None else None
+        gain, source = latest.measured_gain() if latest is not None else (None, None)
         Expert.objects.filter(pk=self.pk).update(measured_gain=gain, gain_source=source)
         self.measured_gain, self.gain_source = gain, source
 
@@ -574,6 +569,15 @@ class ExpertVersion(models.Model):
         """Tell the owner (their webhooks) that the platform measured this version."""
         payload = {**self.as_event(), "source": source}
         events.emit(self.expert.owner_id, events.EVALUATION_RECORDED, payload)
+
+    def measured_gain(self):
+        """(gain %, source) as the catalog shows it: the benchmark gain where measured there,
+        else the mean held-out gain on the owner's data, else (None, None)."""
+        if self.benchmark_gain is not None:
+            return round(self.benchmark_gain, 3), Expert.BENCHMARK
+        if (owner_data := self.metrics.get("reduction_pct")) is not None:
+            return round(owner_data, 3), Expert.OWNER_DATA
+        return None, None
 
     def as_event(self):
         """The version as webhook payloads show it."""

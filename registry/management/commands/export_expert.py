@@ -90,21 +90,18 @@ def _heldout(version):
 
 def _figures(expert, version):
     """What the platform measured of this version, as the catalog would show it were it the
-    newest: its benchmark gain if measured there, else its gain on the owner's held-out data."""
-    if version.benchmark_gain is not None:
-        gain, source = version.benchmark_gain, Expert.BENCHMARK
+    newest (ExpertVersion.measured_gain), with when."""
+    gain, source = version.measured_gain()
+    if source == Expert.BENCHMARK:
         measured_at = version.benchmarked_at.isoformat() if version.benchmarked_at else None
-    elif version.metrics.get("reduction_pct") is not None:
-        gain, source = version.metrics["reduction_pct"], Expert.OWNER_DATA
+    else:
         stamps = [e["measured_at"] for e in _heldout(version) if e.get("measured_at")]
         measured_at = max(stamps, default=None)
-    else:
-        gain, source, measured_at = None, None, None
     return {
         "expert": expert.full_name,
         "version": version.number,
         "sha256": version.sha256,
-        "measured_gain": round(gain, 3) if gain is not None else None,
+        "measured_gain": gain,
         "gain_source": source,
         "benchmark_gain": version.benchmark_gain,
         "off_domain_change": version.off_domain_change,
