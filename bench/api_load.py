@@ -17,9 +17,11 @@ How:
    versions, so that ordering, filtering and the "latest version" subquery have real work to do;
    a benchmark per domain, benchmark figures on 70% of the ready versions (so each leaderboard
    ranks a few hundred experts), and a ``stable`` alias on half the experts with versions.
-2. Serve ``config.wsgi`` with gunicorn on a free local port, as production would. The server's
-   environment is this one's plus those settings, so ``LATENTRY_CATALOG_CACHE_SECONDS=0`` in
-   front of the command measures the catalog built afresh for every request.
+2. Serve ``config.wsgi`` with gunicorn on a free local port, as production would: its
+   processes share one Redis cache (``--cache-url``, emptied first; ``--cache-url ""`` gives
+   each process its own memory instead). The server's environment is this one's plus those
+   settings, so ``LATENTRY_CATALOG_CACHE_SECONDS=0`` in front of the command measures the
+   catalog, searches and leaderboards built afresh for every request.
 3. Drive each endpoint with ``--clients`` threads, each with its own keep-alive ``http.client``
    connection, recording each request's latency and counting non-2xx answers and exceptions as
    errors. The ``--seconds`` per endpoint are split over ``--rounds`` rounds that visit every
@@ -30,6 +32,7 @@ Usage::
 
     .venv/bin/python bench/api_load.py [--seconds 20] [--rounds 4] [--clients 16]
         [--experts 10000] [--database-url postgres://postgres@127.0.0.1:5432/latentry_bench]
+        [--cache-url redis://127.0.0.1:6379/7]
 
 After the load, the router's lookup of a named version (``inference.choose.named``, the one
 query the router path makes for ``owner/name@ref``) is timed in this process, by alias and by
@@ -60,6 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_bench"
+DEFAULT_CACHE_URL = "redis://127.0.0.1:6379/7"  # bench/load.py uses 5 and 6
 
 # One worker per core: the work is CPU-bound Python, and PostgreSQL and the clients need the same
 # two cores. gthread rather than sync because sync closes the connection after every response:
@@ -96,12 +100,13 @@ SEARCH_WORDS = [w for words in TOPICS.values() for w in words] + KINDS + ["missi
 # --- database -------------------------------------------------------------------------------
 
 
-def server_env(database_url, var_dir):
+def server_env(database_url, cache_url, var_dir):
     """The environment of migrate, the seeding and gunicorn: production settings, local DB."""
     return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": database_url,
+        "CACHE_URL": cache_url,
         "DEBUG": "false",
         "SECRET_KEY": "bench-only-secret-key-not-for-production-use-0123456789abcdef",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
@@ -514,7 +519,7 @@ def print_settings(args):
         f"experts={args.experts} clients={args.clients} seconds={args.seconds} per endpoint "
         f"in {args.rounds} rounds"
     )
-    print(f"database={args.database_url}")
+    print(f"database={args.database_url} cache={args.cache_url or 'per-process memory'}")
     print(
         f"gunicorn config.wsgi workers={GUNICORN_WORKERS} gthread threads={GUNICORN_THREADS}; "
         f"cpus={os.cpu_count()} python={platform.python_version()} django={django.__version__}"
@@ -533,9 +538,13 @@ def print_table(results):
 def prepare(args, var_dir):
     """A fresh, migrated, seeded database; return the server's environment and detail URLs."""
     (var_dir / "staticfiles").mkdir()  # whitenoise warns in every worker when it is missing
-    env = server_env(args.database_url, var_dir)
+    env = server_env(args.database_url, args.cache_url, var_dir)
     started = time.perf_counter()
     recreate_database(args.database_url)
+    if args.cache_url:
+        import redis
+
+        redis.Redis.from_url(args.cache_url).flushdb()
     migrate(env)
     detail_paths = seed(env, args.experts, random.Random(0))
     print(f"seeded {args.experts} experts in {time.perf_counter() - started:.1f}s")
@@ -552,6 +561,7 @@ def main():
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--experts", type=int, default=10_000)
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    parser.add_argument("--cache-url", default=DEFAULT_CACHE_URL, help='"": per process')
     parser.add_argument("--lookups", type=int, default=2000, help="router lookups timed, each")
     args = parser.parse_args()
     print_settings(args)
