@@ -14,7 +14,7 @@ def test_the_openapi_schema_and_docs_are_served(client):
     assert schema.status_code == 200
     paths = schema.json()["paths"]
     assert "/api/v1/experts/{owner}/{name}/versions/" in paths
-    assert "/api/v1/experts/{owner}/{name}/versions/{number}/download/" in paths
+    assert "/api/v1/experts/{owner}/{name}/versions/{ref}/download/" in paths
     docs = client.get("/api/docs/")
     assert docs.status_code == 200
     assert b"swagger" in docs.content.lower()
