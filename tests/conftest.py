@@ -304,3 +304,24 @@ def asgi_server(transactional_db):
     server.should_exit = True
     thread.join(timeout=10)
     application.app.close_connections()  # SharedSyncThreads, inside BoundedBody
+
+
+@pytest.fixture
+def eager():
+    """Celery tasks run in this process, as they are sent (jobs, measurements, deliveries)."""
+    from config.celery import app
+
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = False
+
+
+@pytest.fixture
+def fresh_pool():
+    """No base model, expert or routing profile cached from another test, before or after."""
+    from inference import choose, pool
+
+    pool.reset()
+    choose.profiles.clear()
+    yield
+    pool.reset()

@@ -6,7 +6,7 @@ import threading
 import pytest
 from django.db import connection
 
-from inference import choose, pool, service
+from inference import choose, service
 from registry.models import AliasMove, ExpertVersion, VersionAlias
 from tests.factories import logged_in, slow_steps
 
@@ -14,11 +14,7 @@ ALIASES = "/api/v1/experts/alice/words/aliases/"
 GENERATE = "/api/v1/generate"
 
 
-@pytest.fixture(autouse=True)
-def fresh_pool():
-    pool.reset()
-    yield
-    pool.reset()
+pytestmark = pytest.mark.usefixtures("fresh_pool")
 
 
 @pytest.fixture

@@ -5,20 +5,12 @@ leaderboards show those figures, and the text stays unreadable and untrainable."
 import pytest
 from django.core.exceptions import ValidationError
 
-from config.celery import app
 from registry.models import Domain, Expert, ExpertVersion
 from tests.factories import SMALL_JOB, logged_in, make_dataset, phrase_text
 from training.models import Benchmark, BenchmarkResult, EvaluationJob, Job, TrainingJob
 
 SMALL_BENCHMARK = {"window": 64, "ahead": 4, "max_windows": 6}
 LEADERBOARD = "/api/v1/domains/python/leaderboard/"
-
-
-@pytest.fixture
-def eager():
-    app.conf.task_always_eager = True
-    yield
-    app.conf.task_always_eager = False
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from config.celery import app
 from registry import storage
 from registry.models import Expert, ExpertVersion
 from tests.factories import SMALL_JOB, make_dataset, phrase_text, stored_keys
@@ -27,13 +26,6 @@ from training.models import (
 
 JOBS = "/api/v1/jobs/training/"
 EVALS = "/api/v1/jobs/evaluation/"
-
-
-@pytest.fixture
-def eager():
-    app.conf.task_always_eager = True
-    yield
-    app.conf.task_always_eager = False
 
 
 @pytest.fixture

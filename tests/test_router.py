@@ -20,12 +20,7 @@ from tests.factories import bearer_client, client_for, phrase_text
 GENERATE = "/api/v1/generate"
 
 
-@pytest.fixture(autouse=True)
-def fresh_pool():
-    pool.reset()
-    choose.profiles.clear()
-    yield
-    pool.reset()
+pytestmark = pytest.mark.usefixtures("fresh_pool")
 
 
 def ask(client, **body):

@@ -19,11 +19,7 @@ from tests.factories import ROOT, client_for, free_port, slow_steps, wait_for, w
 GENERATE = "/api/v1/generate"
 
 
-@pytest.fixture(autouse=True)
-def fresh_pool():
-    pool.reset()
-    yield
-    pool.reset()
+pytestmark = pytest.mark.usefixtures("fresh_pool")
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from django.test import Client
 
-from config.celery import app
 from registry.models import ApiKey
 from tests.factories import bearer_client, client_for, free_port, upload
 from webhooks import outbound
@@ -79,13 +78,6 @@ def webhook_settings(settings):
     settings.LATENTRY_WEBHOOK_RETRY_BASE_S = 0
     settings.LATENTRY_WEBHOOK_TIMEOUT_S = 5
     return settings
-
-
-@pytest.fixture
-def eager():
-    app.conf.task_always_eager = True
-    yield
-    app.conf.task_always_eager = False
 
 
 def add_hook(client, url, events=("version.published", "alias.moved"), **fields):
