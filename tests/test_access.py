@@ -85,6 +85,28 @@ ROWS = {
             "alice_write": same(403),
         },
     ),
+    "GET version @latest": (
+        "get",
+        "/api/v1/experts/alice/{name}/versions/latest/",
+        None,
+        OWNER_SEES,
+    ),
+    "GET aliases": ("get", "/api/v1/experts/alice/{name}/aliases/", None, OWNER_SEES),
+    "GET alias moves": ("get", "/api/v1/experts/alice/{name}/alias-moves/", None, OWNER_SEES),
+    "PUT alias": (
+        "put",
+        "/api/v1/experts/alice/{name}/aliases/stable/",
+        {"version": 1},
+        {
+            "anon": same(401),
+            "bob": each(403, 403, 404),
+            "alice": same(200),
+            "staff": each(403, 403, 403),  # staff may read any expert, not move its aliases
+            "bob_read": same(403),
+            "alice_read": same(403),
+            "alice_write": same(200),
+        },
+    ),
     "page: expert": ("page", "/experts/alice/{name}/", None, PAGE_SEES),
     "page: edit": (
         "page",
