@@ -249,7 +249,11 @@ LATENTRY_THROTTLE_RATES = {
     "job": env_str("LATENTRY_JOB_START_RATE", "30/hour") or None,
     "signup": env_str("LATENTRY_SIGNUP_RATE", "10/hour") or None,
     "login": env_str("LATENTRY_LOGIN_RATE", "10/min") or None,
+    # Changes that announce themselves to webhooks: alias moves and test pings.
+    "announce": env_str("LATENTRY_ANNOUNCE_RATE", "120/hour") or None,
 }
+# Aliases one expert may have (400 beyond; 0: no limit).
+LATENTRY_MAX_ALIASES = env_int("LATENTRY_MAX_ALIASES", 20)
 # Bytes one user may keep stored: the files of their experts' versions and their datasets (a
 # file counts once per row that names it). Past it, uploads and publishing answer 400. 0: none.
 LATENTRY_MAX_STORED_BYTES = env_int("LATENTRY_MAX_STORED_BYTES", 5 * 1024**3)
@@ -430,6 +434,8 @@ LATENTRY_WEBHOOK_ALLOWED_NETWORKS = env_networks("LATENTRY_WEBHOOK_ALLOWED_NETWO
 LATENTRY_WEBHOOK_TIMEOUT_S = env_float("LATENTRY_WEBHOOK_TIMEOUT_S", 5.0)
 LATENTRY_WEBHOOK_RETRY_BASE_S = env_float("LATENTRY_WEBHOOK_RETRY_BASE_S", 30.0)
 LATENTRY_WEBHOOK_KEEP_DELIVERIES = env_int("LATENTRY_WEBHOOK_KEEP_DELIVERIES", 100)
+# Deliveries one webhook may have waiting; past it new events are recorded as failed, unsent.
+LATENTRY_WEBHOOK_MAX_PENDING = env_int("LATENTRY_WEBHOOK_MAX_PENDING", 50)
 
 LOGGING = {
     "version": 1,

@@ -56,6 +56,18 @@ class GenerateThrottle(RateThrottle):
     scope = "generate"
 
 
+class AnnounceThrottle(RateThrottle):
+    """Writes that webhooks hear of (alias moves, test pings): each one fans out to up to
+    LATENTRY_MAX_WEBHOOKS deliveries, so a loop of them is bounded here."""
+
+    scope = "announce"
+
+    def allow_request(self, request, view):
+        if request.method in permissions.SAFE_METHODS:
+            return True
+        return super().allow_request(request, view)
+
+
 class JobStartThrottle(RateThrottle):
     """Starting training and evaluation jobs only: reading and cancelling them are not
     limited."""

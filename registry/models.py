@@ -276,9 +276,13 @@ class Expert(models.Model):
     def refresh_measured_gain(self):
         """Set the catalog's figure from the newest ready version: its benchmark gain if it
         has one, else its gain on the owner's held-out data, else none."""
-        latest = self.latest_ready_version()
-        gain, source = latest.measured_gain() if latest is not None else (None, None)
-        Expert.objects.filter(pk=self.pk).update(measured_gain=gain, gain_source=source)
+        with transaction.atomic():
+            # The expert's row lock, which publishing holds too: a version published meanwhile
+            # is either seen here as the newest or refreshes the figure after this one.
+            Expert.objects.select_for_update().filter(pk=self.pk).first()
+            latest = self.latest_ready_version()
+            gain, source = latest.measured_gain() if latest is not None else (None, None)
+            Expert.objects.filter(pk=self.pk).update(measured_gain=gain, gain_source=source)
         self.measured_gain, self.gain_source = gain, source
 
     def version_at(self, ref, versions=None):
@@ -287,15 +291,26 @@ class Expert(models.Model):
         versions = (versions if versions is not None else self.versions.all()).filter(expert=self)
         return versions.at(ref).first()
 
+    def check_room_for_alias(self):
+        """ValidationError if the expert has LATENTRY_MAX_ALIASES aliases already."""
+        limit = settings.LATENTRY_MAX_ALIASES
+        if limit and self.aliases.count() >= limit:
+            raise ValidationError(f"an expert has at most {limit} aliases: remove one first")
+
     def move_alias(self, user, name, number):
         """Point alias ``name`` at version ``number`` (None: remove it), recorded as an
-        AliasMove, in one transaction. Requests that resolved the alias before keep the
-        version they got. ValidationError for a bad name or a version that is not ready."""
+        AliasMove, in one transaction; None if it already pointed there. Requests that resolved
+        the alias before keep the version they got. ValidationError for a bad name, a version
+        that is not ready, or one alias too many."""
         validate_alias_name(name)
         with transaction.atomic():
             Expert.objects.select_for_update().get(pk=self.pk)  # moves of one expert take turns
             alias = self.aliases.select_related("version").filter(name=name).first()
             before = alias.version.number if alias is not None else None
+            if alias is None and number is not None:
+                self.check_room_for_alias()
+            if before == number:  # already there: nothing moves, nothing is recorded
+                return None
             if number is None:
                 if alias is None:
                     raise ValidationError(f"{self.full_name} has no alias {name!r}")
@@ -538,6 +553,7 @@ class ExpertVersion(models.Model):
         )
         if changed:
             self.status, self.status_reason = self.REJECTED, reason
+            self.expert.refresh_measured_gain()  # it may have been the figure's version
         return bool(changed)
 
     def record_evaluation(self, reports, *, job_id, profile=None):
@@ -587,7 +603,7 @@ class ExpertVersion(models.Model):
             "status": self.status,
             "sha256": self.sha256,
             "size": self.size,
-            "measured_gain": self.metrics.get("reduction_pct"),
+            "owner_data_gain": self.metrics.get("reduction_pct"),
             "benchmark_gain": self.benchmark_gain,
             "off_domain_change": self.off_domain_change,
         }

@@ -22,6 +22,7 @@ from coprocessor.artifact import ArtifactError
 
 from . import quotas, search, storage, uploads
 from .api import (
+    AnnounceThrottle,
     SignupThrottle,
     UploadThrottle,
     expert_by_name,
@@ -112,6 +113,8 @@ ALIAS_MOVES_SHOWN = 20
 def move_alias(request, owner, name):
     """Point one of the owner's aliases at a version, or remove it."""
     expert = owned_expert(request, owner, name)
+    if refused := page_throttled(request, AnnounceThrottle):
+        return refused
     form = AliasForm(request.POST, versions=expert.versions.ready().light())
     if form.is_valid():
         alias, number = form.cleaned_data["alias"], form.cleaned_data["version"]

@@ -18,7 +18,13 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from . import storage, uploads
-from .api import ApiDefaults, NullsLastOrderingFilter, PayloadTooLarge, UploadThrottle
+from .api import (
+    AnnounceThrottle,
+    ApiDefaults,
+    NullsLastOrderingFilter,
+    PayloadTooLarge,
+    UploadThrottle,
+)
 from .auth import caller
 from .filters import ExpertFilter
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
@@ -239,6 +245,7 @@ class AliasViewSet(ApiDefaults, ExpertChildMixin, viewsets.GenericViewSet):
 
     serializer_class = AliasSerializer
     permission_classes = [IsAuthenticatedOrReadOnly]
+    throttle_classes = [AnnounceThrottle]
     lookup_url_kwarg = "alias"
 
     def get_queryset(self):

@@ -188,3 +188,25 @@ def test_the_expert_page_moves_an_alias_and_shows_its_history(alice, bob, words)
     assert bob_client.post(f"{page}aliases/", {"alias": "x", "version": "1"}).status_code == 404
     assert "Move alias" not in bob_client.get(page).content.decode()
     assert ExpertVersion.objects.get(aliases__name="stable").number == 2
+
+
+def test_aliases_are_bounded_and_a_move_to_where_it_is_records_nothing(
+    alice_client, alice, words, settings
+):
+    settings.LATENTRY_MAX_ALIASES = 2
+    assert point(alice_client, "stable", 1).status_code == 200
+    assert point(alice_client, "stable", 1).status_code == 200  # already there
+    assert AliasMove.objects.count() == 1
+    assert point(alice_client, "candidate", 2).status_code == 200
+    refused = point(alice_client, "third", 2)
+    assert refused.status_code == 400 and "at most 2 aliases" in str(refused.json())
+    assert point(alice_client, "stable", 2).status_code == 200  # moving one is not adding one
+
+
+def test_moving_aliases_is_rate_limited(alice_client, words, settings):
+    settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "announce": "2/hour"}
+    assert point(alice_client, "stable", 1).status_code == 200
+    assert point(alice_client, "stable", 2).status_code == 200
+    refused = point(alice_client, "stable", 1)
+    assert refused.status_code == 429 and refused.has_header("Retry-After")
+    assert alice_client.get(ALIASES).status_code == 200  # reading is not limited

@@ -204,6 +204,7 @@ def test_loopback_is_refused_by_default_and_nothing_is_sent(alice, receiver, set
         ("http://[::1]/hook", "loopback"),
         ("http://[::ffff:10.0.0.1]/hook", "private"),
         ("http://[fd00::1]/hook", "private"),
+        ("http://[fec0::1]/hook", "site-local"),
         ("http://0.0.0.0/hook", "unspecified"),
         ("http://224.0.0.1/hook", "multicast"),
     ],
@@ -489,3 +490,18 @@ def test_staff_read_hooks_and_deliveries_in_the_admin(admin_client, alice):
         assert page.status_code == 200, path
         assert hook.secret not in page.text
     assert admin_client.get("/admin/webhooks/webhook/add/").status_code == 403
+
+
+def test_a_hook_with_too_many_pending_deliveries_gets_no_more_sent(alice, settings):
+    from registry import events
+
+    settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    settings.LATENTRY_WEBHOOK_MAX_PENDING = 2
+    hook = Webhook.create_for(alice, "http://127.0.0.1:9/hook", [events.ALIAS_MOVED])
+    made = [Delivery.objects.announce(alice.pk, events.ALIAS_MOVED, {"n": n}) for n in range(4)]
+    assert [len(m) for m in made] == [1, 1, 0, 0]  # only pending ones are queued
+    statuses = list(hook.deliveries.order_by("pk").values_list("status", flat=True))
+    assert statuses == [Delivery.PENDING, Delivery.PENDING, Delivery.FAILED, Delivery.FAILED]
+    assert (
+        "2 deliveries to this hook are still pending" in hook.deliveries.order_by("pk").last().error
+    )

@@ -85,7 +85,7 @@ class Webhook(models.Model):
 
     def ping(self):
         """A test delivery, sent whatever events the hook is for."""
-        delivery = Delivery.objects.create(webhook=self, event=PING, payload={"webhook": self.pk})
+        delivery = Delivery.objects.make(self, PING, {"webhook": self.pk})
         Delivery.objects.prune(self)
         return delivery
 
@@ -96,14 +96,22 @@ class DeliveryQuerySet(models.QuerySet):
         finished deliveries pruned. JSON containment is not on every database (SQLite), and a
         user has at most a handful of hooks: the events are checked here."""
         hooks = Webhook.objects.filter(owner_id=user_id, active=True)
-        made = [
-            self.create(webhook=hook, event=event, payload=payload)
-            for hook in hooks
-            if event in hook.events
-        ]
+        made = [self.make(hook, event, payload) for hook in hooks if event in hook.events]
         for delivery in made:
             self.prune(delivery.webhook)
-        return made
+        return [delivery for delivery in made if delivery.status == Delivery.PENDING]
+
+    def make(self, hook, event, payload):
+        """A pending delivery; a failed one, recorded but never sent, when the hook already has
+        LATENTRY_WEBHOOK_MAX_PENDING waiting (a receiver that never answers must not let one
+        user fill the maintenance queue)."""
+        limit = settings.LATENTRY_WEBHOOK_MAX_PENDING
+        if limit and self.filter(webhook=hook, status=Delivery.PENDING).count() >= limit:
+            error = f"not sent: {limit} deliveries to this hook are still pending"
+            return self.create(
+                webhook=hook, event=event, payload=payload, status=Delivery.FAILED, error=error
+            )
+        return self.create(webhook=hook, event=event, payload=payload)
 
     def prune(self, hook, keep=None):
         """Drop ``hook``'s finished deliveries beyond the newest ``keep``

@@ -85,7 +85,8 @@ def problem_with(address):
     # ::/8, which counts as reserved: refused whatever it carries.)
     carried = [address.sixtofour] if address.version == 6 and address.sixtofour else []
     for candidate in (address, *carried):
-        if not candidate.is_global or candidate.is_multicast or candidate.is_reserved:
+        site_local = candidate.version == 6 and candidate.is_site_local  # fec0::/10: "global"
+        if not candidate.is_global or candidate.is_multicast or candidate.is_reserved or site_local:
             return (
                 f"{address} is a {kind_of(candidate)} address, which the operator has not "
                 "allowed (LATENTRY_WEBHOOK_ALLOWED_NETWORKS)"
@@ -98,6 +99,7 @@ def kind_of(address):
         ("unspecified", address.is_unspecified),
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
+        ("site-local", address.version == 6 and address.is_site_local),
         ("multicast", address.is_multicast),
         ("reserved", address.is_reserved),
         ("private", address.is_private),

@@ -6,7 +6,7 @@ from rest_framework.decorators import action
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
-from registry.api import ApiDefaults
+from registry.api import AnnounceThrottle, ApiDefaults
 
 from . import tasks
 from .models import Webhook
@@ -53,9 +53,9 @@ class WebhookViewSet(
         return self.get_paginated_response(DeliverySerializer(page, many=True).data)
 
     @extend_schema(request=None, responses={202: DeliverySerializer})
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], throttle_classes=[AnnounceThrottle])
     def test(self, request, pk=None):
         """Send the hook a "ping" delivery now; its outcome shows in the deliveries."""
         delivery = self.get_object().ping()
-        tasks.queue([delivery])
+        tasks.queue([delivery] if delivery.status == delivery.PENDING else [])
         return Response(DeliverySerializer(delivery).data, status=status.HTTP_202_ACCEPTED)
