@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import IntegrityError, models, transaction
-from django.db.models import Avg, Count, OuterRef, Q, Subquery, TextField
+from django.db.models import Avg, Count, Exists, OuterRef, Q, Subquery, TextField
 from django.db.models import Value as V
 from django.db.models.functions import Cast, Concat, Lower
 from django.utils import timezone
@@ -381,6 +381,15 @@ class ExpertVersionQuerySet(models.QuerySet):
         """Without the large JSON columns that routing and pages never read: the file's config
         (up to LATENTRY_MAX_CONFIG_BYTES, decoded per row if fetched) and the routing profile."""
         return self.defer("config", "routing_profile")
+
+    def newest_ready(self):
+        """Each expert's newest ready version (of those in the queryset's experts): the one
+        `owner/name` means. "No newer ready version" is an anti-join, which PostgreSQL
+        estimates well; a correlated "pk = (the newest)" made it plan for a handful of rows."""
+        newer = ExpertVersion.objects.filter(
+            status=ExpertVersion.READY, expert=OuterRef("expert"), number__gt=OuterRef("number")
+        )
+        return self.ready().exclude(Exists(newer))
 
     def at(self, ref):
         """The versions ``ref`` names, newest first: all ready ones for "" or ``latest``, the

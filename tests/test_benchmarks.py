@@ -231,3 +231,68 @@ def test_the_leaderboard_table_is_built_once_per_cache_period(
     settings.LATENTRY_CATALOG_CACHE_SECONDS = 0
     ExpertVersion.objects.filter(pk=published["pyone"].pk).update(benchmark_gain=99.0)
     assert "+99.00%" in client.get("/domains/python/leaderboard/").content.decode()
+
+
+def test_a_benchmark_is_never_offered_for_training_nor_trained_on_later(
+    published, add_benchmark, domain, sam, alice, base_model, eager
+):
+    add_benchmark(domain, "python-bench")
+    page = logged_in(sam)
+    expert = published["pyone"].expert
+    expert.owner = sam  # staff's own expert: staff may use every dataset but benchmarks
+    expert.save()
+    form = page.get(f"/experts/sam/{expert.name}/train/").content.decode()
+    assert "python-bench" not in form
+    refused = page.post(
+        "/api/v1/jobs/training/",
+        {"expert": "brand-new", "domain": "python", "datasets": ["sam/python-bench"]},
+        content_type="application/json",
+    )
+    assert refused.status_code == 400 and "never trained on" in str(refused.json())
+    assert not Expert.objects.filter(name="brand-new").exists()  # refused before it was made
+    # A job queued before its dataset became a benchmark fails when a worker takes it.
+    words = make_dataset(sam, "words", base_model=base_model)
+    job = TrainingJob.objects.create(
+        created_by=sam, expert=expert, base_model=base_model, params=SMALL_JOB
+    )
+    job.datasets.set([words])
+    Benchmark.objects.create(domain=domain, dataset=words)
+    from training import tasks
+
+    tasks.train_expert.apply((job.pk,))
+    job.refresh_from_db()
+    assert job.status == Job.FAILED and "never trained on" in job.error
+
+
+def test_only_the_newest_version_is_measured_and_figures_follow_the_domain(
+    published, add_benchmark, domain, shell, publish, django_capture_on_commit_callbacks
+):
+    add_benchmark(domain, "python-bench")
+    add_benchmark(shell, "shell-bench")
+    pyone = ExpertVersion.objects.get(pk=published["pyone"].pk)
+    own, off = pyone.benchmark_gain, pyone.off_domain_change
+    # The expert moves to the shell domain: its own and off-domain benchmarks swap.
+    expert = pyone.expert
+    expert.domain = shell
+    with django_capture_on_commit_callbacks(execute=True):
+        expert.save()
+    pyone.refresh_from_db()
+    assert (pyone.benchmark_gain, pyone.off_domain_change) == (
+        pytest.approx(-off, abs=1e-3),
+        pytest.approx(-own, abs=1e-3),
+    )
+    # A benchmark removed: the figures that counted it are summarised without it.
+    with django_capture_on_commit_callbacks(execute=True):
+        Benchmark.objects.get(dataset__name="shell-bench").delete()
+    pyone.refresh_from_db()
+    assert pyone.benchmark_gain is None and pyone.off_domain_change is not None
+    expert.refresh_from_db()
+    assert expert.gain_source is None  # no benchmark figure and no owner-data one
+    # An older version is never measured: only the newest one is ever shown.
+    older = ExpertVersion.objects.get(pk=published["pytwo"].pk)
+    BenchmarkResult.objects.filter(version=older).delete()
+    newer = publish(older.expert, seed=7)  # its own measurement is not run here
+    assert EvaluationJob.start_on_benchmarks(older, Benchmark.objects.all()) is None
+    assert EvaluationJob.start_on_benchmarks(newer, Benchmark.objects.all()) is not None
+    # ... and not twice: a queued measurement covers it.
+    assert EvaluationJob.start_on_benchmarks(newer, Benchmark.objects.all()) is None

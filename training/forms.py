@@ -55,7 +55,8 @@ class TrainingForm(forms.Form):
     def __init__(self, *args, user, expert, **kwargs):
         super().__init__(*args, **kwargs)
         self.expert = expert
-        self.fields["datasets"].queryset = Dataset.objects.usable_by(user).select_related("owner")
+        trainable = Dataset.objects.usable_by(user).filter(benchmark__isnull=True)
+        self.fields["datasets"].queryset = trainable.select_related("owner")
 
     def clean_datasets(self):
         TrainingJob.check_datasets(self.cleaned_data["datasets"])

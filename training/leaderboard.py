@@ -3,7 +3,7 @@ the domain's benchmarks, measured by the platform on the same held-out pairs for
 
 from dataclasses import dataclass
 
-from django.db.models import Exists, F, Max, OuterRef
+from django.db.models import F, Max
 
 from registry.models import Domain, Expert, ExpertVersion
 
@@ -29,19 +29,13 @@ class Leaderboard:
 def ranked(domain):
     """The newest ready version of each public expert of ``domain`` that has a benchmark
     gain, best first (ties: measured earlier first), with only the columns a row shows."""
-    newer = ExpertVersion.objects.ready().filter(
-        expert=OuterRef("expert"), number__gt=OuterRef("number")
-    )
     return (
-        ExpertVersion.objects.ready()
+        ExpertVersion.objects.newest_ready()
         .filter(
             expert__domain=domain,
             expert__visibility=Expert.PUBLIC,
             benchmark_gain__isnull=False,
         )
-        # "No newer ready version" as an anti-join: PostgreSQL estimates it well, where a
-        # correlated "pk = (newest)" made it plan for 5 rows and loop over every user.
-        .exclude(Exists(newer))
         .select_related("expert__owner")
         .only(*ROW_FIELDS)
         .order_by(F("benchmark_gain").desc(), "benchmarked_at", "pk")
@@ -62,5 +56,5 @@ ROW_FIELDS = [
 
 
 def domains_with_benchmarks():
-    """Domains that have a leaderboard, with how many benchmarks and measured versions."""
+    """Domains that have a leaderboard: one benchmark or more."""
     return Domain.objects.filter(benchmarks__isnull=False).distinct().order_by("name")

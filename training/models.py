@@ -12,7 +12,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -289,6 +289,7 @@ class Job(models.Model):
         payload = {
             "job": self.pk,
             "kind": self.kind,
+            "platform": getattr(self, "on_benchmarks", False),  # queued by the platform itself
             "expert": self.subject(),
             "status": status,
             "error": error,
@@ -329,9 +330,7 @@ class TrainingJob(Job):
         bounded hyper-parameters (serializers.TrainingParamsSerializer); the rules that
         depend on the expert are checked here too, so no way in skips them."""
         cls.check_datasets(datasets)
-        if held := Benchmark.objects.filter(dataset__in=datasets).select_related("dataset"):
-            names = ", ".join(b.dataset.full_name for b in held)
-            raise ValidationError(f"domain benchmarks are never trained on: {names}")
+        cls.check_trainable(datasets)
         cls.check_window(expert.base_model, params["window"])
         quotas.check_room(expert.owner, 1, lock=False)  # a full quota: it could not publish
         with transaction.atomic():
@@ -341,6 +340,14 @@ class TrainingJob(Job):
             job.datasets.set(datasets)
             job.enqueue()
         return job
+
+    @staticmethod
+    def check_trainable(datasets):
+        """ValidationError if one of ``datasets`` is a domain benchmark: nobody trains on one,
+        its owner included (checked at start, and again when a worker runs the job)."""
+        if held := Benchmark.objects.filter(dataset__in=datasets).select_related("dataset"):
+            names = ", ".join(b.dataset.full_name for b in held)
+            raise ValidationError(f"domain benchmarks are never trained on: {names}")
 
     @staticmethod
     def check_window(base_model, window):
@@ -402,11 +409,24 @@ class EvaluationJob(Job):
 
     @classmethod
     def start_on_benchmarks(cls, version, benchmarks):
-        """Queue the platform's measurement of ``version`` on ``benchmarks`` (those it has no
-        result for yet), on behalf of the expert's owner: None if there is nothing to do."""
-        done = BenchmarkResult.objects.filter(version=version).values("benchmark")
-        todo = [b for b in benchmarks if b.pk not in {r["benchmark"] for r in done}]
-        if not todo or version.status != ExpertVersion.READY:
+        """Queue the platform's measurement of ``version`` on ``benchmarks``, on behalf of the
+        expert's owner: those it has no result for and no queued or running measurement of.
+        None if there is nothing to do, or the version is not its expert's newest ready one
+        (only that one is ever shown, so only that one costs a GPU)."""
+        newest = version.expert.latest_ready_version()
+        if newest is None or newest.pk != version.pk:
+            return None
+        covered = set(
+            BenchmarkResult.objects.filter(version=version).values_list("benchmark", flat=True)
+        ) | set(
+            Benchmark.objects.filter(
+                dataset__evaluation_jobs__version=version,
+                dataset__evaluation_jobs__on_benchmarks=True,
+                dataset__evaluation_jobs__status__in=[Job.QUEUED, Job.RUNNING],
+            ).values_list("pk", flat=True)
+        )
+        todo = [b for b in benchmarks if b.pk not in covered]
+        if not todo:
             return None
         with transaction.atomic():
             job = cls.objects.create(
@@ -579,8 +599,14 @@ class BenchmarkResult(models.Model):
             },
         )
 
+    @classmethod
+    def summarise_all(cls, **versions):
+        """``summarise`` every version selected by ``versions`` (ExpertVersion filters)."""
+        for version in ExpertVersion.objects.light().filter(**versions).select_related("expert"):
+            cls.summarise(version, announce=False)  # nothing was measured: nothing to announce
+
     @staticmethod
-    def summarise(version):
+    def summarise(version, announce=True):
         """Write the version's benchmark summary (ExpertVersion.benchmark_gain and the rest)
         from its results, and refresh its expert's catalog figure."""
         results = list(BenchmarkResult.objects.filter(version=version).select_related("benchmark"))
@@ -595,7 +621,8 @@ class BenchmarkResult(models.Model):
         )
         version.refresh_from_db()
         version.expert.refresh_measured_gain()
-        version.announce_evaluation(Expert.BENCHMARK)
+        if announce:
+            version.announce_evaluation(Expert.BENCHMARK)
 
 
 def _mean(values):
@@ -661,6 +688,24 @@ def _measure_on_benchmarks(sender, instance, created, **kwargs):
             lambda: EvaluationJob.start_on_benchmarks(instance, Benchmark.objects.all()),
             robust=True,
         )
+
+
+@receiver(pre_save, sender=Expert)
+def _resummarise_on_domain_change(sender, instance, **kwargs):
+    """An expert moved to another domain: its versions' own-domain and off-domain figures
+    swap benchmarks, so they are summarised again (from the results kept; no GPU)."""
+    if instance.pk is None:
+        return
+    before = Expert.objects.filter(pk=instance.pk).values_list("domain_id", flat=True).first()
+    if before is not None and before != instance.domain_id:
+        transaction.on_commit(lambda: BenchmarkResult.summarise_all(expert=instance.pk))
+
+
+@receiver(pre_delete, sender=Benchmark)
+def _resummarise_on_benchmark_removal(sender, instance, **kwargs):
+    """A benchmark removed: the figures that counted it are summarised again without it."""
+    measured = list(instance.results.values_list("version", flat=True))
+    transaction.on_commit(lambda: BenchmarkResult.summarise_all(pk__in=measured))
 
 
 @receiver(post_save, sender=Benchmark)

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
+from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -73,8 +74,8 @@ def train(request, owner, name):
             job = TrainingJob.start(
                 request.user, expert, form.cleaned_data["datasets"], form.cleaned_data["params"]
             )
-        except quotas.QuotaExceeded as exc:
-            form.add_error(None, exc.message)
+        except ValidationError as exc:  # the storage quota (QuotaExceeded), a rule of start
+            form.add_error(None, exc)
         else:
             return redirect("job", job.pk)
     status = 400 if form.errors else 200

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from coprocessor import base_models, corpus, routing
@@ -19,7 +20,14 @@ from registry import storage
 from registry.models import ExpertVersion
 
 from . import datasets, runtime
-from .models import BENCHMARK_SEED, Benchmark, BenchmarkResult, EvaluationJob, Job
+from .models import (
+    BENCHMARK_SEED,
+    Benchmark,
+    BenchmarkResult,
+    EvaluationJob,
+    Job,
+    TrainingJob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,10 @@ def run_training(job, device):
     made = job.published_version
     if made is not None:  # published before a crash: only the ending is left to do
         return _succeed(job, made)
+    try:  # a dataset may have become a benchmark since the job was queued
+        TrainingJob.check_trainable(list(job.datasets.all()))
+    except ValidationError as exc:
+        raise runtime.JobError(exc.messages[0]) from None
     decoder, tokenizer = runtime.base_model(job.base_model, device)
     texts = [text for d in job.datasets.all() for text in dataset_splits(d)[0]]
     token_ids = corpus.tokenize(tokenizer, texts)
@@ -193,6 +205,10 @@ def run_benchmarks(job, device):
     """Measure the version on each benchmark's whole text with that benchmark's fixed, seeded
     pairs; record one BenchmarkResult each and the version's summary, then end the job."""
     version = job.version
+    newest = version.expert.latest_ready_version()
+    if newest is None or newest.pk != version.pk:  # superseded while it waited: never shown
+        job.finish(Job.SUCCEEDED, result={"skipped": "a newer version was published"})
+        return []
     base = version.expert.base_model
     decoder, tokenizer = runtime.base_model(base, device)
     expert = runtime.load_version(version, decoder)

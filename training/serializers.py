@@ -237,7 +237,12 @@ class TrainingJobCreateSerializer(StrictSerializer):
         return name
 
     def validate_datasets(self, names):
-        return resolve_datasets(self.user, names)
+        datasets = resolve_datasets(self.user, names)
+        try:  # here, before a new expert is made for the job
+            TrainingJob.check_trainable(datasets)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+        return datasets
 
     def validate_params(self, params):
         checked = TrainingParamsSerializer(data=params)

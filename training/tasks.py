@@ -137,12 +137,12 @@ def count_dataset_tokens(dataset_id):
 
 @shared_task(name="training.measure_on_benchmark", ignore_result=True)
 def measure_on_benchmark(benchmark_id):
-    """Queue the measurement of every ready version not yet measured on a new benchmark."""
+    """Queue the measurement of each expert's newest ready version on a new benchmark."""
     benchmark = Benchmark.objects.filter(pk=benchmark_id).first()
     if benchmark is None:
         return
     versions = (
-        ExpertVersion.objects.ready()
+        ExpertVersion.objects.newest_ready()
         .light()
         .exclude(benchmark_results__benchmark=benchmark)
         .select_related("expert__owner")
