@@ -231,15 +231,20 @@ LATENTRY_MAX_HEADER_BYTES = env_int("LATENTRY_MAX_HEADER_BYTES", 1024 * 1024)
 LATENTRY_MAX_CONFIG_BYTES = env_int("LATENTRY_MAX_CONFIG_BYTES", 64 * 1024)
 
 # Per process by default; share one (CACHE_URL=redis://...) when several processes serve, so
-# that rate limits and the catalog cache hold across them.
+# that rate limits and the catalog cache hold across them. Pages kept for anyone who asks
+# (anonymous catalog pages and searches, leaderboard tables) have their own cache, "pages":
+# a flood of distinct searches fills that one, never pushing out the rate-limit counters.
 CACHE_URL = env_str("CACHE_URL", "")
-CACHES = {
-    "default": (
-        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
-        if CACHE_URL
-        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-    )
-}
+
+
+def cache_config(prefix):
+    if CACHE_URL:
+        backend = "django.core.cache.backends.redis.RedisCache"
+        return {"BACKEND": backend, "LOCATION": CACHE_URL, "KEY_PREFIX": prefix}
+    return {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": prefix}
+
+
+CACHES = {"default": cache_config("default"), "pages": cache_config("pages")}
 # Rate limits per user (or client address when signed out), answered with 429 and Retry-After:
 # generation (native and OpenAI-compatible), uploads (versions, datasets), starting jobs, and
 # the sign-up and log-in forms' POSTs (per address). Empty: no limit.

@@ -3,7 +3,7 @@
 import hashlib
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import caches
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django_filters.rest_framework import DjangoFilterBackend
@@ -101,10 +101,10 @@ class ExpertViewSet(ApiDefaults, viewsets.ModelViewSet):
             return super().list(request, *args, **kwargs)
         uri = request.build_absolute_uri()  # the page links in it are absolute
         key = "catalog:" + hashlib.sha256(uri.encode()).hexdigest()
-        data = cache.get(key)
+        data = caches["pages"].get(key)
         if data is None:
             data = super().list(request, *args, **kwargs).data
-            cache.set(key, data, seconds)
+            caches["pages"].set(key, data, seconds)
         return Response(data)
 
     def get_object(self):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from django.core.cache import cache
+from django.core.cache import caches
 from rest_framework.test import APIClient
 
 from coprocessor import base_models, routing
@@ -240,8 +240,9 @@ def artifact_backend(request, settings, tmp_path):
 
 @pytest.fixture(autouse=True)
 def empty_cache():
-    """No test sees a catalog page that an earlier test cached."""
-    cache.clear()
+    """No test sees a page or a rate-limit count that an earlier test cached."""
+    for each in caches.all():
+        each.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -333,3 +333,15 @@ def test_a_dataset_name_taken_is_an_error_next_to_the_name(alice):
     )
     assert again.status_code == 400 and "already have a dataset named" in again.text
     assert Dataset.objects.filter(owner=alice).count() == 1
+
+
+def test_a_flood_of_distinct_searches_never_pushes_out_the_log_in_limit(settings, alice):
+    settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "login": "2/min"}
+    settings.LATENTRY_CATALOG_CACHE_SECONDS = 60
+    client = Client()
+    wrong = {"username": "alice", "password": "guess"}
+    assert [client.post("/accounts/login/", wrong).status_code for _ in range(2)] == [200, 200]
+    for n in range(320):  # more than a per-process cache keeps (300): each search is cached
+        client.get(f"/api/v1/experts/?q=word{n}")
+    right = client.post("/accounts/login/", {"username": "alice", "password": "alice-pass-1"})
+    assert right.status_code == 429  # the count survived: searches live in their own cache

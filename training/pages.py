@@ -7,7 +7,7 @@ refreshes itself instead) until the job ends and its evaluation is in.
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.cache import cache
+from django.core.cache import caches
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect, render
@@ -154,13 +154,14 @@ def leaderboard(request, slug):
     The table is the same for everyone (public experts only), so it is built once per
     LATENTRY_CATALOG_CACHE_SECONDS for each page, like the anonymous catalog."""
     domain = get_object_or_404(Domain, slug=slug)
-    number = request.GET.get("page", "1")
-    key, seconds = f"leaderboard:{domain.pk}:{number[:12]}", settings.LATENTRY_CATALOG_CACHE_SECONDS
-    table = cache.get(key) if seconds else None
+    number = request.GET.get("page", "")
+    number = int(number) if number.isdigit() and len(number) < 7 else 1  # one key per page
+    key, seconds = f"leaderboard:{domain.pk}:{number}", settings.LATENTRY_CATALOG_CACHE_SECONDS
+    table = caches["pages"].get(key) if seconds else None
     if table is None:
         board = Leaderboard.of(domain)
         page = Paginator(board.versions, LEADERBOARD_PAGE_SIZE).get_page(number)
         table = render_to_string("training/_leaderboard_table.html", {"board": board, "page": page})
         if seconds:
-            cache.set(key, table, seconds)
+            caches["pages"].set(key, table, seconds)
     return render(request, "training/leaderboard.html", {"domain": domain, "table": table})
