@@ -177,6 +177,10 @@ def test_the_leaderboard_ranks_newest_public_versions_with_their_figures(
     assert first["downloads"] == 0 and first["benchmarked_at"]
     assert first["url"].endswith(f"/api/v1/experts/{first['expert']}/")
     assert anon_client.get("/api/v1/domains/nothing/leaderboard/").status_code == 404
+    assert first["base_model"] == "tiny-llama" and body["base_model"] is None
+    one_base = anon_client.get(LEADERBOARD, {"base_model": "tiny-llama"}).json()
+    assert one_base["base_model"] == "tiny-llama" and one_base["results"] == rows
+    assert anon_client.get(LEADERBOARD, {"base_model": "nothing"}).status_code == 404
 
 
 def test_the_leaderboard_page_reads_without_javascript(published, add_benchmark, domain, client):

@@ -18,7 +18,7 @@ from django.views.decorators.http import require_POST
 from registry import quotas, storage
 from registry.api import UploadThrottle, fragment_or_page, owned_expert, page_throttled
 from registry.charts import line_chart
-from registry.models import Domain
+from registry.models import BaseModel, Domain
 
 from . import datasets
 from .forms import DatasetForm, TrainingForm
@@ -149,17 +149,20 @@ def leaderboards(request):
 
 
 def leaderboard(request, slug):
-    """A domain's public experts ranked by their newest ready version's benchmark gain.
+    """A domain's public experts ranked by their newest ready version's benchmark gain; all
+    base models, or one (``?base_model=``).
 
     The table is the same for everyone (public experts only), so it is built once per
     LATENTRY_CATALOG_CACHE_SECONDS for each page, like the anonymous catalog."""
     domain = get_object_or_404(Domain, slug=slug)
+    base = BaseModel.objects.filter(slug=request.GET.get("base_model", "")).first()
     number = request.GET.get("page", "")
     number = int(number) if number.isdigit() and len(number) < 7 else 1  # one key per page
-    key, seconds = f"leaderboard:{domain.pk}:{number}", settings.LATENTRY_CATALOG_CACHE_SECONDS
+    key = f"leaderboard:{domain.pk}:{base.pk if base else ''}:{number}"
+    seconds = settings.LATENTRY_CATALOG_CACHE_SECONDS
     table = caches["pages"].get(key) if seconds else None
     if table is None:
-        board = Leaderboard.of(domain)
+        board = Leaderboard.of(domain, base)
         page = Paginator(board.versions, LEADERBOARD_PAGE_SIZE).get_page(number)
         table = render_to_string("training/_leaderboard_table.html", {"board": board, "page": page})
         if seconds:

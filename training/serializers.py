@@ -338,6 +338,7 @@ class BenchmarkSerializer(serializers.ModelSerializer):
 
 class LeaderboardRowSerializer(serializers.ModelSerializer):
     expert = serializers.CharField(source="expert.full_name", read_only=True)
+    base_model = serializers.CharField(source="expert.base_model.slug", read_only=True)
     version = serializers.IntegerField(source="number", read_only=True)
     downloads = serializers.IntegerField(source="expert.download_count", read_only=True)
     url = serializers.SerializerMethodField()
@@ -346,6 +347,7 @@ class LeaderboardRowSerializer(serializers.ModelSerializer):
         model = ExpertVersion
         fields = [
             "expert",
+            "base_model",
             "version",
             "benchmark_gain",
             "off_domain_change",

@@ -3,8 +3,8 @@
 from django.conf import settings
 from django.db import transaction
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
-from rest_framework import generics, mixins, status, viewsets
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import generics, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -14,7 +14,7 @@ from rest_framework.reverse import reverse
 
 from registry import references
 from registry.api import ApiDefaults, Conflict, JobStartThrottle, UploadThrottle
-from registry.models import Domain, Expert
+from registry.models import BaseModel, Domain, Expert
 from registry.permissions import IsOwnerOrReadOnly
 
 from . import datasets
@@ -186,9 +186,25 @@ class EvaluationJobViewSet(JobViewSet):
         return EvaluationJob.start(self.request.user, version, data["datasets"], params)
 
 
+@extend_schema(
+    parameters=[OpenApiParameter("base_model", str, description="only experts of this base model")],
+    responses=inline_serializer(
+        "Leaderboard",
+        {
+            "domain": serializers.CharField(),
+            "base_model": serializers.CharField(allow_null=True),
+            "benchmarks": BenchmarkSerializer(many=True),
+            "count": serializers.IntegerField(),
+            "next": serializers.URLField(allow_null=True),
+            "previous": serializers.URLField(allow_null=True),
+            "results": LeaderboardRowSerializer(many=True),
+        },
+    ),
+)
 class LeaderboardView(ApiDefaults, generics.ListAPIView):
     """A domain's public experts ranked by their newest ready version's gain on the domain's
-    benchmarks (same seeded held-out pairs for all), with the benchmarks' sizes."""
+    benchmarks, with the benchmarks' sizes. The pairs are the same for every expert of a base
+    model: ``?base_model=`` compares like with like."""
 
     serializer_class = LeaderboardRowSerializer
     permission_classes = [AllowAny]
@@ -198,7 +214,10 @@ class LeaderboardView(ApiDefaults, generics.ListAPIView):
 
     def board(self):
         if not hasattr(self, "_board"):
-            self._board = Leaderboard.of(get_object_or_404(Domain, slug=self.kwargs["slug"]))
+            domain = get_object_or_404(Domain, slug=self.kwargs["slug"])
+            slug = self.request.query_params.get("base_model")
+            base = get_object_or_404(BaseModel, slug=slug) if slug else None
+            self._board = Leaderboard.of(domain, base)
         return self._board
 
     def list(self, request, *args, **kwargs):
@@ -206,6 +225,7 @@ class LeaderboardView(ApiDefaults, generics.ListAPIView):
         board = self.board()
         response.data = {
             "domain": board.domain.slug,
+            "base_model": board.base_model.slug if board.base_model else None,
             "benchmarks": BenchmarkSerializer(board.benchmarks, many=True).data,
             **response.data,
         }
