@@ -25,12 +25,15 @@ class HeldOut:
         return self.positions.numel()
 
 
+POSITIONS_PER_WINDOW = 4  # seeded (window, position) pairs per held-out window
+
+
 def heldout_set(
     token_ids,
     *,
     window=256,
     ahead=16,
-    positions_per_window=4,
+    positions_per_window=POSITIONS_PER_WINDOW,
     max_windows=32,
     min_prefix=16,
     seed=1234,

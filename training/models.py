@@ -16,11 +16,11 @@ from django.db.models.signals import post_delete, post_save, pre_delete, pre_sav
 from django.dispatch import receiver
 from django.utils import timezone
 
+from coprocessor.evaluate import POSITIONS_PER_WINDOW
 from registry import events, quotas, storage
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
 MIN_PREFIX = 16  # evaluation reads at least this many tokens before the first ahead token
-HELDOUT_POSITIONS_PER_WINDOW = 4  # coprocessor.evaluate.heldout_set's default
 
 
 class JobHeld(Exception):
@@ -540,7 +540,7 @@ class Benchmark(models.Model):
     @property
     def pairs(self):
         """How many (window, position) pairs it measures at most."""
-        return self.max_windows * HELDOUT_POSITIONS_PER_WINDOW
+        return self.max_windows * POSITIONS_PER_WINDOW
 
     @classmethod
     def add(cls, user, domain, dataset, **params):

@@ -17,7 +17,9 @@ CARD = """# Python documentation expert
 Trained on the Python documentation that CPython ships (`pydoc_data.topics`) by the demo job
 that `make run` queues. Its measured perplexity reduction on held-out topics appears on this
 page when the evaluation job that follows the training finishes, and its figures on the Python
-benchmark (the same held-out tail, which no job trains on) on the Python leaderboard.
+benchmark (the same held-out tail, which no job trains on) on the Python leaderboard. In the
+demo that text is CPython's own documentation, which anyone has: it shows the mechanism; a real
+benchmark is text nobody else holds.
 """
 
 
