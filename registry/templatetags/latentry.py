@@ -49,13 +49,21 @@ def stars(value):
     )
 
 
+NOT_MEASURED = mark_safe('<span class="muted" title="not measured yet">—</span>')
+
+
+def signed_percent(value, good_when_positive):
+    """``value`` as a signed percentage, coloured by whether it is good news; a dash if None."""
+    if value is None:
+        return NOT_MEASURED
+    css = "gain-up" if (value > 0) == good_when_positive else "gain-down"
+    return format_html('<span class="{}">{}</span>', css, f"{float(value):+.2f}%")
+
+
 @register.filter
 def gain(value):
     """The platform-measured perplexity reduction, signed, or a dash when not measured."""
-    if value is None:
-        return mark_safe('<span class="muted" title="not measured yet">—</span>')
-    css = "gain-up" if value > 0 else "gain-down"
-    return format_html('<span class="{}">{}</span>', css, f"{float(value):+.2f}%")
+    return signed_percent(value, good_when_positive=True)
 
 
 @register.filter
@@ -70,15 +78,12 @@ def gain_source(expert):
 @register.filter
 def change(value):
     """A signed perplexity change off the domain (positive: worse), or a dash."""
-    if value is None:
-        return mark_safe('<span class="muted" title="not measured yet">—</span>')
-    css = "gain-down" if value > 0 else "gain-up"
-    return format_html('<span class="{}">{}</span>', css, f"{float(value):+.2f}%")
+    return signed_percent(value, good_when_positive=False)
 
 
 @register.filter
 def overhead(ratio):
     """A latency ratio as the time it adds: 1.08 -> +8%."""
     if ratio is None:
-        return mark_safe('<span class="muted" title="not measured yet">—</span>')
+        return NOT_MEASURED
     return f"{100 * (float(ratio) - 1):+.0f}%"
