@@ -594,29 +594,15 @@ CARD_FILENAME = "README.md"
 CARD_TAGS = ("latentry", "coprocessor", "kv-cache-augmentation")
 
 
-def export_folder(
-    expert_path,
-    folder,
-    *,
-    name,
-    base_model_source,
-    summary="",
-    card="",
-    license="apache-2.0",
-    domain="",
-    title="",
-    tags=(),
-    datasets=(),
-    figures=None,
-    evaluations=(),
-):
+def export_folder(expert_path, folder, *, name, base_model_source, **card_fields):
     """Write a Hub-style folder: the expert file, PEFT adapter files, latentry.json, README.md.
 
     PEFT users can load the LoRA part with ``PeftModel.from_pretrained(base, folder)`` and the
     static prefix as a cartridge with ``PeftModel.from_pretrained(base, folder / "cartridge")``;
-    Latentry imports the folder back from ``expert.safetensors``. The card (``model_card``)
-    carries the Hub's front matter, the title, summary, domain and the platform's measured
-    ``figures`` under ``latentry:``, and ``evaluations`` as the Hub's ``model-index``.
+    Latentry imports the folder back from ``expert.safetensors``. The card (``model_card``, to
+    which ``card_fields`` go) carries the Hub's front matter, the title, summary, domain and the
+    platform's measured ``figures`` under ``latentry:``, and ``evaluations`` as the Hub's
+    ``model-index``.
     """
     import hashlib
     import shutil
@@ -643,19 +629,7 @@ def export_folder(
         "config": header.config,
     }
     (folder / "latentry.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    model_card(
-        name,
-        base_model_source,
-        summary=summary,
-        card=card,
-        license=license,
-        domain=domain,
-        title=title,
-        tags=tags,
-        datasets=datasets,
-        figures=figures,
-        evaluations=evaluations,
-    ).save(folder / CARD_FILENAME)
+    model_card(name, base_model_source, **card_fields).save(folder / CARD_FILENAME)
     return folder
 
 

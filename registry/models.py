@@ -285,11 +285,10 @@ class Expert(models.Model):
             Expert.objects.filter(pk=self.pk).update(measured_gain=gain, gain_source=source)
         self.measured_gain, self.gain_source = gain, source
 
-    def version_at(self, ref, versions=None):
+    def version_at(self, ref):
         """The version ``ref`` names (a number, an alias, ``latest`` or ""), or None. Ready
         versions only for ``latest``; a number or an alias names whatever it points at."""
-        versions = (versions if versions is not None else self.versions.all()).filter(expert=self)
-        return versions.at(ref).first()
+        return self.versions.at(ref).first()
 
     def check_room_for_alias(self):
         """ValidationError if the expert has LATENTRY_MAX_ALIASES aliases already."""
@@ -589,6 +588,12 @@ class ExpertVersion(models.Model):
             locked.save(update_fields=["metrics", "routing_profile"])
             locked.expert.refresh_measured_gain()
             locked.announce_evaluation(Expert.OWNER_DATA)
+
+    def is_newest_ready(self):
+        """Whether it is its expert's newest ready version: the one ``owner/name`` means, and
+        the only one the catalog and the leaderboard show figures of."""
+        newest = self.expert.latest_ready_version()
+        return newest is not None and newest.pk == self.pk
 
     def announce_evaluation(self, source):
         """Tell the owner (their webhooks) that the platform measured this version."""

@@ -469,6 +469,7 @@ def test_the_owner_manages_hooks_on_a_page_without_javascript(alice, bob, receiv
     )
     listed = page.get("/account/webhooks/").text
     assert "job.failed" in listed and "failed" in listed and "HTTP 500" in listed
+    assert "<td>failed</td>" in listed  # the status cell itself
     other = Client()
     other.force_login(bob)
     assert other.post(f"/account/webhooks/{hook.pk}/delete/").status_code == 404

@@ -289,7 +289,7 @@ class Job(models.Model):
         payload = {
             "job": self.pk,
             "kind": self.kind,
-            "platform": getattr(self, "on_benchmarks", False),  # queued by the platform itself
+            "platform": self.on_benchmarks,  # queued by the platform itself
             "expert": self.subject(),
             "status": status,
             "error": error,
@@ -314,6 +314,7 @@ class TrainingJob(Job):
 
     task_name = "training.train_expert"
     kind = "training"
+    on_benchmarks = False  # only evaluations measure benchmarks
 
     class Meta(Job.Meta):
         pass
@@ -413,8 +414,7 @@ class EvaluationJob(Job):
         expert's owner: those it has no result for and no queued or running measurement of.
         None if there is nothing to do, or the version is not its expert's newest ready one
         (only that one is ever shown, so only that one costs a GPU)."""
-        newest = version.expert.latest_ready_version()
-        if newest is None or newest.pk != version.pk:
+        if not version.is_newest_ready():
             return None
         covered = set(
             BenchmarkResult.objects.filter(version=version).values_list("benchmark", flat=True)
@@ -492,9 +492,6 @@ class EvaluationJob(Job):
         return {"window": window, "ahead": ahead, "max_windows": 32, "split": "heldout"}
 
 
-BENCHMARK_SEED = 1234  # one seed for every benchmark: the same held-out pairs for all
-
-
 class Benchmark(models.Model):
     """A dataset staff hold out to measure every expert on the same text.
 
@@ -533,7 +530,6 @@ class Benchmark(models.Model):
             "window": self.window,
             "ahead": self.ahead,
             "max_windows": self.max_windows,
-            "seed": BENCHMARK_SEED,
             "split": "all",
         }
 
@@ -619,9 +615,9 @@ class BenchmarkResult(models.Model):
             latency_ratio=_mean([r.latency_ratio for r in results]),
             benchmarked_at=max((r.measured_at for r in results), default=None),
         )
-        version.refresh_from_db()
         version.expert.refresh_measured_gain()
         if announce:
+            version.refresh_from_db()  # the event carries the figures just written
             version.announce_evaluation(Expert.BENCHMARK)
 
 

@@ -21,7 +21,6 @@ from registry.models import ExpertVersion
 
 from . import datasets, runtime
 from .models import (
-    BENCHMARK_SEED,
     Benchmark,
     BenchmarkResult,
     EvaluationJob,
@@ -205,8 +204,7 @@ def run_benchmarks(job, device):
     """Measure the version on each benchmark's whole text with that benchmark's fixed, seeded
     pairs; record one BenchmarkResult each and the version's summary, then end the job."""
     version = job.version
-    newest = version.expert.latest_ready_version()
-    if newest is None or newest.pk != version.pk:  # superseded while it waited: never shown
+    if not version.is_newest_ready():  # superseded while it waited: never shown
         job.finish(Job.SUCCEEDED, result={"skipped": "a newer version was published"})
         return []
     base = version.expert.base_model
@@ -216,21 +214,10 @@ def run_benchmarks(job, device):
     job.report(total_steps=len(benchmarks))
     reports = []
     for done, benchmark in enumerate(benchmarks):
-        train_texts, heldout_texts = dataset_splits(benchmark.dataset)
+        texts = datasets.read_texts(benchmark.dataset)  # all of it: nobody trains on any
         params = {**benchmark.params, "window": min(benchmark.window, base.context_length)}
-        reports.append(
-            (
-                benchmark,
-                _evaluate_dataset(
-                    decoder,
-                    tokenizer,
-                    expert,
-                    train_texts + heldout_texts,
-                    params,
-                    benchmark.dataset,
-                ),
-            )
-        )
+        report = _evaluate_dataset(decoder, tokenizer, expert, texts, params, benchmark.dataset)
+        reports.append((benchmark, report))
         if job.report(step=done + 1):
             raise Cancelled(f"cancelled after {done + 1} of {len(benchmarks)} benchmarks")
     with transaction.atomic():
@@ -244,8 +231,17 @@ def run_benchmarks(job, device):
 def _public(report):
     """What the owner sees of a benchmark measurement: the figures, not the per-position
     curve, which says more about the text than the leaderboard needs."""
-    keep = ("dataset", "window", "ahead", "pairs", "ppl_base", "ppl_expert", "reduction_pct")
-    return {key: report[key] for key in (*keep, "latency_ratio")}
+    keep = (
+        "dataset",
+        "window",
+        "ahead",
+        "pairs",
+        "ppl_base",
+        "ppl_expert",
+        "reduction_pct",
+        "latency_ratio",
+    )
+    return {key: report[key] for key in keep}
 
 
 def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
@@ -263,7 +259,6 @@ def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
         window=window,
         ahead=ahead,
         max_windows=params.get("max_windows", 32),
-        seed=params.get("seed", BENCHMARK_SEED),
     )
     report = evaluate(decoder, expert, heldout)
     return {

@@ -60,6 +60,10 @@ class Webhook(models.Model):
     def __str__(self):
         return f"{self.owner} → {self.url}"
 
+    def save(self, *args, **kwargs):
+        self.events = sorted(set(self.events))  # however it came in: API, page, admin
+        super().save(*args, **kwargs)
+
     @classmethod
     def create_for(cls, user, url, events, active=True):
         """A new hook, with a new secret; ValidationError for a bad URL or events, or past the
@@ -67,7 +71,6 @@ class Webhook(models.Model):
         concurrent requests cannot both slip under)."""
         hook = cls(owner=user, url=url, events=list(events), active=active, secret=cls.new_secret())
         hook.full_clean(exclude=["owner"])
-        hook.events = sorted(set(hook.events))
         with transaction.atomic():
             get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).first()
             limit = settings.LATENTRY_MAX_WEBHOOKS
@@ -85,33 +88,30 @@ class Webhook(models.Model):
 
     def ping(self):
         """A test delivery, sent whatever events the hook is for."""
-        delivery = Delivery.objects.make(self, PING, {"webhook": self.pk})
-        Delivery.objects.prune(self)
-        return delivery
+        return Delivery.objects.make(self, PING, {"webhook": self.pk})
 
 
 class DeliveryQuerySet(models.QuerySet):
     def announce(self, user_id, event, payload):
-        """A pending delivery to each of the user's active hooks for ``event``, the hooks' older
-        finished deliveries pruned. JSON containment is not on every database (SQLite), and a
+        """A delivery to each of the user's active hooks for ``event`` (``make``); the pending
+        ones, which are to be sent. JSON containment is not on every database (SQLite), and a
         user has at most a handful of hooks: the events are checked here."""
         hooks = Webhook.objects.filter(owner_id=user_id, active=True)
         made = [self.make(hook, event, payload) for hook in hooks if event in hook.events]
-        for delivery in made:
-            self.prune(delivery.webhook)
         return [delivery for delivery in made if delivery.status == Delivery.PENDING]
 
     def make(self, hook, event, payload):
-        """A pending delivery; a failed one, recorded but never sent, when the hook already has
-        LATENTRY_WEBHOOK_MAX_PENDING waiting (a receiver that never answers must not let one
-        user fill the maintenance queue)."""
+        """A pending delivery, the hook's older finished ones pruned; a failed one, recorded but
+        never sent, when the hook already has LATENTRY_WEBHOOK_MAX_PENDING waiting (a receiver
+        that never answers must not let one user fill the maintenance queue)."""
         limit = settings.LATENTRY_WEBHOOK_MAX_PENDING
+        fields = {"webhook": hook, "event": event, "payload": payload}
         if limit and self.filter(webhook=hook, status=Delivery.PENDING).count() >= limit:
             error = f"not sent: {limit} deliveries to this hook are still pending"
-            return self.create(
-                webhook=hook, event=event, payload=payload, status=Delivery.FAILED, error=error
-            )
-        return self.create(webhook=hook, event=event, payload=payload)
+            fields.update(status=Delivery.FAILED, error=error)
+        delivery = self.create(**fields)
+        self.prune(hook)
+        return delivery
 
     def prune(self, hook, keep=None):
         """Drop ``hook``'s finished deliveries beyond the newest ``keep``

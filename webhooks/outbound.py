@@ -151,8 +151,8 @@ def resolve(destination):
 def send(url, body, headers, timeout_s):
     """POST ``body`` to ``url``, connected to an address ``resolve`` allowed; return the
     response's status and its first bytes as text. Refused or Unreachable otherwise."""
-    destination = check_url(url)
-    addresses = resolve(destination)
+    destination = parse(url)
+    addresses = resolve(destination)  # every address checked, a literal one too
     headers = {**headers, "Host": destination.host_header}
     for i, address in enumerate(addresses):
         pool = connection_pool(destination, address, timeout_s)

@@ -24,9 +24,6 @@ class WebhookSerializer(StrictModelSerializer):
         fields = ["id", "url", "events", "active", "created_at"]
         read_only_fields = ["created_at"]
 
-    def validate_events(self, value):
-        return sorted(set(value))
-
 
 class NewWebhookSerializer(WebhookSerializer):
     """A hook as its creation answers it: with the secret, which is never shown again."""

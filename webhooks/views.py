@@ -49,7 +49,7 @@ class WebhookViewSet(
     def deliveries(self, request, pk=None):
         """The hook's deliveries, newest first."""
         hook = self.get_object()
-        page = self.paginate_queryset(hook.deliveries.order_by("-created_at", "-pk"))
+        page = self.paginate_queryset(hook.deliveries.all())
         return self.get_paginated_response(DeliverySerializer(page, many=True).data)
 
     @extend_schema(request=None, responses={202: DeliverySerializer})

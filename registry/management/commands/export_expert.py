@@ -44,6 +44,7 @@ class Command(BaseCommand):
         except ArtifactError as exc:
             version.reject(str(exc))  # as the router does: bytes that changed are never used
             raise CommandError(f"{exc}; the version is rejected now") from exc
+        heldout = _heldout(version)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "expert.safetensors"
             path.write_bytes(data)
@@ -59,8 +60,8 @@ class Command(BaseCommand):
                 domain=expert.domain.slug,
                 tags=expert.tags,
                 datasets=_datasets(version),
-                figures=_figures(expert, version),
-                evaluations=_heldout(version),
+                figures=_figures(expert, version, heldout),
+                evaluations=heldout,
             )
         self.stdout.write(
             f"wrote {expert.full_name} version {version.number} ({version.sha256[:12]}) to {folder}"
@@ -88,14 +89,14 @@ def _heldout(version):
     ]
 
 
-def _figures(expert, version):
+def _figures(expert, version, heldout):
     """What the platform measured of this version, as the catalog would show it were it the
     newest (ExpertVersion.measured_gain), with when."""
     gain, source = version.measured_gain()
     if source == Expert.BENCHMARK:
         measured_at = version.benchmarked_at.isoformat() if version.benchmarked_at else None
     else:
-        stamps = [e["measured_at"] for e in _heldout(version) if e.get("measured_at")]
+        stamps = [e["measured_at"] for e in heldout if e.get("measured_at")]
         measured_at = max(stamps, default=None)
     return {
         "expert": expert.full_name,

@@ -59,9 +59,10 @@ class Command(BaseCommand):
         }
         fields["tags"] = _tags(card.tags, fields["domain"])
         try:
-            Expert.check_name_free(owner, fields["name"])
             Expert(owner=owner, **fields).full_clean(validate_constraints=False)
-            version = _create(owner, fields, path, _origin(card, folder), _claims(card))
+            version = _create(
+                owner, fields, path, info["sha256"], _origin(card, folder), _claims(card)
+            )
         except NameTaken as exc:
             raise CommandError(f"{owner.username}: {exc.messages[0]}") from exc
         except QuotaExceeded as exc:
@@ -76,7 +77,7 @@ class Command(BaseCommand):
         )
 
 
-def _create(owner, fields, path, origin, claims):
+def _create(owner, fields, path, sha256, origin, claims):
     """The expert and its first version, in one transaction: both or neither. A publish
     removes what it stored when it fails; if the commit fails after it, the bytes go here."""
     version = None
@@ -87,7 +88,7 @@ def _create(owner, fields, path, origin, claims):
                 version = ExpertVersion.publish(
                     expert,
                     f,
-                    sha256=storage.sha256_of(f),
+                    sha256=sha256,  # import_folder checked the file against it
                     size=Path(path).stat().st_size,
                     changelog=f"Imported from {origin}.",
                     claimed_metrics=claims,
