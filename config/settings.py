@@ -229,6 +229,11 @@ LATENTRY_MAX_ARTIFACT_BYTES = env_int("LATENTRY_MAX_ARTIFACT_BYTES", 600 * 1024 
 # (stored in the database with the version).
 LATENTRY_MAX_HEADER_BYTES = env_int("LATENTRY_MAX_HEADER_BYTES", 1024 * 1024)
 LATENTRY_MAX_CONFIG_BYTES = env_int("LATENTRY_MAX_CONFIG_BYTES", 64 * 1024)
+# Bounds on JSON that users send: API bodies (413 past the size), JSON form fields such as a
+# version's claimed_metrics, and their nesting (400 past the depth; Python's json recurses
+# once per level, so a deep body would otherwise be a RecursionError). coprocessor.bounded_json.
+LATENTRY_JSON_MAX_BYTES = env_int("LATENTRY_JSON_MAX_BYTES", 1024 * 1024)
+LATENTRY_JSON_MAX_DEPTH = env_int("LATENTRY_JSON_MAX_DEPTH", 32)
 
 # Per process by default; share one (CACHE_URL=redis://...) when several processes serve, so
 # that rate limits and the catalog cache hold across them. Pages kept for anyone who asks
@@ -310,6 +315,12 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["registry.permissions.ApiKeyScope"],
     "DEFAULT_PAGINATION_CLASS": "registry.api.Pagination",
+    # JSON within LATENTRY_JSON_MAX_BYTES and _DEPTH; forms and multipart as DRF reads them.
+    "DEFAULT_PARSER_CLASSES": [
+        "registry.parsers.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "PAGE_SIZE": 20,
     # No filtering or ordering parameters unless a view names its backends (the catalog does).
     "DEFAULT_FILTER_BACKENDS": [],

@@ -22,6 +22,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 
+from . import bounded_json
+
 FORMAT_TAG = "latentry.coprocessor/2"
 READABLE_FORMATS = ("latentry.coprocessor/1", FORMAT_TAG)
 KINDS = ("lora", "full", "prefix")
@@ -30,7 +32,7 @@ ALLOWED_DTYPES = ("F32", "F16", "BF16")
 # expert's header is tens of kilobytes, its config a few hundred bytes.
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024
-MAX_JSON_DEPTH = 32  # of the header and of JSON inside its metadata
+MAX_JSON_DEPTH = bounded_json.MAX_DEPTH  # of the header and of JSON inside its metadata
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FINITE_CHECK_CHUNK = 4 * 1024 * 1024  # bytes read at a time when checking values
@@ -158,10 +160,7 @@ def read_header(fileobj, file_size, max_header_bytes=MAX_HEADER_BYTES):
         raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
     if not raw.lstrip().startswith(b"{"):
         raise ArtifactError(_not_safetensors_reason(prefix, header_len, file_size))
-    try:
-        header = _loads(raw.decode("utf-8"), "safetensors header")
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(f"safetensors header is not valid JSON: {exc}") from None
+    header = _loads(raw, "safetensors header")
     if not isinstance(header, dict):
         raise ArtifactError("safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -255,29 +254,15 @@ def _joined(problems, shown=5, width=300):
     return text + (f"; and {len(problems) - shown} more" if len(problems) > shown else "")
 
 
-def _loads(text, what):
-    """JSON of at most MAX_JSON_DEPTH levels: deeper JSON is refused, not a RecursionError."""
+def _loads(text, what, max_bytes=None):
+    """JSON of at most MAX_JSON_DEPTH levels (``bounded_json``): deeper JSON is refused, not a
+    RecursionError."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
+        return bounded_json.loads(text, max_depth=MAX_JSON_DEPTH, max_bytes=max_bytes)
+    except bounded_json.Refused as exc:
+        raise ArtifactError(f"{what} {exc}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ArtifactError(f"{what} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ArtifactError(f"{what} is nested too deeply") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise ArtifactError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
-    return value
-
-
-def _depth(value):
-    """Nesting depth of decoded JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def _tensor_info(name, entry):
@@ -646,7 +631,7 @@ def _write_peft_adapter(folder, tensors, metadata, base_model_source):
         "lora_alpha": float(metadata["lora_alpha"]),
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": json.loads(metadata["lora_target_modules"]),
+        "target_modules": _loads(metadata["lora_target_modules"], "metadata lora_target_modules"),
         "inference_mode": True,
     }
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")

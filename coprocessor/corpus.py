@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from . import bounded_json
+
 
 def read_texts(path):
     """Documents of a .jsonl file (one {"text": ...} per line) or a plain text file (one)."""
@@ -22,7 +24,9 @@ def parse_texts(data, *, jsonl, source="line"):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = bounded_json.loads(line)  # a user's upload: a deep line is refused
+        except bounded_json.Refused as exc:
+            raise ValueError(f"{where}{number}: JSON {exc}") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}{number}: not valid JSON: {exc.msg}") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):

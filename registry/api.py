@@ -18,6 +18,7 @@ from coprocessor.artifact import ArtifactError
 
 from . import search
 from .models import Expert, NameTaken, VersionConflict
+from .parsers import PayloadTooLarge
 from .permissions import ApiKeyScope
 from .storage import StorageUnavailable
 
@@ -152,12 +153,6 @@ class Conflict(exceptions.APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "conflicts with the current state"
     default_code = "conflict"
-
-
-class PayloadTooLarge(exceptions.APIException):
-    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
-    default_detail = "upload is too large"
-    default_code = "too_large"
 
 
 class ServiceUnavailable(exceptions.APIException):

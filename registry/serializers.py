@@ -1,8 +1,8 @@
-import json
-
 from django.conf import settings
 from django.urls import reverse
 from rest_framework import serializers
+
+from coprocessor import bounded_json
 
 from .api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
 from .models import (
@@ -16,6 +16,7 @@ from .models import (
     VersionAlias,
     validate_tags,
 )
+from .parsers import parse_json
 from .uploads import over_limit
 
 
@@ -155,8 +156,10 @@ class VersionUploadSerializer(StrictSerializer):
 
     def validate_claimed_metrics(self, value):
         try:
-            metrics = json.loads(value)
-        except json.JSONDecodeError:
+            metrics = parse_json(value)
+        except bounded_json.Refused as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        except ValueError:
             raise serializers.ValidationError("must be a JSON object") from None
         if not isinstance(metrics, dict):
             raise serializers.ValidationError("must be a JSON object")

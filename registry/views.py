@@ -12,7 +12,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_seriali
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny, IsAuthenticated, IsAuthenticatedOrReadOnly
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -28,6 +28,7 @@ from .api import (
 from .auth import caller
 from .filters import ExpertFilter
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
+from .parsers import BoundedJSONParser
 from .permissions import IsAuthor, IsOwnerOrReadOnly
 from .serializers import (
     AliasMoveSerializer,
@@ -142,7 +143,7 @@ class ExpertVersionViewSet(
 
     serializer_class = ExpertVersionSerializer
     permission_classes = [IsAuthenticatedOrReadOnly]
-    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    parser_classes = [MultiPartParser, FormParser, BoundedJSONParser]
     throttle_classes = [UploadThrottle]
     lookup_url_kwarg = "ref"
 

@@ -194,9 +194,9 @@ def deep(levels):
         (dict(rank=0), "positive integers \\(no zero dimension\\)"),
         (dict(metadata={"lora_rank": "0"}), "lora_rank is 0, it must be at least 1"),
         (dict(tensors={"soft_tokens": torch.zeros(0, 32)}), "no zero dimension"),
-        (dict(metadata={"config": deep(20_000)}), "metadata 'config' is nested too deeply"),
+        (dict(metadata={"config": deep(20_000)}), "metadata 'config' is nested more than 32"),
         (dict(metadata={"config": deep(33)}), "nested more than 32 levels deep"),
-        (dict(metadata={"lora_target_modules": deep(100_000)}), "nested too deeply"),
+        (dict(metadata={"lora_target_modules": deep(100_000)}), "nested more than 32"),
         (dict(metadata={"lora_target_modules": '{"q_proj": 1}'}), "a JSON list of names"),
     ],
     ids=[

@@ -7,7 +7,7 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serial
 from rest_framework import generics, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
@@ -15,6 +15,7 @@ from rest_framework.reverse import reverse
 from registry import references
 from registry.api import ApiDefaults, Conflict, JobStartThrottle, UploadThrottle
 from registry.models import BaseModel, Domain, Expert
+from registry.parsers import BoundedJSONParser
 from registry.permissions import IsOwnerOrReadOnly
 
 from . import datasets
@@ -44,7 +45,7 @@ class DatasetViewSet(
     serializer_class = DatasetSerializer
     permission_classes = [IsAuthenticated, IsOwnerOrReadOnly]
     throttle_classes = [UploadThrottle]
-    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    parser_classes = [MultiPartParser, FormParser, BoundedJSONParser]
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generator has no user
