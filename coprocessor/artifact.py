@@ -18,9 +18,11 @@ tensor bytes whose offsets must tile the rest of the file exactly.
 """
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import bounded_json
 
@@ -575,6 +577,9 @@ def load_expert_bytes(data, spec=None, max_bytes=None):
 EXPERT_FILENAME = "expert.safetensors"
 CARTRIDGE_FOLDER = "cartridge"
 CARD_FILENAME = "README.md"
+INFO_FILENAME = "latentry.json"
+# latentry.json (an expert's config and a few names) and README.md, read from a folder.
+MAX_FOLDER_TEXT_BYTES = 1024 * 1024
 # The card's own tags; the expert's tags and its domain follow them.
 CARD_TAGS = ("latentry", "coprocessor", "kv-cache-augmentation")
 
@@ -591,7 +596,6 @@ def export_folder(expert_path, folder, *, name, base_model_source, **card_fields
     """
     import hashlib
     import shutil
-    from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -613,7 +617,7 @@ def export_folder(expert_path, folder, *, name, base_model_source, **card_fields
         "sha256": hashlib.sha256((folder / EXPERT_FILENAME).read_bytes()).hexdigest(),
         "config": header.config,
     }
-    (folder / "latentry.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (folder / INFO_FILENAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     model_card(name, base_model_source, **card_fields).save(folder / CARD_FILENAME)
     return folder
 
@@ -757,19 +761,19 @@ def read_card(folder):
     """The folder's card (``Card``), parsed with ``huggingface_hub.ModelCard``; an empty one
     without a README.md. ``latentry:`` gives the title, summary and domain where present (our
     exports); otherwise the body's first heading is the title and its first paragraph the
-    summary. ArtifactError for front matter that is not YAML or not a mapping."""
-    from pathlib import Path
-
+    summary. ArtifactError for front matter that is not YAML or not a mapping, and for a
+    README.md that ``open_in_folder`` refuses."""
     import yaml
     from huggingface_hub import ModelCard
 
-    path = Path(folder) / CARD_FILENAME
-    if not path.is_file():  # ModelCard.load would take a missing path for a Hub repo id
+    if not os.path.lexists(Path(folder) / CARD_FILENAME):  # a dangling link is refused below
         return Card(title="", summary="", license="", tags=[], domain="", body="", data={})
     try:
-        card = ModelCard.load(path, ignore_metadata_errors=True)
-    except (ValueError, TypeError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ArtifactError(f"{path} is not a readable model card: {exc}") from None
+        card = ModelCard(_read_text(folder, CARD_FILENAME), ignore_metadata_errors=True)
+    except (ValueError, TypeError, yaml.YAMLError) as exc:
+        raise ArtifactError(f"{CARD_FILENAME} is not a readable model card: {exc}") from None
+    except RecursionError:  # PyYAML recurses once per level of the front matter
+        raise ArtifactError(f"{CARD_FILENAME}'s front matter is nested too deeply") from None
     data = card.data.to_dict()
     ours = data.get("latentry") if isinstance(data.get("latentry"), dict) else {}
     body = card.text.strip()
@@ -804,24 +808,73 @@ def _heading_and_paragraph(markdown):
     return heading, paragraph
 
 
-def import_folder(folder):
-    """Read a Hub-style folder back: (path of the expert file, latentry.json, README body).
+def import_folder(folder, max_bytes=None):
+    """Read a Hub-style folder back, as untrusted input: (path of the expert file,
+    latentry.json, README body).
 
-    The file is checked against the sha256 that latentry.json records; ``read_card`` reads the
-    rest of the card.
+    Every file is opened with ``open_in_folder`` (its own regular file, no link, its size
+    checked before reading: the expert file against ``max_bytes``); latentry.json must be a
+    JSON object within the bounds of an expert file's JSON; the expert file is hashed in
+    chunks and checked against the sha256 that latentry.json records, then its header read.
+    ``read_card`` reads the rest of the card.
     """
     import hashlib
-    from pathlib import Path
 
-    folder = Path(folder)
-    path = folder / EXPERT_FILENAME
-    if not path.exists():
-        raise ArtifactError(f"{folder} has no {EXPERT_FILENAME}")
+    info = _loads(_read_text(folder, INFO_FILENAME), INFO_FILENAME)
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{INFO_FILENAME} must be a JSON object")
+    with open_in_folder(folder, EXPERT_FILENAME, max_bytes) as f:
+        digest = hashlib.sha256()
+        while chunk := f.read(FINITE_CHECK_CHUNK):
+            digest.update(chunk)
+        if digest.hexdigest() != info.get("sha256"):
+            raise ArtifactError(f"{EXPERT_FILENAME} does not match the sha256 in {INFO_FILENAME}")
+        read_header(f, f.tell(), max_header_bytes=None)
+    return Path(folder) / EXPERT_FILENAME, info, read_card(folder).body
+
+
+def open_in_folder(folder, name, max_bytes=None):
+    """``folder/name`` opened for reading in binary, as untrusted input: ArtifactError if it
+    is missing, a symbolic link (it could make any file on this machine part of the import),
+    not a regular file (a FIFO would block), or over ``max_bytes`` (None: no bound), before
+    a byte of it is read."""
+    import errno
+    import stat
+
+    path = Path(folder) / name
+    if path.is_symlink():
+        raise ArtifactError(_LINK_REFUSED.format(name=name))
+    try:  # O_NOFOLLOW: a link put in its place since the check is refused too
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder} has no {name}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArtifactError(_LINK_REFUSED.format(name=name)) from None
+        raise ArtifactError(f"{name} cannot be read: {exc.strerror}") from None
+    f = os.fdopen(fd, "rb")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        f.close()
+        raise ArtifactError(f"{name} is not a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        f.close()
+        raise ArtifactError(f"{name} is {info.st_size} bytes, over the limit of {max_bytes}")
+    return f
+
+
+_LINK_REFUSED = (
+    "{name} is a symbolic link; an imported folder must hold its own files (copy it with "
+    "links followed, e.g. `cp -rL`, or download it with huggingface_hub's local_dir)"
+)
+
+
+def _read_text(folder, name):
+    """A small text file of the folder (latentry.json, README.md), within
+    MAX_FOLDER_TEXT_BYTES."""
+    with open_in_folder(folder, name, MAX_FOLDER_TEXT_BYTES) as f:
+        data = f.read()
     try:
-        info = json.loads((folder / "latentry.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{folder}/latentry.json is missing or not JSON: {exc}") from None
-    if hashlib.sha256(path.read_bytes()).hexdigest() != info.get("sha256"):
-        raise ArtifactError(f"{EXPERT_FILENAME} does not match the sha256 in latentry.json")
-    read_header_from_path(path)
-    return path, info, read_card(folder).body
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{name} is not UTF-8 text: {exc}") from None

@@ -6,6 +6,7 @@ for another base model, or under a taken name creates nothing."""
 import hashlib
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -258,3 +259,88 @@ def test_a_taken_name_an_unknown_owner_or_domain_is_refused(measured, bob, tmp_p
     with pytest.raises(CommandError, match="name"):
         import_(folder, "--owner", "bob", "--name", "Not A Slug")
     assert_nothing_imported(*before)
+
+
+# --- a folder is untrusted input ---------------------------------------------------------------
+
+
+@pytest.fixture
+def folder(measured, tmp_path):
+    return export("alice/pydoc", tmp_path / "out")
+
+
+def refused(folder, message):
+    """import_expert refuses ``folder`` with ``message`` and leaves nothing behind."""
+    before = Expert.objects.count(), stored_keys()
+    with pytest.raises(CommandError, match=message):
+        import_(folder, "--owner", "alice", "--name", "imported")
+    assert_nothing_imported(*before)
+
+
+@pytest.mark.parametrize("name", ["README.md", "latentry.json", "expert.safetensors"])
+def test_it_refuses_a_file_that_is_a_link_out_of_the_folder(folder, tmp_path, name):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes((folder / name).read_bytes())  # the same bytes: only the link is wrong
+    (folder / name).unlink()
+    (folder / name).symlink_to(secret)
+    refused(folder, f"{name} is a symbolic link")
+
+
+def test_it_never_makes_a_secret_file_the_model_card(folder, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("# Secret\n\nthe database password is hunter2\n")
+    (folder / "README.md").unlink()
+    (folder / "README.md").symlink_to(secret)
+    refused(folder, "README.md is a symbolic link")
+    assert not Expert.objects.filter(model_card__contains="hunter2").exists()
+
+
+def test_it_refuses_a_file_that_is_not_a_regular_file(folder):
+    (folder / "README.md").unlink()
+    os.mkfifo(folder / "README.md")  # reading it would wait for a writer forever
+    refused(folder, "README.md is not a regular file")
+
+
+def test_it_checks_the_size_of_the_expert_file_before_reading_it(folder, settings):
+    settings.LATENTRY_MAX_ARTIFACT_BYTES = 100
+    with (folder / "expert.safetensors").open("ab") as f:
+        f.write(b"tampered")  # its sha256 would not match either: the size is checked first
+    size = (folder / "expert.safetensors").stat().st_size
+    refused(folder, f"expert.safetensors is {size} bytes, over the limit of 100")
+
+
+def test_it_checks_the_size_of_latentry_json_before_reading_it(folder):
+    (folder / "latentry.json").write_text(" " * artifact.MAX_FOLDER_TEXT_BYTES + "{}")
+    refused(folder, "latentry.json is .* bytes, over the limit of")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "latentry.json must be a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "latentry.json is nested more than 32 levels deep"),
+        ('{"sha256": ', "latentry.json is not valid JSON"),
+        ("\xff", "latentry.json is not UTF-8 text"),
+    ],
+    ids=["list", "deep", "truncated", "not-utf8"],
+)
+def test_it_refuses_latentry_json_that_is_not_a_bounded_object(folder, text, message):
+    (folder / "latentry.json").write_bytes(text.encode("latin-1"))
+    refused(folder, message)
+
+
+def test_it_refuses_front_matter_nested_too_deeply(folder):
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("---\n", "---\ndeep: " + "[" * 5000, 1))
+    refused(folder, "README.md's front matter is nested too deeply")
+
+
+def test_it_keeps_only_figures_from_the_card_as_claims(folder, bob):
+    card = (folder / "README.md").read_text()
+    hostile = card.replace("  latency_ratio: 1.12", "  latency_ratio: {a: [1, 2, {b: 3}]}")
+    assert hostile != card
+    (folder / "README.md").write_text(hostile)
+    Expert.objects.filter(name="pydoc").delete()  # the original: bytes not published here
+    import_(folder, "--owner", "bob")
+    claims = ExpertVersion.objects.get(expert__owner=bob).claimed_metrics
+    assert "latency_ratio" not in claims and claims["benchmark_gain"] == 6.5

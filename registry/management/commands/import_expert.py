@@ -1,11 +1,13 @@
+import os
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from coprocessor.artifact import CARD_TAGS, ArtifactError, import_folder, read_card
+from coprocessor.artifact import CARD_TAGS, ArtifactError, import_folder, open_in_folder, read_card
 from registry import references, storage
 from registry.models import (
     MAX_TAGS,
@@ -42,8 +44,8 @@ class Command(BaseCommand):
 
     def handle(self, folder, owner, name, domain, visibility, **options):
         owner = _user(owner)
-        try:
-            path, info, body = import_folder(folder)
+        try:  # read as untrusted: no links, sizes checked before reading, bounded JSON
+            path, info, body = import_folder(folder, settings.LATENTRY_MAX_ARTIFACT_BYTES)
             card = read_card(folder)
         except ArtifactError as exc:
             raise CommandError(f"{folder}: {exc}") from exc
@@ -84,12 +86,13 @@ def _create(owner, fields, path, sha256, origin, claims):
     try:
         with transaction.atomic():
             expert = Expert.create_for(owner, **fields)
-            with Path(path).open("rb") as f:
+            limit = settings.LATENTRY_MAX_ARTIFACT_BYTES
+            with open_in_folder(path.parent, path.name, limit) as f:
                 version = ExpertVersion.publish(
                     expert,
                     f,
                     sha256=sha256,  # import_folder checked the file against it
-                    size=Path(path).stat().st_size,
+                    size=os.fstat(f.fileno()).st_size,
                     changelog=f"Imported from {origin}.",
                     claimed_metrics=claims,
                 )
@@ -140,13 +143,20 @@ def _tags(tags, domain):
 
 
 def _claims(card):
-    """The figures the card reports (measured elsewhere): the new version's claimed metrics."""
+    """The figures the card reports (measured elsewhere): the new version's claimed metrics.
+    Numbers and short words only: the card is untrusted, and a figure is never a structure."""
     ours = card.data.get("latentry")
     ours = ours if isinstance(ours, dict) else {}
-    claims = {key: ours[key] for key in FIGURES if ours.get(key) not in (None, "")}
+    claims = {key: ours[key] for key in FIGURES if _figure(ours.get(key))}
     if claims and ours.get("expert"):
         claims["measured_on"] = f"{ours['expert']}@{ours.get('version', '?')}"
     return claims
+
+
+def _figure(value):
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) or (isinstance(value, str) and 0 < len(value) <= 40)
 
 
 def _origin(card, folder):
