@@ -25,18 +25,23 @@ migrate: install
 
 # One process serves everything (pages, API and the router, under uvicorn), beside one job
 # worker (queue "gpu"; CPU where there is no GPU; with the beat that re-sends dead workers'
-# jobs) that yields the CPU to serving (LATENTRY_WORKER_NICE). Stopping the server stops the
-# worker at once (cold shutdown), and kills it if it has not exited 10 s later (billiard's pool
-# can hang on its way out, waiting for a lock its killed child held): a running job resumes
-# from its checkpoint at the next start.
+# jobs) that yields the CPU to serving (LATENTRY_WORKER_NICE), and a small worker of webhook
+# deliveries (queue "webhooks"), so that a slow receiver never holds the job worker. Stopping
+# the server stops both workers at once (cold shutdown), and kills them if they have not exited
+# 10 s later (billiard's pool can hang on its way out, waiting for a lock its killed child
+# held): a running job resumes from its checkpoint at the next start.
 run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
 	$(PY) manage.py seed_demo_job
 	$(PY) -m celery -A config worker -B -Q gpu,maintenance -c 1 -n worker@%h -l info & worker=$$!; \
-	trap 'kill -QUIT $$worker 2>/dev/null; \
-	  for _ in $$(seq 20); do kill -0 $$worker 2>/dev/null || exit 0; sleep 0.5; done; \
-	  pkill -KILL -P $$worker; kill -KILL $$worker 2>/dev/null' EXIT INT TERM; \
+	$(PY) -m celery -A config worker -Q webhooks -c 2 -n webhooks@%h -l info & webhooks=$$!; \
+	trap 'kill -QUIT $$worker $$webhooks 2>/dev/null; \
+	  for _ in $$(seq 20); do \
+	    kill -0 $$worker 2>/dev/null || kill -0 $$webhooks 2>/dev/null || exit 0; sleep 0.5; \
+	  done; \
+	  pkill -KILL -P $$worker; pkill -KILL -P $$webhooks; \
+	  kill -KILL $$worker $$webhooks 2>/dev/null' EXIT INT TERM; \
 	$(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
 
 worker: migrate

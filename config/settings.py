@@ -442,16 +442,24 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Webhooks (webhooks/): each user may register LATENTRY_MAX_WEBHOOKS URLs. Deliveries go only
 # to addresses that are globally routable or inside LATENTRY_WEBHOOK_ALLOWED_NETWORKS (empty:
 # loopback, private, link-local and other special ranges are refused), checked when the URL is
-# resolved for each attempt. An attempt waits LATENTRY_WEBHOOK_TIMEOUT_S to connect and for each
-# read; a failed one is tried again after 2**n x LATENTRY_WEBHOOK_RETRY_BASE_S (5 tries in all).
-# The newest LATENTRY_WEBHOOK_KEEP_DELIVERIES finished deliveries per hook are kept.
+# resolved for each attempt. An attempt (connecting, sending, every read) ends within
+# LATENTRY_WEBHOOK_DEADLINE_S; a failed one is tried again after 2**n x
+# LATENTRY_WEBHOOK_RETRY_BASE_S (5 tries in all). The newest LATENTRY_WEBHOOK_KEEP_DELIVERIES
+# finished deliveries per hook are kept. Deliveries go to their own queue, LATENTRY_WEBHOOK_QUEUE,
+# read by a small worker of its own, so that slow receivers never hold a job worker.
 LATENTRY_MAX_WEBHOOKS = env_int("LATENTRY_MAX_WEBHOOKS", 10)
 LATENTRY_WEBHOOK_ALLOWED_NETWORKS = env_networks("LATENTRY_WEBHOOK_ALLOWED_NETWORKS")
-LATENTRY_WEBHOOK_TIMEOUT_S = env_float("LATENTRY_WEBHOOK_TIMEOUT_S", 5.0)
+LATENTRY_WEBHOOK_QUEUE = env_str("LATENTRY_WEBHOOK_QUEUE", "webhooks")
+CELERY_TASK_ROUTES = {"webhooks.deliver": {"queue": LATENTRY_WEBHOOK_QUEUE}}
+LATENTRY_WEBHOOK_DEADLINE_S = env_float("LATENTRY_WEBHOOK_DEADLINE_S", 5.0)
 LATENTRY_WEBHOOK_RETRY_BASE_S = env_float("LATENTRY_WEBHOOK_RETRY_BASE_S", 30.0)
 LATENTRY_WEBHOOK_KEEP_DELIVERIES = env_int("LATENTRY_WEBHOOK_KEEP_DELIVERIES", 100)
-# Deliveries one webhook may have waiting; past it new events are recorded as failed, unsent.
-LATENTRY_WEBHOOK_MAX_PENDING = env_int("LATENTRY_WEBHOOK_MAX_PENDING", 50)
+# Deliveries one user may have waiting across all their hooks; past it new events are recorded
+# as failed, unsent (0: no limit).
+LATENTRY_WEBHOOK_MAX_PENDING = env_int("LATENTRY_WEBHOOK_MAX_PENDING", 100)
+# Failed attempts in a row (five deliveries' worth) that switch a hook off until its owner
+# switches it back on (0: never).
+LATENTRY_WEBHOOK_MAX_FAILURES = env_int("LATENTRY_WEBHOOK_MAX_FAILURES", 25)
 
 LOGGING = {
     "version": 1,

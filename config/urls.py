@@ -34,6 +34,11 @@ pages = [
     path("account/usage/", inference_pages.usage, name="usage-page"),
     path("account/webhooks/", webhooks_pages.webhook_list, name="webhooks"),
     path("account/webhooks/<int:pk>/delete/", webhooks_pages.webhook_delete, name="webhook-delete"),
+    path(
+        "account/webhooks/<int:pk>/switch-on/",
+        webhooks_pages.webhook_switch_on,
+        name="webhook-switch-on",
+    ),
     path("datasets/", training_pages.dataset_list, name="datasets"),
     path("leaderboards/", training_pages.leaderboards, name="leaderboards"),
     path("domains/<slug:slug>/leaderboard/", training_pages.leaderboard, name="leaderboard"),

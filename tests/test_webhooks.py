@@ -12,6 +12,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
 from pathlib import Path
@@ -21,7 +22,7 @@ from django.test import Client
 
 from registry.models import ApiKey
 from tests.factories import bearer_client, client_for, free_port, upload
-from webhooks import outbound
+from webhooks import outbound, tasks
 from webhooks.models import Delivery, Webhook
 from webhooks.signing import signature_header, verify
 from webhooks.tasks import deliver
@@ -76,7 +77,7 @@ def receiver():
 def webhook_settings(settings):
     settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
     settings.LATENTRY_WEBHOOK_RETRY_BASE_S = 0
-    settings.LATENTRY_WEBHOOK_TIMEOUT_S = 5
+    settings.LATENTRY_WEBHOOK_DEADLINE_S = 5
     return settings
 
 
@@ -188,8 +189,8 @@ def test_loopback_is_refused_by_default_and_nothing_is_sent(alice, receiver, set
     hook = Webhook.objects.get()
     delivery = run(Delivery.objects.create(webhook=hook, event="alias.moved", payload={}))
     assert (delivery.status, delivery.attempts) == (Delivery.FAILED, 1)  # at once: no retry
-    assert delivery.error.startswith("refused: localhost: ")
-    assert "loopback address" in delivery.error
+    assert delivery.error.startswith("refused: localhost resolves to a loopback address")
+    assert "127.0.0.1" not in delivery.error
     assert "LATENTRY_WEBHOOK_ALLOWED_NETWORKS" in delivery.error
     assert receiver.requests == []
 
@@ -220,16 +221,16 @@ def test_private_ranges_are_refused_at_registration(alice_client, settings, url,
 
 def test_addresses_that_carry_a_private_one_are_refused(settings):
     settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = ["10.1.0.0/16"]
-    problem = outbound.problem_with
-    assert problem(ip_address("93.184.215.14")) is None
-    assert problem(ip_address("2606:4700::1111")) is None
-    assert problem(ip_address("10.1.2.3")) is None  # allowed by the operator
-    assert problem(ip_address("::ffff:10.1.2.3")) is None  # the same address
-    assert "private" in problem(ip_address("10.2.0.1"))
-    assert "private" in problem(ip_address("2002:a00:1::"))  # 6to4 of 10.0.0.1
-    assert "reserved" in problem(ip_address("64:ff9b::a00:1"))  # NAT64 of 10.0.0.1
-    assert "reserved" in problem(ip_address("240.0.0.1"))
-    assert problem(ip_address("100.64.0.1"))  # carrier-grade NAT: not global
+    kind = outbound.refused_kind
+    assert kind(ip_address("93.184.215.14")) is None
+    assert kind(ip_address("2606:4700::1111")) is None
+    assert kind(ip_address("10.1.2.3")) is None  # allowed by the operator
+    assert kind(ip_address("::ffff:10.1.2.3")) is None  # the same address
+    assert kind(ip_address("10.2.0.1")) == "private"
+    assert kind(ip_address("2002:a00:1::")) == "private"  # 6to4 of 10.0.0.1
+    assert kind(ip_address("64:ff9b::a00:1")) == "reserved"  # NAT64 of 10.0.0.1
+    assert kind(ip_address("240.0.0.1")) == "reserved"
+    assert kind(ip_address("100.64.0.1"))  # carrier-grade NAT: not global
 
 
 @pytest.fixture
@@ -259,13 +260,27 @@ def test_each_attempt_resolves_again_and_connects_to_the_address_it_checked(alic
     dns["hooks.example.com"] = ["10.0.0.7"]  # the name now points inside the network
     delivery = run(make_delivery(alice, url))
     assert (delivery.status, delivery.attempts) == (Delivery.FAILED, 1)
-    assert "hooks.example.com: 10.0.0.7 is a private address" in delivery.error
+    assert "hooks.example.com resolves to a private address" in delivery.error
     dns["hooks.example.com"] = ["127.0.0.1", "169.254.169.254"]  # one bad answer is enough
     delivery = run(make_delivery(alice, url))
-    assert (
-        delivery.status == Delivery.FAILED and "169.254.169.254 is a link-local" in delivery.error
-    )
+    assert delivery.status == Delivery.FAILED
+    assert "hooks.example.com resolves to a link-local address" in delivery.error
     assert len(receiver.requests) == 1
+
+
+def test_a_refusal_never_names_the_address_a_name_resolves_to(alice, dns, settings):
+    """Else a hook's deliveries would map the names of the service's own network."""
+    settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = []
+    dns["db.internal"] = ["10.20.30.40"]
+    dns["cache.internal"] = ["127.0.0.53"]
+    private = run(make_delivery(alice, "http://db.internal:5432/"))
+    loopback = run(make_delivery(alice, "http://cache.internal/"))
+    assert private.error == (
+        "refused: db.internal resolves to a private address, which the operator has not "
+        "allowed (LATENTRY_WEBHOOK_ALLOWED_NETWORKS)"
+    )
+    assert loopback.error.startswith("refused: cache.internal resolves to a loopback address")
+    assert "10.20.30.40" not in private.error and "127.0.0.53" not in loopback.error
 
 
 @pytest.fixture
@@ -493,16 +508,216 @@ def test_staff_read_hooks_and_deliveries_in_the_admin(admin_client, alice):
     assert admin_client.get("/admin/webhooks/webhook/add/").status_code == 403
 
 
-def test_a_hook_with_too_many_pending_deliveries_gets_no_more_sent(alice, settings):
+def test_a_user_with_too_many_pending_deliveries_across_hooks_gets_no_more_sent(
+    alice, bob, settings
+):
     from registry import events
 
-    settings.LATENTRY_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.0/8"]
-    settings.LATENTRY_WEBHOOK_MAX_PENDING = 2
-    hook = Webhook.create_for(alice, "http://127.0.0.1:9/hook", [events.ALIAS_MOVED])
-    made = [Delivery.objects.announce(alice.pk, events.ALIAS_MOVED, {"n": n}) for n in range(4)]
-    assert [len(m) for m in made] == [1, 1, 0, 0]  # only pending ones are queued
-    statuses = list(hook.deliveries.order_by("pk").values_list("status", flat=True))
-    assert statuses == [Delivery.PENDING, Delivery.PENDING, Delivery.FAILED, Delivery.FAILED]
-    assert (
-        "2 deliveries to this hook are still pending" in hook.deliveries.order_by("pk").last().error
+    settings.LATENTRY_WEBHOOK_MAX_PENDING = 3
+    hooks = [
+        Webhook.create_for(alice, f"http://127.0.0.1:9/hook{n}", [events.ALIAS_MOVED])
+        for n in range(2)
+    ]
+    bobs = Webhook.create_for(bob, "http://127.0.0.1:9/hook", [events.ALIAS_MOVED])
+    made = [Delivery.objects.announce(alice.pk, events.ALIAS_MOVED, {"n": n}) for n in range(3)]
+    assert [len(m) for m in made] == [2, 1, 0]  # only pending ones are queued
+    pending = Delivery.objects.filter(webhook__in=hooks, status=Delivery.PENDING)
+    assert pending.count() == 3  # across both hooks: 2 to one, 1 to the other
+    refused = Delivery.objects.filter(webhook__in=hooks, status=Delivery.FAILED)
+    assert refused.count() == 3
+    assert refused.first().error == (
+        "not sent: you have 3 deliveries still pending, the most one user may have "
+        "(LATENTRY_WEBHOOK_MAX_PENDING)"
     )
+    assert len(Delivery.objects.announce(bob.pk, events.ALIAS_MOVED, {})) == 1  # a cap per user
+    assert bobs.deliveries.get().status == Delivery.PENDING
+
+
+def test_deliveries_go_to_a_queue_of_their_own(
+    alice, monkeypatch, settings, django_capture_on_commit_callbacks
+):
+    """Not a job worker's queue: a slow receiver must never hold a worker that trains."""
+    sent = []
+    monkeypatch.setattr(
+        deliver.app, "send_task", lambda name, args, *rest, **options: sent.append(options)
+    )
+    delivery = make_delivery(alice, "https://hooks.example.com/")
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks.queue([delivery])
+    [options] = sent
+    queue = deliver.app.amqp.router.route(options, deliver.name)["queue"].name  # as send_task
+    assert queue == settings.LATENTRY_WEBHOOK_QUEUE == "webhooks"
+    assert queue not in (settings.LATENTRY_JOB_QUEUE, settings.LATENTRY_MAINTENANCE_QUEUE)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_way_to_run_the_service_has_a_webhook_worker_apart_from_job_workers():
+    """make run, the Procfile, the compose file and the systemd units."""
+    commands = [line for line in (ROOT / "Makefile").read_text().splitlines() if "worker" in line]
+    commands += (ROOT / "Procfile").read_text().splitlines()
+    commands += (ROOT / "deploy/docker-compose.yml").read_text().splitlines()
+    for unit in (ROOT / "deploy/systemd").glob("*.service"):
+        commands += unit.read_text().splitlines()
+    workers = [c for c in commands if "celery -A config worker" in c]
+    readers = [c for c in workers if "webhook" in c.lower()]
+    assert len(readers) == 4, readers  # one each, reading the webhooks queue only
+    assert all("-Q ${LATENTRY_WEBHOOK_QUEUE" in c or "-Q webhooks " in c for c in readers)
+    assert not [c for c in workers if "gpu" in c and "webhook" in c]
+    make_run = (ROOT / "Makefile").read_text().split("\nrun:")[1].split("\n\n")[0]
+    assert "-Q webhooks" in make_run and "$$webhooks" in make_run  # started and stopped
+
+
+class DripReceiver:
+    """A receiver that reads the request, sends ``head`` at once and then ``drip`` a byte at
+    a time (every ``interval_s``): each read sees a byte soon, so only a deadline ends it.
+    ``hung_up`` records, per connection, whether the caller left before the last byte."""
+
+    def __init__(self, head, drip, interval_s=0.05, tls=None):
+        self.head, self.drip, self.interval_s = head, drip, interval_s
+        self.hung_up, self.threads = [], []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        if tls is not None:
+            self.server = tls.wrap_socket(self.server, server_side=True)
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            thread = threading.Thread(target=self.answer, args=(connection,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def answer(self, connection):
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(4096)
+            try:
+                connection.sendall(self.head)
+                for byte in self.drip:
+                    time.sleep(self.interval_s)
+                    connection.sendall(bytes([byte]))
+            except OSError:
+                self.hung_up.append(True)
+            else:
+                self.hung_up.append(False)
+
+    def close(self):
+        self.server.close()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("head", "drip", "error"),
+    [
+        # The status line and headers a byte at a time: no answer at all by the deadline.
+        (b"", b"HTTP/1.1 200 OK\r\nX-Padding: " + b"." * 40 + b"\r\nContent-Length: 0\r\n\r\n",
+         "no complete answer within 0.5 s (LATENTRY_WEBHOOK_DEADLINE_S)"),
+        # A failure's body a byte at a time: the status is kept, the body cut off.
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 80\r\n\r\n", b"x" * 80, "HTTP 503"),
+    ],
+)  # fmt: skip
+def test_a_receiver_that_drips_its_answer_is_cut_off_at_the_deadline(
+    alice, settings, head, drip, error
+):
+    settings.LATENTRY_WEBHOOK_DEADLINE_S = 0.5  # the drip takes 2 s at least
+    receiver = DripReceiver(head, drip)
+    try:
+        delivery = make_delivery(alice, receiver.url)
+        assert delivery.attempt() is True  # another attempt will follow
+    finally:
+        receiver.close()
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (Delivery.PENDING, 1)
+    assert delivery.error.startswith(error)  # what arrived by then, if anything
+    assert receiver.hung_up == [True]  # the attempt left before the answer's end
+
+
+def test_a_hook_that_keeps_failing_is_switched_off_and_its_owner_switches_it_on(
+    alice, alice_client, receiver, settings
+):
+    settings.LATENTRY_WEBHOOK_MAX_FAILURES = 3
+    receiver.statuses = [500, 500, 204, 500, 500, 500]
+    hook = make_delivery(alice, receiver.url).webhook
+    assert run(hook.deliveries.get()).status == Delivery.SUCCEEDED  # 2 failures, then 2xx
+    hook.refresh_from_db()
+    assert (hook.active, hook.consecutive_failures) == (True, 0)  # a success forgives
+
+    delivery = run(Delivery.objects.create(webhook=hook, event="alias.moved"))
+    assert (delivery.status, delivery.attempts) == (Delivery.FAILED, 4)
+    assert delivery.error == "the webhook was switched off"
+    assert len(receiver.requests) == 6  # nothing after the third failure in a row
+    one = f"{HOOKS}{hook.pk}/"
+    shown = alice_client.get(one).json()
+    assert (shown["active"], shown["consecutive_failures"]) == (False, 3)
+    assert shown["disabled_reason"] == (
+        "switched off after 3 failed attempts in a row; the last: HTTP 500: nope!"
+    )
+    page = Client()
+    page.force_login(alice)
+    listed = page.get("/account/webhooks/").text
+    assert "off: switched off after 3 failed attempts in a row" in listed
+    assert f"/account/webhooks/{hook.pk}/switch-on/" in listed
+
+    switched = alice_client.patch(one, {"active": True}, format="json")
+    assert switched.status_code == 200, switched.json()
+    assert (switched.json()["consecutive_failures"], switched.json()["disabled_reason"]) == (0, "")
+    assert run(Delivery.objects.create(webhook=hook, event="alias.moved")).attempts == 1
+
+
+def test_the_owner_switches_a_hook_back_on_from_its_page(alice, bob, receiver):
+    hook = Webhook.create_for(alice, receiver.url, ["alias.moved"])
+    Webhook.objects.filter(pk=hook.pk).update(
+        active=False, consecutive_failures=25, disabled_reason="switched off after 25 ..."
+    )
+    other = Client()
+    other.force_login(bob)
+    assert other.post(f"/account/webhooks/{hook.pk}/switch-on/").status_code == 404
+    page = Client()
+    page.force_login(alice)
+    assert page.get(f"/account/webhooks/{hook.pk}/switch-on/").status_code == 405
+    assert page.post(f"/account/webhooks/{hook.pk}/switch-on/").status_code == 302
+    hook.refresh_from_db()
+    assert (hook.active, hook.consecutive_failures, hook.disabled_reason) == (True, 0, "")
+    listed = page.get("/account/webhooks/").text
+    assert "switch-on" not in listed and "<td>active</td>" in listed
+
+
+def test_receivers_deduplicate_on_the_delivery_id_the_signature_covers(alice, receiver):
+    receiver.statuses = [500]  # the same delivery twice
+    delivery = run(make_delivery(alice, receiver.url))
+    secret = delivery.webhook.secret
+    ids = set()
+    for request in receiver.requests:
+        signature = request["headers"]["Latentry-Signature"]
+        assert verify(secret, request["body"], signature)
+        ids.add(json.loads(request["body"])["id"])
+        forged = request["body"].replace(f'"id":{delivery.pk}'.encode(), b'"id":999999')
+        assert forged != request["body"] and not verify(secret, forged, signature)
+    assert ids == {delivery.pk}
+    page = Client()
+    page.force_login(alice)
+    added = page.post("/account/webhooks/", {"url": receiver.url, "events": ["job.failed"]})
+    assert "deduplicate on the <code>id</code> inside the body" in added.text
+
+
+def test_a_receiver_that_drips_over_https_is_cut_off_at_the_deadline(alice, settings, tls, dns):
+    settings.LATENTRY_WEBHOOK_DEADLINE_S = 0.5
+    dns["hooks.example.com"] = ["127.0.0.1"]
+    receiver = DripReceiver(b"", b"HTTP/1.1 200 OK\r\nX-Padding: " + b"." * 60, tls=tls)
+    try:
+        delivery = make_delivery(alice, f"https://hooks.example.com:{receiver.port}/hook")
+        assert delivery.attempt() is True
+    finally:
+        receiver.close()
+    delivery.refresh_from_db()
+    assert delivery.error == "no complete answer within 0.5 s (LATENTRY_WEBHOOK_DEADLINE_S)"
+    assert receiver.hung_up == [True]

@@ -7,12 +7,20 @@ from .models import Delivery, Webhook
 class WebhookAdmin(admin.ModelAdmin):
     """Owners make hooks (they see the secret once); staff may read, switch off and delete."""
 
-    list_display = ["id", "owner", "url", "events", "active", "created_at"]
+    list_display = ["id", "owner", "url", "events", "active", "consecutive_failures", "created_at"]
     list_filter = ["active"]
     search_fields = ["url", "owner__username"]
     list_select_related = ["owner"]
-    fields = ["owner", "url", "events", "active", "created_at"]
-    readonly_fields = ["owner", "url", "events", "created_at"]
+    fields = [
+        "owner",
+        "url",
+        "events",
+        "active",
+        "consecutive_failures",
+        "disabled_reason",
+        "created_at",
+    ]
+    readonly_fields = [name for name in fields if name != "active"]  # staff switch hooks on/off
 
     def has_add_permission(self, request):
         return False

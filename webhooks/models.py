@@ -3,7 +3,9 @@ every delivery to them.
 
 A delivery's row is the truth about it; the Celery message (``tasks.deliver``) carries only its
 id. Each attempt is claimed with a conditional update, signed afresh (``signing``) and sent
-through ``outbound``, which refuses addresses the operator has not allowed.
+through ``outbound``, which refuses addresses the operator has not allowed. A hook whose
+attempts keep failing is switched off (``Webhook.count_attempt``) until its owner switches it
+back on.
 """
 
 import json
@@ -52,6 +54,10 @@ class Webhook(models.Model):
     events = models.JSONField(default=list, validators=[validate_events])
     secret = models.CharField(max_length=100, editable=False)
     active = models.BooleanField(default=True)
+    # Failed attempts since the last that succeeded; at LATENTRY_WEBHOOK_MAX_FAILURES the hook is
+    # switched off, and disabled_reason says why until the owner switches it back on.
+    consecutive_failures = models.PositiveIntegerField(default=0, editable=False)
+    disabled_reason = models.CharField(max_length=600, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -62,6 +68,9 @@ class Webhook(models.Model):
 
     def save(self, *args, **kwargs):
         self.events = sorted(set(self.events))  # however it came in: API, page, admin
+        if self.active and self.pk and Webhook.objects.filter(pk=self.pk, active=False).exists():
+            # Switched back on (API, page, admin): its failures are forgiven.
+            self.consecutive_failures, self.disabled_reason = 0, ""
         super().save(*args, **kwargs)
 
     @classmethod
@@ -90,6 +99,26 @@ class Webhook(models.Model):
         """A test delivery, sent whatever events the hook is for."""
         return Delivery.objects.make(self, PING, {"webhook": self.pk})
 
+    def count_attempt(self, error=""):
+        """Count an attempt the receiver answered (no ``error``: 2xx) or failed. The
+        LATENTRY_WEBHOOK_MAX_FAILURES-th failure in a row switches the hook off, saying why:
+        a receiver that is gone or slow must not take the webhook worker's time for ever."""
+        hooks = Webhook.objects.filter(pk=self.pk)
+        if not error:
+            hooks.exclude(consecutive_failures=0).update(consecutive_failures=0)
+            self.consecutive_failures = 0
+            return
+        hooks.update(consecutive_failures=F("consecutive_failures") + 1)
+        limit = settings.LATENTRY_WEBHOOK_MAX_FAILURES
+        if limit:
+            reason = f"switched off after {limit} failed attempts in a row; the last: {error}"
+            reason = reason[: Webhook._meta.get_field("disabled_reason").max_length]
+            # Only the update that crosses the limit writes its reason.
+            hooks.filter(active=True, consecutive_failures__gte=limit).update(
+                active=False, disabled_reason=reason
+            )
+        self.refresh_from_db(fields=["active", "consecutive_failures", "disabled_reason"])
+
 
 class DeliveryQuerySet(models.QuerySet):
     def announce(self, user_id, event, payload):
@@ -102,14 +131,24 @@ class DeliveryQuerySet(models.QuerySet):
 
     def make(self, hook, event, payload):
         """A pending delivery, the hook's older finished ones pruned; a failed one, recorded but
-        never sent, when the hook already has LATENTRY_WEBHOOK_MAX_PENDING waiting (a receiver
-        that never answers must not let one user fill the maintenance queue)."""
+        never sent, when the hook's owner already has LATENTRY_WEBHOOK_MAX_PENDING waiting
+        across all their hooks (receivers that never answer must not let one user fill the
+        webhooks queue). Counted with the owner's row locked, so that concurrent events cannot
+        slip under together."""
         limit = settings.LATENTRY_WEBHOOK_MAX_PENDING
         fields = {"webhook": hook, "event": event, "payload": payload}
-        if limit and self.filter(webhook=hook, status=Delivery.PENDING).count() >= limit:
-            error = f"not sent: {limit} deliveries to this hook are still pending"
-            fields.update(status=Delivery.FAILED, error=error)
-        delivery = self.create(**fields)
+        with transaction.atomic():
+            if limit:
+                owner = get_user_model().objects.select_for_update(no_key=True)
+                owner.filter(pk=hook.owner_id).first()
+                pending = self.filter(webhook__owner_id=hook.owner_id, status=Delivery.PENDING)
+                if pending.count() >= limit:
+                    error = (
+                        f"not sent: you have {limit} deliveries still pending, the most one "
+                        "user may have (LATENTRY_WEBHOOK_MAX_PENDING)"
+                    )
+                    fields.update(status=Delivery.FAILED, error=error)
+            delivery = self.create(**fields)
         self.prune(hook)
         return delivery
 
@@ -156,7 +195,9 @@ class Delivery(models.Model):
         return f"{self.event} to {self.webhook.url} ({self.status})"
 
     def body(self):
-        """The JSON sent: the same bytes at every attempt (the signature's time changes)."""
+        """The JSON sent: the same bytes at every attempt (the signature's time changes). Its
+        ``id``, the delivery's, is what receivers deduplicate on: the signature covers it (the
+        ``Latentry-Delivery`` header repeats it, unsigned)."""
         document = {
             "id": self.pk,
             "event": self.event,
@@ -179,7 +220,7 @@ class Delivery(models.Model):
 
         1. Claim it: a conditional update of ``attempts``, so that a second message for the
            same attempt (a re-delivery) finds it taken and does nothing.
-        2. Sign the body now and POST it (``outbound.send``).
+        2. Sign the body now and POST it (``send``), and count the outcome on the hook.
         3. Record: 2xx succeeded; a refused address failed at once; anything else pending for
            another attempt, or failed after the last one.
         """
@@ -196,19 +237,26 @@ class Delivery(models.Model):
             return self.record(error="the webhook was switched off", final=True)
         if self.attempts > self.MAX_ATTEMPTS:  # a re-delivery after the last attempt was lost
             return self.record(error="no attempts left", final=True)
+        response_status, error, final = self.send()
+        hook.count_attempt(error)
+        return self.record(response_status, error, final)
+
+    def send(self):
+        """POST the body, signed now, within LATENTRY_WEBHOOK_DEADLINE_S: the answer's HTTP
+        status, the error ("" for a 2xx answer), and whether the error is final."""
         body = self.body()
         try:
             status, start = outbound.send(
-                hook.url, body, self.headers(body), settings.LATENTRY_WEBHOOK_TIMEOUT_S
+                self.webhook.url, body, self.headers(body), settings.LATENTRY_WEBHOOK_DEADLINE_S
             )
         except outbound.Refused as exc:
-            return self.record(error=f"refused: {exc}", final=True)
+            return None, f"refused: {exc}", True
         except outbound.Unreachable as exc:
-            return self.record(error=str(exc))
+            return None, str(exc), False
         if 200 <= status < 300:
-            return self.record(response_status=status)
+            return status, "", False
         answer = f"HTTP {status}: {start.strip()}" if start.strip() else f"HTTP {status}"
-        return self.record(response_status=status, error=answer)
+        return status, answer, False
 
     def record(self, response_status=None, error="", final=False):
         """Write this attempt's outcome (no error and a status: succeeded); True when another

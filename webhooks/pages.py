@@ -1,5 +1,5 @@
 """The owner's webhooks page: hooks and their recent deliveries; add one (its secret shown
-once), delete one."""
+once), switch one back on, delete one."""
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -45,4 +45,15 @@ def webhook_delete(request, pk):
     hook = get_object_or_404(Webhook, pk=pk, owner=request.user)
     hook.delete()
     messages.success(request, f"The webhook to {hook.url} is deleted.")
+    return redirect("webhooks")
+
+
+@login_required
+@require_POST
+def webhook_switch_on(request, pk):
+    """Switch a hook back on (after the service switched it off, or its owner did)."""
+    hook = get_object_or_404(Webhook, pk=pk, owner=request.user)
+    hook.active = True
+    hook.save()
+    messages.success(request, f"The webhook to {hook.url} is on again.")
     return redirect("webhooks")

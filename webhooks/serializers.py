@@ -19,9 +19,30 @@ class WebhookSerializer(StrictModelSerializer):
         help_text="the events to hear of",
     )
 
+    active = serializers.BooleanField(
+        required=False,
+        help_text="off: no deliveries; true switches a hook that was switched off back on",
+    )
+    consecutive_failures = serializers.IntegerField(
+        read_only=True,
+        help_text="failed attempts since the last that succeeded; at the operator's limit "
+        "(LATENTRY_WEBHOOK_MAX_FAILURES) the hook is switched off",
+    )
+    disabled_reason = serializers.CharField(
+        read_only=True, help_text="why the service switched the hook off; empty otherwise"
+    )
+
     class Meta:
         model = Webhook
-        fields = ["id", "url", "events", "active", "created_at"]
+        fields = [
+            "id",
+            "url",
+            "events",
+            "active",
+            "consecutive_failures",
+            "disabled_reason",
+            "created_at",
+        ]
         read_only_fields = ["created_at"]
 
 

@@ -12,13 +12,13 @@ from .models import Delivery
 
 logger = logging.getLogger(__name__)
 
-# An attempt waits the timeout to connect and again to read, perhaps for a second address; a
-# receiver that answers a byte at a time is cut off here.
-ATTEMPT_LIMIT_S = 4 * settings.LATENTRY_WEBHOOK_TIMEOUT_S + 10
+# An attempt ends by its deadline once connecting starts; name resolution, which no socket
+# timeout bounds, comes before. This backstop is for that.
+ATTEMPT_LIMIT_S = settings.LATENTRY_WEBHOOK_DEADLINE_S + 20
 
 
 @shared_task(
-    name="webhooks.deliver",
+    name="webhooks.deliver",  # routed to LATENTRY_WEBHOOK_QUEUE (CELERY_TASK_ROUTES)
     bind=True,
     ignore_result=True,
     acks_late=True,
@@ -34,13 +34,14 @@ def deliver(self, delivery_id):
     try:
         again = delivery.attempt()
     except SoftTimeLimitExceeded:
-        again = delivery.record(error=f"the attempt took longer than {ATTEMPT_LIMIT_S:g} s")
+        error = f"the attempt took longer than {ATTEMPT_LIMIT_S:g} s"
+        delivery.webhook.count_attempt(error)
+        again = delivery.record(error=error)
     except Exception as exc:
         logger.exception("webhook delivery %s failed", delivery_id)
         again = delivery.record(error=f"internal error: {type(exc).__name__}")
     if again:
-        queue = settings.LATENTRY_MAINTENANCE_QUEUE
-        raise self.retry(countdown=delivery.backoff_s(), queue=queue)
+        raise self.retry(countdown=delivery.backoff_s())  # routed as the first attempt was
 
 
 def queue(deliveries):
@@ -50,7 +51,7 @@ def queue(deliveries):
     def send():
         for delivery in deliveries:
             try:
-                deliver.apply_async((delivery.pk,), queue=settings.LATENTRY_MAINTENANCE_QUEUE)
+                deliver.apply_async((delivery.pk,))
             except Exception as exc:
                 logger.exception("could not queue webhook delivery %s", delivery.pk)
                 delivery.record(error=f"could not be queued: {exc}", final=True)
