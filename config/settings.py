@@ -264,6 +264,9 @@ LATENTRY_THROTTLE_RATES = {
 }
 # Aliases one expert may have (400 beyond; 0: no limit).
 LATENTRY_MAX_ALIASES = env_int("LATENTRY_MAX_ALIASES", 20)
+# API keys one user may hold unrevoked (400 beyond; 0: no limit). Limits count per user, so
+# more keys buy no more generation, but each key is a row and a secret to look after.
+LATENTRY_MAX_API_KEYS = env_int("LATENTRY_MAX_API_KEYS", 20)
 # Bytes one user may keep stored: the files of their experts' versions and their datasets (a
 # file counts once per row that names it). Past it, uploads and publishing answer 400. 0: none.
 LATENTRY_MAX_STORED_BYTES = env_int("LATENTRY_MAX_STORED_BYTES", 5 * 1024**3)
@@ -299,7 +302,8 @@ LATENTRY_REQUEST_TIMEOUT_S = env_float("LATENTRY_REQUEST_TIMEOUT_S", 300.0)
 # Empty: this process serves the router itself (make run). A URL: this is a web process that
 # loads no model, and "try it" asks the serving process there (README, "Production").
 LATENTRY_SERVING_URL = env_str("LATENTRY_SERVING_URL", "")
-# Fair use per caller (API key, user, or client address), 429 beyond (0: no limit).
+# Fair use per caller (a user, across all their API keys, else a client address), 429 beyond
+# (0: no limit).
 LATENTRY_CALLER_CONCURRENCY = env_int("LATENTRY_CALLER_CONCURRENCY", 4)
 LATENTRY_CALLER_TOKENS_PER_MIN = env_int("LATENTRY_CALLER_TOKENS_PER_MIN", 40000)
 # auto: the least centred cosine between prompt and profile that picks an expert.

@@ -1,8 +1,9 @@
 """Fair use of the router per caller: concurrent generations and tokens per minute.
 
-A caller is an API key, else a signed-in user, else a client address. Counters live in
-Django's cache, so serving processes that share a cache (Redis in production) share them; a
-counter left by a process that died expires with its timeout. Both limits answer 429 with
+A caller is a user, however they come (a session, or any of their API keys: more keys buy no
+more room), else a client address (``registry.auth.caller``). Counters live in Django's cache,
+so serving processes that share a cache (Redis in production) share them; a counter left by a
+process that died expires with its timeout. Both limits answer 429 with
 Retry-After (``Refused.wait``); 0 turns a limit off.
 """
 
@@ -13,20 +14,9 @@ from django.conf import settings
 from django.core.cache import cache
 from rest_framework.exceptions import Throttled
 
-from registry import auth
-from registry.models import ApiKey
-
 
 class Refused(Throttled):
     default_code = "fair_use"
-
-
-def caller(request):
-    """Whom a router request is counted against: its API key (each has its own limits), else
-    the user or the client address."""
-    if isinstance(request.auth, ApiKey):
-        return f"key:{request.auth.pk}"
-    return auth.caller(request)
 
 
 def acquire(who, prompt_tokens):

@@ -21,6 +21,7 @@ from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 from safetensors.torch import save
 
+from registry import auth
 from registry.api import GenerateThrottle
 from registry.auth import OnBehalfAuthentication
 from registry.models import ApiKey, BaseModel, Expert
@@ -82,7 +83,7 @@ class RouterView(AsyncAPIView):
         caller must ``release`` it. Every refusal (4xx, 429, 503) comes from here."""
         with service_errors():
             prepared = await sync_to_async(service.prepare)(ask)
-            self.caller = fair_use.caller(self.request)
+            self.caller = auth.caller(self.request)  # a user across all their keys
             await sync_to_async(fair_use.acquire)(self.caller, len(prepared[1]))
             try:
                 pending = await sync_to_async(service.plan)(

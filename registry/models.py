@@ -6,6 +6,7 @@ import secrets
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import IntegrityError, models, transaction
@@ -714,16 +715,27 @@ class ApiKey(models.Model):
 
     @classmethod
     def create_for(cls, user, name, scopes=(READ, WRITE)):
-        """Make a key; return (api_key, plaintext). The plaintext is never stored."""
+        """Make a key; return (api_key, plaintext). The plaintext is never stored.
+        ValidationError past the user's cap of unrevoked keys (LATENTRY_MAX_API_KEYS), checked
+        with the user's row locked so that concurrent requests cannot both slip under."""
         prefix = secrets.token_hex(4)
         plaintext = f"{cls.PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
-        key = cls.objects.create(
-            user=user,
-            name=name,
-            prefix=prefix,
-            secret_sha256=hashlib.sha256(plaintext.encode()).hexdigest(),
-            scopes=sorted(set(scopes)),
-        )
+        with transaction.atomic():
+            get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).first()
+            limit = settings.LATENTRY_MAX_API_KEYS
+            if limit and cls.objects.filter(user=user, revoked_at=None).count() >= limit:
+                raise ValidationError(
+                    f"you have {limit} API keys, the most one user may hold "
+                    "(LATENTRY_MAX_API_KEYS): revoke one first",
+                    code="too_many_keys",
+                )
+            key = cls.objects.create(
+                user=user,
+                name=name,
+                prefix=prefix,
+                secret_sha256=hashlib.sha256(plaintext.encode()).hexdigest(),
+                scopes=sorted(set(scopes)),
+            )
         return key, plaintext
 
     @classmethod

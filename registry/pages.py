@@ -264,18 +264,22 @@ def account(request):
     form = ApiKeyForm(request.POST or None)
     created = None
     if request.method == "POST" and form.is_valid():
-        key, plaintext = ApiKey.create_for(
-            request.user, form.cleaned_data["name"], form.cleaned_data["scopes"]
-        )
-        created = {"key": key, "plaintext": plaintext}
-        form = ApiKeyForm()
+        try:
+            key, plaintext = ApiKey.create_for(
+                request.user, form.cleaned_data["name"], form.cleaned_data["scopes"]
+            )
+        except ValidationError as exc:  # one key too many
+            form.add_error(None, exc)
+        else:
+            created = {"key": key, "plaintext": plaintext}
+            form = ApiKeyForm()
     context = {
         "form": form,
         "created": created,
         "keys": ApiKey.objects.filter(user=request.user).order_by("-created_at"),
         "experts": Expert.objects.filter(owner=request.user).with_related().order_by("name"),
     }
-    response = render(request, "registry/account.html", context)
+    response = render(request, "registry/account.html", context, status=400 if form.errors else 200)
     response["Cache-Control"] = "no-store"  # a new key's secret must not be kept by caches
     return response
 

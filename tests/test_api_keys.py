@@ -3,11 +3,11 @@
 import hashlib
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from rest_framework.test import APIClient
 
 from registry.models import ApiKey
-from tests.factories import bearer_client
+from tests.factories import bearer_client, logged_in
 
 pytestmark = pytest.mark.django_db
 
@@ -95,3 +95,37 @@ def test_last_use_is_written_at_most_once_a_minute(alice):
     ApiKey.objects.update(last_used_at=first - ApiKey.TOUCH_EVERY)
     client.get("/api/v1/experts/")
     assert ApiKey.objects.get().last_used_at > first
+
+
+def test_a_user_holds_at_most_the_capped_number_of_keys_through_the_api(
+    alice_client, bob_client, settings
+):
+    settings.LATENTRY_MAX_API_KEYS = 2
+    made = [alice_client.post("/api/v1/api-keys/", {"name": f"k{i}"}) for i in range(2)]
+    assert [response.status_code for response in made] == [201, 201]
+    refused = alice_client.post("/api/v1/api-keys/", {"name": "one-too-many"})
+    assert refused.status_code == 400
+    assert "2 API keys" in str(refused.json()) and "LATENTRY_MAX_API_KEYS" in str(refused.json())
+    assert ApiKey.objects.filter(name="one-too-many").count() == 0
+    assert bob_client.post("/api/v1/api-keys/", {"name": "bobs"}).status_code == 201
+    alice_client.delete(f"/api/v1/api-keys/{made[0].json()['id']}/")  # revoking frees a place
+    assert alice_client.post("/api/v1/api-keys/", {"name": "again"}).status_code == 201
+
+
+def test_the_account_page_refuses_a_key_past_the_cap_and_says_why(alice, settings):
+    settings.LATENTRY_MAX_API_KEYS = 1
+    page = logged_in(alice)
+    body = {"name": "first", "scopes": ["read"]}
+    assert page.post("/account/", body).status_code == 200
+    refused = page.post("/account/", {**body, "name": "second"})
+    assert refused.status_code == 400
+    assert "you have 1 API keys" in refused.content.decode()
+    assert list(ApiKey.objects.values_list("name", flat=True)) == ["first"]
+
+
+def test_the_command_refuses_a_key_past_the_cap(alice, settings):
+    settings.LATENTRY_MAX_API_KEYS = 1
+    call_command("create_api_key", "alice")
+    with pytest.raises(CommandError, match="LATENTRY_MAX_API_KEYS"):
+        call_command("create_api_key", "alice")
+    assert ApiKey.objects.count() == 1

@@ -14,7 +14,15 @@ from django.test import Client
 from coprocessor.generate import Request, RunningBatch
 from inference import fair_use, pool
 from registry.models import ApiKey, BaseModel
-from tests.factories import ROOT, client_for, free_port, slow_steps, wait_for, worker_env
+from tests.factories import (
+    ROOT,
+    bearer_client,
+    client_for,
+    free_port,
+    slow_steps,
+    wait_for,
+    worker_env,
+)
 
 GENERATE = "/api/v1/generate"
 
@@ -87,6 +95,44 @@ def test_a_caller_over_its_token_rate_gets_429_until_the_next_minute(settings, b
     assert response.status_code == 429
     assert 0 < int(response["Retry-After"]) <= 60
     assert "8 tokens (prompt plus generated) a minute" in response.json()["detail"]
+
+
+def test_two_keys_of_one_user_share_one_token_rate(settings, base_model, alice, bob):
+    settings.LATENTRY_CALLER_TOKENS_PER_MIN = 8
+    first, second = bearer_client(alice), bearer_client(alice)
+    assert ask(first, prompt="w5 w6 w7", max_new_tokens=6).status_code == 200
+    refused = ask(second, prompt="w5 w6 w7")
+    assert refused.status_code == 429
+    assert "8 tokens (prompt plus generated) a minute" in refused.json()["detail"]
+    assert ask(bearer_client(bob), prompt="w5 w6 w7").status_code == 200
+
+
+def test_two_keys_of_one_user_share_one_count_of_generations_at_a_time(
+    monkeypatch, settings, engine, asgi_server, alice
+):
+    settings.LATENTRY_CALLER_CONCURRENCY = 1
+    engine.limits.max_rows = 1
+    slow_steps(monkeypatch, 0.01)
+    release = threading.Event()
+    busy = engine.submit(Request([1, 2], max_new_tokens=200, on_token=lambda _: release.is_set()))
+    wait_for(lambda: busy.admitted, what="the engine busy")
+    (_, first), (_, second) = (ApiKey.create_for(alice, name, [ApiKey.READ]) for name in "ab")
+
+    def complete(key):
+        body = {"model": "tiny-llama", "prompt": "w5 w6", "max_tokens": 2}
+        headers = {"Authorization": f"Bearer {key}"}
+        return requests.post(f"{asgi_server}/v1/completions", json=body, headers=headers)
+
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(complete(first)))
+    waiting.start()
+    wait_for(lambda: engine.load()[1] == 1, what="the first key's generation waiting")
+    refused = complete(second)
+    release.set()
+    waiting.join(30)
+    assert refused.status_code == 429
+    assert "1 generations at a time" in refused.json()["error"]["message"]
+    assert [answer.status_code for answer in answers] == [200]
 
 
 def test_a_streaming_client_that_leaves_frees_its_row(

@@ -1,4 +1,5 @@
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from registry.models import ApiKey
@@ -18,5 +19,8 @@ class Command(BaseCommand):
         except get_user_model().DoesNotExist:
             raise CommandError(f"no user named {username!r}") from None
         scopes = [ApiKey.READ] if read_only else [ApiKey.READ, ApiKey.WRITE]
-        _, plaintext = ApiKey.create_for(user, name, scopes)
+        try:
+            _, plaintext = ApiKey.create_for(user, name, scopes)
+        except ValidationError as exc:  # past the user's cap of keys
+            raise CommandError(" ".join(exc.messages)) from None
         self.stdout.write(plaintext)
