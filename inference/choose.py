@@ -3,7 +3,10 @@
 Named: ``owner/name``, ``owner/name@<number>`` or ``owner/name@<alias>`` (``latest``, the
 newest ready version, by default), through the same visibility gate as everything else. The
 name resolves to one version once, when the request starts: an alias moved meanwhile does not
-change what a request in flight runs. ``auto``: the prompt's mean-pooled last hidden state
+change what a request in flight runs. A name that resolves to no ready version the caller may
+use is an error (``UnknownModel``, 404), as a model a server does not have is for OpenAI's
+clients: only a version that exists and fails at run time is dropped for the plain model.
+``auto``: the prompt's mean-pooled last hidden state
 under the base model, compared (cosine, after removing the mean of all profiles, which is
 what every text has in common) with the routing profile of each expert the caller may list;
 the best one above the threshold wins, else none.
@@ -18,6 +21,11 @@ import torch.nn.functional as F
 from django.conf import settings
 
 from registry.models import LATEST, Expert, ExpertVersion, is_version_ref, split_full_name
+
+
+class UnknownModel(LookupError):
+    """No such model here (404): a base model this process does not serve, or a named expert
+    that is missing, hidden from the caller, or has no ready version by that name."""
 
 
 @dataclass
@@ -35,7 +43,8 @@ def well_formed(spec):
 
 
 def named(spec, base_record, user):
-    """Choice for ``owner/name[@ref]``; a missing or invisible expert gives no expert.
+    """Choice for ``owner/name[@ref]``; UnknownModel, saying why, when it names no ready
+    version the caller may use (a hidden expert reads as a missing one).
 
     One query finds the version; only when there is none do more say why."""
     if not well_formed(spec):
@@ -47,14 +56,14 @@ def named(spec, base_record, user):
     if version is not None:
         return Choice(version=version, name=f"{name}@{version.number}")
     if not experts.exists():
-        return Choice(reason=f"expert {spec} not found for {base_record.slug}")
+        raise UnknownModel(f"expert {spec} not found for {base_record.slug}")
     if ref not in ("", LATEST):  # the newest, if rejected, is the one that was meant
         versions = versions.at(ref)
     rejected = versions.filter(status=ExpertVersion.REJECTED).order_by("-number").first()
     if rejected is not None:
         reason = rejected.status_reason
-        return Choice(reason=f"expert {name}@{rejected.number} was rejected: {reason}")
-    return Choice(reason=f"expert {spec} has no such ready version")
+        raise UnknownModel(f"expert {name}@{rejected.number} was rejected: {reason}")
+    raise UnknownModel(f"expert {spec} has no such ready version")
 
 
 class Profiles:

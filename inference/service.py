@@ -20,15 +20,12 @@ from coprocessor.prefix import batch_prefixes
 from registry.models import BaseModel
 
 from . import choose
+from .choose import UnknownModel  # noqa: F401 (views answer 404)
 from .pool import ExpertUnavailable, pool
 
 
 class BadRequest(ValueError):
     """The request cannot be served as asked (400); the message says why."""
-
-
-class UnknownModel(LookupError):
-    """No such base model (404)."""
 
 
 @dataclass
@@ -97,7 +94,8 @@ def check_length(loaded, ids, max_new_tokens):
 
 
 def pick(loaded, ask, ids, user):
-    """(Choice, expert module or None) for the request, degrading to none with a reason."""
+    """(Choice, expert module or None) for the request; UnknownModel for a named expert that
+    is not there. One that is there but cannot run now degrades to none, with a reason."""
     spec = (ask.expert or "").strip()
     if not spec:
         return choose.Choice(reason="no expert requested"), None

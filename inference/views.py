@@ -37,6 +37,13 @@ from .serializers import (
 )
 
 
+class ModelNotFound(NotFound):
+    """No such base model, or no such expert for this caller (404; OpenAI's clients read the
+    code ``model_not_found``)."""
+
+    default_code = "model_not_found"
+
+
 class Busy(APIException):
     """No room for the request now: 503 with Retry-After (DRF sends ``wait`` as that header)."""
 
@@ -50,12 +57,12 @@ class Busy(APIException):
 
 @contextlib.contextmanager
 def service_errors():
-    """The router's refusals as HTTP errors: unknown base model 404, bad request 400, no room
-    now 503, a failure while generating 500."""
+    """The router's refusals as HTTP errors: an unknown base model or expert 404, bad request
+    400, no room now 503, a failure while generating 500."""
     try:
         yield
     except service.UnknownModel as exc:
-        raise NotFound(str(exc)) from None
+        raise ModelNotFound(str(exc)) from None
     except service.BadRequest as exc:
         raise ValidationError({"detail": str(exc)}) from None
     except service.Overloaded as exc:
@@ -224,14 +231,15 @@ class OpenAIView(RouterView):
         """Errors in OpenAI's shape, which its clients read the message from."""
         response = super().handle_exception(exc)
         if response is not None and response.status_code >= 400:
-            response.data = {
-                "error": {
-                    "message": error_message(response.data),
-                    "type": ERROR_TYPES.get(response.status_code, "invalid_request_error"),
-                    "param": None,
-                    "code": response.status_code,
-                }
+            error = {
+                "message": error_message(response.data),
+                "type": ERROR_TYPES.get(response.status_code, "invalid_request_error"),
+                "param": None,
+                "code": response.status_code,
             }
+            if isinstance(exc, ModelNotFound):  # what OpenAI answers for a model it lacks
+                error.update(type="invalid_request_error", param="model", code="model_not_found")
+            response.data = {"error": error}
         return response
 
     async def post(self, request):
@@ -241,11 +249,11 @@ class OpenAIView(RouterView):
         ask = service.Ask(base=base, expert=expert, **data)
         completion_id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if stream:
-            return await self.stream(ask, completion_id, base, expert)
+            return await self.stream(ask, completion_id, base)
         answer = await self.serve(ask)
-        return Response(self.completion(answer, completion_id, base, expert))
+        return Response(self.completion(answer, completion_id, base))
 
-    def completion(self, answer, completion_id, base, expert):
+    def completion(self, answer, completion_id, base):
         choice = {"index": 0, "finish_reason": answer.finish_reason, "logprobs": None}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": answer.text}
@@ -255,7 +263,7 @@ class OpenAIView(RouterView):
             "id": completion_id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": int(time.time()),
-            "model": model_name(base, expert),
+            "model": model_name(base, answer.expert),
             "choices": [choice],
             "usage": {
                 "prompt_tokens": answer.prompt_tokens,
@@ -265,10 +273,11 @@ class OpenAIView(RouterView):
             "latentry": latentry_fields(answer),
         }
 
-    async def stream(self, ask, completion_id, base, expert):
+    async def stream(self, ask, completion_id, base):
         """Server-sent events: a chunk per piece of text, then one with the finish reason.
         Refusals (4xx, 429, and 503 while it waits for a place in the engine) come before the
-        stream starts."""
+        stream starts. Chunks name the model chosen when the stream started; the last one,
+        and any text after it, what answered (the plain model, if the expert was dropped)."""
         loop = asyncio.get_running_loop()
         pieces = asyncio.Queue()
 
@@ -285,8 +294,9 @@ class OpenAIView(RouterView):
             raise
         pending.ticket.future.add_done_callback(lambda _: put(None))
         created = int(time.time())
+        chosen = pending.choice.name if pending.request.expert is not None else None
 
-        def chunk(delta, finish_reason=None, extra=None):
+        def chunk(delta, finish_reason=None, answer=None):
             choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
             if self.chat:
                 choice["delta"] = delta
@@ -296,10 +306,11 @@ class OpenAIView(RouterView):
                 "id": completion_id,
                 "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": created,
-                "model": model_name(base, expert),
+                "model": model_name(base, answer.expert if answer else chosen),
                 "choices": [choice],
-                **(extra or {}),
             }
+            if finish_reason is not None:  # the last chunk
+                body["latentry"] = latentry_fields(answer)
             return f"data: {json.dumps(body)}\n\n"
 
         async def events():
@@ -317,8 +328,8 @@ class OpenAIView(RouterView):
                 else:
                     while not pieces.empty():  # a plain retry's text, if the expert broke
                         if (piece := pieces.get_nowait()) is not None:
-                            yield chunk({"content": piece})
-                    yield chunk({}, answer.finish_reason, {"latentry": latentry_fields(answer)})
+                            yield chunk({"content": piece}, answer=answer)
+                    yield chunk({}, answer.finish_reason, answer)
                 yield "data: [DONE]\n\n"
             finally:
                 pending.cancel()  # also when the server closes the stream because the client left
@@ -341,8 +352,10 @@ def error_message(data):
     return str(data)
 
 
-def model_name(base, expert):
-    return f"{base}:{expert}" if expert else base
+def model_name(base, expert_name):
+    """The ``model`` a response names: what answered (``<base>:<owner>/<name>@<n>``), or the
+    base alone when no expert did (none asked for, none chosen by auto, or one dropped)."""
+    return f"{base}:{expert_name}" if expert_name else base
 
 
 def latentry_fields(answer):

@@ -114,10 +114,11 @@ def test_an_alias_works_for_generation_openai_and_downloads(alice_client, words,
     assert missing.status_code == 404 and "no version 'nothing'" in missing.json()["detail"]
 
 
-def test_an_unknown_alias_degrades_to_the_plain_model_and_says_why(alice_client, words):
+def test_an_unknown_alias_is_404_and_says_why(alice_client, words):
     body = {"base": "tiny-llama", "prompt": "w5", "max_new_tokens": 2, "expert": "alice/words@x"}
-    answer = alice_client.post(GENERATE, body, format="json").json()
-    assert answer["augmented"] is False and "has no such ready version" in answer["reason"]
+    answer = alice_client.post(GENERATE, body, format="json")
+    assert answer.status_code == 404
+    assert answer.json()["detail"] == "expert alice/words@x has no such ready version"
 
 
 def test_a_request_in_flight_keeps_the_version_its_alias_named_when_it_started(

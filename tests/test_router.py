@@ -82,18 +82,24 @@ def test_naming_an_expert_costs_one_query_without_large_columns(
 @pytest.mark.parametrize(
     "spec, reason",
     [
-        ("alice/words@9", "no such ready version"),
-        ("alice/nothing", "alice/nothing not found"),
-        ("alice/secret", "alice/secret not found"),  # private: the same answer as missing
+        ("alice/words@9", "alice/words@9 has no such ready version"),
+        ("alice/words@nope", "alice/words@nope has no such ready version"),  # no such alias
+        ("alice/nothing", "alice/nothing not found for tiny-llama"),
+        ("alice/secret", "alice/secret not found for tiny-llama"),  # private: as if missing
+        ("alice/empty", "alice/empty has no such ready version"),  # no version yet
     ],
 )
-def test_missing_or_invisible_experts_degrade_to_the_plain_model_and_say_why(
-    bob_client, make_expert, publish, spec, reason
+@pytest.mark.parametrize("path", [GENERATE, "/api/v1/attach"])
+def test_a_named_expert_that_is_not_there_is_404_and_says_why(
+    bob_client, make_expert, publish, spec, reason, path
 ):
     publish(make_expert("words"))
     publish(make_expert("secret", visibility="private"), seed=2)
-    body = ask(bob_client, prompt="w5 w6", expert=spec).json()
-    assert body["augmented"] is False and reason in body["reason"]
+    make_expert("empty")
+    body = {"base": "tiny-llama", "prompt": "w5 w6", "expert": spec}
+    response = bob_client.post(path, body, format="json")
+    assert response.status_code == 404
+    assert response.json() == {"detail": f"expert {reason}"}
 
 
 @pytest.mark.parametrize("spec", ["not-a-name", "alice/words@²", "alice/words@٣", "alice/words@"])
@@ -104,7 +110,7 @@ def test_a_malformed_expert_name_is_400(alice_client, make_expert, publish, spec
     assert "is not owner/name, owner/name@version or @alias" in str(response.json())
 
 
-def test_a_corrupted_stored_file_degrades_and_its_version_is_rejected(
+def test_a_corrupted_stored_file_degrades_then_its_rejected_version_is_404(
     alice_client, make_expert, publish
 ):
     version = publish(make_expert("broken"))
@@ -118,9 +124,11 @@ def test_a_corrupted_stored_file_degrades_and_its_version_is_rejected(
     assert body["augmented"] is False and "sha256" in body["reason"]
     version.refresh_from_db()
     assert version.status == version.REJECTED and "sha256" in version.status_reason
-    again = ask(alice_client, prompt="w5 w6", expert="alice/broken").json()
-    assert again["augmented"] is False
-    assert again["reason"] == f"expert alice/broken@1 was rejected: {version.status_reason}"
+    again = ask(alice_client, prompt="w5 w6", expert="alice/broken")  # no ready version now
+    assert again.status_code == 404
+    assert again.json()["detail"] == (
+        f"expert alice/broken@1 was rejected: {version.status_reason}"
+    )
     listed = alice_client.get("/api/v1/experts/alice/broken/versions/").json()["results"]
     assert [(v["status"], v["status_reason"]) for v in listed] == [
         ("rejected", version.status_reason)
