@@ -372,6 +372,11 @@ class VersionConflict(Exception):
     """The version number is taken (maybe by an upload that raced this one)."""
 
 
+class CopyOfAnother(VersionConflict):
+    """The bytes are already published by another user's expert: a copy is not a second
+    expert (409, naming the original where the uploader may see it)."""
+
+
 class ExpertVersionQuerySet(models.QuerySet):
     def ready(self):
         """Versions that may be routed to and downloaded."""
@@ -483,8 +488,13 @@ class ExpertVersion(models.Model):
            owner's storage quota (QuotaExceeded), then create the row.
         4. If anything fails after storing, remove the object unless another version uses it.
 
+        Bytes another user's expert already published are refused (``check_not_a_copy``)
+        before anything is read, and again under their key's lock after storing them, so
+        that two users publishing the same bytes at once take turns.
+
         A training job publishes at most once: publishing again returns its version.
         """
+        cls.check_not_a_copy(expert.owner, sha256)
         quotas.check_room(expert.owner, size, lock=False)  # before reading anything more
         header = read_header(fileobj, size, max_header_bytes=settings.LATENTRY_MAX_HEADER_BYTES)
         validate(
@@ -508,6 +518,7 @@ class ExpertVersion(models.Model):
                 if cls.objects.filter(expert=locked, number=number).exists():
                     raise VersionConflict(f"version {number} of {expert.full_name} exists")
                 created = references.store(key, fileobj, sha256=sha256)
+                cls.check_not_a_copy(locked.owner, sha256)  # a racing copy committed first
                 quotas.check_room(locked.owner, size)  # held only until the commit below
                 version = cls.objects.create(
                     expert=locked,
@@ -539,6 +550,28 @@ class ExpertVersion(models.Model):
     def _discard(cls, key, created):
         if created:
             references.discard_unused(key)
+
+    @classmethod
+    def check_not_a_copy(cls, owner, sha256):
+        """CopyOfAnother if the first ready version with these bytes is another user's: a
+        copy is not a second expert. The original is named where ``owner`` may see it."""
+        original = (
+            cls.objects.ready()
+            .filter(sha256=sha256)
+            .select_related("expert__owner")
+            .order_by("created_at", "pk")
+            .first()
+        )
+        if original is None or original.expert.owner_id == owner.pk:
+            return
+        if Expert.objects.visible_to(owner).filter(pk=original.expert_id).exists():
+            where = f"as {original.expert.full_name} version {original.number}"
+        else:
+            where = "by another user's expert"
+        raise CopyOfAnother(
+            f"these bytes are already published {where}: a copy of another user's expert "
+            "is not a new expert"
+        )
 
     def open_artifact(self):
         return storage.open_artifact(self.artifact_key)
