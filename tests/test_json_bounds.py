@@ -5,6 +5,7 @@ neither changes anything. One loader (coprocessor.bounded_json) reads every such
 import io
 
 import pytest
+import requests
 
 from coprocessor import bounded_json
 from registry.models import ApiKey, Expert, ExpertVersion, Review
@@ -124,3 +125,15 @@ def test_it_refuses_a_deep_line_in_a_jsonl_dataset(alice_client):
     assert response.status_code == 400
     assert response.json()["file"] == ["line 2: JSON is nested more than 32 levels deep"]
     assert not Dataset.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_refuses_a_deep_body_on_the_router_as_a_serving_process_runs_it(asgi_server):
+    response = requests.post(
+        f"{asgi_server}/v1/chat/completions",
+        data=DEEP,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert "nested more than 32 levels deep" in response.text
