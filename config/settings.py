@@ -280,9 +280,14 @@ LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)
 # The router (inference/). Each serving process loads a base model once and keeps experts in
 # an LRU cache bounded by bytes. One engine per base model batches at every decode step
 # (coprocessor/engine.py): up to LATENTRY_ENGINE_MAX_ROWS rows within a kv-cache budget of
-# LATENTRY_ENGINE_CACHE_COLUMNS (rows x padded cache width; 46 KB each for SmolLM2-135M in
-# fp32); beyond them up to LATENTRY_ENGINE_MAX_WAITING requests wait, each at most
-# LATENTRY_ENGINE_QUEUE_TIMEOUT_S, and a full queue or a passed timeout answers 503.
+# LATENTRY_ENGINE_CACHE_COLUMNS (what the caches really hold: per batch rows x padded width,
+# summed over batches; 46 KB each for SmolLM2-135M in fp32); beyond them up to
+# LATENTRY_ENGINE_MAX_WAITING requests wait, each at most LATENTRY_ENGINE_QUEUE_TIMEOUT_S, and
+# a full queue or a passed timeout answers 503. Up to LATENTRY_ENGINE_BATCHES batches run side
+# by side (one forward each per step), so a near-context prompt is padded alone, not every
+# row to its width. One caller's running rows hold at most LATENTRY_ENGINE_CALLER_COLUMNS
+# (their own columns; their next request waits, others pass it; 0: no bound), and a request
+# that does not fit may be overtaken by younger ones for LATENTRY_ENGINE_OVERTAKE_S only.
 LATENTRY_EXPERT_CACHE_BYTES = env_int("LATENTRY_EXPERT_CACHE_BYTES", 2 * 1024**3)
 LATENTRY_EXPERT_LOAD_TIMEOUT_S = env_float("LATENTRY_EXPERT_LOAD_TIMEOUT_S", 10.0)
 LATENTRY_MAX_NEW_TOKENS = env_int("LATENTRY_MAX_NEW_TOKENS", 512)
@@ -291,6 +296,9 @@ LATENTRY_ENGINE_CACHE_COLUMNS = env_int("LATENTRY_ENGINE_CACHE_COLUMNS", 65536)
 LATENTRY_ENGINE_MAX_WAITING = env_int("LATENTRY_ENGINE_MAX_WAITING", 256)
 LATENTRY_ENGINE_QUEUE_TIMEOUT_S = env_float("LATENTRY_ENGINE_QUEUE_TIMEOUT_S", 30.0)
 LATENTRY_ENGINE_PREFILL_TOKENS = env_int("LATENTRY_ENGINE_PREFILL_TOKENS", 4096)
+LATENTRY_ENGINE_BATCHES = env_int("LATENTRY_ENGINE_BATCHES", 2)
+LATENTRY_ENGINE_CALLER_COLUMNS = env_int("LATENTRY_ENGINE_CALLER_COLUMNS", 16384)
+LATENTRY_ENGINE_OVERTAKE_S = env_float("LATENTRY_ENGINE_OVERTAKE_S", 5.0)
 # The threads that open router requests share for their synchronous work (authentication, the
 # database): they, not the number of open streams, bound a serving process's threads and
 # database connections (inference/asgi.py).

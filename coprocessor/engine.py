@@ -1,12 +1,27 @@
 """A serving engine over one decoder: iteration-level (continuous) batching with admission
 control.
 
-One thread runs the loop. At every iteration it admits waiting requests, oldest first, while
-the running batch stays within its row count and its kv-cache budget (in cache columns summed
-over rows, padding included), prefills them together and joins them to the running rows
-(``generate.RunningBatch``), then decodes one token for every running row and retires the rows
-that end. No request waits for another's answer before its own prefill starts; a request that
-cannot be admitted waits in a bounded queue, for at most its queue timeout.
+One thread runs the loop. At every iteration it admits waiting requests, prefills them
+together and joins them to running rows, then decodes one token for every running row and
+retires the rows that end. No request waits for another's answer before its own prefill
+starts; a request that cannot be admitted waits in a bounded queue, for at most its queue
+timeout.
+
+Memory. A batch's cache is one tensor per layer, rows x padded width (``RunningBatch``): every
+row is as wide as the widest, plus room for the most tokens any row still makes. So the
+kv-cache budget counts exactly that, summed over batches (``Footprint``): what the tensors
+really hold, padding included. One near-context prompt in a batch of short rows would make
+every row that wide; instead the engine runs up to ``Limits.batches`` batches side by side
+(one forward of D each per step): a request joins the batch where it adds the fewest
+columns when the budget holds that, else starts a batch of its own, so a long row costs its
+own columns and the short rows keep theirs. Batches merge again as soon as the budget holds
+them merged (a forward costs more than padding does while memory is there).
+
+Admission, oldest first, within the row count, the budget and the prompt tokens one
+prefill may take. A request whose caller (``Request.caller``) already holds
+``Limits.caller_columns`` in running rows waits for its own earlier rows while others pass
+it; one that does not fit the budget now may be overtaken by younger ones that do, but only
+for ``Limits.overtake_s``: after that nothing passes it, so it is not starved.
 
 Failures stay with their rows: an expert that fails is dropped for its own rows
 (``RunningBatch``); a caller's callback that raises ends its own row; anything else that goes
@@ -61,16 +76,59 @@ class Ticket:
 
 @dataclass
 class Limits:
-    max_rows: int = 32  # rows decoded together
-    cache_columns: int = 32768  # kv-cache budget: rows x padded width at the batch's peak
-    max_waiting: int = 256  # requests queued beyond the running batch
+    max_rows: int = 32  # rows decoded together, in all batches
+    # kv-cache budget, in cache columns: what the batches' caches hold at their peak, each
+    # batch rows x (widest row + most tokens any row still makes), summed over batches
+    cache_columns: int = 32768
+    max_waiting: int = 256  # requests queued beyond the running batches
     queue_timeout_s: float = 30.0  # how long a request may wait to be admitted
-    prefill_tokens: int = 4096  # prompt tokens prefilled in one iteration (one at least)
+    prefill_tokens: int = 4096  # prompt tokens prefilled in one iteration (one prompt at least)
+    batches: int = 2  # batches decoded side by side; each costs one forward of D per step
+    # Cache columns (its own: prefix, prompt, latents and new tokens) that one caller's
+    # running rows may hold; a request alone over it still runs when its caller has nothing
+    # else running. 0: no bound.
+    caller_columns: int = 16384
+    # How long a request that does not fit may be overtaken by younger ones that do; keep it
+    # well under queue_timeout_s, or a long prompt may never get in.
+    overtake_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one batch's cache holds at its peak (``RunningBatch._keep``): every row padded to
+    the widest, plus room for the most new tokens any row still has to make."""
+
+    rows: int = 0
+    width: int = 0
+    to_go: int = 0
+
+    @classmethod
+    def of(cls, batch):
+        to_go = max((r.request.max_new_tokens - len(r.tokens) for r in batch.rows), default=0)
+        return cls(len(batch.rows), batch.width, to_go)
+
+    @property
+    def columns(self):
+        return self.rows * (self.width + self.to_go)
+
+    def joined(self, request):
+        """The footprint with ``request``'s row in it (its prompt, prefix and latents wide)."""
+        width = request.cache_columns() - request.max_new_tokens
+        return Footprint(
+            self.rows + 1, max(self.width, width), max(self.to_go, request.max_new_tokens)
+        )
+
+    def merged(self, other):
+        return Footprint(
+            self.rows + other.rows, max(self.width, other.width), max(self.to_go, other.to_go)
+        )
 
 
 class Engine:
     def __init__(self, decoder, eos_token_id, limits=None):
-        self.batch = RunningBatch(decoder, eos_token_id)
+        self.decoder = decoder
+        self.eos_token_id = eos_token_id
+        self.batches = []  # RunningBatches, none empty between iterations
         self.limits = limits or Limits()
         self.waiting = []  # Tickets, oldest first
         self.condition = threading.Condition()
@@ -129,7 +187,15 @@ class Engine:
     def load(self):
         """(running rows, waiting requests), for health checks and benches."""
         with self.condition:
-            return len(self.batch.rows), len(self.waiting)
+            return len(self.rows()), len(self.waiting)
+
+    def rows(self):
+        """The running rows, in all batches."""
+        return [row for batch in self.batches for row in batch.rows]
+
+    def cache_columns(self):
+        """The cache columns the running batches hold at their peak (what the budget counts)."""
+        return sum(Footprint.of(batch).columns for batch in self.batches)
 
     def _ensure_running(self):
         if self.thread is None or not self.thread.is_alive():
@@ -141,9 +207,9 @@ class Engine:
     def _run(self):
         while True:
             with self.condition:
-                while not (self.waiting or self.batch.rows or self.closed):
+                while not (self.waiting or self.batches or self.closed):
                     self.condition.wait()
-                if self.closed and not (self.waiting or self.batch.rows):
+                if self.closed and not (self.waiting or self.batches):
                     return
             try:
                 self.iterate()
@@ -152,76 +218,152 @@ class Engine:
                 self._fail_running("the server failed while generating")
 
     def iterate(self):
-        """One iteration: drop what was cancelled or is late, admit, decode one token."""
+        """One iteration: drop what was cancelled or is late, admit, decode one token in
+        every batch, then merge batches the budget holds merged."""
         now = time.monotonic()
         self._end_running(now)
         admitted = self._admissible(now)
         if admitted:
-            started = time.monotonic()
             self.admitted_sizes.append(len(admitted))
-            for ticket in admitted:
-                ticket.admitted = started
-                _settle(ticket.admission, True)
+            self._admit(admitted)
+        for batch in self.batches:
+            self._finish(batch.step())
+        self._merge_batches()
+
+    def _admit(self, admitted):
+        """Prefill the admitted tickets, each group with the batch it joins (or starts)."""
+        started = time.monotonic()
+        groups = {}
+        for ticket, index in admitted:
+            ticket.admitted = started
+            _settle(ticket.admission, True)
+            groups.setdefault(index, []).append(ticket)
+        for index, tickets in sorted(groups.items()):
+            if index == len(self.batches):
+                self.batches.append(RunningBatch(self.decoder, self.eos_token_id))
             try:
-                ended = self.batch.admit([t.request for t in admitted], tags=admitted)
+                ended = self.batches[index].admit([t.request for t in tickets], tags=tickets)
             except Exception as exc:  # plain D failed on these prompts: they alone end
                 log.exception("prefill failed")
-                for ticket in admitted:
+                for ticket in tickets:
                     _settle(ticket.future, Generation([], "error", error=str(exc)))
                 ended = []
-            for ticket in admitted:
+            for ticket in tickets:
                 ticket.prefilled = time.monotonic()
             self._finish(ended)
-        self._finish(self.batch.step())
+        self.batches = [batch for batch in self.batches if batch.rows]
 
     def _end_running(self, now):
-        for row in self.batch.rows:
-            ticket = row.tag
-            if ticket.cancelled.is_set():
-                row.end("cancelled")
-            elif ticket.deadline is not None and now >= ticket.deadline:
-                row.end("deadline")
-        self._finish(self.batch.retire())
+        for batch in self.batches:
+            for row in batch.rows:
+                ticket = row.tag
+                if ticket.cancelled.is_set():
+                    row.end("cancelled")
+                elif ticket.deadline is not None and now >= ticket.deadline:
+                    row.end("deadline")
+            self._finish(batch.retire())
+        self.batches = [batch for batch in self.batches if batch.rows]
 
     def _admissible(self, now):
-        """Take waiting tickets, oldest first, while the batch stays within its limits."""
+        """[(ticket, batch index)] taken from the waiting tickets, oldest first, within the
+        limits; an index past the running batches starts a new one."""
         limits = self.limits
+        footprints = [Footprint.of(batch) for batch in self.batches]
+        held = self._columns_by_caller()
+        running = sum(footprint.rows for footprint in footprints)
         taken = []
         with self.condition:
-            kept = []
-            for ticket in self.waiting:
-                if ticket.cancelled.is_set():
-                    _settle(ticket.admission, False)
-                    _settle(ticket.future, Generation([], "cancelled"))
-                elif now >= ticket.queue_deadline:
-                    late = f"not admitted within {limits.queue_timeout_s:g} s"
-                    for future in (ticket.admission, ticket.future):
-                        _settle(future, error=Overloaded(late, self.retry_after_s()))
-                else:
-                    kept.append(ticket)
-            self.waiting = kept
+            self.waiting = self._drop_cancelled_and_late(now)
             prompt_tokens = 0
-            while self.waiting and len(self.batch.rows) + len(taken) < limits.max_rows:
-                ticket = self.waiting[0]
-                prompt_tokens += len(ticket.request.prompt_ids)
-                if taken and prompt_tokens > limits.prefill_tokens:
+            kept = []
+            for at, ticket in enumerate(self.waiting):
+                request = ticket.request
+                if running + len(taken) >= limits.max_rows:
+                    kept += self.waiting[at:]
                     break
-                if self._peak_columns(taken + [ticket]) > limits.cache_columns:
-                    break  # oldest first: a large request is not overtaken forever
-                taken.append(self.waiting.pop(0))
+                if self._caller_holds_enough(request, held):
+                    kept.append(ticket)  # its caller's running rows end first; others pass
+                    continue
+                if taken and prompt_tokens + len(request.prompt_ids) > limits.prefill_tokens:
+                    kept.append(ticket)  # the next iteration's prefill (it is older: first)
+                    continue
+                index = self._place(footprints, request)
+                if index is None:
+                    kept.append(ticket)
+                    if now - ticket.submitted >= limits.overtake_s:
+                        kept += self.waiting[at + 1 :]  # it waited enough: nothing passes it
+                        break
+                    continue
+                if index == len(footprints):
+                    footprints.append(Footprint())
+                footprints[index] = footprints[index].joined(request)
+                if request.caller is not None:
+                    held[request.caller] += request.cache_columns()
+                prompt_tokens += len(request.prompt_ids)
+                taken.append((ticket, index))
+            self.waiting = kept
         return taken
 
-    def _peak_columns(self, joining):
-        """Cache columns (rows x padded width) at the batch's peak if ``joining`` were admitted:
-        the widest row now or joining, plus the most new tokens any row still has to make."""
-        rows = self.batch.rows
-        requests = [t.request for t in joining]
-        width = max([self.batch.width] + [r.cache_columns() - r.max_new_tokens for r in requests])
-        to_go = max(
-            [row.request.max_new_tokens - len(row.tokens) for row in rows]
-            + [r.max_new_tokens for r in requests]
-        )
-        return (len(rows) + len(requests)) * (width + to_go)
+    def _drop_cancelled_and_late(self, now):
+        """The waiting tickets still wanted; those cancelled or past their queue deadline are
+        settled."""
+        kept = []
+        for ticket in self.waiting:
+            if ticket.cancelled.is_set():
+                _settle(ticket.admission, False)
+                _settle(ticket.future, Generation([], "cancelled"))
+            elif now >= ticket.queue_deadline:
+                late = f"not admitted within {self.limits.queue_timeout_s:g} s"
+                for future in (ticket.admission, ticket.future):
+                    _settle(future, error=Overloaded(late, self.retry_after_s()))
+            else:
+                kept.append(ticket)
+        return kept
+
+    def _place(self, footprints, request):
+        """Where ``request`` goes within the budget: the batch where it adds the fewest
+        columns, else a new batch (while fewer than ``Limits.batches`` run), else None."""
+        total = sum(footprint.columns for footprint in footprints)
+        budget = self.limits.cache_columns
+        if footprints:
+            added, index = min(
+                (f.joined(request).columns - f.columns, i) for i, f in enumerate(footprints)
+            )
+            if total + added <= budget:
+                return index
+        if len(footprints) < self.limits.batches and total + request.cache_columns() <= budget:
+            return len(footprints)
+        return None
+
+    def _columns_by_caller(self):
+        """Each caller's cache columns in running rows (their own, not the padding)."""
+        held = collections.Counter()
+        for row in self.rows():
+            if row.request.caller is not None:
+                held[row.request.caller] += row.request.cache_columns()
+        return held
+
+    def _caller_holds_enough(self, request, held):
+        bound = self.limits.caller_columns
+        if not bound or request.caller is None or not held[request.caller]:
+            return False
+        return held[request.caller] + request.cache_columns() > bound
+
+    def _merge_batches(self):
+        """Fold two batches into one while the budget holds them merged: each batch costs a
+        forward of D per step; padding costs only memory."""
+        self.batches = [batch for batch in self.batches if batch.rows]
+        while len(self.batches) > 1:
+            footprints = [Footprint.of(batch) for batch in self.batches]
+            added, i, j = min(
+                (a.merged(b).columns - a.columns - b.columns, i, j)
+                for i, a in enumerate(footprints)
+                for j, b in enumerate(footprints)
+                if i < j
+            )
+            if sum(f.columns for f in footprints) + added > self.limits.cache_columns:
+                return
+            self.batches[i].absorb(self.batches.pop(j))
 
     def _finish(self, rows):
         now = time.monotonic()
@@ -235,9 +377,11 @@ class Engine:
             _settle(ticket.future, row.generation(timings))
 
     def _fail_running(self, message):
-        for row in self.batch.rows:
-            row.end("error", message)
-        self._finish(self.batch.retire())
+        for batch in self.batches:
+            for row in batch.rows:
+                row.end("error", message)
+            self._finish(batch.retire())
+        self.batches = []
 
 
 def _settle(future, result=None, error=None):

@@ -38,6 +38,9 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     # Called with each new token id as it is chosen (streaming); a true result stops the row.
     on_token: object = None
+    # Who asks (any hashable; None: nobody in particular): the engine bounds the cache
+    # columns one caller's running rows hold (``engine.Limits.caller_columns``).
+    caller: object = None
 
     def cache_columns(self):
         """The most cache columns this request's row can reach: its expert's static prefix
@@ -261,6 +264,12 @@ class RunningBatch:
                 for (k, v), (nk, nv) in zip(old_past, new_past, strict=True)
             ]
         )
+
+    def absorb(self, other):
+        """Take ``other``'s rows and their cache: one forward per step serves both."""
+        if other.rows:
+            self._append(other.rows, _Part(other.past, other.bias, None, None))
+        other.rows, other.cache, other.bias = [], None, None
 
     def _keep(self, past):
         """Hold ``past`` for the rows, with room for the most tokens any of them can still add."""

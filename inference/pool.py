@@ -150,6 +150,9 @@ def limits():
         max_waiting=settings.LATENTRY_ENGINE_MAX_WAITING,
         queue_timeout_s=settings.LATENTRY_ENGINE_QUEUE_TIMEOUT_S,
         prefill_tokens=settings.LATENTRY_ENGINE_PREFILL_TOKENS,
+        batches=settings.LATENTRY_ENGINE_BATCHES,
+        caller_columns=settings.LATENTRY_ENGINE_CALLER_COLUMNS,
+        overtake_s=settings.LATENTRY_ENGINE_OVERTAKE_S,
     )
 
 

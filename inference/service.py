@@ -170,8 +170,9 @@ def _submit(engine, requests):
         raise BadRequest(str(exc)) from None
 
 
-def plan(ask, user, on_text=None, prepared=None):
-    """Everything before queueing: the prompt, the expert chosen, the request to generate."""
+def plan(ask, user, on_text=None, prepared=None, caller=None):
+    """Everything before queueing: the prompt, the expert chosen, the request to generate.
+    ``caller`` (``registry.auth.caller``) is whom the engine bounds the cache columns of."""
     loaded, ids = prepared or prepare(ask)
     started = time.perf_counter()
     choice, expert = pick(loaded, ask, ids, user)
@@ -185,6 +186,7 @@ def plan(ask, user, on_text=None, prepared=None):
         top_p=ask.top_p,
         seed=ask.seed,
         on_token=stream.push,
+        caller=caller,
     )
     return Pending(loaded.engine, request, stream, choice, routing_ms)
 

@@ -94,7 +94,7 @@ class RouterView(AsyncAPIView):
             await sync_to_async(fair_use.acquire)(self.caller, len(prepared[1]))
             try:
                 pending = await sync_to_async(service.plan)(
-                    ask, self.request.user, on_text, prepared
+                    ask, self.request.user, on_text, prepared, caller=self.caller
                 )
                 pending.submit()
             except BaseException:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from coprocessor.engine import Engine, Limits, Overloaded, TooLarge
+from coprocessor.engine import Engine, Limits, Overloaded, Ticket, TooLarge
 from coprocessor.expert import Coprocessor, CoprocessorConfig
 from coprocessor.generate import Request, RunningBatch, generate
 from tests.factories import FAMILIES, frozen, randomize, wait_for
@@ -214,3 +214,109 @@ def test_serving_dtype_defaults_by_device_and_refuses_nonsense():
     assert serving_dtype("cpu", "bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="not a floating-point"):
         serving_dtype("cpu", "int8")
+
+
+# --- the budget, long prompts and callers ---------------------------------------------------
+
+
+def queued(engine, request):
+    """Queue a request without starting the engine's thread: the test runs each iteration."""
+    ticket = Ticket(request, queue_deadline=time.monotonic() + 600, deadline=None)
+    engine.waiting.append(ticket)
+    return ticket
+
+
+def run_out(engine, each=lambda: None):
+    while engine.batches or engine.waiting:
+        engine.iterate()
+        each()
+
+
+def allocated_columns(engine):
+    """What the batches' cache tensors really hold: rows x (columns and room), per batch."""
+    return sum(
+        b.cache.layers[0]._keys.shape[0] * b.cache.layers[0]._keys.shape[2] for b in engine.batches
+    )
+
+
+def long_prompt(length=150):
+    return [1 + i % 60 for i in range(length)]
+
+
+def test_a_long_row_does_not_stop_short_rows_from_being_admitted(model):
+    limits = Limits(max_rows=8, cache_columns=300)
+    engine = Engine(model, None, limits)
+    long = Request(long_prompt(), max_new_tokens=60)  # 210 columns: one such row per budget
+    long_ticket = queued(engine, long)
+    engine.iterate()
+    shorts = [Request([i + 1, 2, 3], max_new_tokens=8) for i in range(7)]
+    short_tickets = [queued(engine, r) for r in shorts]
+    engine.iterate()
+    assert all(t.admitted for t in short_tickets), "short rows join while the long one runs"
+    assert not long_ticket.future.done()
+    peaks = []
+    run_out(engine, lambda: peaks.append((engine.cache_columns(), allocated_columns(engine))))
+    assert max(counted for counted, _ in peaks) <= limits.cache_columns
+    assert all(allocated <= counted for counted, allocated in peaks), "the budget is real memory"
+    assert long_ticket.future.result().token_ids == alone(model, long)
+    assert [t.future.result().token_ids for t in short_tickets] == [alone(model, r) for r in shorts]
+
+
+def test_batches_merge_again_once_the_budget_holds_them_merged(model):
+    engine = Engine(model, None, Limits(cache_columns=600))
+    long_ticket = queued(engine, Request(long_prompt(), max_new_tokens=60))
+    engine.iterate()
+    beside = Request([4, 5, 6], max_new_tokens=20)  # fits beside it, padded to its width
+    queued(engine, beside)
+    engine.iterate()
+    apart = Request([7, 8, 9], max_new_tokens=20)  # would not: starts a batch of its own
+    apart_ticket = queued(engine, apart)
+    engine.iterate()
+    assert [len(b.rows) for b in engine.batches] == [2, 1]
+    long_ticket.cancel()
+    engine.iterate()
+    assert [len(b.rows) for b in engine.batches] == [2], "one forward per step again"
+    run_out(engine)
+    assert apart_ticket.future.result().token_ids == alone(model, apart)
+
+
+def test_one_callers_columns_in_flight_are_bounded(model):
+    engine = Engine(model, None, Limits(caller_columns=40))
+    mine = [Request([1, 2, 3, i + 4], max_new_tokens=16, caller="addr:1") for i in range(3)]
+    my_tickets = [queued(engine, r) for r in mine]  # 20 columns each: two at a time
+    other = queued(engine, Request([5, 6], max_new_tokens=4, caller="user:2"))
+    engine.iterate()
+    assert [bool(t.admitted) for t in my_tickets] == [True, True, False]
+    assert other.admitted, "another caller passes the one that holds enough"
+
+    def held():
+        rows = engine.rows()
+        return sum(r.request.cache_columns() for r in rows if r.request.caller == "addr:1")
+
+    holding = []
+    run_out(engine, lambda: holding.append(held()))
+    assert max(holding) <= 40
+    assert [t.future.result().token_ids for t in my_tickets] == [alone(model, r) for r in mine]
+
+
+def test_a_request_alone_over_its_callers_bound_still_runs(model):
+    engine = Engine(model, None, Limits(caller_columns=10))
+    big = Request([1, 2, 3, 4], max_new_tokens=16, caller="addr:1")
+    ticket = queued(engine, big)
+    run_out(engine)
+    assert ticket.future.result().token_ids == alone(model, big)
+
+
+@pytest.mark.parametrize("overtake_s, small_passes", [(600, True), (0, False)])
+def test_a_request_that_does_not_fit_is_overtaken_only_for_a_while(model, overtake_s, small_passes):
+    limits = Limits(cache_columns=100, batches=1, overtake_s=overtake_s)
+    engine = Engine(model, None, limits)
+    queued(engine, Request(long_prompt(10), max_new_tokens=30))
+    engine.iterate()
+    big = queued(engine, Request(long_prompt(20), max_new_tokens=50))  # not beside that one
+    small = queued(engine, Request([3, 4], max_new_tokens=3))  # would fit
+    engine.iterate()
+    assert not big.admitted
+    assert bool(small.admitted) is small_passes
+    run_out(engine)
+    assert big.future.result().finish_reason == "length"
