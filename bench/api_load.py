@@ -48,32 +48,37 @@ import http.client
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import (
+    GUNICORN_THREADS,
+    Stats,
+    add_smoke_argument,
+    add_web_workers_argument,
+    free_port,
+    migrate,
+    parse,
+    recreate_database,
+    server_env,
+    start_gunicorn,
+    stop,
+    wait_until_ready,
+)
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_bench"
+SMOKE = dict(
+    seconds=0.5,
+    rounds=1,
+    clients=2,
+    experts=200,
+    lookups=20,
+    web_workers=1,
+    database_url=DEFAULT_DATABASE_URL + "_smoke",
+)
 DEFAULT_CACHE_URL = "redis://127.0.0.1:6379/7"  # bench/load.py uses 5 and 6
-
-# One worker per core: the work is CPU-bound Python, and PostgreSQL and the clients need the same
-# two cores. gthread rather than sync because sync closes the connection after every response:
-# a TCP handshake per request on both sides cost the floor about 20% of its requests/s here,
-# which would measure connection set-up rather than the framework. Two threads let a worker
-# start one request while another waits on the database; 1, 2 and 4 threads measured the same
-# within noise, and more only add GIL contention. The 16 keep-alive connections wait in each
-# worker's poller between requests, not in a thread.
-GUNICORN_WORKERS = 2
-GUNICORN_THREADS = 2
 
 TOPICS = {
     "code": ["refactoring", "compiler", "rust", "typescript", "kernel", "sql", "regex", "api"],
@@ -98,41 +103,6 @@ SEARCH_WORDS = [w for words in TOPICS.values() for w in words] + KINDS + ["missi
 
 
 # --- database -------------------------------------------------------------------------------
-
-
-def server_env(database_url, cache_url, var_dir):
-    """The environment of migrate, the seeding and gunicorn: production settings, local DB."""
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DATABASE_URL": database_url,
-        "CACHE_URL": cache_url,
-        "DEBUG": "false",
-        "SECRET_KEY": "bench-only-secret-key-not-for-production-use-0123456789abcdef",
-        "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "LATENTRY_VAR_DIR": str(var_dir),
-        "LOG_LEVEL": "WARNING",
-    }
-
-
-def recreate_database(database_url):
-    """Drop and create the database named in the URL, through the server's 'postgres' DB."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
-    admin_url = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        database = sql.Identifier(name)
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(database))
-
-
-def migrate(env):
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True
-    )
 
 
 def seed(env, n_experts, rng):
@@ -322,85 +292,7 @@ def seed_aliases(rng):
 # --- server ---------------------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_gunicorn(env, port, log):
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "config.wsgi",
-        f"--bind=127.0.0.1:{port}",
-        f"--workers={GUNICORN_WORKERS}",
-        "--worker-class=gthread",
-        f"--threads={GUNICORN_THREADS}",
-        "--keep-alive=30",
-        "--graceful-timeout=10",
-        "--log-level=warning",
-    ]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_until_ready(server, port, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {server.returncode}")
-        try:
-            if get(port, "/api/v1/health/") == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("gunicorn did not answer in time")
-
-
-def stop(server):
-    """SIGTERM lets the workers finish their requests; kill only if that hangs."""
-    if server.poll() is not None:
-        return
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
-def get(port, path):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 # --- load -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Stats:
-    name: str
-    latencies: list = field(default_factory=list)
-    errors: int = 0
-    seconds: float = 0.0
-
-    @property
-    def rps(self):
-        return len(self.latencies) / self.seconds
-
-    def percentile_ms(self, p):
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 def client(port, paths, deadline, stats, lock, seed):
@@ -500,11 +392,11 @@ def serve_and_drive(env, log, plan, args):
     during the run falls on all of them alike and leaves the ratios alone.
     """
     port = free_port()
-    server = start_gunicorn(env, port, log)
+    server = start_gunicorn(env, port, log, args.web_workers)
     try:
         wait_until_ready(server, port)
         for _, paths in plan:  # open every worker thread's DB connection, warm every code path
-            drive(port, Stats("warm-up"), paths, args.clients, 1)
+            drive(port, Stats("warm-up"), paths, args.clients, min(1, args.seconds))
         results = [Stats(name) for name, _ in plan]
         for _ in range(args.rounds):
             for stats, (_, paths) in zip(results, plan, strict=True):
@@ -526,7 +418,7 @@ def print_settings(args):
     )
     print(f"database={args.database_url} cache={args.cache_url or 'per-process memory'}")
     print(
-        f"gunicorn config.wsgi workers={GUNICORN_WORKERS} gthread threads={GUNICORN_THREADS}; "
+        f"gunicorn config.wsgi workers={args.web_workers} gthread threads={GUNICORN_THREADS}; "
         f"cpus={os.cpu_count()} python={platform.python_version()} django={django.__version__}"
     )
 
@@ -568,7 +460,9 @@ def main():
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     parser.add_argument("--cache-url", default=DEFAULT_CACHE_URL, help='"": per process')
     parser.add_argument("--lookups", type=int, default=2000, help="router lookups timed, each")
-    args = parser.parse_args()
+    add_web_workers_argument(parser)
+    add_smoke_argument(parser)
+    args = parse(parser, SMOKE)
     print_settings(args)
 
     with tempfile.TemporaryDirectory(prefix="latentry-bench-") as tmp:

@@ -1,13 +1,26 @@
-"""Shared set-up of the ML benchmarks: threads, the real base model, the corpus."""
+"""What the benches share, one home each: the smoke setting; the ML benches' threads, base
+model, corpora and expert settings; the service benches' database, gunicorn and load statistics.
+
+Every bench takes ``--smoke`` (or ``BENCH_SMOKE=1`` in the environment): its whole path in
+seconds, on the tests' tiny decoder where the real base model is not the point, with a handful of
+requests or steps. A smoke run still ends with the full run's ``RESULT`` keys; its figures
+measure nothing (tests/test_benches.py runs every bench this way).
+"""
 
 import argparse
 import copy
 import gzip
+import http.client
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
@@ -18,10 +31,40 @@ from coprocessor import base_models, corpus  # noqa: E402
 from coprocessor.train import TrainConfig  # noqa: E402
 
 MODEL_CACHE = ROOT / "var" / "base_models" / base_models.DEFAULT_SLUG
+SMOKE_DOCUMENTS = 40  # documents per corpus in a smoke run
+
+
+# --- the smoke setting ------------------------------------------------------------------------
+
+
+def add_smoke_argument(p):
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        default=os.environ.get("BENCH_SMOKE") == "1",
+        help="the whole path in seconds on tiny inputs (or BENCH_SMOKE=1): measures nothing",
+    )
+
+
+def parse(p, smoke):
+    """``p``'s arguments; in a smoke run, with the bench's ``smoke`` values in place of those
+    given (the smoke settings are the bench's own, not the caller's)."""
+    args = p.parse_args()
+    if args.smoke:
+        for name, value in smoke.items():
+            if not hasattr(args, name):
+                raise AttributeError(f"smoke setting for an unknown argument: {name}")
+            setattr(args, name, value)
+        print(f"smoke run (measures nothing): {smoke}")
+    return args
+
+
+# --- the ML benches ---------------------------------------------------------------------------
 
 
 def parser(description):
     p = argparse.ArgumentParser(description=description)
+    add_smoke_argument(p)
     p.add_argument("--text", help="a .txt or .jsonl corpus instead of the Python docs")
     p.add_argument(
         "--threads",
@@ -34,7 +77,11 @@ def parser(description):
 
 
 def setup(args):
+    """The base model and its tokenizer: SmolLM2-135M, or in a smoke run the tests' tiny llama
+    (its word-level tokenizer reads most text as <unk>: enough to run every step)."""
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        return smoke_model(args.device)
     started = time.perf_counter()
     model, tokenizer = base_models.load_default(MODEL_CACHE, device=args.device)
     print(
@@ -52,10 +99,23 @@ def corpus_ids(args, tokenizer, name=None):
         name = args.text
     else:
         name = name or "python-docs"
-        train, heldout = split_documents(domain_texts()[name])
+        texts = domain_texts()[name]
+        train, heldout = split_documents(texts[: SMOKE_DOCUMENTS if args.smoke else None])
     train_ids, heldout_ids = corpus.tokenize(tokenizer, train), corpus.tokenize(tokenizer, heldout)
     print(f"corpus {name}: {len(train_ids)} training tokens, {len(heldout_ids)} held-out")
     return train_ids, heldout_ids
+
+
+def smoke_model(device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import LLAMA_SHAPE, frozen, word_tokenizer
+
+    # Positions for the real benches' windows and prompts (rotary: a longer table costs nothing).
+    config = LlamaConfig(**LLAMA_SHAPE | {"max_position_embeddings": 4096})
+    model = frozen(lambda: LlamaForCausalLM(config))
+    print("smoke run: the tests' tiny llama and word-level tokenizer")
+    return model.to(device), word_tokenizer()
 
 
 def split_documents(texts, heldout_every=10):
@@ -177,3 +237,140 @@ def peft_lora_copy(model, rank, alpha):
     return get_peft_model(
         copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     )
+
+
+# --- the service benches ----------------------------------------------------------------------
+
+# One worker per core: the work is CPU-bound Python, and PostgreSQL and the clients need the same
+# two cores. gthread rather than sync because sync closes the connection after every response:
+# a TCP handshake per request on both sides cost the floor about 20% of its requests/s here,
+# which would measure connection set-up rather than the framework. Two threads let a worker
+# start one request while another waits on the database; 1, 2 and 4 threads measured the same
+# within noise, and more only add GIL contention. The 16 keep-alive connections wait in each
+# worker's poller between requests, not in a thread.
+GUNICORN_WORKERS = 2
+GUNICORN_THREADS = 2
+
+
+def server_env(database_url, cache_url, var_dir):
+    """The environment of migrate, the seeding and gunicorn: production settings, local DB."""
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": database_url,
+        "CACHE_URL": cache_url,
+        "DEBUG": "false",
+        "SECRET_KEY": "bench-only-secret-key-not-for-production-use-0123456789abcdef",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "LATENTRY_VAR_DIR": str(var_dir),
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def recreate_database(database_url):
+    """Drop and create the database named in the URL, through the server's 'postgres' DB."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin_url = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        database = sql.Identifier(name)
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(database))
+
+
+def migrate(env):
+    """Migrate the database in this process, with ``env`` as its settings: the bench then seeds
+    it through the same Django set-up (a process of its own would cost one more start-up)."""
+    os.environ.update(env)
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", interactive=False, verbosity=0)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def add_web_workers_argument(p):
+    p.add_argument(
+        "--web-workers", type=int, default=GUNICORN_WORKERS, help="gunicorn worker processes"
+    )
+
+
+def start_gunicorn(env, port, log, workers=GUNICORN_WORKERS):
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "config.wsgi",
+        f"--bind=127.0.0.1:{port}",
+        f"--workers={workers}",
+        "--worker-class=gthread",
+        f"--threads={GUNICORN_THREADS}",
+        "--keep-alive=30",
+        "--graceful-timeout=10",
+        "--log-level=warning",
+    ]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until_ready(server, port, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {server.returncode}")
+        try:
+            if get(port, "/api/v1/health/") == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("gunicorn did not answer in time")
+
+
+def stop(server):
+    """SIGTERM lets the workers finish their requests; kill only if that hangs."""
+    if server.poll() is not None:
+        return
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def get(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+@dataclass
+class Stats:
+    name: str
+    latencies: list = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rps(self):
+        return len(self.latencies) / self.seconds
+
+    def percentile_ms(self, p):
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]

@@ -44,6 +44,7 @@ import django  # noqa: E402
 
 django.setup()
 
+from common import add_smoke_argument, parse  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -71,7 +72,8 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=300, help="training steps per job")
     p.add_argument("--cancels", type=int, default=3)
-    args = p.parse_args()
+    add_smoke_argument(p)
+    args = parse(p, smoke=dict(jobs=1, workers=1, steps=5, cancels=1))
 
     call_command("migrate", verbosity=0)
     user, base, domain = setup_registry()

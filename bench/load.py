@@ -49,41 +49,47 @@ import http.client
 import io
 import json
 import random
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from urllib3 import encode_multipart_formdata  # noqa: E402
-
-from bench.api_load import (  # noqa: E402
+from common import (
     Stats,
+    add_smoke_argument,
+    add_web_workers_argument,
     free_port,
     migrate,
+    parse,
     recreate_database,
     server_env,
     start_gunicorn,
     stop,
     wait_until_ready,
 )
+from urllib3 import encode_multipart_formdata
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_load"
 BROKER_URL = "redis://127.0.0.1:6379/5"
 CACHE_URL = "redis://127.0.0.1:6379/6"
 MIX = [("read", 0.7), ("generate", 0.2), ("upload", 0.1)]
 GENERATED_EXPERTS = range(5)  # the published experts that generation asks for
+SMOKE = dict(
+    seconds=1.0,
+    steps="1,2",
+    legit_clients=2,
+    abusers=1,
+    abuser_threads=1,
+    web_workers=1,
+    database_url=DEFAULT_DATABASE_URL + "_smoke",
+)
 
 
 def environment(args, var_dir):
-    env = server_env(args.database_url, var_dir)
+    env = server_env(args.database_url, CACHE_URL, var_dir)
     env.update(
         CELERY_BROKER_URL=BROKER_URL,
-        CACHE_URL=CACHE_URL,
         LATENTRY_ARTIFACTS_DIR=str(var_dir / "artifacts"),
         LATENTRY_GENERATE_RATE="",
         LATENTRY_UPLOAD_RATE="",
@@ -492,11 +498,11 @@ def abuse_run(args):
         abuse = seed_abusers(args.abusers, spec)
         port = free_port()
         with open(var_dir / "server.log", "w+") as log:
-            server = start_gunicorn(env, port, log)
+            server = start_gunicorn(env, port, log, args.web_workers)
             try:
                 wait_until_ready(server, port)
                 uploads = []
-                warm = argparse.Namespace(**{**vars(args), "seconds": 5})
+                warm = argparse.Namespace(**{**vars(args), "seconds": min(5, args.seconds)})
                 legit_phase(port, people, upload, base_slug, warm, uploads)
                 alone, _ = legit_phase(port, people, upload, base_slug, args, uploads)
                 beside, outcomes = legit_phase(
@@ -544,7 +550,9 @@ def main():
     p.add_argument("--abusers", type=int, default=3, help="abusive accounts")
     p.add_argument("--abuser-threads", type=int, default=2, help="clients per abusive account")
     p.add_argument("--abuser-rate", type=float, default=5.0, help="requests/s per abusive client")
-    args = p.parse_args()
+    add_web_workers_argument(p)
+    add_smoke_argument(p)
+    args = parse(p, SMOKE)
     if args.abuse:
         return abuse_run(args)
     steps = [int(s) for s in args.steps.split(",")]
@@ -556,7 +564,7 @@ def main():
         people, upload, base_slug, _ = seed(env, max(steps), var_dir)
         port = free_port()
         with open(var_dir / "server.log", "w+") as log:
-            server = start_gunicorn(env, port, log)
+            server = start_gunicorn(env, port, log, args.web_workers)
             from tests.factories import Worker, wait_for  # after seed() set Django up
 
             worker = Worker("load", env, name="load", log_path=var_dir / "worker.log")

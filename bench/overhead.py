@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from common import corpus_ids, parser, setup, space_token
+from common import corpus_ids, parse, parser, setup, space_token
 
 from coprocessor.decoder import prefill
 from coprocessor.expert import Coprocessor, CoprocessorConfig
@@ -30,7 +30,7 @@ def main():
     defaults = TrainConfig().expert  # what a job trains
     p.add_argument("--n-latents", type=int, default=defaults.n_latents)
     p.add_argument("--prefix-positions", type=int, default=defaults.prefix_positions)
-    args = p.parse_args()
+    args = parse(p, smoke=dict(repeats=1, prompt_tokens=48, new_tokens=4))
     model, tokenizer = setup(args)
     _, heldout_ids = corpus_ids(args, tokenizer)
     prompt = heldout_ids[: args.prompt_tokens].tolist()

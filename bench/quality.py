@@ -18,7 +18,15 @@ figures of arms not run are left out).
 import time
 
 import torch
-from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
+from common import (
+    add_expert_arguments,
+    corpus_ids,
+    parse,
+    parser,
+    peft_lora_copy,
+    setup,
+    train_config,
+)
 
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.expert import Coprocessor, SoftTokens
@@ -33,12 +41,19 @@ def main():
     add_expert_arguments(p)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--curve-points", type=int, default=5)
+    p.add_argument("--heldout-windows", type=int, default=21, help="held-out windows per corpus")
     p.add_argument(
         "--arms",
         default="expert,soft,lora",
         help="which of expert, soft, lora to train (experiments: fewer)",
     )
-    args = p.parse_args()
+    # Every arm, for a second each: the smoke run prints every key of the full run.
+    args = parse(
+        p,
+        smoke=dict(
+            budget_min=1 / 60, curve_points=2, window=64, windows_per_step=2, heldout_windows=2
+        ),
+    )
     arms = set(args.arms.split(","))
     model, tokenizer = setup(args)
     train_ids, heldout_ids = corpus_ids(args, tokenizer, None if args.text else args.corpus)
@@ -85,7 +100,11 @@ def main():
 
 def make_heldout(ids, args):
     return heldout_set(
-        ids, window=args.window, ahead=args.ahead, positions_per_window=4, max_windows=21
+        ids,
+        window=args.window,
+        ahead=args.ahead,
+        positions_per_window=4,
+        max_windows=args.heldout_windows,
     )
 
 

@@ -52,7 +52,7 @@ import django  # noqa: E402
 django.setup()
 
 import torch  # noqa: E402
-from common import domain_texts  # noqa: E402
+from common import add_smoke_argument, domain_texts, parse, smoke_model  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
@@ -74,12 +74,12 @@ def main():
     p.add_argument(
         "--parts", default="overhead,switch,mixed,auto", help="which measurements to take"
     )
-    args = p.parse_args()
+    add_smoke_argument(p)
+    args = parse(p, smoke=dict(repeats=1, experts=3, prompts_per_domain=2))
     torch.set_num_threads(args.threads)
 
     call_command("migrate", verbosity=0)
-    call_command("import_base_model", verbosity=0)
-    record = BaseModel.objects.get(slug=base_models.DEFAULT_SLUG)
+    record = smoke_base_model() if args.smoke else default_base_model()
     user = get_user_model().objects.create_user("bench")
     loaded = pool.pool().base(record)
     train, heldout = corpus.demo_split()
@@ -100,6 +100,22 @@ def main():
         f"cold_load_ms={cold_ms:.1f} mixed_throughput_ratio={mixed:.3f} "
         f"auto_accuracy={accuracy:.3f}"
     )
+
+
+def default_base_model():
+    call_command("import_base_model", verbosity=0)
+    return BaseModel.objects.get(slug=base_models.DEFAULT_SLUG)
+
+
+def smoke_base_model():
+    """The smoke run's base model: the tests' tiny llama, registered as a job would find it."""
+    from tests.factories import register_tiny_llama
+
+    model, tokenizer = smoke_model("cpu")
+    folder = SCRATCH / "tiny-llama"
+    base_models.convert(model, tokenizer, folder)
+    context = model.config.max_position_embeddings
+    return register_tiny_llama(base_models.describe(model), folder, context_length=context)
 
 
 class ExpertMaker:

@@ -10,7 +10,7 @@ which cost what trained ones do), half are plain. Arms, on the same arrivals:
 
   engine        coprocessor.engine.Engine with the serving defaults (the router's engine)
   engine-plain  the same arrivals, every request plain (for mixed_vs_plain_goodput)
-  static        bench/static_batcher.py: the batcher the router had before the engine
+  static        the batcher the router had before the engine (StaticBatcher, below)
   transformers  the plain arrivals through transformers' ContinuousBatchingManager
 
 The arms run in this process, each on its own; nothing else runs beside them. A rate is
@@ -27,15 +27,17 @@ transformers, best output tokens/s of each> mixed_vs_plain_goodput=<engine/engin
 sustained rate> errors=<n>``; 503s under overload are counted apart from errors.
 """
 
+import collections
 import dataclasses
+import queue
 import random
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from common import corpus_ids, parser, setup
-from static_batcher import Batcher
+from common import corpus_ids, parse, parser, setup
 
 from coprocessor import base_models
 from coprocessor.engine import Engine, Overloaded
@@ -107,13 +109,22 @@ def main():
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--arms", default="engine,engine-plain,static,transformers")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    p.add_argument(
+        "--transformers-blocks",
+        type=int,
+        help="paged-cache blocks of the transformers arm (default: its own sizing, which takes "
+        "most of free memory and ~20 s on a CPU)",
+    )
+    # One rate, every arm (the RESULT compares them), a few requests each.
+    args = parse(
+        p, smoke=dict(rates="4", duration=1.5, min_requests=2, experts=2, transformers_blocks=16)
+    )
     model, tokenizer = setup(args)
     model.to(base_models.serving_dtype(args.device))
     _, heldout = corpus_ids(args, tokenizer)
     heldout = heldout.tolist()
     experts = [make_expert(model, seed) for seed in range(args.experts)]
-    alone = calibrate(model, heldout, experts)
+    alone = calibrate(model, heldout, experts, SMOKE_CALIBRATION if args.smoke else CALIBRATION)
     rates = [float(r) for r in args.rates.split(",")]
     reports = {}
     for arm in args.arms.split(","):
@@ -123,7 +134,7 @@ def main():
             arrivals = workload(rate, duration, heldout, len(experts), args.seed)
             if arm in ("engine-plain", "transformers"):
                 arrivals = [Arrival(a.at, a.prompt, a.new_tokens, None) for a in arrivals]
-            report = ARMS[arm](model, experts, arrivals, rate)
+            report = ARMS[arm](model, experts, arrivals, rate, args)
             row = report.row(alone)
             reports[arm].append(row)
             print_row(arm, row, flush=True)
@@ -158,11 +169,15 @@ def workload(rate, duration, heldout, n_experts, seed):
     return arrivals
 
 
-def calibrate(model, heldout, experts):
+CALIBRATION = [(16, 8), (256, 8), (16, 64), (256, 64), (128, 32)]  # (prompt, new tokens)
+SMOKE_CALIBRATION = [(8, 2), (32, 2), (8, 8)]
+
+
+def calibrate(model, heldout, experts, shapes=CALIBRATION):
     """Latency of a request alone: least squares of a + b * prompt + c * new tokens over a few
     requests served one at a time."""
     rows, times = [], []
-    for prompt_len, new in [(16, 8), (256, 8), (16, 64), (256, 64), (128, 32)]:
+    for prompt_len, new in shapes:
         for expert in (None, experts[0]):
             request = Request(heldout[:prompt_len], expert, new)
             started = time.perf_counter()
@@ -216,7 +231,7 @@ def finisher(outcome, started, finished):
     return done
 
 
-def run_engine(model, experts, arrivals, rate):
+def run_engine(model, experts, arrivals, rate, args):
     engine = Engine(model, eos_token_id=None)
 
     def submit(arrival, outcome, started, finished):
@@ -239,8 +254,8 @@ def run_engine(model, experts, arrivals, rate):
     return RateReport(rate, outcomes, wall)
 
 
-def run_static(model, experts, arrivals, rate):
-    batcher = Batcher(model, None, max_batch=16, wait_s=0.005, max_wait_s=0.05)
+def run_static(model, experts, arrivals, rate, args):
+    batcher = StaticBatcher(model, None, max_batch=16, wait_s=0.005, max_wait_s=0.05)
 
     def submit(arrival, outcome, started, finished):
         expert = experts[arrival.expert] if arrival.expert is not None else None
@@ -253,12 +268,16 @@ def run_static(model, experts, arrivals, rate):
     return RateReport(rate, outcomes, wall)
 
 
-def run_transformers(model, experts, arrivals, rate):
+def run_transformers(model, experts, arrivals, rate, args):
     """transformers' continuous batching (paged cache, its own scheduler), plain requests."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(do_sample=False, max_new_tokens=128, eos_token_id=-1)
-    manager = model.init_continuous_batching(generation_config=config)
+    cache = ContinuousBatchingConfig(num_blocks=args.transformers_blocks)
+    manager = model.init_continuous_batching(
+        generation_config=config, continuous_batching_config=cache
+    )
     manager.start()
     waiting = {}
     lock = threading.Lock()
@@ -303,6 +322,87 @@ def run_transformers(model, experts, arrivals, rate):
     manager.stop(block=True)
     model.destroy_cached_continuous_batching_manager()
     return RateReport(rate, outcomes, wall)
+
+
+# --- the static baseline ---------------------------------------------------------------------
+
+
+class StaticBatcher:
+    """Shared decode batches: requests that arrive together are generated together.
+
+    One thread per base model runs the decoder. It takes the first waiting request, gathers what
+    else keeps arriving (up to ``max_batch``), and generates them as one batch: the LoRA experts'
+    latents come from the batch's one prefill (each row with its own expert's deltas), decoding is
+    shared, and a request's output does not depend on its batch-mates (coprocessor.generate).
+    """
+
+    def __init__(self, decoder, eos_token_id, *, max_batch=16, wait_s=0.005, max_wait_s=0.05):
+        self.decoder = decoder
+        self.eos_token_id = eos_token_id
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.max_wait_s = max(max_wait_s, wait_s)
+        self.waiting = queue.Queue()
+        self.thread = None
+        self.lock = threading.Lock()
+        self.closed = False
+        self.batch_sizes = collections.deque(maxlen=1000)  # recent batch sizes, for benches
+
+    def submit(self, request):
+        """Queue a coprocessor.generate.Request; the Future gives its Generation."""
+        future = Future()
+        with self.lock:
+            if self.closed:  # its model was replaced: the caller asks the pool again
+                raise RuntimeError("this base model was reloaded; send the request again")
+            self.waiting.put((request, future))
+        self._ensure_running()
+        return future
+
+    def _ensure_running(self):
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="decode-batcher", daemon=True)
+                self.thread.start()
+
+    def stop(self):
+        """Serve what is queued, then end; later submits are refused."""
+        with self.lock:
+            self.closed = True
+            self.waiting.put(None)
+
+    def _run(self):
+        while True:
+            first = self.waiting.get()
+            if first is None:
+                return
+            batch = [first]
+            self._gather(batch)
+            self.batch_sizes.append(len(batch))
+            requests = [request for request, _ in batch]
+            try:
+                outputs = generate(self.decoder, requests, eos_token_id=self.eos_token_id)
+            except Exception as exc:  # every waiting caller learns of it; the thread lives on
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), output in zip(batch, outputs, strict=True):
+                future.set_result(output)
+
+    def _gather(self, batch):
+        """Take more requests while they keep coming (each arrival waits ``wait_s`` more for
+        the next), for at most ``max_wait_s`` in all."""
+        started = time.monotonic()
+        deadline = started + self.wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self.waiting.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                return
+            if item is None:
+                self.waiting.put(None)
+                return
+            batch.append(item)
+            deadline = min(time.monotonic() + self.wait_s, started + self.max_wait_s)
 
 
 ARMS = {

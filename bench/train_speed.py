@@ -13,7 +13,15 @@ Ends with RESULT train_speed_ratio=<expert/finetune loss tokens per second>.
 import time
 
 import torch
-from common import add_expert_arguments, corpus_ids, parser, peft_lora_copy, setup, train_config
+from common import (
+    add_expert_arguments,
+    corpus_ids,
+    parse,
+    parser,
+    peft_lora_copy,
+    setup,
+    train_config,
+)
 
 from coprocessor.expert import Coprocessor
 from coprocessor.train import loss_tokens_per_step, make_optimizer, sample_windows, train_step
@@ -23,7 +31,7 @@ def main():
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=5)
     add_expert_arguments(p)
-    args = p.parse_args()
+    args = parse(p, smoke=dict(steps=1, window=64, windows_per_step=2))
     model, tokenizer = setup(args)
     train_ids, _ = corpus_ids(args, tokenizer)
     config = train_config(args, tokenizer)

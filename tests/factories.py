@@ -22,91 +22,24 @@ import torch
 from django.db import connection
 from rest_framework.test import APIClient
 from safetensors.torch import save
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from coprocessor import artifact
 from coprocessor.expert import Coprocessor, CoprocessorConfig
 from registry import storage
 from registry.models import ApiKey, BaseModel
-from training import datasets
-
-# --- tiny decoders and corpora ----------------------------------------------------------------
-
-VOCAB = 64
-
-
-# llama and qwen2 share a shape: grouped-query attention (4 heads, 2 kv heads), gated MLP.
-LLAMA_SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
+from tests.tiny import (  # noqa: F401 (re-exported: tests import them from here)
+    FAMILIES,
+    LLAMA_SHAPE,
+    VOCAB,
+    frozen,
+    phrase_corpus,
+    phrase_text,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_qwen2,
+    word_tokenizer,
 )
-
-
-def tiny_llama():
-    return LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE))
-
-
-def tiny_qwen2():
-    return Qwen2ForCausalLM(Qwen2Config(**LLAMA_SHAPE))
-
-
-def tiny_gpt2():
-    return GPT2LMHeadModel(
-        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256)
-    )
-
-
-FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
-
-
-def frozen(make, seed=0):
-    torch.manual_seed(seed)
-    model = make()
-    return model.eval().requires_grad_(False)
-
-
-def phrase_corpus(n_phrases=12, phrase_len=6, length=4000, seed=0, vocab=VOCAB):
-    """Random phrases (over the first ``vocab`` token ids) repeated in random order."""
-    generator = torch.Generator().manual_seed(seed)
-    phrases = [
-        torch.randint(0, vocab, (phrase_len,), generator=generator) for _ in range(n_phrases)
-    ]
-    order = torch.randint(0, n_phrases, (length // phrase_len,), generator=generator)
-    return torch.cat([phrases[i] for i in order.tolist()])
-
-
-def word_tokenizer():
-    """A small word-level fast tokenizer, built offline, for base-model loading tests."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1}
-    for i in range(2, VOCAB):
-        vocab[f"w{i}"] = i
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
-    )
-
-
-def phrase_text(**kwargs):
-    """phrase_corpus as text for word_tokenizer: token id i is the word "w<i>" (i >= 2)."""
-    ids = phrase_corpus(**kwargs, vocab=VOCAB - 2) + 2
-    return " ".join(f"w{i}" for i in ids.tolist())
-
+from training import datasets
 
 # --- experts and registry rows --------------------------------------------------------------
 
@@ -174,7 +107,7 @@ def expert_file_bytes(
     return save({k: v.contiguous() for k, v in made.items()}, metadata=meta)
 
 
-def register_tiny_llama(spec, folder):
+def register_tiny_llama(spec, folder, context_length=LLAMA_SHAPE["max_position_embeddings"]):
     """The registry row of the tiny llama whose weights are saved in ``folder``."""
     return BaseModel.objects.create(
         slug="tiny-llama",
@@ -183,7 +116,7 @@ def register_tiny_llama(spec, folder):
         hidden_size=spec.hidden_size,
         num_layers=spec.num_layers,
         vocab_size=LLAMA_SHAPE["vocab_size"],
-        context_length=LLAMA_SHAPE["max_position_embeddings"],
+        context_length=context_length,
         fingerprint=spec.fingerprint,
         weights_location=str(folder),
         param_shapes=spec.param_shapes,

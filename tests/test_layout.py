@@ -153,3 +153,32 @@ def test_no_app_imports_another_apps_views(graph):
         for module in imported:
             if module.rpartition(".")[2] in ("views", "pages") and app_of(module) != app_of(name):
                 pytest.fail(f"{name} imports {module}")
+
+
+# --- bench/ -----------------------------------------------------------------------------------
+
+BENCH = ROOT / "bench"
+
+
+def bench_scripts():
+    """Every bench: each script in bench/ but the shared helpers' module."""
+    return sorted(p.name for p in BENCH.glob("*.py") if p.name != "common.py")
+
+
+def test_every_bench_has_a_smoke_run():
+    from tests.test_benches import BENCHES
+
+    assert bench_scripts() == sorted({script for script, _, _ in BENCHES})
+
+
+def test_a_bench_imports_no_other_bench():
+    """What benches share lives in bench/common.py, one signature each."""
+    benches = {name.removesuffix(".py") for name in bench_scripts()}
+    for name in bench_scripts():
+        imported = {m.removeprefix("bench.") for m in top_level_imports(BENCH / name)}
+        imported |= {
+            f"{node.module}".removeprefix("bench.")
+            for node in ast.walk(ast.parse((BENCH / name).read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bench.")
+        }
+        assert not imported & benches, f"{name} imports {imported & benches}"
