@@ -229,6 +229,12 @@ LATENTRY_MAX_ARTIFACT_BYTES = env_int("LATENTRY_MAX_ARTIFACT_BYTES", 600 * 1024 
 # (stored in the database with the version).
 LATENTRY_MAX_HEADER_BYTES = env_int("LATENTRY_MAX_HEADER_BYTES", 1024 * 1024)
 LATENTRY_MAX_CONFIG_BYTES = env_int("LATENTRY_MAX_CONFIG_BYTES", 64 * 1024)
+# Run every expert file through its base model on a fixed prompt before publishing it
+# (coprocessor/probe.py): values can be finite and still overflow the model. The process that
+# takes uploads then loads the base model on CPU once (about 4 bytes per parameter). Off: it
+# loads none, and a file that breaks the numbers is caught when it is first served or
+# evaluated instead (its version is rejected then).
+LATENTRY_PROBE_UPLOADS = env_bool("LATENTRY_PROBE_UPLOADS", True)
 # Bounds on JSON that users send: API bodies (413 past the size), JSON form fields such as a
 # version's claimed_metrics, and their nesting (400 past the depth; Python's json recurses
 # once per level, so a deep body would otherwise be a RecursionError). coprocessor.bounded_json.

@@ -7,10 +7,15 @@ and positions are always explicit: transformers' defaults derive positions from 
 length, which is wrong for all but the longest row (docs/method.md, "Library pitfalls").
 """
 
+import contextvars
 from typing import NamedTuple
 
 import torch
 from transformers import Cache, DynamicCache, DynamicLayer
+
+# While ``forward_with_mask`` runs in this context: the rows of each pass whose residual
+# stream overflowed, else None.
+_OVERFLOWS = contextvars.ContextVar("latentry_overflows", default=None)
 
 
 def negative(dtype):
@@ -113,15 +118,52 @@ def embed(decoder, token_ids):
 
 
 def forward_with_mask(decoder, *, cache, mask, inputs_embeds, positions):
-    """D's last hidden states over new positions, with a ready 4D mask; ``cache`` is mutated."""
-    out = decoder.base_model(
-        inputs_embeds=inputs_embeds,
-        cache=cache,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-    )
-    return out.last_hidden_state
+    """D's last hidden states over new positions, with a ready 4D mask; ``cache`` is mutated.
+
+    A row whose residual stream overflowed comes back as NaN. What an expert writes into the
+    cache can be finite and still too large for D's arithmetic: the final norm then squares
+    values past float32's range and turns the row into finite nonsense (all zeros for RMSNorm,
+    so greedy decoding answers token 0 forever). As NaN, every caller's finiteness check
+    (serving's, evaluation's, the upload probe's) sees it.
+    """
+    _watch_overflow(decoder)
+    overflows = []
+    token = _OVERFLOWS.set(overflows)
+    try:
+        out = decoder.base_model(
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+        )
+    finally:
+        _OVERFLOWS.reset(token)
+    hidden = out.last_hidden_state
+    for rows in overflows:
+        hidden = hidden.masked_fill(rows[:, None, None], float("nan"))
+    return hidden
+
+
+def _watch_overflow(decoder):
+    """Hook D's last block once: its output is what the final norm reads."""
+    if getattr(decoder, "_latentry_watched", False):
+        return
+    blocks = [m for m in decoder.base_model.children() if isinstance(m, torch.nn.ModuleList)]
+    if blocks:
+        blocks[0][-1].register_forward_hook(_note_overflow)
+    decoder._latentry_watched = True
+
+
+def _note_overflow(module, args, output):
+    """Note, per row, whether any position's mean square (what RMSNorm computes, in float32)
+    left float32's range; only inside ``forward_with_mask`` (other passes are not watched)."""
+    overflows = _OVERFLOWS.get()
+    if overflows is None:
+        return
+    hidden = output[0] if isinstance(output, tuple) else output  # (B, T, H)
+    with torch.no_grad():
+        overflows.append(~torch.isfinite(hidden.float().square().mean(-1)).all(-1))  # (B,)
 
 
 def run_decoder(decoder, *, past, past_bias, inputs_embeds, new_bias, positions, logits_last=0):

@@ -11,9 +11,10 @@ columns and the padding before them are hidden by its bias, positions are explic
 output does not depend on what else is in the batch or when it joined; sampling uses a
 generator per request.
 
-An expert whose pass raises, or whose latents or logits are not finite, is dropped for its own
-rows only: they are prefilled again by plain D (``Generation.degraded`` says why). Plain rows
-never read an expert's weights (``lora.row_adapters``).
+An expert whose pass raises, or whose latents or logits are not finite (D's own hidden states
+overflowing count: ``decoder.forward_with_mask``), is dropped for its own rows only: they are
+prefilled again by plain D (``Generation.degraded`` says why). Plain rows never read an
+expert's weights (``lora.row_adapters``).
 """
 
 import secrets
@@ -51,6 +52,12 @@ class Request:
         return columns
 
 
+# Why a row's expert was dropped, or its row ended, when its numbers broke: NaN or infinite
+# latents or logits, or D's hidden states overflowed (``decoder.forward_with_mask``). The same
+# bytes break other rows alike, so the service rejects such a version.
+NOT_FINITE = "its latents or logits are not finite"
+
+
 @dataclass
 class Generation:
     token_ids: list[int]
@@ -60,6 +67,12 @@ class Generation:
     timings: dict = field(default_factory=dict)
     degraded: str = ""  # why the request's expert was dropped for the plain decoder, if it was
     error: str = ""
+
+    @property
+    def broke_numbers(self):
+        """Whether its latents or logits stopped being finite (at prefill: its expert was
+        dropped; later: the row ended)."""
+        return NOT_FINITE in (self.degraded, self.error)
 
 
 @dataclass(eq=False)
@@ -197,7 +210,7 @@ class RunningBatch:
             return groups
         kept = [i for i, row in enumerate(rows) if row not in broken]
         groups = [(rows_at(rows, kept), _select(part, kept))] if kept else []
-        return groups + self._prefill(_drop_expert(broken, "its latents or logits are not finite"))
+        return groups + self._prefill(_drop_expert(broken, NOT_FINITE))
 
     def _prefill_part(self, rows):
         """D's cache over the new rows' static prefixes, prompts and latents, and the logits
@@ -284,7 +297,7 @@ class RunningBatch:
         greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row
         for i, row in enumerate(rows):
             if not finite[i]:
-                row.end("error", "the logits are not finite")
+                row.end("error", NOT_FINITE)
                 continue
             request = row.request
             token = greedy[i] if request.temperature <= 0 else _sample(logits[i], row)

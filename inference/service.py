@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from coprocessor import base_models, routing
 from coprocessor.decoder import prefill
 from coprocessor.engine import Overloaded, TooLarge  # noqa: F401 (Overloaded: views answer 503)
-from coprocessor.generate import Request
+from coprocessor.generate import NOT_FINITE, Request
 from coprocessor.prefix import batch_prefixes
 from registry.models import BaseModel
 
@@ -212,18 +213,30 @@ class Pending:
     def answer(self):
         """Wait for the generation; the Answer (or GenerationFailed)."""
         pending = self
-        while not isinstance(outcome := pending.outcome(pending.ticket.future.result()), Answer):
+        while True:
+            generation = pending.ticket.future.result()
+            pending.reject_if_broken(generation)
+            if isinstance(outcome := pending.outcome(generation), Answer):
+                return outcome
             pending = outcome.submit()
-        return outcome
 
     async def answer_async(self):
         """``answer`` for async views: waiting holds no thread."""
         pending = self
         while True:
             generation = await asyncio.wrap_future(pending.ticket.future)
+            await sync_to_async(pending.reject_if_broken)(generation)
             if isinstance(outcome := pending.outcome(generation), Answer):
                 return outcome
             pending = outcome.submit()
+
+    def reject_if_broken(self, generation):
+        """Reject the version whose expert broke the row's numbers (its rows are served plain,
+        flagged): the same bytes would break the next request's alike."""
+        version = self.choice.version
+        if self.request.expert is None or version is None or not generation.broke_numbers:
+            return
+        version.reject(f"while serving, {NOT_FINITE}: its values overflow the base model")
 
     def outcome(self, generation):
         """The Answer of a finished generation, or, when the expert broke the row after its

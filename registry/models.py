@@ -1,6 +1,7 @@
 """The registry: base models, domains, experts and their versions, reviews, API keys."""
 
 import hashlib
+import logging
 import re
 import secrets
 from datetime import timedelta
@@ -24,6 +25,8 @@ from coprocessor.artifact import (
 )
 
 from . import events, quotas, references, search, storage
+
+logger = logging.getLogger(__name__)
 
 slug_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9._-]{0,99}$",
@@ -108,6 +111,23 @@ class BaseModel(models.Model):
             kv_heads=self.kv_heads,
             head_dim=self.head_dim,
         )
+
+    def probe(self, fileobj):
+        """Run a validated expert file through this model on a fixed prompt
+        (``coprocessor.probe``): ArtifactError when it breaks the numbers. Skipped when
+        LATENTRY_PROBE_UPLOADS is off or this process cannot load the weights (serving and
+        evaluation still catch such a file, and reject its version)."""
+        if not settings.LATENTRY_PROBE_UPLOADS or not self.weights_location:
+            return
+        from coprocessor import probe  # torch and transformers: only once a file is probed
+
+        try:
+            decoder, tokenizer = probe.base_model(self.weights_location, self.fingerprint)
+        except (OSError, ValueError) as exc:
+            logger.warning("uploads to %s are not probed here: %s", self.slug, exc)
+            return
+        fileobj.seek(0)
+        probe.check(fileobj.read(), decoder, tokenizer)
 
 
 class Domain(models.Model):
@@ -481,8 +501,9 @@ class ExpertVersion(models.Model):
     ):
         """Validate an expert file, store it, and make it the expert's next ready version.
 
-        1. Validate the safetensors header, then read the values once for NaN and Inf
-           (ArtifactError: nothing changes).
+        1. Validate the safetensors header, then read the values once for NaN and Inf, then
+           run the file through the base model on a fixed prompt (``BaseModel.probe``:
+           finite values can still overflow it) (ArtifactError: nothing changes).
         2. Lock the expert row so concurrent uploads to one expert take turns.
         3. Store the bytes under their content address (``references.store``), check the
            owner's storage quota (QuotaExceeded), then create the row.
@@ -505,6 +526,7 @@ class ExpertVersion(models.Model):
             max_config_bytes=settings.LATENTRY_MAX_CONFIG_BYTES,
         )
         check_finite(fileobj, header)
+        expert.base_model.probe(fileobj)
         key = storage.content_key(sha256)
         created = False
         try:

@@ -107,6 +107,16 @@ def expert_file_bytes(
     return save({k: v.contiguous() for k, v in made.items()}, metadata=meta)
 
 
+def scaled(data, scale, *names):
+    """Expert file bytes with every tensor whose name holds one of ``names`` times ``scale``:
+    values float32 holds (1e30 is finite) that may still overflow D's arithmetic."""
+    tensors, metadata = artifact.load_expert_bytes(data)
+    for name in tensors:
+        if any(part in name for part in names):
+            tensors[name] = tensors[name] * scale
+    return save(tensors, metadata=metadata)
+
+
 def register_tiny_llama(spec, folder, context_length=LLAMA_SHAPE["max_position_embeddings"]):
     """The registry row of the tiny llama whose weights are saved in ``folder``."""
     return BaseModel.objects.create(
