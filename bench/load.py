@@ -29,15 +29,20 @@ sustained step, the errors at that step, and the writes lost over the whole run.
 errors and zero lost writes at the highest sustained step.
 
 ``--abuse`` measures instead what abusive accounts do to everyone else. The same service (no
-job worker), with the limits abusers meet switched on: uploads 60/hour, job starts 30/hour and
-3 active, a storage quota of 8 MiB. ``--legit-clients`` (4) legitimate clients send the mix at
-Poisson arrivals of ``--legit-rate`` (5) requests/s each, for ``--seconds`` alone and then beside
-``--abusers`` (3) accounts with ``--abuser-threads`` (2) clients each, from a process of their
-own, at ``--abuser-rate`` (5) requests/s each (60% of the traffic): hostile uploads (NaN values,
-5,000 tensors, a config nested 100,000 deep, a pickle), valid 1 MB uploads to hoard storage,
-3 MB JSON bodies, loops of downloads and of job starts. Ends with ``RESULT legit_errors=<n>
-legit_p95_ratio=<with/without> abuser_bytes_stored=<n> lost_writes=<n>`` (the most any abuser
-holds). Targets: 0 legitimate errors, p95 ratio <= 1.5, no abuser past the quota, 0 lost writes.
+job worker; a webhook worker on the deliveries' own queue), with the limits abusers meet switched
+on: uploads 60/hour, job starts 30/hour and 3 active, a storage quota of 8 MiB.
+``--legit-clients`` (4) legitimate clients send the mix at Poisson arrivals of ``--legit-rate``
+(5) requests/s each, for ``--seconds`` alone and then beside ``--abusers`` (3) accounts with
+``--abuser-threads`` (2) clients each, from a process of their own, at ``--abuser-rate`` (5)
+requests/s each (60% of the traffic): hostile uploads (NaN values, 5,000 tensors, a config
+nested 100,000 deep, a pickle), valid 1 MB uploads to hoard storage, 3 MB JSON bodies, JSON
+bodies nested 200,000 deep, loops of downloads, of job starts through the API and through the
+training page (a signed-in session), and long generations spread over every API key the account
+may hold. Each account's webhook points at a receiver that answers a byte every half second.
+Ends with ``RESULT legit_errors=<n> legit_p95_ratio=<with/without> abuser_bytes_stored=<n>
+abuser_jobs_over_cap=<n> lost_writes=<n>`` (the most any abuser holds; jobs started and not
+finished beyond the active-job cap). Targets: 0 legitimate errors, p95 ratio <= 1.5, no abuser
+past the quota, 0 jobs over the cap, 0 lost writes.
 
     .venv/bin/python bench/load.py --abuse [--seconds 15]
 """
@@ -49,6 +54,7 @@ import http.client
 import io
 import json
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -195,11 +201,17 @@ def queue_training_job(port, key, base_slug):
     return json.loads(answer)["id"]
 
 
-def request(port, key, method, path, body=None, conn=None):
-    """``body``: JSON text, or (bytes, content type) from ``encode_multipart_formdata``."""
+def request(port, key, method, path, body=None, conn=None, cookies=None):
+    """``body``: JSON text, or (bytes, content type) from ``encode_multipart_formdata``.
+    With ``cookies`` (a signed-in session) instead of a key, as a browser: the CSRF token
+    beside its cookie."""
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Authorization": f"Bearer {key}"}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if cookies:
+        headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
+        headers["X-CSRFToken"] = cookies["csrftoken"]
+        headers["Referer"] = f"http://127.0.0.1:{port}/"
     if isinstance(body, tuple):
         body, headers["Content-Type"] = body
     elif body is not None:
@@ -325,7 +337,19 @@ def lost_writes(uploads, training_job_id):
 # --- the abusive share ----------------------------------------------------------------------
 
 ABUSER_QUOTA = 8 * 1024 * 1024  # LATENTRY_MAX_STORED_BYTES during the abuse run
-ABUSE = ["hostile", "hoard", "oversized", "download", "job"]
+ABUSER_ACTIVE_JOBS = 3  # LATENTRY_MAX_ACTIVE_JOBS during the abuse run
+ABUSE = [
+    "hostile",
+    "hoard",
+    "oversized",
+    "deep",
+    "download",
+    "job",
+    "page_job",
+    "many_keys",
+]
+DEEP = "[" * 200_000 + "]" * 200_000  # a RecursionError for a recursive JSON parser
+DEEP_PATHS = ["/api/v1/generate", "/v1/chat/completions", "/api/v1/jobs/training/"]
 
 
 def abuse_environment(args, var_dir):
@@ -336,17 +360,22 @@ def abuse_environment(args, var_dir):
     env.update(
         LATENTRY_UPLOAD_RATE="60/hour",
         LATENTRY_JOB_START_RATE="30/hour",
-        LATENTRY_MAX_ACTIVE_JOBS="3",
+        LATENTRY_MAX_ACTIVE_JOBS=str(ABUSER_ACTIVE_JOBS),
         LATENTRY_MAX_STORED_BYTES=str(ABUSER_QUOTA),
+        # The abusers' slow receiver listens on loopback, which hooks may not name elsewhere.
+        LATENTRY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32",
+        LATENTRY_WEBHOOK_QUEUE="load-webhooks",
     )
     return env
 
 
-def seed_abusers(count, spec):
-    """Abusive accounts (a key, an expert to hoard versions in, a dataset to start jobs on) and
-    their requests, built before the clock starts: hostile files (NaN values, 5,000 tensors, a
-    config nested 100,000 deep, a pickle), distinct valid 1 MB files to hoard storage with, a
-    3 MB JSON body."""
+def seed_abusers(count, spec, receiver_url):
+    """Abusive accounts and their requests, built before the clock starts. Each account has
+    as many API keys as it may hold, an expert to hoard versions in (its hook, on the slow
+    receiver, hears of each), a dataset to start jobs on, and a signed-in session for the
+    training page. Requests: hostile files (NaN values, 5,000 tensors, a config nested 100,000
+    deep, a pickle), distinct valid 1 MB files to hoard storage with, a 3 MB JSON body, JSON
+    bodies nested 200,000 deep."""
     import pickle
 
     import torch
@@ -354,15 +383,16 @@ def seed_abusers(count, spec):
 
     from registry.models import ApiKey, BaseModel, Domain, Expert
     from tests.factories import expert_file_bytes, make_dataset, phrase_text
+    from webhooks.models import Webhook
 
     base, domain = BaseModel.objects.get(), Domain.objects.get(slug="load")
     accounts = []
     for i in range(count):
         user = get_user_model().objects.create_user(f"abuser{i}")
-        _, key = ApiKey.create_for(user, "abuse")
         Expert.objects.create(owner=user, name="hoard", domain=domain, base_model=base)
-        make_dataset(user, "junk", text=phrase_text(length=3000, seed=i))
-        accounts.append((key, f"abuser{i}"))
+        dataset = make_dataset(user, "junk", text=phrase_text(length=3000, seed=i))
+        Webhook.create_for(user, receiver_url, ["version.published"])
+        accounts.append(Account(f"abuser{i}", all_keys(user, ApiKey), session(user), dataset.pk))
     nan = torch.randn(2, spec.hidden_size)
     nan[1, 3] = float("nan")
     hostile = [
@@ -381,6 +411,37 @@ def seed_abusers(count, spec):
     return Abuse(accounts, [multipart(data) for data in hostile], hoard, oversized)
 
 
+def all_keys(user, api_key):
+    """As many keys as ``user`` may hold: the cap refuses the next (fair use is per user)."""
+    from django.core.exceptions import ValidationError
+
+    keys = []
+    while len(keys) < 1000:
+        try:
+            keys.append(api_key.create_for(user, f"key {len(keys)}")[1])
+        except ValidationError:
+            return keys
+    raise AssertionError("no cap on a user's API keys")
+
+
+def session(user):
+    """A signed-in session cookie and a CSRF secret for the pages, as a browser would hold."""
+    from django.middleware.csrf import _get_new_csrf_string
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return {"sessionid": client.cookies["sessionid"].value, "csrftoken": _get_new_csrf_string()}
+
+
+@dataclasses.dataclass
+class Account:
+    name: str
+    keys: list  # all the API keys it may hold
+    cookies: dict  # a signed-in session
+    dataset_pk: int
+
+
 @dataclasses.dataclass
 class Abuse:
     accounts: list
@@ -389,35 +450,64 @@ class Abuse:
     oversized: bytes
 
 
+def training_form(account):
+    """The training page's form, urlencoded: a small job on the account's dataset."""
+    from urllib.parse import urlencode
+
+    fields = dict(
+        datasets=account.dataset_pk,
+        time_budget_minutes=1,
+        steps=10,
+        n_latents=2,
+        prefix_positions=4,
+        lora_rank=2,
+        window=64,
+        ahead_tokens=4,
+        positions_per_window=4,
+        lr=0.001,
+    )
+    return urlencode(fields).encode(), "application/x-www-form-urlencoded"
+
+
 def multipart(data):
     return encode_multipart_formdata({"file": ("e.safetensors", data, "application/octet-stream")})
 
 
 def abuser(port, account, abuse, rate, deadline, outcomes, uploads, lock, seed_value):
     """At Poisson arrivals of ``rate`` a second, at random: hostile uploads, hoarding valid
-    ones, 3 MB JSON bodies, loops of downloads and of job starts. Records (kind, status) and
-    the 201 uploads."""
-    key, name = account
+    ones, 3 MB and 200,000-deep JSON bodies, loops of downloads, of job starts through the API
+    and through the training page, and generations spread over all the account's keys.
+    Records (kind, status) and the 201 uploads."""
     rng = random.Random(seed_value)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    versions = f"/api/v1/experts/{name}/hoard/versions/"
+    versions = f"/api/v1/experts/{account.name}/hoard/versions/"
     for _ in arrivals(rng, deadline, rate):
         kind = rng.choice(ABUSE)
         with lock:
             hoarded = abuse.hoard.pop() if kind == "hoard" and abuse.hoard else None
+        key, cookies = account.keys[0], None
         if kind in ("hostile", "hoard"):  # hostile once the hoard is spent
             body = multipart(hoarded) if hoarded else rng.choice(abuse.hostile)
             args = ("POST", versions, body)
         elif kind == "oversized":
             args = ("POST", "/api/v1/generate", abuse.oversized)
+        elif kind == "deep":
+            args = ("POST", rng.choice(DEEP_PATHS), DEEP)
         elif kind == "download":
             args = ("GET", "/api/v1/experts/publisher/expert-0/versions/1/download/")
-        else:
+        elif kind == "job":
             params = {"steps": 10, "window": 64, "ahead_tokens": 4, "positions_per_window": 4}
             job = {"expert": "hoard", "datasets": ["junk"], "params": params}
             args = ("POST", "/api/v1/jobs/training/", json.dumps(job))
+        elif kind == "page_job":
+            key, cookies = None, account.cookies
+            args = ("POST", f"/experts/{account.name}/hoard/train/", training_form(account))
+        else:  # many_keys: long generations, each with another of the account's keys
+            key = rng.choice(account.keys)
+            body = {"base": "tiny-llama", "prompt": "w5 w6 w7 " * 20, "max_new_tokens": 64}
+            args = ("POST", "/api/v1/generate", json.dumps(body))
         try:
-            status, answer = request(port, key, *args, conn=conn)
+            status, answer = request(port, key, *args, conn=conn, cookies=cookies)
         except (OSError, http.client.HTTPException):  # the server closed an unread body
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -495,8 +585,14 @@ def abuse_run(args):
         var_dir = Path(tmp)
         env = fresh_service(args, var_dir, abuse_environment)
         people, upload, base_slug, spec = seed(env, args.legit_clients, var_dir)
-        abuse = seed_abusers(args.abusers, spec)
+        receiver = DrippingReceiver()
+        abuse = seed_abusers(args.abusers, spec, receiver.url)
         port = free_port()
+        from tests.factories import Worker  # after seed() set Django up
+
+        # The deliveries' own worker; no job worker: started jobs stay active, so the count at
+        # the end is the most any abuser ever held.
+        hooks = Worker(env["LATENTRY_WEBHOOK_QUEUE"], env, "hooks", var_dir / "hooks.log")
         with open(var_dir / "server.log", "w+") as log:
             server = start_gunicorn(env, port, log, args.web_workers)
             try:
@@ -510,15 +606,10 @@ def abuse_run(args):
                 )
             finally:
                 stop(server)
+                hooks.stop()
+                receiver.close()
         lost = lost_writes(uploads, None)
-        from django.contrib.auth import get_user_model
-
-        from registry.quotas import stored_bytes
-
-        held = {
-            user.username: stored_bytes(user)
-            for user in get_user_model().objects.filter(username__startswith="abuser")
-        }
+        held, over_cap = abusers_hold()
     for stats in (alone, beside):
         print(
             f"legitimate, {stats.name}: {stats.rps:6.1f} req/s, p50 {stats.percentile_ms(50):5.0f}"
@@ -530,12 +621,70 @@ def abuse_run(args):
         statuses = {status: n for (k, status), n in sorted(answered.items(), key=str) if k == kind}
         print(f"abusers' {kind}: {statuses}")
     print(f"abusers hold {held} bytes; quota {ABUSER_QUOTA}")
+    print(f"abusers' active jobs over the cap of {ABUSER_ACTIVE_JOBS}: {over_cap}")
+    print(
+        f"slow receiver: {len(receiver.held_s)} delivery attempts, the longest held "
+        f"{max(receiver.held_s, default=0):.1f} s"
+    )
     print(f"{len(uploads)} uploads answered 201 (legitimate and hoarded); lost writes {lost}")
     ratio = beside.percentile_ms(95) / alone.percentile_ms(95)
     print(
         f"RESULT legit_errors={beside.errors + alone.errors} legit_p95_ratio={ratio:.2f} "
-        f"abuser_bytes_stored={max(held.values())} lost_writes={lost}"
+        f"abuser_bytes_stored={max(held.values())} "
+        f"abuser_jobs_over_cap={max(over_cap.values())} lost_writes={lost}"
     )
+
+
+def abusers_hold():
+    """Per abuser: stored bytes, and active (unfinished) training jobs beyond the cap."""
+    from django.contrib.auth import get_user_model
+
+    from registry.quotas import stored_bytes
+    from training.models import Job, TrainingJob
+
+    abusers = get_user_model().objects.filter(username__startswith="abuser")
+    held = {user.username: stored_bytes(user) for user in abusers}
+    over_cap = {}
+    for user in abusers:
+        active = TrainingJob.objects.filter(created_by=user).exclude(status__in=Job.FINISHED)
+        over_cap[user.username] = max(0, active.count() - ABUSER_ACTIVE_JOBS)
+    return held, over_cap
+
+
+class DrippingReceiver:
+    """A webhook receiver on loopback that answers one byte every half second for a minute:
+    what holds a delivery attempt open as long as the sender lets it. Records how long each
+    attempt stayed connected."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.held_s = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        started = time.monotonic()
+        try:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\n" * 8:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.5)
+        except OSError:  # the sender gave up: what we measure
+            pass
+        finally:
+            self.held_s.append(time.monotonic() - started)
+            conn.close()
+
+    def close(self):
+        self.listener.close()
 
 
 def main():

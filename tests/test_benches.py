@@ -35,7 +35,13 @@ BENCHES = [
     (
         "load.py",
         ["--abuse"],
-        ["legit_errors", "legit_p95_ratio", "abuser_bytes_stored", "lost_writes"],
+        [
+            "legit_errors",
+            "legit_p95_ratio",
+            "abuser_bytes_stored",
+            "abuser_jobs_over_cap",
+            "lost_writes",
+        ],
     ),
     ("overhead.py", [], ["overhead_ratio", "coprocessor_ms"]),
     (
