@@ -277,8 +277,14 @@ LATENTRY_MAX_API_KEYS = env_int("LATENTRY_MAX_API_KEYS", 20)
 # file counts once per row that names it). Past it, uploads and publishing answer 400. 0: none.
 LATENTRY_MAX_STORED_BYTES = env_int("LATENTRY_MAX_STORED_BYTES", 5 * 1024**3)
 # Training and evaluation jobs one user may have queued or running at once (429 beyond; 0: no
-# limit). The jobs the platform queues itself (an evaluation after training) are not refused.
+# limit), on every way in (TrainingJob.start, EvaluationJob.start). The jobs the platform
+# queues itself (an evaluation after training) are not refused.
 LATENTRY_MAX_ACTIVE_JOBS = env_int("LATENTRY_MAX_ACTIVE_JOBS", 3)
+# The platform's benchmark measurements of one owner's versions queued or running at once
+# (more wait for one of them to end; 0: no limit), and how often one that failed or was
+# cancelled is tried again before its version shows "not measured" with the reason.
+LATENTRY_MAX_QUEUED_MEASUREMENTS = env_int("LATENTRY_MAX_QUEUED_MEASUREMENTS", 5)
+LATENTRY_BENCHMARK_RETRIES = env_int("LATENTRY_BENCHMARK_RETRIES", 2)
 # Anonymous catalog pages (no search) are served from that cache for this long: browsing is most
 # of the traffic, and building a page costs ten times what serving the cached one does. 0: off.
 LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)

@@ -69,18 +69,6 @@ class AnnounceThrottle(RateThrottle):
         return super().allow_request(request, view)
 
 
-class JobStartThrottle(RateThrottle):
-    """Starting training and evaluation jobs only: reading and cancelling them are not
-    limited."""
-
-    scope = "job"
-
-    def allow_request(self, request, view):
-        if getattr(view, "action", None) != "create":
-            return True
-        return super().allow_request(request, view)
-
-
 class UploadThrottle(RateThrottle):
     """Uploads only: reading versions and datasets is not limited."""
 

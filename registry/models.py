@@ -657,10 +657,14 @@ class ExpertVersion(models.Model):
         events.emit(self.expert.owner_id, events.EVALUATION_RECORDED, payload)
 
     def measured_gain(self):
-        """(gain %, source) as the catalog shows it: the benchmark gain where measured there,
-        else the mean held-out gain on the owner's data, else (None, None)."""
+        """(gain %, source) as the catalog shows it: the benchmark gain where its domain has
+        a benchmark (none until measured there: a figure of another kind never stands in for
+        it), else the mean held-out gain on the owner's data, else (None, None)."""
         if self.benchmark_gain is not None:
             return round(self.benchmark_gain, 3), Expert.BENCHMARK
+        # training.Benchmark by its reverse name: the registry does not import training.
+        if Domain.objects.filter(pk=self.expert.domain_id, benchmarks__isnull=False).exists():
+            return None, None
         if (owner_data := self.metrics.get("reduction_pct")) is not None:
             return round(owner_data, 3), Expert.OWNER_DATA
         return None, None

@@ -28,16 +28,22 @@ def stored_bytes(user):
     return sum(rows.aggregate(total=Sum("size"))["total"] or 0 for rows in (versions, datasets))
 
 
+def lock_user(user):
+    """Lock ``user``'s row until the transaction commits (``FOR NO KEY UPDATE``, which leaves
+    rows that point at the user free to be written meanwhile): checks of one user's limits
+    then take turns, so two concurrent requests cannot both slip under one."""
+    get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).first()
+
+
 def check_room(user, size, lock=True):
     """Raise QuotaExceeded unless ``size`` more bytes fit ``user``'s quota. With ``lock``, call
     it just before the row is created, in that transaction: it locks the user's row until the
-    commit (``FOR NO KEY UPDATE``, which leaves rows that point at the user free to be written
-    meanwhile). Without, it is a cheap early refusal before any work."""
+    commit (``lock_user``). Without, it is a cheap early refusal before any work."""
     limit = settings.LATENTRY_MAX_STORED_BYTES
     if not limit:
         return
     if lock:
-        get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).first()
+        lock_user(user)
     used = stored_bytes(user)
     if used + size > limit:
         raise QuotaExceeded(

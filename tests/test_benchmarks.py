@@ -58,18 +58,19 @@ def test_a_new_benchmark_measures_every_ready_version_on_the_same_pairs(
     pyone = ExpertVersion.objects.get(pk=published["pyone"].pk)
     own = results.get(version=pyone, benchmark=python_bench).reduction_pct
     other = results.get(version=pyone, benchmark=shell_bench).reduction_pct
-    assert pyone.benchmark_gain == pytest.approx(own, abs=1e-3)
-    assert pyone.off_domain_change == pytest.approx(-other, abs=1e-3)
+    assert pyone.benchmark_gain == round(own, 2)  # shown no finer than two decimals
+    assert pyone.off_domain_change == round(-other, 2)
     assert pyone.benchmarked_at is not None
     expert = pyone.expert
     expert.refresh_from_db()
-    assert (expert.measured_gain, expert.gain_source) == (
-        pytest.approx(own, abs=1e-3),
-        Expert.BENCHMARK,
-    )
+    assert (expert.measured_gain, expert.gain_source) == (round(own, 2), Expert.BENCHMARK)
     jobs = EvaluationJob.objects.filter(on_benchmarks=True)
     assert jobs.count() == 6 and {j.status for j in jobs} == {Job.SUCCEEDED}
-    assert all("ppl_base_by_position" not in r for j in jobs for r in j.result["benchmarks"])
+    # What the owner sees of a measurement: its figures to two decimals, no curve, no ppl.
+    shown = [r for j in jobs for r in j.result["benchmarks"]]
+    figures = {"dataset", "window", "ahead", "pairs", "reduction_pct", "latency_ratio"}
+    assert all(set(r) == figures for r in shown)
+    assert all(r["reduction_pct"] == round(r["reduction_pct"], 2) for r in shown)
 
 
 def test_a_new_version_is_measured_on_the_benchmarks_when_published(
@@ -300,3 +301,116 @@ def test_only_the_newest_version_is_measured_and_figures_follow_the_domain(
     assert EvaluationJob.start_on_benchmarks(newer, Benchmark.objects.all()) is not None
     # ... and not twice: a queued measurement covers it.
     assert EvaluationJob.start_on_benchmarks(newer, Benchmark.objects.all()) is None
+
+
+def overflowing(monkeypatch):
+    """Evaluation as an expert whose values overflow the base model makes it: NaN figures."""
+    from training import runner
+
+    real = runner.evaluate
+
+    def evaluate(decoder, expert, heldout, **kwargs):
+        report = real(decoder, expert, heldout, **kwargs)
+        report["augmented"]["ppl"] = report["reduction_pct"] = float("nan")
+        return report
+
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+
+
+def test_owners_cannot_cancel_the_platforms_measurements_and_a_cancelled_one_runs_again(
+    published, add_benchmark, domain, alice, sam, publish, django_capture_on_commit_callbacks
+):
+    add_benchmark(domain, "python-bench")
+    version = publish(published["pyone"].expert, seed=8)  # its measurement is not sent here
+    job = EvaluationJob.start_on_benchmarks(version, Benchmark.objects.all())
+    cancel = f"/api/v1/jobs/evaluation/{job.pk}/cancel/"
+    refused = logged_in(alice).post(cancel)
+    assert refused.status_code == 403 and "only staff may cancel" in refused.json()["detail"]
+    job.refresh_from_db()
+    assert job.status == Job.QUEUED and not job.cancel_requested
+    with django_capture_on_commit_callbacks(execute=True):
+        assert logged_in(sam).post(cancel).status_code == 200
+    job.refresh_from_db()
+    assert job.status == Job.CANCELLED
+    version.refresh_from_db()  # tried again, and measured this time
+    assert version.benchmark_gain is not None
+    assert EvaluationJob.objects.filter(version=version, status=Job.SUCCEEDED).count() == 1
+
+
+def test_a_measurement_that_keeps_failing_shows_not_measured_with_its_reason(
+    published, add_benchmark, domain, alice, settings, monkeypatch, client
+):
+    settings.LATENTRY_BENCHMARK_RETRIES = 1
+    pyone = published["pyone"]
+    ExpertVersion.objects.filter(pk=pyone.pk).update(metrics={"reduction_pct": 12.5})
+    pyone.expert.refresh_measured_gain()
+    assert pyone.expert.gain_source == Expert.OWNER_DATA  # no benchmark in its domain yet
+    overflowing(monkeypatch)
+    add_benchmark(domain, "python-bench")
+    tries = EvaluationJob.objects.filter(version=pyone, on_benchmarks=True)
+    assert [j.status for j in tries] == [Job.FAILED, Job.FAILED]  # tried once more, no more
+    for job in tries:
+        assert "gave no finite figures" in job.error and "overflow" in job.error
+        assert not any(sql in job.error for sql in ("INSERT", "constraint", "Error"))
+    expert = Expert.objects.get(pk=pyone.expert_id)
+    assert (expert.measured_gain, expert.gain_source) == (None, None)  # never the owner's
+    page = client.get("/experts/alice/pyone/").content.decode()
+    assert "Not measured: the platform&#x27;s measurement failed" in page
+    assert "tried 2 time(s)." in page
+    api = client.get("/api/v1/experts/alice/pyone/").json()
+    assert api["measured_gain"] is None and api["gain_source"] is None
+
+
+def test_an_owners_queued_measurements_are_capped_and_the_rest_wait_their_turn(
+    published, sam, domain, settings, client, django_capture_on_commit_callbacks
+):
+    from training import tasks
+
+    settings.LATENTRY_MAX_QUEUED_MEASUREMENTS = 1
+    dataset = make_dataset(sam, "python-bench", phrase_text(length=1200), base_model=None)
+    benchmark = Benchmark.add(sam, domain, dataset, **SMALL_BENCHMARK)  # its task is run below
+    tasks.measure_on_benchmark(benchmark.pk)  # alice's three versions: one place for them
+    queued = EvaluationJob.objects.get(on_benchmarks=True)
+    assert queued.status == Job.QUEUED
+    waiting = next(v for v in published.values() if v != queued.version)
+    page = client.get(f"/experts/alice/{waiting.expert.name}/").content.decode()
+    assert "Not measured yet: the measurement waits for a place in the queue." in page
+    with django_capture_on_commit_callbacks(execute=True):
+        queued.cancel_by(sam)  # its end makes room: each one then queues the next
+    assert BenchmarkResult.objects.filter(benchmark=benchmark).count() == 3
+
+
+def test_evaluation_reads_only_the_owners_or_public_data_and_never_a_benchmark_even_for_staff(
+    add_benchmark, domain, sam, bob, make_expert, publish, admin_client
+):
+    benchmark = add_benchmark(domain, "python-bench")
+    bobs = make_dataset(bob, "private-notes")
+    bobs.domain = domain
+    bobs.save()
+    version = publish(make_expert("staff-made", owner=sam))
+    for dataset, refusal in [
+        (bobs, "may not read the dataset"),
+        (benchmark.dataset, "measured by the platform alone"),
+    ]:
+        with pytest.raises(ValidationError, match=refusal):
+            EvaluationJob.start(sam, version, [dataset])
+    answer = admin_client.post(
+        "/admin/registry/expertversion/",
+        {"action": "evaluate", "_selected_action": [version.pk]},
+        follow=True,
+    )
+    assert "no dataset to evaluate on" in answer.content.decode()
+    assert not EvaluationJob.objects.filter(on_benchmarks=False).exists()
+
+
+def test_an_evaluation_that_overflows_fails_with_a_clear_reason(
+    published, alice, monkeypatch, django_capture_on_commit_callbacks
+):
+    overflowing(monkeypatch)
+    words = make_dataset(alice, base_model=published["pyone"].expert.base_model)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = EvaluationJob.start(alice, published["pyone"], [words])
+    job.refresh_from_db()
+    assert job.status == Job.FAILED
+    assert job.error.startswith("measuring on alice/words gave no finite figures")
+    assert "INSERT" not in job.error and "internal error" not in job.error

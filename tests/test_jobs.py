@@ -363,7 +363,8 @@ def test_the_work_of_one_training_step_is_bounded(settings, alice_client, words,
 def test_the_queue_is_fair_across_users(settings, alice, bob, words, make_expert, monkeypatch):
     # alice queues three jobs, then bob one; alice's first is running.
     mine = [TrainingJob.start(alice, make_expert(f"a{n}"), [words], SMALL_JOB) for n in range(3)]
-    theirs = TrainingJob.start(bob, make_expert("b0", owner=bob), [words], SMALL_JOB)
+    bobs = make_dataset(bob, "words")
+    theirs = TrainingJob.start(bob, make_expert("b0", owner=bob), [bobs], SMALL_JOB)
     TrainingJob.objects.filter(pk=mine[0].pk).update(status=Job.RUNNING, started_at=timezone.now())
     order = [job.pk for job in fair_order()]
     assert order == [theirs.pk, mine[1].pk, mine[2].pk]

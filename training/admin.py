@@ -2,6 +2,8 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.http import HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
@@ -11,7 +13,7 @@ from registry.charts import line_chart
 from registry.models import ExpertVersion
 
 from . import datasets
-from .models import Benchmark, Dataset, EvaluationJob, Job, TrainingJob
+from .models import Benchmark, Dataset, EvaluationJob, Job, JobLimitReached, TrainingJob
 from .serializers import TrainingParamsSerializer
 
 
@@ -188,7 +190,7 @@ class JobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel selected jobs")
     def cancel(self, request, queryset):
-        cancelled = sum(job.request_cancel() for job in queryset)
+        cancelled = sum(job.cancel_by(request.user) for job in queryset)
         self.message_user(request, f"cancel requested for {cancelled} job(s)")
 
     @admin.action(description="Retry selected failed or cancelled jobs")
@@ -205,7 +207,7 @@ class TrainingJobForm(forms.ModelForm):
 
     class Meta:
         model = TrainingJob
-        fields = ["expert", "datasets", "params"]
+        fields = ["expert", "datasets", "params", "visibility"]
 
     def clean_datasets(self):
         TrainingJob.check_datasets(self.cleaned_data["datasets"])
@@ -241,8 +243,9 @@ class TrainingJobAdmin(JobAdmin):
 
     def get_fields(self, request, obj=None):
         if obj is None:
-            return ["expert", "datasets", "params"]
+            return ["expert", "datasets", "params", "visibility"]
         return ["expert", "base_model", "dataset_links", "version_link", "params"] + [
+            "visibility",
             "loss_curve",
             "evaluations",
             "train_tokens",
@@ -277,9 +280,21 @@ class TrainingJobAdmin(JobAdmin):
         """Launch through TrainingJob.start, as the API and the pages do (a job's page is
         read-only: this runs only to add one)."""
         data = form.cleaned_data
-        job = TrainingJob.start(request.user, data["expert"], data["datasets"], data["params"])
+        job = TrainingJob.start(
+            request.user, data["expert"], data["datasets"], data["params"], data["visibility"]
+        )
         self.message_user(request, f"{job} queued")
         return job
+
+    def changeform_view(self, request, *args, **kwargs):
+        """A start that TrainingJob.start refuses (the staff user's own limits on jobs, the
+        owner's quota, a dataset they may not read) is a message on the form, not an error."""
+        try:
+            return super().changeform_view(request, *args, **kwargs)
+        except (JobLimitReached, ValidationError) as exc:
+            reason = "; ".join(exc.messages) if isinstance(exc, ValidationError) else exc
+            self.message_user(request, f"not started: {reason}", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
 
     def save_model(self, request, obj, form, change):
         pass  # save_form saved it, datasets included
@@ -334,7 +349,13 @@ class TrainedExpertVersionAdmin(ExpertVersionAdmin):
                     request, f"{version}: no dataset to evaluate on", messages.WARNING
                 )
                 continue
-            started.append(EvaluationJob.start(request.user, version, sources))
+            try:
+                started.append(EvaluationJob.start(request.user, version, sources))
+            except JobLimitReached as exc:  # the staff user's own limits: the rest wait too
+                self.message_user(
+                    request, f"{version} and after: not queued: {exc}", messages.ERROR
+                )
+                break
         if started:
             self.message_user(request, f"queued {len(started)} evaluation job(s)")
 
@@ -344,6 +365,6 @@ def evaluation_datasets(version):
     as one job may read)."""
     if version.training_job_id:
         return EvaluationJob.readable(version, version.training_job.datasets.all())
-    usable = Dataset.objects.usable_by(version.expert.owner)  # never another user's private data
-    newest = usable.filter(domain=version.expert.domain).order_by("-pk")
+    readable = Dataset.objects.readable_by(version.expert.owner)
+    newest = readable.filter(domain=version.expert.domain).order_by("-pk")
     return list(newest[: Job.MAX_DATASETS])

@@ -3,7 +3,7 @@
 from django import forms
 
 from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
-from registry.models import BaseModel, Domain, slug_validator
+from registry.models import BaseModel, Domain, Expert, slug_validator
 
 from .models import Dataset, TrainingJob
 from .serializers import DEFAULTS, TrainingParamsSerializer
@@ -30,6 +30,14 @@ class TrainingForm(forms.Form):
     datasets = forms.ModelMultipleChoiceField(
         Dataset.objects.none(), widget=forms.CheckboxSelectMultiple
     )
+    visibility = forms.ChoiceField(
+        choices=[
+            ("", "Private if a dataset is private, else as it is"),
+            *Expert.VISIBILITY_CHOICES,
+        ],
+        required=False,
+        help_text="the expert's visibility once the job publishes its new version",
+    )
     time_budget_minutes = forms.FloatField(
         min_value=0.05, initial=10, help_text="training stops after this long (or the steps)"
     )
@@ -52,11 +60,11 @@ class TrainingForm(forms.Form):
     positions_per_window = forms.IntegerField(min_value=1, initial=DEFAULTS.positions_per_window)
     lr = forms.FloatField(initial=DEFAULTS.lr)
 
-    def __init__(self, *args, user, expert, **kwargs):
+    def __init__(self, *args, expert, **kwargs):
         super().__init__(*args, **kwargs)
         self.expert = expert
-        trainable = Dataset.objects.usable_by(user).filter(benchmark__isnull=True)
-        self.fields["datasets"].queryset = trainable.select_related("owner")
+        readable = Dataset.objects.readable_by(expert.owner)
+        self.fields["datasets"].queryset = readable.select_related("owner")
 
     def clean_datasets(self):
         TrainingJob.check_datasets(self.cleaned_data["datasets"])
@@ -66,7 +74,8 @@ class TrainingForm(forms.Form):
         data = super().clean()
         if self.errors:
             return data
-        params = {k: v for k, v in data.items() if k not in ("datasets", "time_budget_minutes")}
+        form_only = ("datasets", "visibility", "time_budget_minutes")
+        params = {k: v for k, v in data.items() if k not in form_only}
         params["time_budget_s"] = data["time_budget_minutes"] * 60
         checked = TrainingParamsSerializer(data=params)
         if not checked.is_valid():

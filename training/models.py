@@ -5,13 +5,17 @@ happen under ``select_for_update``; a worker holds a job by writing its name and
 so a delivery of a job whose worker is alive is dropped and one whose worker died takes over.
 """
 
+import math
+import time
 from collections import Counter
 from datetime import timedelta
 
 from celery import current_app
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.cache import cache
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models, transaction
+from django.db.models import Count
 from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 from django.utils import timezone
@@ -31,7 +35,28 @@ class JobLost(Exception):
     """Another worker took this job over (this one looked dead): stop without writing."""
 
 
+class JobLimitReached(Exception):
+    """Starting a job would take the user who starts it past a limit on jobs: too many queued
+    or running (LATENTRY_MAX_ACTIVE_JOBS), or started too often (LATENTRY_JOB_START_RATE).
+    Each way in answers it its own way (API and pages: 429); ``retry_after`` is how many
+    seconds until a start would pass, where only waiting helps."""
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotCancellable(PermissionDenied):
+    """The platform's benchmark measurement: the expert's owner may not cancel it (403)."""
+
+
 class DatasetQuerySet(models.QuerySet):
+    def readable_by(self, owner):
+        """Datasets a job may read for an expert of ``owner``: their own and public ones,
+        never a domain benchmark (the platform's alone to measure), whoever ``owner`` is, staff
+        included. What a job reads shapes the expert and the figures shown to others."""
+        return self.filter(models.Q(owner=owner) | models.Q(public=True), benchmark__isnull=True)
+
     def usable_by(self, user):
         """Datasets ``user`` may train or evaluate on: their own and public ones (staff: all
         of them), but never another user's domain benchmark."""
@@ -242,6 +267,17 @@ class Job(models.Model):
         self.refresh_from_db()
         return True
 
+    def cancel_by(self, user):
+        """``request_cancel`` on behalf of ``user``. NotCancellable for the platform's benchmark
+        measurements unless ``user`` is staff: an owner who could cancel them would choose
+        which of their versions the leaderboard sees."""
+        if self.on_benchmarks and not user.is_staff:
+            raise NotCancellable(
+                "this job is the platform's benchmark measurement of your version: only staff "
+                "may cancel it"
+            )
+        return self.request_cancel()
+
     def enqueue(self):
         """Send the job to the workers once the transaction that made it commits."""
         task, pk = current_app.tasks[self.task_name], self.pk
@@ -283,6 +319,35 @@ class Job(models.Model):
         if len(datasets) > cls.MAX_DATASETS:
             raise ValidationError(f"choose at most {cls.MAX_DATASETS} datasets")
 
+    @staticmethod
+    def check_readable(owner, datasets):
+        """ValidationError unless a job for an expert of ``owner`` may read every one of
+        ``datasets`` (``Dataset.objects.readable_by``), whoever starts it."""
+        if held := Benchmark.objects.filter(dataset__in=datasets).select_related("dataset"):
+            names = ", ".join(b.dataset.full_name for b in held)
+            raise ValidationError(f"domain benchmarks are measured by the platform alone: {names}")
+        others = sorted(d.full_name for d in datasets if d.owner_id != owner.pk and not d.public)
+        if others:
+            raise ValidationError(
+                f"the expert's owner may not read the dataset(s) {', '.join(others)}: a job "
+                "reads only its expert owner's own datasets and public ones"
+            )
+
+    @staticmethod
+    def admit(user):
+        """Call inside the transaction that creates a job ``user`` starts: JobLimitReached if
+        they have LATENTRY_MAX_ACTIVE_JOBS jobs queued or running, or started as many jobs as
+        LATENTRY_JOB_START_RATE allows; else this start is counted. The user's row stays locked
+        until the commit, so one user's concurrent starts count each other."""
+        quotas.lock_user(user)
+        limit = settings.LATENTRY_MAX_ACTIVE_JOBS
+        if limit and Job.active_count(user) >= limit:
+            raise JobLimitReached(
+                f"you have {limit} jobs queued or running, the most one user may have "
+                "(LATENTRY_MAX_ACTIVE_JOBS): wait for one to end, or cancel one"
+            )
+        _count_start(user)
+
     def announce_end(self, status, error):
         """Tell the job's creator (their webhooks) how it ended, once that is committed."""
         event = {self.SUCCEEDED: events.JOB_SUCCEEDED, self.CANCELLED: events.JOB_CANCELLED}
@@ -311,6 +376,12 @@ class TrainingJob(Job):
         null=True, blank=True, help_text="the checkpoint the last attempt continued from"
     )
     train_tokens = models.PositiveBigIntegerField(default=0)
+    visibility = models.CharField(
+        max_length=10,
+        choices=Expert.VISIBILITY_CHOICES,
+        blank=True,
+        help_text="the expert's visibility once the job publishes (blank: unchanged)",
+    )
 
     task_name = "training.train_expert"
     kind = "training"
@@ -326,21 +397,67 @@ class TrainingJob(Job):
         return self.expert.full_name
 
     @classmethod
-    def start(cls, user, expert, datasets, params):
-        """Queue a job that trains ``expert``'s next version on ``datasets``. ``params`` are
-        bounded hyper-parameters (serializers.TrainingParamsSerializer); the rules that
-        depend on the expert are checked here too, so no way in skips them."""
+    def start(cls, user, expert, datasets, params, visibility=""):
+        """Queue a job that ``user`` starts to train ``expert``'s next version on ``datasets``,
+        the expert becoming ``visibility`` when it publishes (``visibility_for``). ``params``
+        are bounded hyper-parameters (serializers.TrainingParamsSerializer); a missing time
+        budget gets the default. Every rule of a start is checked here, so no way in skips
+        one: ValidationError for the datasets, the window, the time budget and the owner's
+        storage quota (QuotaExceeded); JobLimitReached for the user's limits on jobs."""
         cls.check_datasets(datasets)
         cls.check_trainable(datasets)
+        cls.check_readable(expert.owner, datasets)
         cls.check_window(expert.base_model, params["window"])
+        params = {"time_budget_s": cls.default_time_budget(), **params}
+        cls.check_time_budget(params["time_budget_s"])
         quotas.check_room(expert.owner, 1, lock=False)  # a full quota: it could not publish
         with transaction.atomic():
+            cls.admit(user)
             job = cls.objects.create(
-                created_by=user, expert=expert, base_model=expert.base_model, params=params
+                created_by=user,
+                expert=expert,
+                base_model=expert.base_model,
+                params=params,
+                visibility=cls.visibility_for(datasets, visibility),
             )
             job.datasets.set(datasets)
             job.enqueue()
         return job
+
+    @staticmethod
+    def visibility_for(datasets, asked=""):
+        """The visibility a job gives its expert when it publishes: the one asked for; else
+        private when one of ``datasets`` is (private data in, private expert out); else ""
+        (the expert's stays as it is)."""
+        if asked:
+            return asked
+        return Expert.PRIVATE if any(not d.public for d in datasets) else ""
+
+    def apply_visibility(self):
+        """Give the expert the job's visibility (if it asks for one): call it just before
+        publishing, so that the new version is never seen under the old visibility."""
+        if self.visibility:
+            Expert.objects.filter(pk=self.expert_id).exclude(visibility=self.visibility).update(
+                visibility=self.visibility, updated_at=timezone.now()
+            )
+
+    @staticmethod
+    def longest_time_budget():
+        """The most seconds a job may train: the setting, within the job time limit less 5 min."""
+        return min(settings.LATENTRY_JOB_MAX_TIME_BUDGET_S, settings.LATENTRY_JOB_TIME_LIMIT - 300)
+
+    @classmethod
+    def default_time_budget(cls):
+        return float(min(settings.LATENTRY_JOB_TIME_BUDGET_S, cls.longest_time_budget()))
+
+    @classmethod
+    def check_time_budget(cls, seconds):
+        """ValidationError unless a job may train for ``seconds``: every job stops in time."""
+        longest = cls.longest_time_budget()
+        if not 0 < seconds <= longest:
+            raise ValidationError(
+                f"must be at most {longest} s (LATENTRY_JOB_MAX_TIME_BUDGET_S) and more than 0"
+            )
 
     @staticmethod
     def check_trainable(datasets):
@@ -410,60 +527,145 @@ class EvaluationJob(Job):
 
     @classmethod
     def start_on_benchmarks(cls, version, benchmarks):
-        """Queue the platform's measurement of ``version`` on ``benchmarks``, on behalf of the
-        expert's owner: those it has no result for and no queued or running measurement of.
-        None if there is nothing to do, or the version is not its expert's newest ready one
-        (only that one is ever shown, so only that one costs a GPU)."""
+        """Queue the platform's measurement of ``version`` on those of ``benchmarks`` it still
+        needs (``_settled``), on behalf of the expert's owner. None if there is nothing to do;
+        if the version is not its expert's newest ready one (only that one is ever shown, so
+        only that one costs a GPU); or if the owner has LATENTRY_MAX_QUEUED_MEASUREMENTS
+        measurements queued or running (the next of theirs to end queues it: ``ended``)."""
         if not version.is_newest_ready():
             return None
-        covered = set(
-            BenchmarkResult.objects.filter(version=version).values_list("benchmark", flat=True)
-        ) | set(
-            Benchmark.objects.filter(
-                dataset__evaluation_jobs__version=version,
-                dataset__evaluation_jobs__on_benchmarks=True,
-                dataset__evaluation_jobs__status__in=[Job.QUEUED, Job.RUNNING],
-            ).values_list("pk", flat=True)
-        )
-        todo = [b for b in benchmarks if b.pk not in covered]
+        settled = cls._settled(version)
+        todo = [b for b in benchmarks if b.pk not in settled]
         if not todo:
             return None
+        owner = version.expert.owner
         with transaction.atomic():
-            job = cls.objects.create(
-                created_by=version.expert.owner,
-                version=version,
-                params={"split": "all"},
-                on_benchmarks=True,
-            )
-            job.datasets.set([b.dataset for b in todo])
-            job.enqueue()
-        return job
+            quotas.lock_user(owner)  # the owner's measurements are counted one start at a time
+            if cls.measurements_full(owner):
+                return None
+            params = {"split": "all"}
+            return cls._queue(owner, version, [b.dataset for b in todo], params, on_benchmarks=True)
+
+    @staticmethod
+    def _settled(version):
+        """The pks of the benchmarks ``version`` needs no measurement on now: measured there,
+        being measured, or given up on (its measurements there failed or were cancelled
+        1 + LATENTRY_BENCHMARK_RETRIES times)."""
+        measured = set(
+            BenchmarkResult.objects.filter(version=version).values_list("benchmark", flat=True)
+        )
+        tries = Benchmark.objects.filter(
+            dataset__evaluation_jobs__version=version, dataset__evaluation_jobs__on_benchmarks=True
+        ).values_list("pk", "dataset__evaluation_jobs__status")
+        active = {pk for pk, status in tries if status in (Job.QUEUED, Job.RUNNING)}
+        ended = Counter(pk for pk, status in tries if status in (Job.FAILED, Job.CANCELLED))
+        given_up = {pk for pk, n in ended.items() if n > settings.LATENTRY_BENCHMARK_RETRIES}
+        return measured | active | given_up
+
+    @staticmethod
+    def measurements_full(owner):
+        """Whether ``owner`` has LATENTRY_MAX_QUEUED_MEASUREMENTS measurements queued or
+        running: more would only make the fair queue longer for everyone."""
+        limit = settings.LATENTRY_MAX_QUEUED_MEASUREMENTS
+        active = EvaluationJob.objects.filter(
+            created_by=owner, on_benchmarks=True, status__in=[Job.QUEUED, Job.RUNNING]
+        )
+        return bool(limit) and active.count() >= limit
+
+    @classmethod
+    def measure_waiting(cls, owner):
+        """Queue what ``owner``'s newest ready versions still need measured (a measurement
+        that failed or was cancelled, again; a version that waited for a place), as far as
+        their cap allows."""
+        benchmarks = list(Benchmark.objects.select_related("dataset"))
+        if not benchmarks:
+            return
+        lacking = (
+            ExpertVersion.objects.newest_ready()
+            .light()
+            .filter(expert__owner=owner)
+            .annotate(measured=Count("benchmark_results"))
+            .filter(measured__lt=len(benchmarks))
+            .select_related("expert__owner")
+            .order_by("pk")
+        )
+        for version in lacking:
+            if cls.measurements_full(owner):
+                return
+            cls.start_on_benchmarks(version, benchmarks)
+
+    def ended(self):
+        """A measurement that ended makes room for the owner's next one: a failed or cancelled
+        one is tried again (at most LATENTRY_BENCHMARK_RETRIES times), a waiting one queued."""
+        if self.on_benchmarks:
+            EvaluationJob.measure_waiting(self.created_by)
 
     @classmethod
     def start(cls, user, version, datasets, params=None):
-        """Queue a job that measures ``version`` on ``datasets``; ``params`` default to
-        ``as_trained(version)``. ValidationError if the expert's owner may not read one of the
-        datasets (its figures would show in their version's metrics) or the window does not fit
-        the base model's context."""
+        """Queue a job that ``user`` starts to measure ``version`` on ``datasets``; ``params``
+        default to ``as_trained(version)``. Every rule of a start is checked here, so no way in
+        skips one: ValidationError if the expert's owner may not read one of the datasets
+        (their figures would show in the version's metrics) or the window does not fit the
+        base model's context; JobLimitReached for the user's limits on jobs."""
         cls.check_datasets(datasets)
-        unreadable = {d.pk for d in datasets} - {d.pk for d in cls.readable(version, datasets)}
-        if unreadable:
-            names = ", ".join(sorted(d.name for d in datasets if d.pk in unreadable))
-            raise ValidationError(f"the expert's owner may not read the dataset(s) {names}")
+        cls.check_readable(version.expert.owner, datasets)
         params = params if params is not None else cls.as_trained(version)
         cls.check_params(version.expert.base_model, params)
         with transaction.atomic():
-            job = cls.objects.create(created_by=user, version=version, params=params)
+            cls.admit(user)
+            return cls._queue(user, version, datasets, params)
+
+    @classmethod
+    def start_after_training(cls, training_job, version):
+        """Queue the evaluation the platform runs when ``training_job`` publishes ``version``:
+        on the held-out part of the job's datasets that the owner may read. Counted among the
+        job's creator's active jobs but never refused (nobody asked for it); None if no
+        dataset is readable."""
+        datasets = cls.readable(version, training_job.datasets.all())
+        if not datasets:
+            return None
+        return cls._queue(training_job.created_by, version, datasets, cls.as_trained(version))
+
+    @classmethod
+    def _queue(cls, user, version, datasets, params, on_benchmarks=False):
+        with transaction.atomic():
+            job = cls.objects.create(
+                created_by=user, version=version, params=params, on_benchmarks=on_benchmarks
+            )
             job.datasets.set(datasets)
             job.enqueue()
         return job
 
     @staticmethod
     def readable(version, datasets):
-        """Those of ``datasets`` that the expert's owner may read: the only ones a version's
-        metrics may come from."""
+        """Those of ``datasets`` that a job may read for the version's expert
+        (``Dataset.objects.readable_by``): the only ones a version's metrics may come from."""
         owner = version.expert.owner
-        return list(Dataset.objects.usable_by(owner).filter(pk__in=[d.pk for d in datasets]))
+        return list(Dataset.objects.readable_by(owner).filter(pk__in=[d.pk for d in datasets]))
+
+    @staticmethod
+    def measurement_note(version):
+        """Why ``version`` shows no benchmark figure, in words for its expert's page: "" when
+        it has one, or its domain has no benchmark (owner-data figures stand there)."""
+        own = Benchmark.objects.filter(domain=version.expert.domain_id)
+        if version.benchmark_gain is not None or not own.exists():
+            return ""
+        jobs = EvaluationJob.objects.filter(
+            version=version, on_benchmarks=True, datasets__benchmark__in=own
+        )
+        latest = jobs.order_by("-created_at").first()
+        if latest is None:
+            return "Not measured yet: the measurement waits for a place in the queue."
+        if latest.status in (Job.QUEUED, Job.RUNNING):
+            return f"Not measured yet: the measurement is {latest.status}."
+        ended = jobs.filter(status__in=[Job.FAILED, Job.CANCELLED]).distinct().count()
+        if latest.status not in (Job.FAILED, Job.CANCELLED):
+            return "Not measured yet."
+        again = ended <= settings.LATENTRY_BENCHMARK_RETRIES
+        return (
+            f"Not measured: the platform's measurement {latest.status} ({latest.error}); "
+            f"tried {ended} time(s){', it will be tried again' if again else ''}."
+        )
 
     @staticmethod
     def check_params(base_model, params):
@@ -622,7 +824,34 @@ class BenchmarkResult(models.Model):
 
 
 def _mean(values):
-    return round(sum(values) / len(values), 3) if values else None
+    """The mean, rounded to two decimals: figures that come from a benchmark's text are shown
+    no finer, so that a string of uploads cannot read the text back from them."""
+    return round(sum(values) / len(values), 2) if values else None
+
+
+RATE_PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _count_start(user):
+    """JobLimitReached if ``user`` started LATENTRY_JOB_START_RATE's number of jobs within its
+    period; else count this start. The counts live in the default cache, beside the API's
+    other rate limits (CACHE_URL shares them between processes)."""
+    rate = settings.LATENTRY_THROTTLE_RATES.get("job")
+    if not rate:
+        return
+    allowed, period = rate.split("/")
+    allowed, period = int(allowed), RATE_PERIODS[period[0]]
+    key, now = f"job-starts:user-{user.pk}", time.time()
+    starts = [t for t in cache.get(key, []) if t > now - period]
+    if len(starts) >= allowed:
+        oldest = starts[len(starts) - allowed] if allowed else now  # must pass out of the period
+        wait = max(1, math.ceil(oldest + period - now))
+        raise JobLimitReached(
+            f"you started {allowed} jobs within {period} s, the most one user may "
+            f"(LATENTRY_JOB_START_RATE {rate}): try again in {wait} s",
+            retry_after=wait,
+        )
+    cache.set(key, [*starts, now], period)
 
 
 def _int(value, default):
@@ -699,9 +928,23 @@ def _resummarise_on_domain_change(sender, instance, **kwargs):
 
 @receiver(pre_delete, sender=Benchmark)
 def _resummarise_on_benchmark_removal(sender, instance, **kwargs):
-    """A benchmark removed: the figures that counted it are summarised again without it."""
+    """A benchmark removed: the figures that counted it are summarised again without it, and
+    the domain's experts left without a figure get their owner-data one if it was the last."""
     measured = list(instance.results.values_list("version", flat=True))
-    transaction.on_commit(lambda: BenchmarkResult.summarise_all(pk__in=measured))
+    domain = instance.domain_id
+
+    def resummarise():
+        BenchmarkResult.summarise_all(pk__in=measured)
+        refresh_figures(domain=domain, measured_gain__isnull=True)
+
+    transaction.on_commit(resummarise)
+
+
+def refresh_figures(**experts):
+    """Refresh the catalog figure of the experts selected by ``experts`` (Expert filters): a
+    domain that gains or loses a benchmark changes where their figures may come from."""
+    for expert in Expert.objects.filter(**experts).only("pk"):
+        expert.refresh_measured_gain()
 
 
 @receiver(post_save, sender=Benchmark)

@@ -23,7 +23,7 @@ from registry.models import BaseModel, Domain
 from . import datasets
 from .forms import DatasetForm, TrainingForm
 from .leaderboard import Leaderboard, domains_with_benchmarks
-from .models import Dataset, EvaluationJob, TrainingJob
+from .models import Dataset, EvaluationJob, JobLimitReached, TrainingJob
 
 LEADERBOARD_PAGE_SIZE = 50
 
@@ -68,18 +68,28 @@ def create_dataset(user, form):
 @login_required
 def train(request, owner, name):
     expert = owned_expert(request, owner, name)
-    form = TrainingForm(request.POST or None, user=request.user, expert=expert)
+    form = TrainingForm(request.POST or None, expert=expert)
+    status, retry_after = 200, None
     if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
         try:
             job = TrainingJob.start(
-                request.user, expert, form.cleaned_data["datasets"], form.cleaned_data["params"]
+                request.user, expert, data["datasets"], data["params"], data["visibility"]
             )
+        except JobLimitReached as exc:  # too many jobs, or started too often
+            form.add_error(None, str(exc))
+            status, retry_after = 429, exc.retry_after
         except ValidationError as exc:  # the storage quota (QuotaExceeded), a rule of start
             form.add_error(None, exc)
         else:
             return redirect("job", job.pk)
-    status = 400 if form.errors else 200
-    return render(request, "training/train.html", {"form": form, "expert": expert}, status=status)
+    if form.errors and status == 200:
+        status = 400
+    context = {"form": form, "expert": expert}
+    response = render(request, "training/train.html", context, status=status)
+    if retry_after:
+        response["Retry-After"] = str(retry_after)
+    return response
 
 
 @login_required
@@ -138,7 +148,7 @@ def job_context(job):
 @require_POST
 def job_cancel(request, pk):
     job = own_job(request, pk)
-    if job.request_cancel():
+    if job.cancel_by(request.user):
         messages.info(request, "Cancelling: the job stops at its next progress report.")
     return redirect("job", job.pk)
 

@@ -5,6 +5,7 @@ Celery with claiming, retries and the error-to-status mapping.
 """
 
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -123,6 +124,9 @@ def run_training(job, device):
             job.base_model.slug,
             training={**config.to_dict(), "steps_done": result.steps, "job": job.pk},
         )
+        # The expert takes the visibility the job asked for before the version appears in it:
+        # a version trained on private data is never public for a moment.
+        job.apply_visibility()
         with out.open("rb") as f:
             version = ExpertVersion.publish(
                 job.expert,
@@ -140,10 +144,8 @@ def _succeed(job, version):
     # One transaction: nobody sees the job succeeded before its evaluation exists (the job
     # page stops polling at a finished job with no evaluation running).
     with transaction.atomic():
-        succeeded = job.finish(Job.SUCCEEDED)
-        readable = EvaluationJob.readable(version, job.datasets.all())
-        if succeeded and readable:
-            EvaluationJob.start(job.created_by, version, readable)
+        if job.finish(Job.SUCCEEDED):
+            EvaluationJob.start_after_training(job, version)
     return version
 
 
@@ -229,19 +231,15 @@ def run_benchmarks(job, device):
 
 
 def _public(report):
-    """What the owner sees of a benchmark measurement: the figures, not the per-position
-    curve, which says more about the text than the leaderboard needs."""
-    keep = (
-        "dataset",
-        "window",
-        "ahead",
-        "pairs",
-        "ppl_base",
-        "ppl_expert",
-        "reduction_pct",
-        "latency_ratio",
-    )
-    return {key: report[key] for key in keep}
+    """What the owner sees of a benchmark measurement: its figures to two decimals, and not
+    the per-position curve nor the perplexities, which say more about the text than the
+    leaderboard needs (and, exact, would give the reduction back to every decimal)."""
+    shown = {key: report[key] for key in ("dataset", "window", "ahead", "pairs")}
+    return {
+        **shown,
+        "reduction_pct": round(report["reduction_pct"], 2),
+        "latency_ratio": round(report["latency_ratio"], 2),
+    }
 
 
 def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
@@ -261,6 +259,7 @@ def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
         max_windows=params.get("max_windows", 32),
     )
     report = evaluate(decoder, expert, heldout)
+    _check_finite(report, dataset)
     return {
         "dataset": dataset.full_name,
         "dataset_sha256": dataset.sha256,
@@ -275,6 +274,23 @@ def _evaluate_dataset(decoder, tokenizer, expert, texts, params, dataset):
         "ppl_base_by_position": report["base"]["ppl_by_position"],
         "ppl_expert_by_position": report["augmented"]["ppl_by_position"],
     }
+
+
+def _check_finite(report, dataset):
+    """JobError unless the measured figures are numbers: an expert whose values overflow the
+    base model's attention or logits makes the perplexity inf or NaN, which must end the job
+    with that reason (not with the database's refusal to store a NaN)."""
+    figures = {
+        "base perplexity": report["base"]["ppl"],
+        "perplexity with the expert": report["augmented"]["ppl"],
+        "reduction": report["reduction_pct"],
+    }
+    broken = [f"{name} {value}" for name, value in figures.items() if not math.isfinite(value)]
+    if broken:
+        raise runtime.JobError(
+            f"measuring on {dataset.full_name} gave no finite figures ({', '.join(broken)}): "
+            "the expert's values make the base model's numbers overflow"
+        )
 
 
 def _record_metrics(job, version, reports, profile):

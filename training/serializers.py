@@ -57,11 +57,6 @@ class DatasetSerializer(StrictModelSerializer):
         return upload
 
 
-def longest_time_budget():
-    """The most seconds a job may train: the setting, within the job time limit less 5 min."""
-    return min(settings.LATENTRY_JOB_MAX_TIME_BUDGET_S, settings.LATENTRY_JOB_TIME_LIMIT - 300)
-
-
 class TrainingParamsSerializer(StrictSerializer):
     """Hyper-parameters with the bounds a job may ask for; defaults are TrainConfig's."""
 
@@ -123,12 +118,11 @@ class TrainingParamsSerializer(StrictSerializer):
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
-        longest = longest_time_budget()
-        attrs.setdefault("time_budget_s", float(min(settings.LATENTRY_JOB_TIME_BUDGET_S, longest)))
-        if attrs["time_budget_s"] > longest:
-            raise serializers.ValidationError(
-                {"time_budget_s": [f"must be at most {longest} s (LATENTRY_JOB_MAX_TIME_BUDGET_S)"]}
-            )
+        attrs.setdefault("time_budget_s", TrainingJob.default_time_budget())
+        try:  # TrainingJob.start checks it too; here the error names its field
+            TrainingJob.check_time_budget(attrs["time_budget_s"])
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError({"time_budget_s": exc.messages}) from None
         rows = attrs["windows_per_step"] + attrs["replay_windows"]
         step_tokens = rows * attrs["positions_per_window"] * attrs["window"]
         if step_tokens > settings.LATENTRY_MAX_STEP_TOKENS:
@@ -205,6 +199,7 @@ class TrainingJobSerializer(JobSerializer):
             "train_tokens",
             "checkpoint_step",
             "history",
+            "visibility",
             "version",
         ]
         read_only_fields = fields
@@ -220,7 +215,12 @@ class TrainingJobCreateSerializer(StrictSerializer):
     )
     domain = SlugField(slug_field="slug", queryset=Domain.objects.all(), required=False)
     base_model = SlugField(slug_field="slug", queryset=BaseModel.objects.all(), required=False)
-    visibility = serializers.ChoiceField(choices=Expert.VISIBILITY_CHOICES, required=False)
+    visibility = serializers.ChoiceField(
+        choices=Expert.VISIBILITY_CHOICES,
+        required=False,
+        help_text="the expert's visibility once the job publishes; default: private when one "
+        "of the datasets is private, else unchanged (a new expert: public)",
+    )
     datasets = serializers.ListField(
         child=serializers.CharField(),
         min_length=1,

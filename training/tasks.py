@@ -15,13 +15,13 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import Q
 from django.utils import timezone
 
 from coprocessor.artifact import ArtifactError
 from coprocessor.train import Cancelled
-from registry.models import ExpertVersion
+from registry.models import Expert, ExpertVersion
 from registry.quotas import QuotaExceeded
 from registry.storage import StorageUnavailable
 
@@ -36,6 +36,7 @@ from .models import (
     JobLost,
     TrainingJob,
     another_users_turn,
+    refresh_figures,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,10 @@ def _run(task, model, job_id, work, waiting_since=None):
         job.finish(Job.FAILED, error="stopped at the job time limit")
     except USER_ERRORS as exc:
         job.finish(Job.FAILED, error=str(exc))
+    except DatabaseError:
+        # Its text may quote SQL and values: for the log, never for the job's owner.
+        logger.exception("%s failed", job)
+        job.finish(Job.FAILED, error="internal error: the database refused a write (logged)")
     except Exception as exc:
         logger.exception("%s failed", job)
         job.finish(Job.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
@@ -149,6 +154,8 @@ def measure_on_benchmark(benchmark_id):
     )
     for version in versions.iterator():
         EvaluationJob.start_on_benchmarks(version, [benchmark])
+    # The domain's owner-data figures give way to the benchmark's, not measured until it is.
+    refresh_figures(domain=benchmark.domain_id, gain_source=Expert.OWNER_DATA)
 
 
 class Heartbeat:

@@ -1,6 +1,5 @@
 """REST API of datasets and jobs under /api/v1/. Jobs are visible to their creator and staff."""
 
-from django.conf import settings
 from django.db import transaction
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -13,14 +12,14 @@ from rest_framework.response import Response
 from rest_framework.reverse import reverse
 
 from registry import references
-from registry.api import ApiDefaults, Conflict, JobStartThrottle, UploadThrottle
+from registry.api import ApiDefaults, Conflict, UploadThrottle
 from registry.models import BaseModel, Domain, Expert
 from registry.parsers import BoundedJSONParser
 from registry.permissions import IsOwnerOrReadOnly
 
 from . import datasets
 from .leaderboard import Leaderboard
-from .models import Dataset, EvaluationJob, Job, TrainingJob
+from .models import Dataset, EvaluationJob, JobLimitReached, TrainingJob
 from .serializers import (
     BenchmarkSerializer,
     DatasetSerializer,
@@ -85,7 +84,6 @@ class JobViewSet(
     viewsets.GenericViewSet,
 ):
     permission_classes = [IsAuthenticated]
-    throttle_classes = [JobStartThrottle]
     model = None
 
     def get_queryset(self):
@@ -102,13 +100,11 @@ class JobViewSet(
         """Start a job: 202 with the job, whose URL (Location) is where progress is read."""
         create = self.create_serializer_class(data=request.data, context={"request": request})
         create.is_valid(raise_exception=True)
-        limit = settings.LATENTRY_MAX_ACTIVE_JOBS
-        if limit and Job.active_count(request.user) >= limit:
-            raise Throttled(
-                detail=f"you have {limit} jobs queued or running, the most one user may have: "
-                "wait for one to end, or cancel one"
-            )
-        job = self.start(create.validated_data)
+        try:
+            with transaction.atomic():  # a refused start leaves no new expert behind
+                job = self.start(create.validated_data)
+        except JobLimitReached as exc:
+            raise Throttled(wait=exc.retry_after, detail=str(exc)) from None
         url = reverse(f"training_api:{self.basename}-detail", args=[job.pk], request=request)
         return Response(
             self.get_serializer(job).data,
@@ -119,11 +115,12 @@ class JobViewSet(
     @extend_schema(request=None)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        """Cancel: a queued job ends at once, a running one stops at its next step."""
+        """Cancel: a queued job ends at once, a running one stops at its next step. The
+        platform's benchmark measurements: staff only (403)."""
         job = self.get_object()
         if job.finished:
             raise Conflict(f"the job already ended ({job.status})")
-        job.request_cancel()
+        job.cancel_by(request.user)
         return Response(self.get_serializer(job).data)
 
 
@@ -144,17 +141,20 @@ class TrainingJobViewSet(JobViewSet):
         return super().create(request, *args, **kwargs)
 
     def start(self, data):
-        expert = data["expert_obj"] or self._new_expert(data)
-        return TrainingJob.start(self.request.user, expert, data["datasets"], data["params"])
+        datasets, visibility = data["datasets"], data.get("visibility", "")
+        expert = data["expert_obj"] or self._new_expert(data, datasets, visibility)
+        return TrainingJob.start(
+            self.request.user, expert, datasets, data["params"], visibility=visibility
+        )
 
-    def _new_expert(self, data):
+    def _new_expert(self, data, datasets, visibility):
         return Expert.create_for(  # NameTaken (made since the check): 409
             self.request.user,
             name=data["expert"],
             title=data["expert"],
             domain=data["domain"],
             base_model=data["base_model"],
-            visibility=data.get("visibility", Expert.PUBLIC),
+            visibility=TrainingJob.visibility_for(datasets, visibility) or Expert.PUBLIC,
         )
 
 

@@ -9,7 +9,7 @@ from coprocessor import base_models, corpus
 from registry import storage
 from registry.models import BaseModel, Domain, Expert
 from training import datasets, runner
-from training.models import Benchmark, Dataset, TrainingJob
+from training.models import Benchmark, Dataset, JobLimitReached, TrainingJob
 from training.serializers import TrainingParamsSerializer
 
 CARD = """# Python documentation expert
@@ -58,11 +58,14 @@ class Command(BaseCommand):
             self.stdout.write(f"demo training job for {expert} exists")
             return
         params = TrainingParamsSerializer(data={"steps": 100_000, "time_budget_s": minutes * 60})
-        params.is_valid(raise_exception=True)
+        if not params.is_valid():
+            raise CommandError(f"the demo job was not queued: {params.errors}")
         try:
             job = TrainingJob.start(user, expert, [dataset], dict(params.validated_data))
-        except ValidationError as exc:  # the base model's context is shorter than the window
-            raise CommandError(f"cannot train on {base.slug}: {exc.messages[0]}") from exc
+        except ValidationError as exc:  # e.g. the base model's context is shorter than the window
+            raise CommandError(f"the demo job was not queued: {exc.messages[0]}") from exc
+        except JobLimitReached as exc:  # the demo user's limits hold here as everywhere
+            raise CommandError(f"the demo job was not queued: {exc}") from exc
         self.stdout.write(f"queued {job} ({minutes:g} minutes of training)")
 
     def python_docs(self, user, base):
