@@ -92,6 +92,10 @@ class Limits:
     # well under queue_timeout_s, or a long prompt may never get in.
     overtake_s: float = 5.0
 
+    def __post_init__(self):
+        if self.batches < 1:
+            raise ValueError(f"an engine needs at least one batch (batches={self.batches})")
+
 
 @dataclass(frozen=True)
 class Footprint:

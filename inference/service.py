@@ -225,7 +225,8 @@ class Pending:
         pending = self
         while True:
             generation = await asyncio.wrap_future(pending.ticket.future)
-            await sync_to_async(pending.reject_if_broken)(generation)
+            if generation.broke_numbers:  # the database, in a thread: only when it must
+                await sync_to_async(pending.reject_if_broken)(generation)
             if isinstance(outcome := pending.outcome(generation), Answer):
                 return outcome
             pending = outcome.submit()

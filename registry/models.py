@@ -123,7 +123,7 @@ class BaseModel(models.Model):
 
         try:
             decoder, tokenizer = probe.base_model(self.weights_location, self.fingerprint)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # this process's weights, not the upload's fault: never a 500
             logger.warning("uploads to %s are not probed here: %s", self.slug, exc)
             return
         fileobj.seek(0)

@@ -320,3 +320,8 @@ def test_a_request_that_does_not_fit_is_overtaken_only_for_a_while(model, overta
     assert bool(small.admitted) is small_passes
     run_out(engine)
     assert big.future.result().finish_reason == "length"
+
+
+def test_an_engine_without_a_batch_is_refused():
+    with pytest.raises(ValueError, match="at least one batch"):
+        Limits(batches=0)
