@@ -39,6 +39,7 @@ os.environ["LATENTRY_VAR_DIR"] = str(SCRATCH)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("DEBUG", "true")  # an in-process development setup
 os.environ.pop("DATABASE_URL", None)  # the scratch SQLite file
+os.environ["LATENTRY_MAX_ACTIVE_JOBS"] = "0"  # one user queues them all: the queue, not the cap
 
 import django  # noqa: E402
 
