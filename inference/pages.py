@@ -10,6 +10,7 @@ from django.db.models import Max, Sum
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
+from registry import auth
 from registry.api import GenerateThrottle, expert_by_name, page_throttled
 from registry.models import ApiKey
 
@@ -36,7 +37,8 @@ def try_expert(request, owner, name):
     status = 200
     if form.is_valid():
         try:
-            context["answers"] = compare(expert, request.user, **form.cleaned_data)
+            caller = auth.caller(request)  # the engine bounds its columns, as for the API
+            context["answers"] = compare(expert, request.user, **form.cleaned_data, caller=caller)
         except (service.BadRequest, service.UnknownModel) as exc:
             context["error"] = str(exc)
             status = 400
@@ -49,14 +51,15 @@ def try_expert(request, owner, name):
     return render(request, template, context, status=status)
 
 
-def compare(expert, user, prompt, max_new_tokens):
+def compare(expert, user, prompt, max_new_tokens, caller=None):
     """The plain answer and the expert's, from this process's router or, when
-    LATENTRY_SERVING_URL names one, from the serving process."""
+    LATENTRY_SERVING_URL names one, from the serving process (on the user's behalf there)."""
     plain = service.Ask(base=expert.base_model.slug, prompt=prompt, max_new_tokens=max_new_tokens)
     augmented = dataclasses.replace(plain, expert=expert.full_name)
     if settings.LATENTRY_SERVING_URL:
         return remote.run_together([plain, augmented], user)
-    return service.run_together([plain, augmented], user, prepared=service.prepare(plain))
+    prepared = service.prepare(plain)
+    return service.run_together([plain, augmented], user, prepared, caller=caller)
 
 
 @login_required

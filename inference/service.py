@@ -149,11 +149,11 @@ def run(ask, user, on_text=None, prepared=None):
     return plan(ask, user, on_text, prepared).submit().answer()
 
 
-def run_together(asks, user, prepared=None):
+def run_together(asks, user, prepared=None, caller=None):
     """Serve several asks at once: all are chosen before any is queued, and all are queued
     before any is waited for, so the engine admits them together. ``prepared``: one
     ``prepare`` for asks that differ only in their expert."""
-    planned = [plan(ask, user, prepared=prepared) for ask in asks]
+    planned = [plan(ask, user, prepared=prepared, caller=caller) for ask in asks]
     tickets = _submit(planned[0].engine, [pending.request for pending in planned])
     for pending, ticket in zip(planned, tickets, strict=True):
         pending.ticket = ticket

@@ -19,6 +19,7 @@ from tests.factories import (
     bearer_client,
     client_for,
     free_port,
+    logged_in,
     slow_steps,
     wait_for,
     worker_env,
@@ -276,3 +277,25 @@ def test_router_bodies_over_the_bound_are_413_before_they_are_read(asgi_server, 
 
     chunked = requests.post(f"{asgi_server}/api/v1/generate", data=chunks(), timeout=30)
     assert chunked.status_code == 413 and "over the limit" in chunked.json()["detail"]
+
+
+def test_the_engine_knows_who_asks_through_the_api_and_try_it(
+    monkeypatch, make_expert, publish, alice
+):
+    """So that it bounds one caller's columns in flight (engine.Limits.caller_columns)."""
+    from coprocessor.engine import Engine
+
+    publish(make_expert("pydoc"))
+    callers = []
+    submit = Engine.submit_together
+
+    def recording(engine, requests, **kwargs):
+        callers.extend(request.caller for request in requests)
+        return submit(engine, requests, **kwargs)
+
+    monkeypatch.setattr(Engine, "submit_together", recording)
+    assert ask(client_for(alice), prompt="w5 w6").status_code == 200
+    assert ask(client_for(), prompt="w5 w6").status_code == 200
+    page = logged_in(alice).post("/experts/alice/pydoc/try/", {"prompt": "w5", "max_new_tokens": 2})
+    assert page.status_code == 200, page.content
+    assert callers == [f"user:{alice.pk}", "addr:127.0.0.1", f"user:{alice.pk}", f"user:{alice.pk}"]
