@@ -12,6 +12,8 @@ which cost what trained ones do), half are plain. Arms, on the same arrivals:
   engine-plain  the same arrivals, every request plain (for mixed_vs_plain_goodput)
   static        the batcher the router had before the engine (StaticBatcher, below)
   transformers  the plain arrivals through transformers' ContinuousBatchingManager
+  long-prompt   the engine's arrivals while one more caller sends prompts of nearly the whole
+                context back to back (for long_prompt_p95_ratio)
 
 The arms run in this process, each on its own; nothing else runs beside them. A rate is
 sustained when the p95 of each request's latency over its latency alone (a linear fit of
@@ -24,7 +26,9 @@ prompt and new tokens, measured through the engine with nothing else running) is
 Ends with ``RESULT sustained_rps_vs_static=<engine/static> p95_latency_vs_static=<engine/static
 at static's highest sustained rate> plain_tokens_per_s_vs_transformers=<engine-plain/
 transformers, best output tokens/s of each> mixed_vs_plain_goodput=<engine/engine-plain highest
-sustained rate> errors=<n>``; 503s under overload are counted apart from errors.
+sustained rate> long_prompt_p95_ratio=<the others' p95 latency beside the long prompts / without
+them, the worst over the rates both arms ran> errors=<n>``; 503s under overload are counted apart
+from errors. Target for the long prompts: at most 1.5.
 """
 
 import collections
@@ -107,7 +111,7 @@ def main():
     )
     p.add_argument("--bound", type=float, default=4.0, help="sustained: p95 slowdown at most")
     p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--arms", default="engine,engine-plain,static,transformers")
+    p.add_argument("--arms", default="engine,engine-plain,static,transformers,long-prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--transformers-blocks",
@@ -231,8 +235,14 @@ def finisher(outcome, started, finished):
     return done
 
 
-def run_engine(model, experts, arrivals, rate, args):
+def run_engine(model, experts, arrivals, rate, args, beside=None):
+    """The arrivals through the router's engine; ``beside(engine, stop)``, if given, runs in a
+    thread of its own meanwhile (another caller's load) until ``stop`` is set."""
     engine = Engine(model, eos_token_id=None)
+    stop = threading.Event()
+    if beside:
+        other = threading.Thread(target=beside, args=(engine, stop))
+        other.start()
 
     def submit(arrival, outcome, started, finished):
         expert = experts[arrival.expert] if arrival.expert is not None else None
@@ -247,11 +257,40 @@ def run_engine(model, experts, arrivals, rate, args):
         ticket.future.add_done_callback(finisher(outcome, started, finished))
 
     outcomes, wall = open_loop(arrivals, submit)
+    if beside:
+        stop.set()
+        other.join()
     engine.stop()
     for o in outcomes:  # a row the engine ended with an error is an error
         if o.latency_s is not None and o.tokens < o.arrival.new_tokens:
             o.error = o.error or "ended early"
     return RateReport(rate, outcomes, wall)
+
+
+LONG_NEW_TOKENS = 16
+
+
+def run_long_prompt(model, experts, arrivals, rate, args):
+    """The engine arm's arrivals while one more caller sends prompts of nearly the whole
+    context back to back (each with ``LONG_NEW_TOKENS`` new tokens), as an anonymous caller
+    may: what the others' latency pays for them."""
+    context = model.config.max_position_embeddings
+    text = [token for arrival in arrivals for token in arrival.prompt] or [0]
+    prompt = (text * (context // len(text) + 1))[: context - LONG_NEW_TOKENS]
+    sent = []
+
+    def long_caller(engine, stop):
+        while not stop.is_set():
+            request = Request(prompt, None, LONG_NEW_TOKENS, caller="long-prompts")
+            try:
+                engine.submit(request).future.result()
+                sent.append(len(prompt))
+            except Overloaded:  # no room now: try again, as a client would
+                time.sleep(0.05)
+
+    report = run_engine(model, experts, arrivals, rate, args, beside=long_caller)
+    print(f"  beside them: {len(sent)} prompts of {len(prompt)} tokens answered", flush=True)
+    return report
 
 
 def run_static(model, experts, arrivals, rate, args):
@@ -407,6 +446,7 @@ class StaticBatcher:
 
 ARMS = {
     "engine": run_engine,
+    "long-prompt": run_long_prompt,
     "engine-plain": run_engine,
     "static": run_static,
     "transformers": run_transformers,
@@ -456,11 +496,20 @@ def result_fields(reports, bound):
     )
     errors = sum(r["errors"] for rows in reports.values() for r in rows)
     tokens = ratio(best("engine-plain", "tok_s"), best("transformers", "tok_s"))
+    # The others' p95 latency beside the long prompts over the same arrivals without them,
+    # at every rate both arms ran: the worst.
+    without = {r["rate"]: r["lat_p95"] for r in reports.get("engine", [])}
+    beside = [
+        r["lat_p95"] / without[r["rate"]]
+        for r in reports.get("long-prompt", [])
+        if without.get(r["rate"])
+    ]
     return [
         f"sustained_rps_vs_static={ratio(rate_of('engine'), static_rate):.2f}",
         f"p95_latency_vs_static={p95_ratio:.3f}",
         f"plain_tokens_per_s_vs_transformers={tokens:.2f}",
         f"mixed_vs_plain_goodput={ratio(rate_of('engine'), rate_of('engine-plain')):.2f}",
+        f"long_prompt_p95_ratio={max(beside, default=float('nan')):.2f}",
         f"errors={errors}",
     ]
 

@@ -19,7 +19,6 @@ from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from coprocessor.artifact import ArtifactError
-from training.models import EvaluationJob
 
 from . import quotas, search, storage, uploads
 from .api import (
@@ -96,7 +95,6 @@ def expert_detail(request, owner, name, review_form=None, alias_form=None):
         "versions": versions,
         "latest": latest,
         "chart": perplexity_chart(latest),
-        "benchmark_note": EvaluationJob.measurement_note(latest) if latest else "",
         "aliases": expert.aliases.select_related("version"),
         "alias_moves": expert.alias_moves.select_related("moved_by")[:ALIAS_MOVES_SHOWN],
         "alias_form": alias_form or (AliasForm(versions=ready) if is_owner else None),

@@ -77,6 +77,7 @@ BENCHES = [
             "p95_latency_vs_static",
             "plain_tokens_per_s_vs_transformers",
             "mixed_vs_plain_goodput",
+            "long_prompt_p95_ratio",
             "errors",
         ],
     ),
