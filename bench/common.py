@@ -321,18 +321,33 @@ def start_gunicorn(env, port, log, workers=GUNICORN_WORKERS):
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def start_uvicorn(env, port, log):
+    """A serving process, as production runs the router (``Procfile``'s ``serve``)."""
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "config.asgi:application",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--timeout-keep-alive=30",  # as gunicorn's: clients keep their connections between requests
+        "--log-level=warning",
+    ]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 def wait_until_ready(server, port, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {server.returncode}")
+            raise RuntimeError(f"{server.args[2]} exited with {server.returncode}")
         try:
             if get(port, "/api/v1/health/") == 200:
                 return
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError("gunicorn did not answer in time")
+    raise RuntimeError(f"{server.args[2]} did not answer in time")
 
 
 def stop(server):

@@ -37,8 +37,9 @@ on: uploads 60/hour, job starts 30/hour and 3 active, a storage quota of 8 MiB.
 requests/s each (60% of the traffic): hostile uploads (NaN values, 5,000 tensors, a config
 nested 100,000 deep, a pickle), valid 1 MB uploads to hoard storage, 3 MB JSON bodies, JSON
 bodies nested 200,000 deep, loops of downloads, of job starts through the API and through the
-training page (a signed-in session), and long generations spread over every API key the account
-may hold. Each account's webhook points at a receiver that answers a byte every half second.
+training page (a signed-in session), and bursts of 8 generations at once, each with another of
+the API keys the account holds (as many as it may). Each account's webhook points at a receiver
+that answers a byte every half second.
 Ends with ``RESULT legit_errors=<n> legit_p95_ratio=<with/without> abuser_bytes_stored=<n>
 abuser_jobs_over_cap=<n> lost_writes=<n>`` (the most any abuser holds; jobs started and not
 finished beyond the active-job cap). Targets: 0 legitimate errors, p95 ratio <= 1.5, no abuser
@@ -71,6 +72,7 @@ from common import (
     recreate_database,
     server_env,
     start_gunicorn,
+    start_uvicorn,
     stop,
     wait_until_ready,
 )
@@ -187,31 +189,88 @@ def seed(env, clients, var_dir):
     return people, unique_file, base.slug, spec
 
 
-def queue_training_job(port, key, base_slug):
+def queue_training_job(service, key, base_slug):
     """A small training job on a fresh dataset, through the API as a user would."""
     from tests.factories import phrase_text
 
     form = {"name": "phrases", "file": ("p.txt", phrase_text(length=3000).encode(), "text/plain")}
-    status, _ = request(port, key, "POST", "/api/v1/datasets/", encode_multipart_formdata(form))
+    status, _ = request(service, key, "POST", "/api/v1/datasets/", encode_multipart_formdata(form))
     assert status == 201, status
     params = dict(steps=60, window=64, ahead_tokens=4, positions_per_window=4, n_latents=2)
     job = {"expert": "trained", "domain": "load", "datasets": ["phrases"], "params": params}
-    status, answer = request(port, key, "POST", "/api/v1/jobs/training/", json.dumps(job))
+    status, answer = request(service, key, "POST", "/api/v1/jobs/training/", json.dumps(job))
     assert status == 202, (status, answer)
     return json.loads(answer)["id"]
 
 
-def request(port, key, method, path, body=None, conn=None, cookies=None):
-    """``body``: JSON text, or (bytes, content type) from ``encode_multipart_formdata``.
-    With ``cookies`` (a signed-in session) instead of a key, as a browser: the CSRF token
-    beside its cookie."""
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+# What deploy/nginx.conf sends to the serving process; the rest goes to the web process.
+ROUTER_PATHS = ("/v1/", "/api/v1/generate", "/api/v1/attach")
+
+
+@dataclasses.dataclass
+class Service:
+    """The service as production lays it out: pages and the API on gunicorn (``web``), the
+    router on a uvicorn serving process (``serve``), a path going where nginx would send it."""
+
+    web: int
+    serve: int
+
+    def port_for(self, path):
+        return self.serve if path.startswith(ROUTER_PATHS) else self.web
+
+
+class Connections:
+    """One client's keep-alive connections, one per process it talks to, opened when needed."""
+
+    def __init__(self, service):
+        self.service, self.open = service, {}
+
+    def to(self, path):
+        port = self.service.port_for(path)
+        if port not in self.open:
+            self.open[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        return self.open[port]
+
+    def close(self):
+        for conn in self.open.values():
+            conn.close()
+        self.open.clear()
+
+
+@contextlib.contextmanager
+def serving(env, var_dir, web_workers):
+    """gunicorn and a serving process up and answering; yields the Service; stops both. The
+    web process hands "try it" to the serving process, as in production."""
+    service = Service(free_port(), free_port())
+    web_env = {**env, "LATENTRY_SERVING_URL": f"http://127.0.0.1:{service.serve}"}
+    with open(var_dir / "server.log", "w+") as log:
+        web = start_gunicorn(web_env, service.web, log, web_workers)
+        serve = start_uvicorn(env, service.serve, log)
+        try:
+            wait_until_ready(web, service.web)
+            wait_until_ready(serve, service.serve)
+            yield service
+        finally:
+            stop(web)
+            stop(serve)
+            log.seek(0)
+            problems = [line for line in log.read().splitlines() if "Error" in line]
+            if problems:
+                print("server log:\n" + "\n".join(problems[-20:]))
+
+
+def request(service, key, method, path, body=None, conns=None, cookies=None):
+    """``body``: JSON text, or (bytes, content type) from ``encode_multipart_formdata``; over
+    ``conns`` (a client's Connections) or a connection of its own. With ``cookies`` (a
+    signed-in session) instead of a key, as a browser: the CSRF token beside its cookie."""
+    own = conns is None
+    conns = conns or Connections(service)
+    conn = conns.to(path)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if cookies:
         headers["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
         headers["X-CSRFToken"] = cookies["csrftoken"]
-        headers["Referer"] = f"http://127.0.0.1:{port}/"
+        headers["Referer"] = f"http://127.0.0.1:{service.web}/"
     if isinstance(body, tuple):
         body, headers["Content-Type"] = body
     elif body is not None:
@@ -222,7 +281,7 @@ def request(port, key, method, path, body=None, conn=None, cookies=None):
         return response.status, response.read()
     finally:
         if own:
-            conn.close()
+            conns.close()
 
 
 def arrivals(rng, deadline, rate=None):
@@ -238,11 +297,13 @@ def arrivals(rng, deadline, rate=None):
         yield
 
 
-def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed_value, rate=None):
+def client(
+    service, person, upload, base_slug, deadline, stats, uploads, lock, seed_value, rate=None
+):
     """A legitimate client: the MIX at ``arrivals``."""
     key, expert_path = person
     rng = random.Random(seed_value)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conns = Connections(service)
     for _ in arrivals(rng, deadline, rate):
         kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
         if kind == "read":
@@ -264,10 +325,9 @@ def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed
             args = ("POST", expert_path + "versions/", encode_multipart_formdata(form))
         started = time.perf_counter()
         try:
-            status, answer = request(port, key, *args, conn=conn)
+            status, answer = request(service, key, *args, conns=conns)
         except (OSError, http.client.HTTPException):
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conns.close()  # the next request reconnects
             status, answer = None, b""
         elapsed = time.perf_counter() - started
         with lock:
@@ -278,10 +338,10 @@ def client(port, person, upload, base_slug, deadline, stats, uploads, lock, seed
             else:
                 stats.errors += 1
                 stats.failures.append(f"{args[0]} {args[1][:60]} -> {status}")
-    conn.close()
+    conns.close()
 
 
-def run_step(port, people, upload, base_slug, clients, seconds, uploads):
+def run_step(service, people, upload, base_slug, clients, seconds, uploads):
     stats = Stats(f"{clients} clients")
     stats.failures = []
     lock = threading.Lock()
@@ -289,7 +349,7 @@ def run_step(port, people, upload, base_slug, clients, seconds, uploads):
     threads = [
         threading.Thread(
             target=client,
-            args=(port, people[i], upload, base_slug, deadline, stats, uploads, lock, i),
+            args=(service, people[i], upload, base_slug, deadline, stats, uploads, lock, i),
         )
         for i in range(clients)
     ]
@@ -354,10 +414,12 @@ DEEP_PATHS = ["/api/v1/generate", "/v1/chat/completions", "/api/v1/jobs/training
 
 def abuse_environment(args, var_dir):
     """The load run's environment with the limits on that abusers meet: uploads 60/hour, job
-    starts 30/hour and 3 active, a small storage quota. Generation stays unlimited: the paced
-    legitimate clients ask for it often, and its per-user limit is tested elsewhere."""
+    starts 30/hour and 3 active, a small storage quota, and generation at the service's own
+    defaults (120 a minute per user, 4 at a time): the paced legitimate clients ask for about
+    60 a minute each."""
     env = environment(args, var_dir)
     env.update(
+        LATENTRY_GENERATE_RATE="120/min",
         LATENTRY_UPLOAD_RATE="60/hour",
         LATENTRY_JOB_START_RATE="30/hour",
         LATENTRY_MAX_ACTIVE_JOBS=str(ABUSER_ACTIVE_JOBS),
@@ -450,6 +512,28 @@ class Abuse:
     oversized: bytes
 
 
+MANY_KEYS_BURST = 8  # generations at once, over the per-user limit of 4 (default)
+
+
+def burst(service, keys):
+    """One generation per key, all at once, each on its own connection; their statuses."""
+    body = json.dumps({"base": "tiny-llama", "prompt": "w5 w6 w7", "max_new_tokens": 8})
+    statuses = [None] * len(keys)
+
+    def ask(i, key):
+        try:
+            statuses[i] = request(service, key, "POST", "/api/v1/generate", body)[0]
+        except (OSError, http.client.HTTPException):
+            statuses[i] = "closed"
+
+    threads = [threading.Thread(target=ask, args=(i, key)) for i, key in enumerate(keys)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
 def training_form(account):
     """The training page's form, urlencoded: a small job on the account's dataset."""
     from urllib.parse import urlencode
@@ -473,13 +557,13 @@ def multipart(data):
     return encode_multipart_formdata({"file": ("e.safetensors", data, "application/octet-stream")})
 
 
-def abuser(port, account, abuse, rate, deadline, outcomes, uploads, lock, seed_value):
+def abuser(service, account, abuse, rate, deadline, outcomes, uploads, lock, seed_value):
     """At Poisson arrivals of ``rate`` a second, at random: hostile uploads, hoarding valid
     ones, 3 MB and 200,000-deep JSON bodies, loops of downloads, of job starts through the API
     and through the training page, and generations spread over all the account's keys.
     Records (kind, status) and the 201 uploads."""
     rng = random.Random(seed_value)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conns = Connections(service)
     versions = f"/api/v1/experts/{account.name}/hoard/versions/"
     for _ in arrivals(rng, deadline, rate):
         kind = rng.choice(ABUSE)
@@ -502,32 +586,32 @@ def abuser(port, account, abuse, rate, deadline, outcomes, uploads, lock, seed_v
         elif kind == "page_job":
             key, cookies = None, account.cookies
             args = ("POST", f"/experts/{account.name}/hoard/train/", training_form(account))
-        else:  # many_keys: long generations, each with another of the account's keys
-            key = rng.choice(account.keys)
-            body = {"base": "tiny-llama", "prompt": "w5 w6 w7 " * 20, "max_new_tokens": 64}
-            args = ("POST", "/api/v1/generate", json.dumps(body))
+        else:  # many_keys: a burst of generations at once, each with another key
+            statuses = burst(service, rng.sample(account.keys, MANY_KEYS_BURST))
+            with lock:
+                outcomes += [(kind, status) for status in statuses]
+            continue
         try:
-            status, answer = request(port, key, *args, conn=conn, cookies=cookies)
+            status, answer = request(service, key, *args, conns=conns, cookies=cookies)
         except (OSError, http.client.HTTPException):  # the server closed an unread body
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conns.close()
             status, answer = "closed", b""
         with lock:
             outcomes.append((kind, status))
             if kind == "hoard" and status == 201:
                 number = json.loads(answer)["number"]
                 uploads.append((versions.removesuffix("versions/"), number))
-    conn.close()
+    conns.close()
 
 
-def abusers_process(port, abuse, args, deadline, results):
+def abusers_process(service, abuse, args, deadline, results):
     """The abusive clients in a process of their own, so that their work in the client (bodies
     of megabytes) does not hold the legitimate clients' interpreter lock."""
     outcomes, uploads, lock = [], [], threading.Lock()
     threads = [
         threading.Thread(
             target=abuser,
-            args=(port, account, abuse, args.abuser_rate, deadline, outcomes, uploads, lock, n),
+            args=(service, account, abuse, args.abuser_rate, deadline, outcomes, uploads, lock, n),
         )
         for n, account in enumerate(abuse.accounts * args.abuser_threads)
     ]
@@ -538,7 +622,7 @@ def abusers_process(port, abuse, args, deadline, results):
     results.put((outcomes, uploads))
 
 
-def legit_phase(port, people, upload, base_slug, args, uploads, abuse=None):
+def legit_phase(service, people, upload, base_slug, args, uploads, abuse=None):
     """``args.legit_clients`` paced clients for ``args.seconds``, beside the abusers if given;
     returns the legitimate clients' Stats and the abusers' outcomes."""
     import multiprocessing
@@ -550,7 +634,7 @@ def legit_phase(port, people, upload, base_slug, args, uploads, abuse=None):
     threads = [
         threading.Thread(
             target=client,
-            args=(port, people[i], upload, base_slug, deadline, stats, uploads, lock, i),
+            args=(service, people[i], upload, base_slug, deadline, stats, uploads, lock, i),
             kwargs={"rate": args.legit_rate},
         )
         for i in range(args.legit_clients)
@@ -559,7 +643,7 @@ def legit_phase(port, people, upload, base_slug, args, uploads, abuse=None):
         context = multiprocessing.get_context("fork")
         results = context.Queue()
         process = context.Process(
-            target=abusers_process, args=(port, abuse, args, deadline, results)
+            target=abusers_process, args=(service, abuse, args, deadline, results)
         )
         process.start()
     started = time.perf_counter()
@@ -587,27 +671,23 @@ def abuse_run(args):
         people, upload, base_slug, spec = seed(env, args.legit_clients, var_dir)
         receiver = DrippingReceiver()
         abuse = seed_abusers(args.abusers, spec, receiver.url)
-        port = free_port()
         from tests.factories import Worker  # after seed() set Django up
 
         # The deliveries' own worker; no job worker: started jobs stay active, so the count at
         # the end is the most any abuser ever held.
         hooks = Worker(env["LATENTRY_WEBHOOK_QUEUE"], env, "hooks", var_dir / "hooks.log")
-        with open(var_dir / "server.log", "w+") as log:
-            server = start_gunicorn(env, port, log, args.web_workers)
-            try:
-                wait_until_ready(server, port)
+        try:
+            with serving(env, var_dir, args.web_workers) as service:
                 uploads = []
                 warm = argparse.Namespace(**{**vars(args), "seconds": min(5, args.seconds)})
-                legit_phase(port, people, upload, base_slug, warm, uploads)
-                alone, _ = legit_phase(port, people, upload, base_slug, args, uploads)
+                legit_phase(service, people, upload, base_slug, warm, uploads)
+                alone, _ = legit_phase(service, people, upload, base_slug, args, uploads)
                 beside, outcomes = legit_phase(
-                    port, people, upload, base_slug, args, uploads, abuse
+                    service, people, upload, base_slug, args, uploads, abuse
                 )
-            finally:
-                stop(server)
-                hooks.stop()
-                receiver.close()
+        finally:
+            hooks.stop()
+            receiver.close()
         lost = lost_writes(uploads, None)
         held, over_cap = abusers_hold()
     for stats in (alone, beside):
@@ -711,19 +791,16 @@ def main():
         var_dir = Path(tmp)
         env = fresh_service(args, var_dir, environment)
         people, upload, base_slug, _ = seed(env, max(steps), var_dir)
-        port = free_port()
-        with open(var_dir / "server.log", "w+") as log:
-            server = start_gunicorn(env, port, log, args.web_workers)
-            from tests.factories import Worker, wait_for  # after seed() set Django up
+        from tests.factories import Worker, wait_for  # after seed() set Django up
 
-            worker = Worker("load", env, name="load", log_path=var_dir / "worker.log")
-            try:
-                wait_until_ready(server, port)
-                job_id = queue_training_job(port, people[0][0], base_slug)
+        worker = Worker("load", env, name="load", log_path=var_dir / "worker.log")
+        try:
+            with serving(env, var_dir, args.web_workers) as service:
+                job_id = queue_training_job(service, people[0][0], base_slug)
                 results, uploads = [], []
                 for clients in steps:
                     stats = run_step(
-                        port, people, upload, base_slug, clients, args.seconds, uploads
+                        service, people, upload, base_slug, clients, args.seconds, uploads
                     )
                     results.append(stats)
                     print(
@@ -738,15 +815,11 @@ def main():
 
                 with contextlib.suppress(AssertionError):  # a job still running counts as lost
                     wait_for(lambda: TrainingJob.objects.get(pk=job_id).finished, timeout=120)
-            finally:
-                stop(server)
-                worker.stop()
-                log.seek(0)
-                lines = log.read().splitlines()
-                lines += (var_dir / "worker.log").read_text(errors="replace").splitlines()
-                problems = [line for line in lines if "Error" in line]
-                if problems:
-                    print("server/worker log:\n" + "\n".join(problems[-20:]))
+        finally:
+            worker.stop()
+            lines = (var_dir / "worker.log").read_text(errors="replace").splitlines()
+            if problems := [line for line in lines if "Error" in line]:
+                print("worker log:\n" + "\n".join(problems[-20:]))
         lost = lost_writes(uploads, job_id)
 
     sustained = [s for s in results if not s.errors and s.percentile_ms(95) <= args.p95_ms]

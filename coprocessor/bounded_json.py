@@ -41,7 +41,7 @@ def loads(text, *, max_depth=MAX_DEPTH, max_bytes=None, **options):
         raise TooLarge(f"is over the limit of {max_bytes} bytes")
     if isinstance(text, bytes | bytearray):
         text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError too
-    if depth(text) > max_depth:
+    if depth(text, stop_past=max_depth) > max_depth:
         raise TooDeep(f"is nested more than {max_depth} levels deep")
     try:
         return json.loads(text, **options)
@@ -49,10 +49,18 @@ def loads(text, *, max_depth=MAX_DEPTH, max_bytes=None, **options):
         raise TooDeep("is nested too deeply to decode") from None
 
 
-def depth(text):
-    """The deepest nesting of brackets outside strings in ``text`` (0 for a scalar)."""
+def depth(text, stop_past=None):
+    """The deepest nesting of brackets outside strings in ``text`` (0 for a scalar); once it
+    is past ``stop_past``, that depth at once: a body of 200,000 brackets is refused after 33
+    of them, not after counting all."""
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    return max(accumulate(_STEP[c] for c in brackets), default=0)
+    deepest = 0
+    for level in accumulate(_STEP[c] for c in brackets):
+        if level > deepest:
+            deepest = level
+            if stop_past is not None and deepest > stop_past:
+                break
+    return deepest
 
 
 def _size(text):

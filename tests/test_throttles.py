@@ -73,3 +73,38 @@ def test_a_json_body_over_the_memory_limit_is_413_naming_it(settings, alice, mak
     )
     assert response.status_code == 413
     assert response.json()["detail"] == "request body is over the limit of 1000 bytes"
+
+
+def test_a_burst_of_concurrent_requests_cannot_pass_the_rate_together(alice, settings):
+    """DRF's throttle reads the history, appends and writes it back: requests that all read
+    before any wrote all passed. The count is one atomic increment instead."""
+    import threading
+    import time
+
+    from django.core.cache import cache
+    from rest_framework.test import APIRequestFactory
+
+    from registry.api import GenerateThrottle
+
+    settings.LATENTRY_THROTTLE_RATES = {"generate": "3/min"}
+
+    class SlowCache:  # widens the window between a read and a write, as load does
+        def __getattr__(self, name):
+            time.sleep(0.02)
+            return getattr(cache, name)
+
+    request = APIRequestFactory().post("/api/v1/generate")
+    request.user = alice
+    passed = []
+
+    def ask():
+        throttle = GenerateThrottle()
+        throttle.cache = SlowCache()
+        passed.append(throttle.allow_request(request, None))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert passed.count(True) == 3
