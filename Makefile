@@ -54,6 +54,11 @@ chromium:
 	  $$sudo apt-get install -y -q chromium || \
 	  { $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium; }; }
 
+# Two pytest workers (pytest-xdist), one per core: much of the suite waits on processes, servers
+# and sockets. (Not --dist loadgroup: it left schemathesis' cases, which share one test id,
+# unrun while the run still passed.)
+PYTEST_ARGS ?= -n 2
+
 test: install chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -79,8 +79,21 @@ from common import (
 from urllib3 import encode_multipart_formdata
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_load"
-BROKER_URL = "redis://127.0.0.1:6379/5"
-CACHE_URL = "redis://127.0.0.1:6379/6"
+# Redis databases (broker, cache) per kind of run: the sustained-load and the abuse runs have
+# their own (and their own PostgreSQL database), so both may run at once, as the tests' workers
+# run their smoke runs. bench/api_load.py uses 7.
+REDIS_DATABASES = {"load": (5, 6), "abuse": (8, 9)}
+
+
+def redis_urls(args):
+    broker, cache = REDIS_DATABASES["abuse" if args.abuse else "load"]
+    return f"redis://127.0.0.1:6379/{broker}", f"redis://127.0.0.1:6379/{cache}"
+
+
+def database_url(args):
+    return f"{args.database_url}_abuse" if args.abuse else args.database_url
+
+
 MIX = [("read", 0.7), ("generate", 0.2), ("upload", 0.1)]
 GENERATED_EXPERTS = range(5)  # the published experts that generation asks for
 SMOKE = dict(
@@ -95,9 +108,10 @@ SMOKE = dict(
 
 
 def environment(args, var_dir):
-    env = server_env(args.database_url, CACHE_URL, var_dir)
+    broker_url, cache_url = redis_urls(args)
+    env = server_env(database_url(args), cache_url, var_dir)
     env.update(
-        CELERY_BROKER_URL=BROKER_URL,
+        CELERY_BROKER_URL=broker_url,
         LATENTRY_ARTIFACTS_DIR=str(var_dir / "artifacts"),
         LATENTRY_GENERATE_RATE="",
         LATENTRY_UPLOAD_RATE="",
@@ -114,16 +128,16 @@ def fresh_service(args, var_dir, make_environment):
     """An empty, migrated database and Redis for a run in ``var_dir``; returns its environment."""
     (var_dir / "staticfiles").mkdir()
     env = make_environment(args, var_dir)
-    recreate_database(args.database_url)
-    flush_redis()
+    recreate_database(database_url(args))
+    flush_redis(args)
     migrate(env)
     return env
 
 
-def flush_redis():
+def flush_redis(args):
     import redis
 
-    for url in (BROKER_URL, CACHE_URL):
+    for url in redis_urls(args):
         redis.Redis.from_url(url).flushdb()
 
 
