@@ -141,19 +141,25 @@ def test_a_streaming_client_that_leaves_frees_its_row(
 ):
     settings.LATENTRY_MAX_NEW_TOKENS = 200
     slow_steps(monkeypatch, 0.02)  # 200 tokens take 4 s: long enough to leave in the middle
-    # Completions sample (temperature 1 by default): the tiny model may draw its eos at once,
-    # and the row would end before the client leaves.
-    monkeypatch.setattr(engine, "eos_token_id", None)
+    monkeypatch.setattr(engine, "eos_token_id", None)  # no row ends by drawing its eos
     _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
     body = {"model": "tiny-llama", "prompt": "w5 w6", "max_tokens": 200, "stream": True}
     headers = {"Authorization": f"Bearer {key}"}
-    with requests.post(
-        f"{asgi_server}/v1/completions", json=body, headers=headers, stream=True, timeout=10
-    ) as response:
-        assert response.status_code == 200
-        first = next(response.iter_lines())
-        assert engine.load()[0] == 1, first
-        left = time.monotonic()
+    # Under load (the whole suite in two workers) the row has now and then already ended when
+    # the first token arrives, for a reason not yet found (see the closing note of 2026-12-07):
+    # such a try shows nothing about leaving, so up to three are made.
+    for _ in range(3):
+        with requests.post(
+            f"{asgi_server}/v1/completions", json=body, headers=headers, stream=True, timeout=10
+        ) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())
+            running = engine.load()[0] == 1
+            left = time.monotonic()
+        if running:
+            break
+        wait_for(lambda: engine.load() == (0, 0), timeout=5, what="the engine idle")
+    assert running, "the row had ended before the client left, three times"
     wait_for(lambda: engine.load() == (0, 0), timeout=3, what="the row freed")
     assert time.monotonic() - left < 2
 
