@@ -105,12 +105,9 @@ SEARCH_WORDS = [w for words in TOPICS.values() for w in words] + KINDS + ["missi
 # --- database -------------------------------------------------------------------------------
 
 
-def seed(env, n_experts, rng):
-    """Fill the database with production settings; return the URLs of the public experts."""
-    os.environ.update(env)
-    import django
-
-    django.setup()
+def seed(n_experts, rng):
+    """Fill the database with production settings (Django set up by ``migrate(env)``); return
+    the URLs of the public experts."""
     from django.db import connection
 
     seed_domains()
@@ -443,7 +440,7 @@ def prepare(args, var_dir):
 
         redis.Redis.from_url(args.cache_url).flushdb()
     migrate(env)
-    detail_paths = seed(env, args.experts, random.Random(0))
+    detail_paths = seed(args.experts, random.Random(0))
     print(f"seeded {args.experts} experts in {time.perf_counter() - started:.1f}s")
     from django.conf import settings
 

@@ -107,13 +107,10 @@ def corpus_ids(args, tokenizer, name=None):
 
 
 def smoke_model(device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.tiny import LLAMA_SHAPE, frozen, word_tokenizer
+    from tests.tiny import frozen, tiny_llama, word_tokenizer
 
     # Positions for the real benches' windows and prompts (rotary: a longer table costs nothing).
-    config = LlamaConfig(**LLAMA_SHAPE | {"max_position_embeddings": 4096})
-    model = frozen(lambda: LlamaForCausalLM(config))
+    model = frozen(lambda: tiny_llama(max_position_embeddings=4096))
     print("smoke run: the tests' tiny llama and word-level tokenizer")
     return model.to(device), word_tokenizer()
 

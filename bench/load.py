@@ -141,16 +141,11 @@ def flush_redis(args):
         redis.Redis.from_url(url).flushdb()
 
 
-def seed(env, clients, var_dir):
+def seed(clients, var_dir):
     """Base model, 500 public experts (the first five with a version, for generation), and
     per client a user, a key and an expert; returns [(key, expert path)] per client, a maker
-    of the distinct files uploads send, and the base model's slug."""
-    import os
-
-    os.environ.update(env)
-    import django
-
-    django.setup()
+    of the distinct files uploads send, and the base model's slug. Django is set up by
+    ``migrate(env)`` (fresh_service)."""
     from django.contrib.auth import get_user_model
 
     from coprocessor.base_models import convert, describe
@@ -682,10 +677,10 @@ def abuse_run(args):
     with tempfile.TemporaryDirectory(prefix="latentry-abuse-") as tmp:
         var_dir = Path(tmp)
         env = fresh_service(args, var_dir, abuse_environment)
-        people, upload, base_slug, spec = seed(env, args.legit_clients, var_dir)
+        people, upload, base_slug, spec = seed(args.legit_clients, var_dir)
         receiver = DrippingReceiver()
         abuse = seed_abusers(args.abusers, spec, receiver.url)
-        from tests.factories import Worker  # after seed() set Django up
+        from tests.factories import Worker  # after migrate() set Django up
 
         # The deliveries' own worker; no job worker: started jobs stay active, so the count at
         # the end is the most any abuser ever held.
@@ -804,8 +799,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="latentry-load-") as tmp:
         var_dir = Path(tmp)
         env = fresh_service(args, var_dir, environment)
-        people, upload, base_slug, _ = seed(env, max(steps), var_dir)
-        from tests.factories import Worker, wait_for  # after seed() set Django up
+        people, upload, base_slug, _ = seed(max(steps), var_dir)
+        from tests.factories import Worker, wait_for  # after migrate() set Django up
 
         worker = Worker("load", env, name="load", log_path=var_dir / "worker.log")
         try:

@@ -27,8 +27,9 @@ LLAMA_SHAPE = dict(
 )
 
 
-def tiny_llama():
-    return LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE))
+def tiny_llama(**overrides):
+    """The tiny llama; ``overrides`` change its config (a longer position table, say)."""
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE | overrides))
 
 
 def tiny_qwen2():
