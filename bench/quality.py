@@ -197,7 +197,7 @@ def lora_finetune(model, train_ids, config, args):
     elapsed, steps = 0.0, 0
     while elapsed < config.time_budget_s:
         started = time.perf_counter()
-        windows, _ = sample_windows(train_ids, config, config.windows_per_step, generator)
+        windows = sample_windows(train_ids, config, config.windows_per_step, generator).windows
         windows = windows.to(args.device)
         loss = tuned(input_ids=windows, labels=windows).loss
         loss.backward()

@@ -74,7 +74,7 @@ def time_finetune(model, train_ids, config, steps, device):
     autocast = torch.device(device).type == "cuda"
 
     def step():
-        windows, _ = sample_windows(train_ids, config, config.windows_per_step, generator)
+        windows = sample_windows(train_ids, config, config.windows_per_step, generator).windows
         windows = windows.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             loss = tuned(input_ids=windows, labels=windows).loss

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .expert import augmented_forward
-from .train import ahead_losses, position_batch
+from .objective import ahead_losses, position_batch
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,16 @@ from .prefix import KVPrefix
 RECOMMENDED = {"n_latents": 0, "prefix_positions": 64, "prefix_gate_init": -4.0}
 
 
+def prefix_positions_for(train_tokens):
+    """N_P for a training text of ``train_tokens`` tokens: a larger corpus has more to learn
+    before the prefix fits its own windows. 64 x (tokens / 100,000)^(1/3), in steps of 16,
+    from 16 to 256: 64 on the Python docs (104,746 tokens), 128 on the Unix manual pages
+    (743,551), where each was the best measured (docs/method.md, "A prefix sized to the
+    data")."""
+    size = 64 * (max(train_tokens, 1) / 100_000) ** (1 / 3)
+    return int(min(256, max(16, 16 * round(size / 16))))
+
+
 @dataclass
 class CoprocessorConfig:
     n_latents: int = 4

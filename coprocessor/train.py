@@ -1,11 +1,10 @@
-"""Training an expert: the paper's objective with the frozen decoder, one explicit loop.
+"""Training an expert with the decoder frozen: one explicit loop.
 
-Each step samples windows of the corpus, runs the frozen decoder once over each window (no
-gradient), and picks several augmentation positions p per window. For each p the coprocessor
-reads the cache of ``x[:p-1]``, its latents go in before ``x[p-1]``, and the loss is the
-decoder's own language-modelling loss on the next ``ahead_tokens`` tokens ``x[p:p+ahead]``.
-All positions of all windows form one batch: one prefix pass serves many positions, which is
-the main lever on speed. Gradients flow through frozen D into the latents and C.
+Each step samples windows of the corpus (with the text just before each, when a teacher
+reads it) and, per window, several augmentation points; the losses (``coprocessor.objective``)
+carry the gradient through frozen D into the static prefix and the coprocessor. A watch
+(``coprocessor.watch``) measures the expert on a held-out slice of the corpus and on D's own
+text as it trains, keeps the best checkpoint and stops on a plateau.
 """
 
 import math
@@ -15,20 +14,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from .decoder import (
-    as_cache,
-    block_attention_bias,
-    embed,
-    forward_with_mask,
-    negative,
-    prefill,
-    run_decoder,
-)
 from .expert import RECOMMENDED, Coprocessor, CoprocessorConfig
 from .generate import Request, generate
-from .prefix import batch_prefixes
+from .objective import step_losses
+from .watch import Watch, reference_config
+
+OBJECTIVES = ("next_token", "distill", "mix")
 
 
 @dataclass
@@ -37,7 +29,12 @@ class TrainConfig:
     # held-out perplexity in a fixed CPU budget than 8 and 8, and twice the loss tokens per
     # step (bench/quality.py, train_speed.py).
     expert: CoprocessorConfig = field(default_factory=lambda: CoprocessorConfig(**RECOMMENDED))
-    # The objective.
+    # The objective of the windows' tokens (a static prefix): "next_token" (the corpus's own
+    # next tokens), "distill" (KL to D reading `teacher_context` tokens of the text just before
+    # the window: context distillation) or "mix" (half each). The teacher's pass runs inside
+    # the step, so its cost counts in the time budget.
+    objective: str = "next_token"
+    teacher_context: int = 256
     ahead_tokens: int = 16  # N_A: tokens after the augmentation point that carry the loss
     window: int = 256  # tokens of context per sampled window
     positions_per_window: int = 16  # augmentation points trained from one prefix pass
@@ -65,6 +62,21 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0  # also seeds the expert's initialisation (from_settings)
     checkpoint_every: int = 50
+    # Stopping in time (coprocessor.watch): the tail `validation_fraction` of the tokens is held
+    # out and measured `evaluations` times over the run, beside D's own text (the reference for
+    # off-domain harm); the best checkpoint within `harm_bound_pct` is kept, and the run stops
+    # after `patience` measurements without a new one. 0 evaluations: no watch.
+    validation_fraction: float = 0.05
+    validation_windows: int = 8
+    evaluations: int = 10
+    patience: int = 3
+    min_improvement: float = 0.002  # relative validation-loss gain that counts as better
+    harm_bound_pct: float = 1.0
+    reference_samples: int = 4
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
 
     @classmethod
     def from_settings(cls, settings):
@@ -98,162 +110,18 @@ class Progress:
 
 @dataclass
 class TrainResult:
-    expert: Coprocessor
+    expert: Coprocessor  # the kept checkpoint's, when the run was watched
     steps: int
-    stopped: str  # "done", "time", "cancelled"
+    stopped: str  # "done" (all steps), "time", "plateau", "harm" (coprocessor.watch)
     history: list = field(default_factory=list)  # (step, elapsed_s, loss)
+    validation: list = field(default_factory=list)  # Measurement dicts, the untrained first
+    kept_step: int | None = None  # the step whose expert was kept (None: the last, unwatched)
+    within_harm_bound: bool | None = None  # None: unwatched
+    summary: str = ""  # why it stopped and what it kept, in a sentence
 
 
 class Cancelled(Exception):
     pass
-
-
-def position_batch(decoder, windows, positions, ahead, prefix=None):
-    """Rows for the augmented forward: one per (window, position).
-
-    windows: (W, T) token ids; positions: (W, K) indices p of the first target token; prefix:
-    the expert's static prefix (a ``KVPrefix``) or None. Returns past, past_bias (the prefix's
-    columns first), tokens (R, ahead), targets (R, ahead), start positions (R,).
-    """
-    n_windows, length = windows.shape
-    per_window = positions.shape[1]
-    dtype = next(decoder.parameters()).dtype
-    with torch.no_grad():
-        cache = window_cache(decoder, prefix, windows)
-    rows = torch.arange(n_windows, device=windows.device).repeat_interleave(per_window)  # (R,)
-    past = [(k[rows], v[rows]) for k, v in cache.past]  # (R, kv_heads, N_P + T, head_dim)
-    p = positions.reshape(-1)  # (R,) with R = W * K
-    keys = torch.arange(length, device=windows.device)
-    window_bias = torch.where(keys[None, :] < (p - 1)[:, None], 0.0, negative(dtype)).to(dtype)
-    # (R, N_P + T): each row sees the prefix and x[:p-1]
-    past_bias = torch.cat([cache.prefix_bias[rows], window_bias], dim=1)
-    offsets = torch.arange(ahead, device=windows.device)
-    fed = (p - 1)[:, None] + offsets  # (R, A): x[p-1 : p-1+ahead]
-    tokens = windows[rows[:, None], fed]
-    targets = windows[rows[:, None], fed + 1]
-    return past, past_bias, tokens, targets, p - 1 + cache.offset
-
-
-class WindowCache(NamedTuple):
-    past: list  # D's cache over the prefix (if any) and the windows: (W, kv_heads, N_P + T, d)
-    prefix_bias: torch.Tensor  # (W, N_P) the prefix's gate; (W, 0) without one
-    offset: int  # N_P: the position the windows' first token takes
-    losses: torch.Tensor | None  # (W, T - 1) next-token losses over the windows, with a prefix
-
-
-def window_cache(decoder, prefix, windows):
-    """D over whole windows (W, T), after the static prefix when there is one.
-
-    Without a prefix, the plain cache (callers run it without gradient). With one, the
-    windows read it, so the pass carries the gradient to it and also gives the windows' own
-    next-token losses: the prefix's objective, as a fine-tune's, on every token.
-    """
-    visible = torch.ones_like(windows, dtype=torch.bool)
-    if prefix is None:
-        prefilled = prefill(decoder, windows, visible)
-        return WindowCache(prefilled.past, prefilled.past_bias[:, :0], 0, None)
-    dtype = next(decoder.parameters()).dtype
-    n_windows, length = windows.shape
-    batch = batch_prefixes([prefix] * n_windows, dtype, windows.device)
-    positions = prefix.n_positions + torch.arange(length, device=windows.device)
-    hidden, past = run_decoder(
-        decoder,
-        past=batch.past,
-        past_bias=batch.bias,
-        inputs_embeds=embed(decoder, windows),
-        new_bias=torch.zeros(n_windows, length, dtype=dtype, device=windows.device),
-        positions=positions.expand(n_windows, -1),
-    )
-    logits = decoder.get_output_embeddings()(hidden[:, :-1])  # (W, T - 1, V)
-    losses = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")
-    return WindowCache(past, batch.bias, prefix.n_positions, losses)
-
-
-def packed_losses(decoder, expert, windows, positions, ahead, cache=None):
-    """Per-token losses (W, K, A) for K augmentation points per window, packed in one row.
-
-    Each window's cache is computed once and shared: the K blocks of soft tokens (C pass) and
-    of [latents, tokens] (D pass) sit side by side after it, each block seeing only its own
-    prefix ``x[:p-1]`` (and the static prefix, if any) and itself. Equal to one row per point
-    (``position_batch``), without copying the cache K times. ``expert=None`` gives the plain
-    decoder's losses; ``cache`` is the windows' ``window_cache`` when the caller has it.
-    """
-    n_windows, length = windows.shape
-    per_window = positions.shape[1]
-    device = windows.device
-    if cache is None:
-        with torch.no_grad():
-            cache = window_cache(decoder, None, windows)
-    past = cache.past
-    dtype = past[0][0].dtype
-    starts = positions - 1  # (W, K) index of x[p-1], the first fed token
-    visible = torch.arange(length, device=device)[None, None, :] < starts[:, :, None]  # (W, K, T)
-    key_bias = _window_key_bias(visible, cache.prefix_bias)  # (W, K, N_P + T)
-    offsets = torch.arange(ahead, device=device)
-    fed = starts[:, :, None] + offsets  # (W, K, A)
-    rows = torch.arange(n_windows, device=device)[:, None, None]
-    tokens, targets = windows[rows, fed], windows[rows, fed + 1]
-    inputs = embed(decoder, tokens)  # (W, K, A, H)
-    new_bias = torch.zeros(n_windows, per_window, ahead, dtype=dtype, device=device)
-    starts = starts + cache.offset  # positions from here on
-    new_positions = fed + cache.offset
-    n_latents = 0
-    if expert is not None and expert.has_coprocessor:
-        n_latents = expert.latent_head.gate.numel()
-        latent_positions = starts[:, :, None].expand(-1, -1, n_latents)  # (W, K, L)
-        blocks = torch.arange(per_window, device=device).repeat_interleave(n_latents)  # (K * L,)
-        soft_mask = block_attention_bias(
-            key_bias.repeat_interleave(n_latents, dim=1),  # (W, K * L, N_P + T)
-            blocks,
-            torch.zeros(n_windows, per_window * n_latents, dtype=dtype, device=device),
-        )
-        z = expert.encode(
-            past, soft_mask, latent_positions.reshape(n_windows, -1), copies=per_window
-        ).to(dtype)
-        z = z.view(n_windows, per_window, n_latents, -1)  # (W, K, L, H)
-        inputs = torch.cat([z, inputs], dim=2)  # (W, K, L + A, H)
-        gate = expert.gate_bias(n_windows).to(dtype)[:, None, :].expand(-1, per_window, -1)
-        new_bias = torch.cat([gate, new_bias], dim=2)  # (W, K, L + A)
-        new_positions = torch.cat([latent_positions, new_positions], dim=2)  # (W, K, L + A)
-    block = n_latents + ahead
-    blocks = torch.arange(per_window, device=device).repeat_interleave(block)  # (K * block,)
-    mask = block_attention_bias(
-        key_bias.repeat_interleave(block, dim=1), blocks, new_bias.reshape(n_windows, -1)
-    )  # (W, 1, K * block, N_P + T + K * block)
-    hidden = forward_with_mask(
-        decoder,
-        cache=as_cache(past),
-        mask=mask,
-        inputs_embeds=inputs.reshape(n_windows, per_window * block, -1),  # (W, K * block, H)
-        positions=new_positions.reshape(n_windows, -1),  # (W, K * block)
-    )
-    hidden = hidden.view(n_windows, per_window, block, -1)[:, :, n_latents:]  # (W, K, A, H)
-    logits = decoder.get_output_embeddings()(hidden)  # (W, K, A, V)
-    losses = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
-    return losses.view(n_windows, per_window, ahead)
-
-
-def _window_key_bias(visible, prefix_bias):
-    """The bias of every cached key for every point: (W, K, N_P + T) from which window
-    tokens each point sees (W, K, T) and the static prefix's gate (W, N_P), seen by all."""
-    dtype = prefix_bias.dtype
-    window = torch.where(visible, 0.0, negative(dtype)).to(dtype)
-    shape = (-1, visible.shape[1], -1)
-    return torch.cat([prefix_bias[:, None, :].expand(shape), window], dim=-1)
-
-
-def step_losses(decoder, expert, windows, positions, ahead):
-    """Every loss token of one training step, flat: the windows' own next-token losses when
-    the expert has a static prefix, and the K x N_A losses after the latents when it has a
-    coprocessor (both when both)."""
-    prefix = expert.prefix
-    # Without a prefix the windows' pass trains nothing: no graph for it.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and prefix is not None):
-        cache = window_cache(decoder, prefix, windows)
-    parts = [] if cache.losses is None else [cache.losses.flatten()]
-    if expert.has_coprocessor:
-        parts.append(packed_losses(decoder, expert, windows, positions, ahead, cache).flatten())
-    return torch.cat(parts)
 
 
 def prefix_text(token_ids, config, generator):
@@ -282,15 +150,24 @@ def own_text(decoder, config):
     return torch.tensor([[start, *out.token_ids] for out in generate(decoder, requests)]).flatten()
 
 
-def sample_windows(token_ids, config, count, generator):
-    """``count`` random windows and, for each, ``positions_per_window`` distinct positions."""
-    high = len(token_ids) - config.window
+class Sample(NamedTuple):
+    windows: torch.Tensor  # (W, T) token ids
+    positions: torch.Tensor  # (W, K) augmentation points
+    contexts: torch.Tensor  # (W, C) the text just before each window (C may be 0)
+
+
+def sample_windows(token_ids, config, count, generator, context=0):
+    """``count`` random windows, for each ``positions_per_window`` distinct positions and the
+    ``context`` tokens of text before it (a distillation teacher reads them)."""
+    span = context + config.window
+    high = len(token_ids) - span
     if high < 0:
         raise ValueError(
             f"corpus has {len(token_ids)} tokens, fewer than one window ({config.window})"
+            + (f" after {context} tokens of context" if context else "")
         )
     starts = torch.randint(0, high + 1, (count,), generator=generator)
-    windows = torch.stack([token_ids[s : s + config.window] for s in starts.tolist()])
+    spans = torch.stack([token_ids[s : s + span] for s in starts.tolist()])
     choices = config.window - config.ahead_tokens - config.min_prefix + 1
     if choices < config.positions_per_window:
         raise ValueError("window too short for min_prefix + ahead_tokens and the positions")
@@ -300,12 +177,7 @@ def sample_windows(token_ids, config, count, generator):
             for _ in range(count)
         ]
     )
-    return windows, picks + config.min_prefix
-
-
-def ahead_losses(logits, targets):
-    """Per-row, per-ahead-position negative log-likelihood: (R, A)."""
-    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return Sample(spans[:, context:], picks + config.min_prefix, spans[:, :context])
 
 
 def lr_factor(config, step, progress):
@@ -343,6 +215,7 @@ def train(
     *,
     expert=None,
     on_progress=None,
+    on_check=None,
     should_stop=None,
     checkpoint_path=None,
     on_checkpoint=None,
@@ -351,10 +224,13 @@ def train(
 ):
     """Train an expert on ``token_ids`` (1-D LongTensor) with D frozen.
 
-    on_progress(Progress) is called every step; should_stop() is read between steps and ends
-    the run with Cancelled; every checkpoint_every steps the full state goes to
-    checkpoint_path and on_checkpoint(path) is called. resume_from continues a run exactly.
-    bf16 autocast on CUDA by default, fp32 on CPU.
+    on_progress(Progress) is called every step and on_check(Measurement) at every check of
+    the watch (coprocessor.watch: a validation slice held out of ``token_ids``, harm on D's
+    own text, the best checkpoint kept, a stop on a plateau); should_stop() is read between
+    steps and ends the run with Cancelled; every checkpoint_every steps the full state goes
+    to checkpoint_path and on_checkpoint(path) is called. resume_from continues a run
+    exactly. bf16 autocast on CUDA by default, fp32 on CPU. The watch's time counts in the
+    time budget, as the teacher's does.
     """
     decoder.requires_grad_(False)
     decoder.eval()
@@ -366,19 +242,26 @@ def train(
     expert.to(device).train()
     optimizer = make_optimizer(expert, config)
     generator = torch.Generator().manual_seed(config.seed)
-    token_ids = token_ids.to(device)
-    step, elapsed, history = 0, 0.0, []
+    token_ids, validation_ids, unwatched = Watch.split(token_ids.to(device), config)
+    step, elapsed, history, saved_watch = 0, 0.0, [], None
     if resume_from is not None:
-        step, elapsed, history = load_checkpoint(resume_from, expert, optimizer, generator)
+        step, elapsed, history, saved_watch = load_checkpoint(
+            resume_from, expert, optimizer, generator
+        )
     elif expert.prefix is not None:
         expert.prefix.initialize_from(decoder, prefix_text(token_ids, config, generator))
-    replay_ids = None
-    if config.replay_windows:
-        # Regenerated on resume (seeded, so the same); its time counts once, in a fresh run.
-        started = time.perf_counter()
-        replay_ids = own_text(decoder, config)
-        if resume_from is None:
-            elapsed += time.perf_counter() - started
+    # D's own text, generated once (seeded: the same again on resume, where its time is
+    # already counted): the replay windows and the watch's reference.
+    started = time.perf_counter()
+    replay_ids = own_text(decoder, config) if config.replay_windows else None
+    watch = None
+    if validation_ids is not None:
+        reference = own_text(decoder, reference_config(config))
+        watch = Watch.start(decoder, config, validation_ids, reference)
+        if saved_watch is not None:
+            watch.load_state_dict(saved_watch)
+    if resume_from is None:
+        elapsed += time.perf_counter() - started
     stopped = "done"
     tokens_per_step = loss_tokens_per_step(config)
     while step < config.steps:
@@ -387,6 +270,11 @@ def train(
         if config.time_budget_s and elapsed >= config.time_budget_s:
             stopped = "time"
             break
+        if watch is not None and watch.due(step, elapsed):
+            elapsed += _check(watch, expert, step, elapsed, on_check)
+            if watch.should_stop():
+                stopped = watch.stop_reason()
+                break
         started = time.perf_counter()
         # whichever of the step count and the time budget will end the run first
         progress = step / max(config.steps, 1)
@@ -413,12 +301,34 @@ def train(
             on_progress(_progress(config, step, loss, elapsed, took, tokens_per_step))
         if checkpoint_path and config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(
-                checkpoint_path, expert, optimizer, generator, step, elapsed, history, config
+                checkpoint_path, expert, optimizer, generator, step, elapsed, history, config, watch
             )
             if on_checkpoint is not None:
                 on_checkpoint(checkpoint_path)
     expert.eval()
-    return TrainResult(expert=expert, steps=step, stopped=stopped, history=history)
+    result = TrainResult(expert=expert, steps=step, stopped=stopped, history=history)
+    if watch is None:
+        result.summary = f"{step} steps ({stopped}); not watched: {unwatched}"
+        return result
+    if watch.curve[-1].step != step:  # the last steps' expert is a candidate too
+        _check(watch, expert, step, elapsed, on_check)
+    kept = watch.restore(expert)
+    result.validation = [m.to_dict() for m in watch.curve]
+    result.kept_step = kept.step if kept else None
+    result.within_harm_bound = watch.within_bound
+    result.summary = watch.summary(stopped)
+    return result
+
+
+def _check(watch, expert, step, elapsed, on_check):
+    """One check of the watch; returns the seconds it took (they count in the budget)."""
+    started = time.perf_counter()
+    expert.eval()
+    measured = watch.check(expert, step, elapsed)
+    expert.train()
+    if on_check is not None:
+        on_check(measured)
+    return time.perf_counter() - started
 
 
 def loss_tokens_per_step(config):
@@ -436,23 +346,39 @@ def train_step(
     decoder, expert, token_ids, config, optimizer, generator, device, autocast, replay_ids=None
 ):
     """One optimiser step over ``config.grad_accum`` sampled batches; returns the mean loss.
-    ``replay_ids``: D's own text (``own_text``) to add ``config.replay_windows`` windows of."""
+    ``replay_ids``: D's own text (``own_text``) to add ``config.replay_windows`` windows of,
+    trained with the next-token loss (its gradient is already that of KL(D || D + expert))."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
+    context = 0 if config.objective == "next_token" else config.teacher_context
     for _ in range(config.grad_accum):
-        windows, positions = sample_windows(
-            token_ids.cpu(), config, config.windows_per_step, generator
-        )
+        batches = [
+            (
+                sample_windows(
+                    token_ids.cpu(), config, config.windows_per_step, generator, context
+                ),
+                config.objective,
+            )
+        ]
         if replay_ids is not None:
-            extra = sample_windows(replay_ids, config, config.replay_windows, generator)
-            windows = torch.cat([windows, extra[0]])
-            positions = torch.cat([positions, extra[1]])
-        windows, positions = windows.to(device), positions.to(device)
+            replay = sample_windows(replay_ids, config, config.replay_windows, generator)
+            batches.append((replay, "next_token"))
         with torch.autocast(
             device.type, dtype=autocast or torch.float32, enabled=autocast is not None
         ):
-            losses = step_losses(decoder, expert, windows, positions, config.ahead_tokens)
-            loss = losses.mean() / config.grad_accum
+            losses = [
+                step_losses(
+                    decoder,
+                    expert,
+                    sample.windows.to(device),
+                    sample.positions.to(device),
+                    config.ahead_tokens,
+                    objective,
+                    sample.contexts.to(device),
+                )
+                for sample, objective in batches
+            ]
+            loss = torch.cat(losses).mean() / config.grad_accum
         loss.backward()
         total += loss.item()
     torch.nn.utils.clip_grad_norm_(expert.parameters(), config.max_grad_norm)
@@ -478,7 +404,7 @@ def _progress(config, step, loss, elapsed, took, tokens_per_step):
     )
 
 
-def save_checkpoint(path, expert, optimizer, generator, step, elapsed, history, config):
+def save_checkpoint(path, expert, optimizer, generator, step, elapsed, history, config, watch=None):
     """Everything needed to continue exactly: weights, optimizer, sampler state, counters."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -492,6 +418,7 @@ def save_checkpoint(path, expert, optimizer, generator, step, elapsed, history, 
             "elapsed": elapsed,
             "history": history,
             "config": config.to_dict(),
+            "watch": None if watch is None else watch.state_dict(),
         },
         tmp,
     )
@@ -505,4 +432,4 @@ def load_checkpoint(path, expert, optimizer, generator):
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     history = [tuple(h) for h in state["history"]]
-    return state["step"], state["elapsed"], history
+    return state["step"], state["elapsed"], history, state.get("watch")

@@ -9,17 +9,8 @@ from coprocessor import artifact, base_models
 from coprocessor.evaluate import HeldOut, evaluate
 from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
 from coprocessor.generate import Request, generate
-from coprocessor.train import (
-    TrainConfig,
-    ahead_losses,
-    loss_tokens_per_step,
-    own_text,
-    packed_losses,
-    position_batch,
-    prefix_text,
-    train,
-    window_cache,
-)
+from coprocessor.objective import ahead_losses, packed_losses, position_batch, window_cache
+from coprocessor.train import TrainConfig, loss_tokens_per_step, own_text, prefix_text, train
 from tests.factories import FAMILIES, frozen, phrase_corpus, randomize
 
 
@@ -119,6 +110,7 @@ def test_training_a_prefix_lowers_the_loss_and_never_moves_the_sink():
             warmup_steps=2,
             prefix_lr=5e-2,
             gate_lr=1e-1,
+            evaluations=0,  # the whole corpus is the training text
         )
     )
     expert = Coprocessor(model, config.expert)

@@ -23,6 +23,7 @@ def small_config(**overrides):
         warmup_steps=2,
         checkpoint_every=3,
         seed=7,
+        evaluations=0,  # unwatched: these tests are about the loop itself (test_watch.py)
     )
     settings.update(overrides)
     return TrainConfig.from_settings(settings)
@@ -113,7 +114,7 @@ def test_packed_positions_give_the_same_losses_as_one_row_each(family, with_expe
     """Training packs K points of a window after one shared cache; evaluation uses one row per
     point. Both must compute the same thing."""
     from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
-    from coprocessor.train import ahead_losses, packed_losses, position_batch
+    from coprocessor.objective import ahead_losses, packed_losses, position_batch
     from tests.factories import FAMILIES, VOCAB, randomize
 
     model = frozen(FAMILIES[family])
