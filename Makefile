@@ -7,7 +7,7 @@ PORT ?= 8000
 # The settings default to production (DEBUG off, SECRET_KEY required); these targets develop.
 export DEBUG ?= true
 
-.PHONY: install chromium run worker test lint format migrate clean
+.PHONY: install chromium run worker test lint format docs migrate clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,7 +42,8 @@ run: migrate
 	  done; \
 	  pkill -KILL -P $$worker; pkill -KILL -P $$webhooks; \
 	  kill -KILL $$worker $$webhooks 2>/dev/null' EXIT INT TERM; \
-	$(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
+	LATENTRY_ANONYMOUS_GENERATION=$${LATENTRY_ANONYMOUS_GENERATION:-true} \
+	  $(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
 
 worker: migrate
 	$(PY) -m celery -A config worker -Q gpu,maintenance -c 1 -n worker@%h -l info
@@ -71,6 +72,9 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+docs: install  # the generated parts of docs/
+	$(PY) manage.py document_params
 
 clean:
 	rm -rf $(VENV) var

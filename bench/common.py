@@ -170,8 +170,9 @@ def add_expert_arguments(p):
     p.add_argument(
         "--prefix-positions",
         type=int,
-        default=defaults["prefix_positions"],
-        help="N_P of the static prefix (0: none)",
+        default=None,
+        help="N_P of the static prefix (0: none; default: sized to the training tokens where "
+        "the bench knows them, as a job does, else 64)",
     )
     p.add_argument("--prefix-lr", type=float, default=defaults["prefix_lr"])
     p.add_argument("--prefix-gate-init", type=float, default=defaults["prefix_gate_init"])
@@ -189,10 +190,25 @@ def add_expert_arguments(p):
         default=defaults["min_lr_ratio"],
         help="where the cosine decay ends, as a share of each learning rate (1: constant)",
     )
+    p.add_argument(
+        "--objective",
+        default=defaults["objective"],
+        help="the windows' loss: next_token, distill (KL to D reading the text before), mix",
+    )
+    p.add_argument("--teacher-context", type=int, default=defaults["teacher_context"])
+    p.add_argument(
+        "--evaluations",
+        type=int,
+        default=defaults["evaluations"],
+        help="validation checks over the run (0: no watch, no early stop)",
+    )
+    p.add_argument("--patience", type=int, default=defaults["patience"])
+    p.add_argument("--harm-bound", type=float, default=defaults["harm_bound_pct"])
 
 
-def train_config(args, tokenizer, **overrides):
-    """The TrainConfig those arguments describe; latents start from a space token."""
+def train_config(args, tokenizer, train_tokens=None, **overrides):
+    """The TrainConfig those arguments describe; latents start from a space token; without
+    --prefix-positions, the prefix is sized to ``train_tokens`` as a job sizes it."""
     settings = dict(
         n_latents=args.n_latents,
         ahead_tokens=args.ahead,
@@ -203,16 +219,22 @@ def train_config(args, tokenizer, **overrides):
         lora_alpha=2 * args.lora_rank,
         lr=args.lr,
         gate_lr=args.gate_lr,
-        prefix_positions=args.prefix_positions,
         prefix_lr=args.prefix_lr,
         prefix_gate_init=args.prefix_gate_init,
         prefix_snippets=args.prefix_snippets,
         replay_windows=args.replay_windows,
         replay_pool=args.replay_pool,
         min_lr_ratio=args.min_lr_ratio,
+        objective=args.objective,
+        teacher_context=args.teacher_context,
+        evaluations=args.evaluations,
+        patience=args.patience,
+        harm_bound_pct=args.harm_bound,
         anchor_token_id=space_token(tokenizer),
     )
-    return TrainConfig.from_settings({**settings, **overrides})
+    if args.prefix_positions is not None:
+        settings["prefix_positions"] = args.prefix_positions
+    return TrainConfig.from_settings({**settings, **overrides}, train_tokens=train_tokens)
 
 
 def space_token(tokenizer):

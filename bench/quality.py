@@ -11,8 +11,9 @@ attaching the expert to the wrong text costs.
         [--prefix-positions 64 --n-latents 0 ...]
 
 Ends with RESULT ppl_base ppl_expert reduction_pct lora_finetune_reduction_pct
-soft_tokens_reduction_pct step0_harm_pct offdomain_harm_pct lora_offdomain_harm_pct (the
-figures of arms not run are left out).
+soft_tokens_reduction_pct step0_harm_pct offdomain_harm_pct lora_offdomain_harm_pct
+stopped_at_s (the figures of arms not run are left out; stopped_at_s: the training seconds
+when the expert's run stopped, its watch's checks and its teacher included).
 """
 
 import time
@@ -31,6 +32,7 @@ from common import (
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.expert import Coprocessor, SoftTokens
 from coprocessor.train import prefix_text, sample_windows, train
+from coprocessor.watch import reference_ids
 
 
 def main():
@@ -42,6 +44,12 @@ def main():
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--curve-points", type=int, default=5)
     p.add_argument("--heldout-windows", type=int, default=21, help="held-out windows per corpus")
+    p.add_argument(
+        "--train-tokens",
+        type=int,
+        default=0,
+        help="train on the first this many tokens only (a small corpus; 0: all)",
+    )
     p.add_argument(
         "--arms",
         default="expert,soft,lora",
@@ -57,9 +65,18 @@ def main():
     arms = set(args.arms.split(","))
     model, tokenizer = setup(args)
     train_ids, heldout_ids = corpus_ids(args, tokenizer, None if args.text else args.corpus)
+    if args.train_tokens:
+        train_ids = train_ids[: args.train_tokens]
+        print(f"training on the first {len(train_ids)} tokens only")
     heldout = make_heldout(heldout_ids, args)
     offdomain = make_heldout(corpus_ids(args, tokenizer, args.offdomain)[1], args)
-    config = train_config(args, tokenizer, steps=100_000, time_budget_s=args.budget_min * 60)
+    config = train_config(
+        args,
+        tokenizer,
+        train_tokens=len(train_ids),
+        steps=100_000,
+        time_budget_s=args.budget_min * 60,
+    )
     print(f"settings: {config.to_dict()}")
     print(
         f"held-out: {heldout.pairs} (window, position) pairs, {heldout.pairs * args.ahead} "
@@ -78,11 +95,16 @@ def main():
         f"untrained expert {step0['augmented']['ppl']:.3f} ({step0_harm:+.2f}%)"
     )
 
-    reports = {}
+    reports, stopped_at_s = {}, None
     if "expert" in arms:
-        expert, curve = train_with_curve(model, train_ids, config, heldout, args.curve_points)
-        reports["expert"] = measure(model, expert, None, heldout, offdomain)
+        reference = reference_ids(tokenizer)
+        result, curve = train_with_curve(
+            model, train_ids, config, heldout, args.curve_points, reference
+        )
+        reports["expert"] = measure(model, result.expert, None, heldout, offdomain)
         print_curve(curve, base["in"]["ppl"])
+        print_watch(result)
+        stopped_at_s = result.history[-1][1] if result.history else 0.0
     if "soft" in arms:
         soft = SoftTokens(
             model, args.n_latents or 4, config.expert.gate_init, config.expert.anchor_token_id
@@ -95,7 +117,10 @@ def main():
         reports["LoRA fine-tune"] = measure(finetuned, None, "base", heldout, offdomain)
         print(f"LoRA fine-tune: {finetune_steps} steps")
     print_table(base, reports, args.ahead)
-    print("RESULT " + " ".join(result_fields(base, reports, step0_harm)))
+    fields = result_fields(base, reports, step0_harm)
+    if stopped_at_s is not None:
+        fields.append(f"stopped_at_s={stopped_at_s:.0f}")
+    print("RESULT " + " ".join(fields))
 
 
 def make_heldout(ids, args):
@@ -149,7 +174,7 @@ def result_fields(base, reports, step0_harm):
     return fields
 
 
-def train_with_curve(model, train_ids, config, heldout, points):
+def train_with_curve(model, train_ids, config, heldout, points, reference):
     """Train the expert; evaluate it at evenly spaced training times (not counted in them)."""
     marks = [config.time_budget_s * (i + 1) / points for i in range(points - 1)]
     curve = []
@@ -166,11 +191,34 @@ def train_with_curve(model, train_ids, config, heldout, points):
             )
 
     expert_ref = [Coprocessor(model, config.expert)]
-    result = train(model, train_ids, config, expert=expert_ref[0], on_progress=on_progress)
+    result = train(
+        model,
+        train_ids,
+        config,
+        expert=expert_ref[0],
+        on_progress=on_progress,
+        reference_ids=reference,
+    )
     final = evaluate(model, result.expert, heldout, include_base=False)["augmented"]["ppl"]
     curve.append((result.history[-1][1], result.steps, final))
     print(f"expert: {result.steps} steps in {result.history[-1][1]:.0f} s, {gates(result.expert)}")
-    return result.expert, curve
+    return result, curve
+
+
+def print_watch(result):
+    """The job's own view of the run: its validation checks and what it kept."""
+    if not result.validation:
+        print(f"\n{result.summary}")
+        return
+    print("\nvalidation checks (the slice held out of the training text; harm: the reference text)")
+    print(f"{'step':>6} {'seconds':>8} {'reduction':>10} {'harm':>8}")
+    for m in result.validation:
+        kept = "  <- kept" if m["step"] == result.kept_step else ""
+        print(
+            f"{m['step']:6d} {m['elapsed_s']:8.0f} {m['reduction_pct']:9.2f}% "
+            f"{m['harm_pct']:+7.2f}%{kept}"
+        )
+    print(result.summary)
 
 
 def gates(expert):

@@ -261,6 +261,8 @@ CACHES = {"default": cache_config("default"), "pages": cache_config("pages")}
 # the sign-up and log-in forms' POSTs (per address). Empty: no limit.
 LATENTRY_THROTTLE_RATES = {
     "generate": env_str("LATENTRY_GENERATE_RATE", "120/min") or None,
+    # Signed-out callers, per client address, where LATENTRY_ANONYMOUS_GENERATION allows them.
+    "generate_anonymous": env_str("LATENTRY_ANONYMOUS_GENERATE_RATE", "20/min") or None,
     "upload": env_str("LATENTRY_UPLOAD_RATE", "60/hour") or None,
     "job": env_str("LATENTRY_JOB_START_RATE", "30/hour") or None,
     "signup": env_str("LATENTRY_SIGNUP_RATE", "10/hour") or None,
@@ -268,6 +270,10 @@ LATENTRY_THROTTLE_RATES = {
     # Changes that announce themselves to webhooks: alias moves and test pings.
     "announce": env_str("LATENTRY_ANNOUNCE_RATE", "120/hour") or None,
 }
+# Generation for callers with no account (no session, no API key): the native and
+# OpenAI-compatible APIs and "try it". Off by default: on the public internet it is free compute
+# for anyone, and the answer is 401. `make run` turns it on, so "try it" works before sign-up.
+LATENTRY_ANONYMOUS_GENERATION = env_bool("LATENTRY_ANONYMOUS_GENERATION", False)
 # Aliases one expert may have (400 beyond; 0: no limit).
 LATENTRY_MAX_ALIASES = env_int("LATENTRY_MAX_ALIASES", 20)
 # API keys one user may hold unrevoked (400 beyond; 0: no limit). Limits count per user, so
@@ -377,8 +383,9 @@ SPECTACULAR_SETTINGS = {
 # Celery: the filesystem broker needs no server; production points CELERY_BROKER_URL at
 # Redis or RabbitMQ. Job state lives in database rows, so results are ignored.
 CELERY_BROKER_DIR = VAR_DIR / "broker"
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
-if CELERY_BROKER_URL == "filesystem://":
+# "localhost": the folder broker has no host, but kombu warns at every start without one.
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://localhost/")
+if CELERY_BROKER_URL.startswith("filesystem://"):
     for folder in ("queue", "processed", "control"):
         (CELERY_BROKER_DIR / folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -414,6 +421,10 @@ LATENTRY_JOB_TIME_LIMIT = env_int("LATENTRY_JOB_TIME_LIMIT", 12 * 3600)
 # limit less 5 minutes for publishing).
 LATENTRY_JOB_TIME_BUDGET_S = env_int("LATENTRY_JOB_TIME_BUDGET_S", 3600)
 LATENTRY_JOB_MAX_TIME_BUDGET_S = env_int("LATENTRY_JOB_MAX_TIME_BUDGET_S", 6 * 3600)
+# A training job keeps the best checkpoint whose perplexity on a page of plain English (the
+# reference text, coprocessor/data/reference.txt) is at most this many percent above the base
+# model's; when none stays within it, the job publishes the least harmful one and says so.
+LATENTRY_HARM_BOUND_PCT = env_float("LATENTRY_HARM_BOUND_PCT", 1.0)
 # (windows_per_step + replay_windows) x positions_per_window x window of one training step:
 # what its activations grow with. 4x the default's 16,384.
 LATENTRY_MAX_STEP_TOKENS = env_int("LATENTRY_MAX_STEP_TOKENS", 65_536)
@@ -490,6 +501,9 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    # Django's defaults give "django" a console handler of its own (with DEBUG on) that also
+    # propagates here: every 4xx and 5xx was written twice. One handler, the root's.
+    "loggers": {"django": {"handlers": [], "propagate": True}},
 }
 
 if not DEBUG:

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from . import artifact, base_models, corpus
 from .evaluate import evaluate, heldout_set
-from .expert import Coprocessor
+from .expert import COPROCESSOR_KINDS, Coprocessor, CoprocessorConfig
 from .generate import Request, generate
-from .train import TrainConfig, train
+from .train import OBJECTIVES, TrainConfig, train
+from .watch import reference_ids
 
 
 def main(argv=None):
@@ -55,7 +56,6 @@ def build_parser():
     defaults = TrainConfig().settings()
     for field, kind in (
         ("n_latents", int),
-        ("prefix_positions", int),
         ("ahead_tokens", int),
         ("window", int),
         ("positions_per_window", int),
@@ -73,9 +73,24 @@ def build_parser():
         ("grad_accum", int),
         ("checkpoint_every", int),
         ("seed", int),
+        ("teacher_context", int),
+        ("evaluations", int),
+        ("patience", int),
+        ("harm_bound_pct", float),
     ):
         t.add_argument(f"--{field.replace('_', '-')}", type=kind, default=defaults[field])
-    t.add_argument("--kind", choices=["lora", "full"], default=defaults["kind"])
+    t.add_argument(
+        "--kind",
+        choices=COPROCESSOR_KINDS,
+        default=CoprocessorConfig.kind,
+        help="the coprocessor's kind, with --n-latents above 0",
+    )
+    t.add_argument("--objective", choices=OBJECTIVES, default=defaults["objective"])
+    t.add_argument(
+        "--prefix-positions",
+        type=int,
+        help="static prefix positions (0: none; default: sized to the training text)",
+    )
 
     e = command("evaluate", cmd_evaluate, "held-out perplexity per ahead position")
     e.add_argument("--data", required=True)
@@ -114,9 +129,10 @@ def cmd_train(args):
     model, tokenizer = load_base(args.base)
     ids = corpus.tokenize(tokenizer, corpus.read_texts(args.data))
     names = TrainConfig().settings()
-    settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    given = {name: getattr(args, name, None) for name in names}
+    settings = {name: value for name, value in given.items() if value is not None}
     settings["anchor_token_id"] = base_models.space_token_id(tokenizer)
-    config = TrainConfig.from_settings(settings)
+    config = TrainConfig.from_settings(settings, train_tokens=len(ids))
     bar = tqdm(total=config.steps, unit="step")
 
     def on_progress(progress):
@@ -129,6 +145,7 @@ def cmd_train(args):
         ids,
         config,
         on_progress=on_progress,
+        reference_ids=reference_ids(tokenizer),
         checkpoint_path=args.checkpoint,
         resume_from=args.checkpoint if args.resume else None,
     )
@@ -137,9 +154,14 @@ def cmd_train(args):
         args.out,
         base_models.fingerprint(model),
         args.base,
-        training={**config.to_dict(), "steps_done": result.steps},
+        training={
+            **config.to_dict(),
+            "steps_done": result.steps,
+            "stopped": result.stopped,
+            "kept_step": result.kept_step,
+        },
     )
-    print(f"{result.steps} steps ({result.stopped}); wrote {args.out}")
+    print(f"{result.summary}; wrote {args.out}")
 
 
 def cmd_evaluate(args):

@@ -54,10 +54,16 @@ def prefix_positions_for(train_tokens):
     return int(min(256, max(16, 16 * round(size / 16))))
 
 
+# What an expert is, one word in the config, the file, the job and the API: "prefix" (a static
+# prefix alone, no latents), else its coprocessor's kind.
+COPROCESSOR_KINDS = ("lora", "full")  # "lora": deltas on D's weights (MBs); "full": a copy of D
+PREFIX_KIND = "prefix"
+
+
 @dataclass
 class CoprocessorConfig:
     n_latents: int = 4
-    kind: str = "lora"  # "lora": deltas on D's weights (MBs); "full": a trainable copy of D
+    kind: str = "lora"  # one of COPROCESSOR_KINDS; "prefix" whenever n_latents is 0
     lora_rank: int = 16
     lora_alpha: float = 32.0
     # Leaf names of the linear layers that get LoRA; empty means every linear layer inside the
@@ -71,7 +77,7 @@ class CoprocessorConfig:
     anchor_token_id: int | None = None
     # The static part (coprocessor.prefix): N_P learned key/value positions per layer of D,
     # initialised from D's own cache over training text. 0: none. n_latents 0 with a prefix:
-    # no coprocessor at all (kind "prefix" in the file).
+    # no coprocessor at all (kind "prefix").
     prefix_positions: int = 0
     # Initial bias on the prefix's keys (its gate), and how many first positions stay frozen
     # as an attention sink (PEFT's num_frozen_tokens).
@@ -87,11 +93,13 @@ class CoprocessorConfig:
             raise ValueError(
                 "an expert needs latents (n_latents), a prefix (prefix_positions) or both"
             )
-
-    @property
-    def file_kind(self):
-        """The expert file's kind: the coprocessor's, or "prefix" when there is none."""
-        return self.kind if self.n_latents else "prefix"
+        if not self.n_latents:
+            self.kind = PREFIX_KIND  # no coprocessor, whatever its kind would have been
+        elif self.kind not in COPROCESSOR_KINDS:
+            raise ValueError(
+                "an expert with latents has a coprocessor of kind "
+                f"{' or '.join(COPROCESSOR_KINDS)}, not {self.kind!r}"
+            )
 
     def to_dict(self):
         data = asdict(self)
@@ -157,8 +165,6 @@ class Coprocessor(nn.Module):
         elif config.kind == "full":
             self.full = copy.deepcopy(decoder)
             self.full.requires_grad_(True)
-        else:
-            raise ValueError(f"kind must be 'lora' or 'full', got {config.kind!r}")
 
     @property
     def decoder(self):
@@ -273,7 +279,7 @@ class Coprocessor(nn.Module):
     def expert_metadata(self, base_fingerprint, base_model_id="", training=None):
         config = self.config
         targets = sorted({name.rsplit(".", 1)[-1] for name in self.lora_names})
-        kind = config.file_kind
+        kind = config.kind
         return artifact.build_metadata(
             kind=kind,
             base_model_fingerprint=base_fingerprint,
@@ -305,7 +311,7 @@ class Coprocessor(nn.Module):
                 **saved,
                 "n_latents": int(metadata["n_latents"]),
                 "prefix_positions": int(metadata.get("prefix_positions", 0)),
-                "kind": saved.get("kind", "lora") if kind == "prefix" else kind,
+                "kind": kind,
             }
         )
         layer_names = None

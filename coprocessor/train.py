@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from .expert import RECOMMENDED, Coprocessor, CoprocessorConfig
+from .expert import RECOMMENDED, Coprocessor, CoprocessorConfig, prefix_positions_for
 from .generate import Request, generate
 from .objective import step_losses
-from .watch import Watch, reference_config
+from .watch import Watch
 
 OBJECTIVES = ("next_token", "distill", "mix")
 
@@ -34,7 +34,7 @@ class TrainConfig:
     # the window: context distillation) or "mix" (half each). The teacher's pass runs inside
     # the step, so its cost counts in the time budget.
     objective: str = "next_token"
-    teacher_context: int = 256
+    teacher_context: int = 128
     ahead_tokens: int = 16  # N_A: tokens after the augmentation point that carry the loss
     window: int = 256  # tokens of context per sampled window
     positions_per_window: int = 16  # augmentation points trained from one prefix pass
@@ -72,22 +72,25 @@ class TrainConfig:
     patience: int = 3
     min_improvement: float = 0.002  # relative validation-loss gain that counts as better
     harm_bound_pct: float = 1.0
-    reference_samples: int = 4
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
 
     @classmethod
-    def from_settings(cls, settings):
+    def from_settings(cls, settings, train_tokens=None):
         """A config from one flat dict of settings, as jobs, the CLI and benches name them:
         the expert's fields (``n_latents``, ``lora_rank``, ...) go to ``expert``; ``seed``
-        seeds both."""
+        seeds both. Without ``prefix_positions`` among them, a static prefix is sized to
+        ``train_tokens`` (``prefix_positions_for``) when that is given."""
         settings = dict(settings)
         expert_fields = {f.name for f in fields(CoprocessorConfig)}
         expert = {k: settings.pop(k) for k in list(settings) if k in expert_fields - {"seed"}}
         expert["seed"] = settings.get("seed", cls.seed)
-        return cls(expert=CoprocessorConfig(**{**RECOMMENDED, **expert}), **settings)
+        if train_tokens is not None and "prefix_positions" not in expert:
+            expert["prefix_positions"] = prefix_positions_for(train_tokens)
+        expert = {**RECOMMENDED, **expert}
+        return cls(expert=CoprocessorConfig(**expert), **settings)
 
     def settings(self):
         """The flat settings that ``from_settings`` reads back."""
@@ -106,6 +109,7 @@ class Progress:
     tokens_per_s: float
     eta_s: float
     elapsed_s: float
+    estimated: bool = False  # total is the time budget's estimate, not config.steps
 
 
 @dataclass
@@ -216,6 +220,7 @@ def train(
     expert=None,
     on_progress=None,
     on_check=None,
+    reference_ids=None,
     should_stop=None,
     checkpoint_path=None,
     on_checkpoint=None,
@@ -225,8 +230,9 @@ def train(
     """Train an expert on ``token_ids`` (1-D LongTensor) with D frozen.
 
     on_progress(Progress) is called every step and on_check(Measurement) at every check of
-    the watch (coprocessor.watch: a validation slice held out of ``token_ids``, harm on D's
-    own text, the best checkpoint kept, a stop on a plateau); should_stop() is read between
+    the watch (coprocessor.watch: a validation slice held out of ``token_ids``, harm on
+    ``reference_ids``, ``watch.reference_ids(tokenizer)`` for callers with a tokenizer, else
+    D's own text; the best checkpoint kept; a stop on a plateau); should_stop() is read between
     steps and ends the run with Cancelled; every checkpoint_every steps the full state goes
     to checkpoint_path and on_checkpoint(path) is called. resume_from continues a run
     exactly. bf16 autocast on CUDA by default, fp32 on CPU. The watch's time counts in the
@@ -251,19 +257,21 @@ def train(
     elif expert.prefix is not None:
         expert.prefix.initialize_from(decoder, prefix_text(token_ids, config, generator))
     # D's own text, generated once (seeded: the same again on resume, where its time is
-    # already counted): the replay windows and the watch's reference.
+    # already counted): the replay windows, and the watch's reference if none is given.
     started = time.perf_counter()
     replay_ids = own_text(decoder, config) if config.replay_windows else None
     watch = None
     if validation_ids is not None:
-        reference = own_text(decoder, reference_config(config))
-        watch = Watch.start(decoder, config, validation_ids, reference)
+        if reference_ids is None:
+            reference_ids = replay_ids if replay_ids is not None else own_text(decoder, config)
+        watch = Watch.start(decoder, config, validation_ids, reference_ids.to(device))
         if saved_watch is not None:
             watch.load_state_dict(saved_watch)
     if resume_from is None:
         elapsed += time.perf_counter() - started
     stopped = "done"
     tokens_per_step = loss_tokens_per_step(config)
+    began_at, began_step = elapsed, step  # the pace counts this run's steps and checks only
     while step < config.steps:
         if should_stop is not None and should_stop():
             raise Cancelled(f"cancelled at step {step}")
@@ -298,7 +306,8 @@ def train(
         elapsed += took
         history.append((step, round(elapsed, 3), loss))
         if on_progress is not None:
-            on_progress(_progress(config, step, loss, elapsed, took, tokens_per_step))
+            pace = (elapsed - began_at) / (step - began_step)
+            on_progress(_progress(config, step, loss, elapsed, pace, took, tokens_per_step))
         if checkpoint_path and config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(
                 checkpoint_path, expert, optimizer, generator, step, elapsed, history, config, watch
@@ -310,7 +319,7 @@ def train(
     if watch is None:
         result.summary = f"{step} steps ({stopped}); not watched: {unwatched}"
         return result
-    if watch.curve[-1].step != step:  # the last steps' expert is a candidate too
+    if not watch.curve or watch.curve[-1].step != step:  # the last expert is a candidate
         _check(watch, expert, step, elapsed, on_check)
     kept = watch.restore(expert)
     result.validation = [m.to_dict() for m in watch.curve]
@@ -386,21 +395,23 @@ def train_step(
     return total
 
 
-def _progress(config, step, loss, elapsed, took, tokens_per_step):
+def _progress(config, step, loss, elapsed, pace, took, tokens_per_step):
+    """Progress after ``step``; ``pace`` is the seconds per step so far, checks included.
+    With a time budget the total is an estimate: the steps the time left holds at that pace
+    (it settles as the pace does, instead of scaling the setup's seconds into it)."""
+    total, estimated = config.steps, False
     if config.time_budget_s:
-        total = max(step, int(step * config.time_budget_s / max(elapsed, 1e-9)))
-        total = min(total, config.steps)
-        eta = max(0.0, min(config.time_budget_s - elapsed, (config.steps - step) * took))
-    else:
-        total = config.steps
-        eta = (config.steps - step) * (elapsed / step)
+        fits = step + int(max(0.0, config.time_budget_s - elapsed) / max(pace, 1e-9))
+        estimated = fits < config.steps
+        total = min(fits, config.steps)
     return Progress(
         step=step,
         total=total,
         loss=loss,
         tokens_per_s=tokens_per_step / took,
-        eta_s=eta,
+        eta_s=(total - step) * pace,
         elapsed_s=elapsed,
+        estimated=estimated,
     )
 
 

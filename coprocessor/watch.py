@@ -2,21 +2,31 @@
 
 A run's budget is a maximum. ``train`` holds out the tail of its tokens
 (``TrainConfig.validation_fraction``) and measures the expert on it ``evaluations`` times over
-the run, and on a reference text: D's own samples, what the model writes where no domain is
-present, on which the expert's change in perplexity is its off-domain harm. The best
-measurement whose harm is within ``harm_bound_pct`` keeps a copy of the expert; the run stops
-after ``patience`` measurements without a new best, and returns the kept copy. When no
-measurement stays within the bound, the one that harmed least is kept and the run says so.
+the run, and on a reference text: a page of plain English on everyday topics
+(``data/reference.txt``, written for this), on which the expert's change in perplexity is its
+off-domain harm. The best measurement whose harm is within ``harm_bound_pct`` keeps a copy of
+the expert; the run stops after ``patience`` measurements without a validation gain worth
+counting (``min_improvement``) made with the harm within the bound or falling toward it, and
+returns the kept copy. When no measurement stays within the bound, the one that harmed least
+is kept and the run says so.
 """
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .objective import packed_losses, window_cache
+
+REFERENCE_TEXT = Path(__file__).parent / "data" / "reference.txt"
+
+
+def reference_ids(tokenizer):
+    """The reference text's token ids (1-D), for ``train(reference_ids=...)``."""
+    ids = tokenizer(REFERENCE_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)
+    return torch.tensor(ids["input_ids"], dtype=torch.long)
 
 
 @dataclass
@@ -72,22 +82,25 @@ class Watch:
     @classmethod
     def start(cls, decoder, config, validation_ids, reference_ids):
         """A Watch over windows of the validation slice and of the reference text."""
-        window = config.window
-        validation = validation_ids[: len(validation_ids) // window * window].view(-1, window)
-        reference = reference_ids.view(config.reference_samples, -1)[:, :window]
-        return cls(decoder, config, validation, reference)
+        return cls(
+            decoder,
+            config,
+            _windows(validation_ids, config.window),
+            _windows(reference_ids, config.window),
+        )
 
     # --- when ---------------------------------------------------------------------------
 
     def due(self, step, elapsed_s):
         """Whether the next check is due: the untrained expert first, then evenly over the
-        time budget (or the steps, without one)."""
+        run, by whichever of the steps and the time budget will end it first."""
         done, total = self.checks_done, self.config.evaluations
         if done == 0:
             return True
+        progress = step / max(self.config.steps, 1)
         if self.config.time_budget_s:
-            return elapsed_s >= self.config.time_budget_s * done / total
-        return step >= self.config.steps * done / total
+            progress = max(progress, elapsed_s / self.config.time_budget_s)
+        return progress >= done / total
 
     def should_stop(self):
         return self.since_best >= self.config.patience
@@ -115,11 +128,14 @@ class Watch:
         eligible = measured.harm_pct <= self.config.harm_bound_pct
         if eligible and (self.best is None or validation < self.best.validation_loss):
             self.best, self.best_state = measured, _copy(expert)
-        # Patience runs out unless the gain since the last counted one is worth the time.
+        # Patience runs out unless the validation gain since the last counted one is worth the
+        # time, with the harm within the bound or falling toward it (an initial prefix can
+        # start above it on a small corpus, and training brings it down).
         counted = self.counted_loss is None or validation < self.counted_loss * (
             1 - self.config.min_improvement
         )
-        if eligible and counted:
+        falling = len(self.curve) > 1 and measured.harm_pct < self.curve[-2].harm_pct
+        if counted and (eligible or falling):
             self.counted_loss, self.since_best = validation, 0
         else:
             self.since_best += 1
@@ -244,6 +260,7 @@ def _copy(expert):
     return {k: v.detach().to("cpu", copy=True) for k, v in expert.state_dict().items()}
 
 
-def reference_config(config):
-    """The config ``own_text`` reads to write the reference text."""
-    return dataclasses.replace(config, replay_pool=config.reference_samples)
+def _windows(ids, window):
+    """Whole non-overlapping windows (W, T) of ``ids`` (one shorter window if none fits)."""
+    window = min(window, len(ids))
+    return ids[: len(ids) // window * window].view(-1, window)

@@ -148,6 +148,7 @@ SMALL_JOB = dict(
     n_latents=2,
     lora_rank=2,
     prefix_positions=4,
+    evaluations=0,  # every step runs; test_job_watch.py is about stopping early
 )
 
 

@@ -56,6 +56,7 @@ BENCHES = [
             "step0_harm_pct",
             "offdomain_harm_pct",
             "lora_offdomain_harm_pct",
+            "stopped_at_s",
         ],
     ),
     (

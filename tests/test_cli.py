@@ -49,7 +49,7 @@ def test_train_evaluate_generate_export_import(workspace, capsys):
         "--lora-rank",
         "2",
     )
-    assert "3 steps (done)" in printed
+    assert "stopped at step 3: all its steps ran" in printed
     header = artifact.read_header_from_path(out)
     assert header.kind == "lora" and header.n_latents == 2
     assert header.config["training"]["steps_done"] == 3

@@ -52,6 +52,17 @@ def test_progress_is_reported_every_step(model, corpus):
     assert result.stopped == "done" and result.steps == 4
 
 
+def test_a_time_budget_makes_the_total_an_estimate_that_settles(model, corpus):
+    seen = []
+    config = small_config(steps=10_000, time_budget_s=1.0)
+    result = train(model, corpus, config, on_progress=seen.append)
+    assert all(p.estimated and p.step <= p.total < 10_000 for p in seen)
+    # from the pace of the steps so far: the last estimates sit near the steps actually run
+    assert abs(seen[-1].total - result.steps) <= max(2, result.steps // 4)
+    train(model, corpus, small_config(steps=3), on_progress=seen.append)  # a step count rules
+    assert not seen[-1].estimated and seen[-1].total == 3
+
+
 def test_it_stops_when_asked_between_steps(model, corpus):
     seen = []
     with pytest.raises(Cancelled, match="step 2"):

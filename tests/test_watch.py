@@ -1,6 +1,8 @@
 """Training objectives and stopping in time: context distillation, the validation slice, the
 best checkpoint, the off-domain harm bound, and a run that resumes with all of it."""
 
+import math
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def prefix_config(**overrides):
         evaluations=4,
         patience=2,
         validation_windows=2,
-        reference_samples=2,
+        replay_pool=2,  # D's own text is the reference when none is given
         seed=3,
     )
     settings.update(overrides)
@@ -124,7 +126,6 @@ def test_a_run_that_stops_improving_stops_before_its_budget(model, corpus):
 def test_a_run_past_the_harm_bound_keeps_the_least_harmful_checkpoint_and_says_so(model, corpus):
     result = train(model, corpus, prefix_config(harm_bound_pct=-100.0))  # none can stay
     assert result.within_harm_bound is False
-    assert result.stopped == "harm"
     trained = result.validation[1:]
     safest = min(trained, key=lambda m: m["harm_pct"])
     assert result.kept_step == safest["step"]
@@ -156,3 +157,56 @@ def test_an_interrupted_watched_run_resumes_to_the_same_kept_expert(model, corpu
     assert [m["step"] for m in resumed.validation] == [m["step"] for m in whole.validation]
     for name, tensor in whole.expert.state_dict().items():
         torch.testing.assert_close(tensor, resumed.expert.state_dict()[name], msg=name)
+
+
+class Scripted(Watch):
+    """A watch whose losses come from a script: (validation, reference) per check, plain D's
+    0 on both, so that a loss of x reads as exp(x) - 1 in harm."""
+
+    def __init__(self, config, script):
+        self.script = iter(script)
+        self.next = None
+        super().__init__(None, config, torch.zeros(1, 32), torch.zeros(1, 32))
+
+    def _loss(self, expert, windows):
+        if expert is None:
+            return 0.0
+        if self.next is None:
+            self.next = next(self.script)
+            return self.next[0]
+        reference, self.next = self.next[1], None
+        return reference
+
+
+def checks(watch, count):
+    expert = Coprocessor(frozen(tiny_llama), CoprocessorConfig(n_latents=0, prefix_positions=2))
+    stops = []
+    for step in range(count):
+        watch.check(expert, step, float(step))
+        stops.append(watch.should_stop())
+    return stops
+
+
+def harm(pct):
+    return math.log1p(pct / 100)
+
+
+def test_harm_past_the_bound_but_falling_does_not_stop_a_run_that_improves():
+    falling = [(2.0 - 0.05 * i, harm(2.0 - 0.3 * i)) for i in range(6)]  # +2.0% to +0.5%
+    watch = Scripted(prefix_config(patience=2), falling)
+    assert checks(watch, 6) == [False] * 6
+    assert watch.kept()[0].step == 5 and watch.within_bound
+
+
+def test_harm_past_the_bound_and_rising_stops_the_run_as_harm():
+    rising = [(2.0 - 0.05 * i, harm(0.5 + 0.4 * i)) for i in range(6)]  # +0.5% to +2.5%
+    watch = Scripted(prefix_config(patience=2), rising)
+    assert checks(watch, 6) == [False, False, False, True, True, True]
+    assert watch.stop_reason() == "harm"
+    assert watch.kept()[0].step == 1  # the last within the bound (+0.9%)
+
+
+def test_a_validation_loss_that_stops_falling_stops_the_run_as_a_plateau():
+    watch = Scripted(prefix_config(patience=2), [(2.0, 0.0)] * 5)
+    assert checks(watch, 5) == [False, False, False, True, True]
+    assert watch.stop_reason() == "plateau"

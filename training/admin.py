@@ -14,6 +14,7 @@ from registry.models import ExpertVersion
 
 from . import datasets
 from .models import Benchmark, Dataset, EvaluationJob, Job, JobLimitReached, TrainingJob
+from .pages import validation_chart
 from .serializers import TrainingParamsSerializer
 
 
@@ -26,12 +27,12 @@ def admin_link(obj, text=None):
 
 
 def progress_bar(job):
+    queue = job.queue_position()
     return format_html(
-        '<progress max="100" value="{}" title="{}%"></progress> {}/{}',
+        '<progress max="100" value="{}" title="{}%"></progress> {}',
         f"{job.progress_pct:.0f}",
         f"{job.progress_pct:.0f}",
-        job.step,
-        job.total_steps or "?",
+        queue["reason"] if queue else job.steps_summary(),
     )
 
 
@@ -219,7 +220,7 @@ class TrainingJobForm(forms.ModelForm):
             raise forms.ValidationError(f"{checked.errors}")
         params = dict(checked.validated_data)
         if expert := self.cleaned_data.get("expert"):
-            TrainingJob.check_window(expert.base_model, params["window"])
+            TrainingJob.check_window(expert.base_model, TrainingJob.span(params))
         return params
 
 
@@ -247,6 +248,11 @@ class TrainingJobAdmin(JobAdmin):
         return ["expert", "base_model", "dataset_links", "version_link", "params"] + [
             "visibility",
             "loss_curve",
+            "validation_curve",
+            "outcome",
+            "stopped",
+            "kept_step",
+            "within_harm_bound",
             "evaluations",
             "train_tokens",
             "checkpoint_step",
@@ -270,6 +276,10 @@ class TrainingJobAdmin(JobAdmin):
     def loss_curve(self, job):
         points = [(step, loss) for step, _, loss in job.history]
         return line_chart({"training loss": points}, x_label="step", y_label="loss")
+
+    @admin.display(description="checks")
+    def validation_curve(self, job):
+        return validation_chart(job.validation)
 
     @admin.display(description="evaluation")
     def evaluations(self, job):

@@ -3,6 +3,7 @@
 from django import forms
 
 from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
+from coprocessor.train import OBJECTIVES
 from registry.models import BaseModel, Domain, Expert, slug_validator
 
 from .models import Dataset, TrainingJob
@@ -51,8 +52,15 @@ class TrainingForm(forms.Form):
     prefix_positions = forms.IntegerField(
         min_value=0,
         max_value=MAX_PREFIX_POSITIONS,
-        initial=DEFAULTS.expert.prefix_positions,
-        help_text="the static prefix's positions (0: none)",
+        required=False,
+        help_text="the static prefix's positions (0: none; empty: sized to the training text)",
+    )
+    objective = forms.ChoiceField(
+        choices=[(name, name.replace("_", "-")) for name in OBJECTIVES],
+        initial=DEFAULTS.objective,
+        required=False,  # left out: the default
+        help_text="next-token: the text's own next tokens; distill: the base model's "
+        "predictions when it has read the text before each window; mix: half each",
     )
     lora_rank = forms.IntegerField(min_value=1, initial=DEFAULTS.expert.lora_rank)
     window = forms.IntegerField(min_value=32, initial=DEFAULTS.window)
@@ -75,7 +83,7 @@ class TrainingForm(forms.Form):
         if self.errors:
             return data
         form_only = ("datasets", "visibility", "time_budget_minutes")
-        params = {k: v for k, v in data.items() if k not in form_only}
+        params = {k: v for k, v in data.items() if k not in form_only and v not in (None, "")}
         params["time_budget_s"] = data["time_budget_minutes"] * 60
         checked = TrainingParamsSerializer(data=params)
         if not checked.is_valid():
@@ -86,7 +94,7 @@ class TrainingForm(forms.Form):
             return data
         data["params"] = params = dict(checked.validated_data)
         try:
-            TrainingJob.check_window(self.expert.base_model, params["window"])
+            TrainingJob.check_window(self.expert.base_model, TrainingJob.span(params))
         except forms.ValidationError as exc:
             self.add_error("window", exc)
         return data

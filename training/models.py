@@ -21,6 +21,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from coprocessor.evaluate import POSITIONS_PER_WINDOW
+from coprocessor.train import TrainConfig
 from registry import events, quotas, storage
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
@@ -147,7 +148,11 @@ class Job(models.Model):
     status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=QUEUED)
     cancel_requested = models.BooleanField(default=False)
     step = models.PositiveIntegerField(default=0)
-    total_steps = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0, help_text="0 while not yet known")
+    steps_estimated = models.BooleanField(
+        default=False,
+        help_text="total_steps is an estimate: the time budget, not a step count, ends the job",
+    )
     loss = models.FloatField(null=True, blank=True)
     tokens_per_s = models.FloatField(null=True, blank=True)
     eta_s = models.FloatField(null=True, blank=True)
@@ -173,6 +178,38 @@ class Job(models.Model):
         if self.status == self.SUCCEEDED:
             return 100.0
         return 100.0 * self.step / self.total_steps if self.total_steps else 0.0
+
+    def steps_summary(self):
+        """ "step 12 of 200", "step 12 of about 170" (estimated from the time budget), or
+        "step 12" while the total is not known: what the page, the list and the admin show."""
+        if not self.total_steps:
+            return f"step {self.step}"
+        about = "about " if self.steps_estimated and not self.finished else ""
+        return f"step {self.step} of {about}{self.total_steps}"
+
+    def queue_position(self):
+        """Where a queued job stands: {"place", "ahead", "running", "reason"}; None once it
+        has started or ended. The queue is fair across users (``fair_order``)."""
+        if self.status != self.QUEUED:
+            return None
+        running = sum(kind.objects.filter(status=Job.RUNNING).count() for kind in JOB_KINDS)
+        order = [(type(job), job.pk) for job in fair_order()]
+        if (type(self), self.pk) not in order:  # its retry waits for storage to come back
+            return {
+                "place": None,
+                "ahead": None,
+                "running": running,
+                "reason": "waiting to be retried: storage was unavailable",
+            }
+        ahead = order.index((type(self), self.pk))
+        turn = "next" if ahead == 0 else f"{ahead} job{'s' * (ahead > 1)} ahead"
+        busy = f"{running} running" if running else "none running"
+        return {
+            "place": ahead + 1,
+            "ahead": ahead,
+            "running": running,
+            "reason": f"queued, {turn} ({busy}); turns alternate between users",
+        }
 
     def lease_expired(self, now=None):
         lease = timedelta(seconds=settings.LATENTRY_JOB_LEASE_SECONDS)
@@ -382,6 +419,26 @@ class TrainingJob(Job):
         blank=True,
         help_text="the expert's visibility once the job publishes (blank: unchanged)",
     )
+    # Stopping in time (coprocessor.watch): the checks of the validation slice held out of the
+    # training text and of the reference text, and what the run kept.
+    validation = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="checks: step, elapsed_s, validation_loss, reduction_pct, harm_pct",
+    )
+    stopped = models.CharField(
+        max_length=10, blank=True, help_text="done, time, plateau or harm (coprocessor.watch)"
+    )
+    kept_step = models.PositiveIntegerField(
+        null=True, blank=True, help_text="the step whose expert was published"
+    )
+    within_harm_bound = models.BooleanField(
+        null=True,
+        blank=True,
+        help_text="whether the published expert stayed within LATENTRY_HARM_BOUND_PCT on the "
+        "reference text (empty: not watched)",
+    )
+    outcome = models.TextField(blank=True, help_text="why training stopped and what it kept")
 
     task_name = "training.train_expert"
     kind = "training"
@@ -407,7 +464,7 @@ class TrainingJob(Job):
         cls.check_datasets(datasets)
         cls.check_trainable(datasets)
         cls.check_readable(expert.owner, datasets)
-        cls.check_window(expert.base_model, params["window"])
+        cls.check_window(expert.base_model, cls.span(params))
         params = {"time_budget_s": cls.default_time_budget(), **params}
         cls.check_time_budget(params["time_budget_s"])
         quotas.check_room(expert.owner, 1, lock=False)  # a full quota: it could not publish
@@ -468,11 +525,20 @@ class TrainingJob(Job):
             raise ValidationError(f"domain benchmarks are never trained on: {names}")
 
     @staticmethod
-    def check_window(base_model, window):
-        """ValidationError unless a training window fits the base model's context."""
-        if window > base_model.context_length:
+    def span(params):
+        """The tokens one training row reads: the window, after the text before it when a
+        distillation teacher reads that."""
+        config = TrainConfig.from_settings(params)
+        return config.window + (config.objective != "next_token") * config.teacher_context
+
+    @staticmethod
+    def check_window(base_model, span):
+        """ValidationError unless a training window (with the text a teacher reads before it)
+        fits the base model's context."""
+        if span > base_model.context_length:
             raise ValidationError(
-                f"must be at most the base model's context ({base_model.context_length})"
+                f"the window plus the text the teacher reads before it ({span} tokens) must "
+                f"be at most the base model's context ({base_model.context_length})"
             )
 
     def ended(self):
@@ -694,6 +760,9 @@ class EvaluationJob(Job):
         return {"window": window, "ahead": ahead, "max_windows": 32, "split": "heldout"}
 
 
+JOB_KINDS = (TrainingJob, EvaluationJob)
+
+
 class Benchmark(models.Model):
     """A dataset staff hold out to measure every expert on the same text.
 
@@ -870,7 +939,7 @@ def fair_order():
     alternates with everyone else's instead of going first, as round-robin between users
     would, and a user who just had a job started waits behind one who has not.
     """
-    kinds = (TrainingJob, EvaluationJob)
+    kinds = JOB_KINDS
     queued = sorted(
         (
             job

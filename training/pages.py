@@ -135,13 +135,29 @@ def job_context(job):
     points = [(step, loss) for step, _, loss in job.history]
     return {
         "job": job,
+        "queue": job.queue_position(),
         "version": version,
         "evaluation": evaluation,
         "evaluations": version.metrics.get("evaluations", []) if version else [],
         "loss_chart": line_chart({"training loss": points}, x_label="step", y_label="loss"),
+        "validation_chart": validation_chart(job.validation),
+        "harm_bound": settings.LATENTRY_HARM_BOUND_PCT,
         # Keep polling until the job and the evaluation it queued have both ended.
         "live": not job.finished or (evaluation is not None and not evaluation.finished),
     }
+
+
+def validation_chart(checks):
+    """A training job's checks: perplexity against the base model's, in percent, on the slice
+    held out of its training text and on the reference text."""
+    return line_chart(
+        {
+            "held-out slice": [(m["step"], -m["reduction_pct"]) for m in checks],
+            "reference text": [(m["step"], m["harm_pct"]) for m in checks],
+        },
+        x_label="step",
+        y_label="perplexity vs base, %",
+    )
 
 
 @login_required

@@ -17,6 +17,7 @@ from django.db import transaction
 from coprocessor import base_models, corpus, routing
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.train import Cancelled, TrainConfig, train
+from coprocessor.watch import reference_ids
 from registry import storage
 from registry.models import ExpertVersion
 
@@ -39,8 +40,9 @@ class Reporter:
     """Progress callback: writes to the job row every few seconds, not every step, and
     turns a cancel request into ``should_stop()``."""
 
-    def __init__(self, job, history=()):
+    def __init__(self, job, history=(), validation=()):
         self.job = job
+        self.validation = list(validation)
         self.every = settings.LATENTRY_PROGRESS_SECONDS
         self.history = list(history)
         self.last_write = 0.0
@@ -63,11 +65,17 @@ class Reporter:
         self.cancelled = self.job.report(
             step=p.step,
             total_steps=p.total,
+            steps_estimated=p.estimated,
             loss=loss,
             tokens_per_s=p.tokens_per_s,
             eta_s=p.eta_s,
             history=self.history,
         )
+
+    def check(self, measured):
+        """A check of the watch: its point joins the job's validation curve at once."""
+        self.validation.append(measured.to_dict())
+        self.cancelled = self.job.report(validation=self.validation) or self.cancelled
 
     def should_stop(self):
         return self.cancelled
@@ -78,9 +86,15 @@ def dataset_splits(dataset):
     return corpus.split_texts(datasets.read_texts(dataset), HELDOUT_FRACTION)
 
 
-def train_config(job, tokenizer):
-    params = {**job.params, "anchor_token_id": base_models.space_token_id(tokenizer)}
-    return TrainConfig.from_settings(params)
+def train_config(job, tokenizer, train_tokens):
+    """The job's TrainConfig: its params, the prefix sized to ``train_tokens`` unless they
+    name a size, and the operator's bound on harm to other text."""
+    params = {
+        **job.params,
+        "anchor_token_id": base_models.space_token_id(tokenizer),
+        "harm_bound_pct": settings.LATENTRY_HARM_BOUND_PCT,
+    }
+    return TrainConfig.from_settings(params, train_tokens=train_tokens)
 
 
 def run_training(job, device):
@@ -95,15 +109,21 @@ def run_training(job, device):
     decoder, tokenizer = runtime.base_model(job.base_model, device)
     texts = [text for d in job.datasets.all() for text in dataset_splits(d)[0]]
     token_ids = corpus.tokenize(tokenizer, texts)
-    config = train_config(job, tokenizer)
+    config = train_config(job, tokenizer, len(token_ids))
     with tempfile.TemporaryDirectory(prefix=f"latentry-job-{job.pk}-") as scratch:
         checkpoint = Path(scratch) / "checkpoint.pt"
         resume = _fetch_checkpoint(job, checkpoint)
-        history = [h for h in job.history if h[0] <= job.checkpoint_step] if resume else []
-        reporter = Reporter(job, history)
+        upto = job.checkpoint_step if resume else -1  # what the checkpoint already holds
+        reporter = Reporter(
+            job,
+            [h for h in job.history if h[0] <= upto],
+            [m for m in job.validation if m["step"] <= upto],
+        )
         job.report(
             train_tokens=len(token_ids),
-            total_steps=config.steps,
+            # With a time budget the total is estimated from the steps' pace once they run.
+            total_steps=0 if config.time_budget_s else config.steps,
+            steps_estimated=bool(config.time_budget_s),
             resumed_from_step=job.checkpoint_step if resume else None,
         )
         result = train(
@@ -111,10 +131,22 @@ def run_training(job, device):
             token_ids,
             config,
             on_progress=reporter.progress,
+            on_check=reporter.check,
+            reference_ids=reference_ids(tokenizer),
             should_stop=reporter.should_stop,
             checkpoint_path=checkpoint,
             on_checkpoint=lambda path: _store_checkpoint(job, path, reporter),
             resume_from=checkpoint if resume else None,
+        )
+        job.report(  # the run's end settles the estimate
+            step=result.steps,
+            total_steps=result.steps,
+            steps_estimated=False,
+            validation=result.validation,
+            stopped=result.stopped,
+            kept_step=result.kept_step,
+            within_harm_bound=result.within_harm_bound,
+            outcome=result.summary,
         )
         profile = routing.profile(decoder, token_ids, window=config.window)
         out = Path(scratch) / "expert.safetensors"
@@ -122,7 +154,13 @@ def run_training(job, device):
             out,
             job.base_model.fingerprint,
             job.base_model.slug,
-            training={**config.to_dict(), "steps_done": result.steps, "job": job.pk},
+            training={
+                **config.to_dict(),
+                "steps_done": result.steps,
+                "stopped": result.stopped,
+                "kept_step": result.kept_step,
+                "job": job.pk,
+            },
         )
         # The expert takes the visibility the job asked for before the version appears in it:
         # a version trained on private data is never public for a moment.
@@ -133,7 +171,7 @@ def run_training(job, device):
                 f,
                 sha256=storage.sha256_of(f),
                 size=out.stat().st_size,
-                changelog=f"trained by job #{job.pk}: {result.steps} steps ({result.stopped})",
+                changelog=f"trained by job #{job.pk}: {result.summary}",
                 training_job=job,
                 routing_profile=profile,
             )

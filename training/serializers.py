@@ -4,7 +4,8 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
-from coprocessor.train import TrainConfig
+from coprocessor.expert import COPROCESSOR_KINDS, PREFIX_KIND
+from coprocessor.train import OBJECTIVES, TrainConfig
 from registry.api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
 
@@ -69,10 +70,42 @@ class TrainingParamsSerializer(StrictSerializer):
     prefix_positions = serializers.IntegerField(
         min_value=0,
         max_value=MAX_PREFIX_POSITIONS,
-        default=DEFAULTS.expert.prefix_positions,
-        help_text="positions of the static prefix (0: none, a coprocessor alone)",
+        required=False,
+        help_text="positions of the static prefix (0: none, a coprocessor alone; default: "
+        "sized to the training text, 16 to 256 as it grows)",
     )
-    prefix_lr = serializers.FloatField(min_value=1e-6, max_value=1.0, default=DEFAULTS.prefix_lr)
+    objective = serializers.ChoiceField(
+        choices=OBJECTIVES,
+        default=DEFAULTS.objective,
+        help_text="what the prefix learns from its windows: next_token (the text's own next "
+        "tokens), distill (the base model's predictions when it has read the text just before "
+        "each window) or mix (half each)",
+    )
+    teacher_context = serializers.IntegerField(
+        min_value=0,
+        max_value=4096,
+        default=DEFAULTS.teacher_context,
+        help_text="tokens of text before each window the distillation teacher reads",
+    )
+    evaluations = serializers.IntegerField(
+        min_value=0,
+        max_value=100,
+        default=DEFAULTS.evaluations,
+        help_text="checks on a validation slice held out of the training text (0: none: no "
+        "early stop, the last checkpoint is published)",
+    )
+    patience = serializers.IntegerField(
+        min_value=1,
+        max_value=100,
+        default=DEFAULTS.patience,
+        help_text="checks without a better validation loss before the job stops early",
+    )
+    prefix_lr = serializers.FloatField(
+        min_value=1e-6,
+        max_value=1.0,
+        default=DEFAULTS.prefix_lr,
+        help_text="learning rate of the static prefix's keys and values",
+    )
     replay_windows = serializers.IntegerField(
         min_value=0,
         max_value=64,
@@ -86,35 +119,102 @@ class TrainingParamsSerializer(StrictSerializer):
         default=DEFAULTS.prefix_snippets,
         help_text="stretches of the corpus a new prefix is initialised from",
     )
-    kind = serializers.ChoiceField(choices=["lora", "full"], default=DEFAULTS.expert.kind)
+    kind = serializers.ChoiceField(
+        choices=[PREFIX_KIND, *COPROCESSOR_KINDS],
+        required=False,
+        help_text="what the expert is: prefix (no latents: the default without them) or, with "
+        "latents, its coprocessor: lora (deltas on the base model's weights, the default) or "
+        "full (a trainable copy)",
+    )
     lora_rank = serializers.IntegerField(
-        min_value=1, max_value=256, default=DEFAULTS.expert.lora_rank
+        min_value=1,
+        max_value=256,
+        default=DEFAULTS.expert.lora_rank,
+        help_text="rank of the coprocessor's LoRA deltas",
     )
     ahead_tokens = serializers.IntegerField(
-        min_value=1, max_value=128, default=DEFAULTS.ahead_tokens
+        min_value=1,
+        max_value=128,
+        default=DEFAULTS.ahead_tokens,
+        help_text="tokens after each coprocessor point that carry its loss",
     )
-    window = serializers.IntegerField(min_value=32, max_value=8192, default=DEFAULTS.window)
+    window = serializers.IntegerField(
+        min_value=32,
+        max_value=8192,
+        default=DEFAULTS.window,
+        help_text="tokens per training window; with the teacher's text before it, at most the "
+        "base model's context",
+    )
     positions_per_window = serializers.IntegerField(
-        min_value=1, max_value=64, default=DEFAULTS.positions_per_window
+        min_value=1,
+        max_value=64,
+        default=DEFAULTS.positions_per_window,
+        help_text="coprocessor points per window",
     )
     windows_per_step = serializers.IntegerField(
-        min_value=1, max_value=64, default=DEFAULTS.windows_per_step
+        min_value=1,
+        max_value=64,
+        default=DEFAULTS.windows_per_step,
+        help_text="windows of the training text per step",
     )
-    grad_accum = serializers.IntegerField(min_value=1, max_value=64, default=DEFAULTS.grad_accum)
-    steps = serializers.IntegerField(min_value=1, max_value=1_000_000, default=DEFAULTS.steps)
+    grad_accum = serializers.IntegerField(
+        min_value=1,
+        max_value=64,
+        default=DEFAULTS.grad_accum,
+        help_text="batches whose gradients add up to one step",
+    )
+    steps = serializers.IntegerField(
+        min_value=1,
+        max_value=1_000_000,
+        default=DEFAULTS.steps,
+        help_text="the most steps; the time budget usually ends a job first",
+    )
     time_budget_s = serializers.FloatField(
         min_value=1,
         required=False,
         help_text="training stops after this many seconds (default and most: settings)",
     )
-    lr = serializers.FloatField(min_value=1e-6, max_value=1.0, default=DEFAULTS.lr)
+    lr = serializers.FloatField(
+        min_value=1e-6,
+        max_value=1.0,
+        default=DEFAULTS.lr,
+        help_text="learning rate of the coprocessor (the prefix has prefix_lr)",
+    )
     warmup_steps = serializers.IntegerField(
-        min_value=0, max_value=100_000, default=DEFAULTS.warmup_steps
+        min_value=0,
+        max_value=100_000,
+        default=DEFAULTS.warmup_steps,
+        help_text="steps of linear warm-up before the cosine decay over the budget",
     )
-    seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=DEFAULTS.seed)
+    seed = serializers.IntegerField(
+        min_value=0,
+        max_value=2**31 - 1,
+        default=DEFAULTS.seed,
+        help_text="seeds the initialisation and the windows drawn",
+    )
     checkpoint_every = serializers.IntegerField(
-        min_value=1, max_value=100_000, default=DEFAULTS.checkpoint_every
+        min_value=1,
+        max_value=100_000,
+        default=DEFAULTS.checkpoint_every,
+        help_text="steps between checkpoints a retried job resumes from",
     )
+
+    @staticmethod
+    def kind_of(n_latents, asked):
+        """The kind ``asked`` for, or the latents' default; a kind they contradict is an
+        error (``CoprocessorConfig`` would silently call an expert without latents a prefix)."""
+        if asked is None:
+            return COPROCESSOR_KINDS[0] if n_latents else PREFIX_KIND
+        if (asked == PREFIX_KIND) == bool(n_latents):
+            raise serializers.ValidationError(
+                {
+                    "kind": [
+                        "prefix is an expert without latents, lora and full are coprocessors "
+                        f"with them: n_latents {n_latents} cannot be kind {asked!r}"
+                    ]
+                }
+            )
+        return asked
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
@@ -136,7 +236,7 @@ class TrainingParamsSerializer(StrictSerializer):
                     ]
                 }
             )
-        if not (attrs["n_latents"] or attrs["prefix_positions"]):
+        if not (attrs["n_latents"] or attrs.get("prefix_positions", 1)):
             raise serializers.ValidationError(
                 {
                     "n_latents": [
@@ -144,6 +244,7 @@ class TrainingParamsSerializer(StrictSerializer):
                     ]
                 }
             )
+        attrs["kind"] = self.kind_of(attrs["n_latents"], attrs.get("kind"))
         needed = DEFAULTS.min_prefix + attrs["ahead_tokens"] + attrs["positions_per_window"]
         if attrs["window"] < needed:
             raise serializers.ValidationError(
@@ -158,14 +259,19 @@ class JobSerializer(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by.username", read_only=True)
     progress_pct = serializers.FloatField(read_only=True)
     datasets = serializers.SerializerMethodField()
+    queue = serializers.SerializerMethodField(
+        help_text="while queued: place (1: next), ahead, running and why; else null"
+    )
 
     job_fields = [
         "id",
         "created_by",
         "status",
         "cancel_requested",
+        "queue",
         "step",
         "total_steps",
+        "steps_estimated",
         "progress_pct",
         "loss",
         "tokens_per_s",
@@ -184,6 +290,9 @@ class JobSerializer(serializers.ModelSerializer):
     def get_datasets(self, job) -> list[str]:
         return [d.full_name for d in job.datasets.all()]
 
+    def get_queue(self, job) -> dict | None:
+        return job.queue_position()
+
 
 class TrainingJobSerializer(JobSerializer):
     expert = serializers.CharField(source="expert.full_name", read_only=True)
@@ -199,6 +308,11 @@ class TrainingJobSerializer(JobSerializer):
             "train_tokens",
             "checkpoint_step",
             "history",
+            "validation",
+            "stopped",
+            "kept_step",
+            "within_harm_bound",
+            "outcome",
             "visibility",
             "version",
         ]
@@ -270,7 +384,7 @@ class TrainingJobCreateSerializer(StrictSerializer):
             attrs["base_model"] = expert.base_model
         attrs["expert_obj"] = expert
         try:
-            TrainingJob.check_window(attrs["base_model"], attrs["params"]["window"])
+            TrainingJob.check_window(attrs["base_model"], TrainingJob.span(attrs["params"]))
         except DjangoValidationError as exc:
             raise serializers.ValidationError({"params": {"window": exc.messages}}) from None
         return attrs

@@ -39,7 +39,8 @@ class DatasetViewSet(
     mixins.DestroyModelMixin,
     viewsets.GenericViewSet,
 ):
-    """Datasets you can train on: yours and public ones. Upload is multipart."""
+    """Datasets you can train on: yours and public ones, each at /datasets/<owner>/<name>/ (its
+    ``id``, as for experts). Upload is multipart."""
 
     serializer_class = DatasetSerializer
     permission_classes = [IsAuthenticated, IsOwnerOrReadOnly]
@@ -52,6 +53,13 @@ class DatasetViewSet(
         return Dataset.objects.usable_by(self.request.user).select_related(
             "owner", "domain", "base_model"
         )
+
+    def get_object(self):
+        dataset = get_object_or_404(
+            self.get_queryset(), owner__username=self.kwargs["owner"], name=self.kwargs["name"]
+        )
+        self.check_object_permissions(self.request, dataset)
+        return dataset
 
     def perform_create(self, serializer):
         data = serializer.validated_data
