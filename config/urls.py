@@ -1,11 +1,12 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from inference import pages as inference_pages
 from registry import pages as registry_pages
-from registry.api import LoginThrottle, throttle_posts
+from registry.api import LoginThrottle, not_found, throttle_posts
 from training import pages as training_pages
 from webhooks import pages as webhooks_pages
 
@@ -56,6 +57,9 @@ urlpatterns = [
     path("", include("inference.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # Last: what no API route matched is a JSON 404 (handler404 answers so only with DEBUG off),
+    # for any method: a 404 changes nothing, so it needs no CSRF token (as handler404 does not).
+    re_path(r"^(api|v1)/", csrf_exempt(not_found)),
 ]
 
 handler404 = "registry.api.not_found"

@@ -35,7 +35,10 @@ def try_expert(request, owner, name):
     form = TryForm(request.POST)
     context = {"expert": expert, "form": form}
     status = 200
-    if form.is_valid():
+    if auth.anonymous_generation_refused(request):
+        context["error"] = "Sign in to try experts on this server."
+        status = 401
+    elif form.is_valid():
         try:
             caller = auth.caller(request)  # the engine bounds its columns, as for the API
             context["answers"] = compare(expert, request.user, **form.cleaned_data, caller=caller)

@@ -72,7 +72,8 @@ def service_errors():
 
 
 class RouterView(AsyncAPIView):
-    """Generation is not a write: read-only API keys may use it; anyone may try it.
+    """Generation is not a write: read-only API keys may use it; callers with no account only
+    where LATENTRY_ANONYMOUS_GENERATION allows them (``auth.MayGenerate``).
 
     Async (adrf): a request waiting for the engine holds no thread, so one serving process
     holds hundreds of open streams. Whatever touches the database runs in a thread
@@ -82,7 +83,7 @@ class RouterView(AsyncAPIView):
         *api_settings.DEFAULT_AUTHENTICATION_CLASSES,
         OnBehalfAuthentication,  # "try it" from a web process
     ]
-    permission_classes = [AllowAny]
+    permission_classes = [auth.MayGenerate]
     throttle_classes = [GenerateThrottle]
 
     async def admit(self, ask, on_text=None):

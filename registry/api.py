@@ -77,7 +77,17 @@ class RateThrottle(SimpleRateThrottle):
 
 
 class GenerateThrottle(RateThrottle):
+    """Generation: signed-out callers (where they may generate) count at their own rate."""
+
     scope = "generate"
+
+    def allow_request(self, request, view):
+        if not request.user.is_authenticated:
+            self.scope = "generate_anonymous"
+            self.rate = self.get_rate()
+            if self.rate is not None:
+                self.num_requests, self.duration = self.parse_rate(self.rate)
+        return super().allow_request(request, view)
 
 
 class AnnounceThrottle(RateThrottle):
@@ -223,8 +233,22 @@ class SlugField(serializers.SlugRelatedField):
 
     def to_internal_value(self, data):
         if not isinstance(data, str) or "\x00" in data or len(data) > 200:
-            self.fail("does_not_exist", slug_name=self.slug_field, value=str(data)[:200])
-        return super().to_internal_value(data)
+            raise serializers.ValidationError(self.unknown(str(data)[:200]))
+        try:
+            return super().to_internal_value(data)
+        except serializers.ValidationError:
+            raise serializers.ValidationError(self.unknown(data)) from None
+
+    def unknown(self, value, shown=20):
+        """ "No such object" that names the ones there are (domains and base models are few and
+        public), so that the caller can pick one."""
+        queryset = self.get_queryset().order_by(self.slug_field)
+        names = list(queryset.values_list(self.slug_field, flat=True)[: shown + 1])
+        noun = queryset.model._meta.verbose_name
+        if not names:
+            return f"no {noun} {value!r}: there are none yet"
+        listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+        return f"no {noun} {value!r}; there are: {listed}"
 
 
 class StrictSerializer(serializers.Serializer):

@@ -1,8 +1,9 @@
 """API authentication: ``Authorization: Bearer lat_<prefix>_<secret>``."""
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import signing
-from rest_framework import authentication, exceptions
+from rest_framework import authentication, exceptions, permissions
 from rest_framework.throttling import BaseThrottle
 
 from .models import ApiKey
@@ -66,3 +67,26 @@ def caller(request):
     if request.user.is_authenticated:
         return f"user:{request.user.pk}"
     return f"addr:{BaseThrottle().get_ident(request)}"
+
+
+ANONYMOUS_REFUSED = (
+    "sign in, or send an API key (Authorization: Bearer lat_...): this server does not "
+    "generate for anonymous callers (LATENTRY_ANONYMOUS_GENERATION)"
+)
+
+
+def anonymous_generation_refused(request):
+    """Why ``request``'s caller may not generate here (a caller with no account where the
+    setting refuses them), or None. The router's views and the "try it" page ask this."""
+    if request.user.is_authenticated or settings.LATENTRY_ANONYMOUS_GENERATION:
+        return None
+    return ANONYMOUS_REFUSED
+
+
+class MayGenerate(permissions.BasePermission):
+    """401 for an anonymous caller, unless LATENTRY_ANONYMOUS_GENERATION allows them."""
+
+    def has_permission(self, request, view):
+        if reason := anonymous_generation_refused(request):
+            raise exceptions.NotAuthenticated(reason)
+        return True

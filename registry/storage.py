@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 
+from asgiref.sync import sync_to_async
 from botocore.exceptions import BotoCoreError, ClientError
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, storages
@@ -127,8 +128,10 @@ def open_artifact(key):
         raise StorageUnavailable(f"artifact storage failed: {exc}") from exc
 
 
-def download_response(key, filename):
-    """A presigned redirect on S3, a streamed file on local disk."""
+def download_response(key, filename, asynchronous=False):
+    """A presigned redirect on S3, a streamed file on local disk. ``asynchronous``: the
+    response is served by an ASGI server, which streams an async iterator without a thread (a
+    file's own, synchronous, iterator makes Django warn and copy it in memory)."""
     storage = artifacts()
     if is_s3():
         disposition = f'attachment; filename="{filename}"'
@@ -137,4 +140,17 @@ def download_response(key, filename):
         except STORAGE_ERRORS as exc:
             raise StorageUnavailable(f"artifact storage failed: {exc}") from exc
         return HttpResponseRedirect(url)
-    return FileResponse(open_artifact(key), as_attachment=True, filename=filename)
+    file = open_artifact(key)
+    response = FileResponse(file, as_attachment=True, filename=filename)  # sets the headers
+    if asynchronous:
+        response.streaming_content = _read_async(file, response.block_size)
+    return response
+
+
+async def _read_async(file, size):
+    read, close = (sync_to_async(f, thread_sensitive=False) for f in (file.read, file.close))
+    try:
+        while chunk := await read(size):
+            yield chunk
+    finally:
+        await close()

@@ -4,6 +4,7 @@ import hashlib
 
 from django.conf import settings
 from django.core.cache import caches
+from django.core.handlers.asgi import ASGIRequest
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django_filters.rest_framework import DjangoFilterBackend
@@ -204,7 +205,11 @@ class ExpertVersionViewSet(
         if version.status != ExpertVersion.READY:
             raise NotFound(f"version {version.number} is {version.status}, not downloadable")
         try:
-            response = storage.download_response(version.artifact_key, version.download_filename())
+            response = storage.download_response(
+                version.artifact_key,
+                version.download_filename(),
+                asynchronous=isinstance(request._request, ASGIRequest),
+            )
         except FileNotFoundError:
             raise NotFound("the file of this version is missing from storage") from None
         version.count_download(caller(request))

@@ -36,6 +36,13 @@ OWNER_SEES = {**{c: OPEN for c in CALLERS}, "alice": same(200), "staff": same(20
 OWNER_SEES.update(alice_read=same(200), alice_write=same(200))
 # Pages go by the session; an API key signs nobody in there, so its holder reads as anonymous.
 PAGE_SEES = {**OWNER_SEES, "alice_read": OPEN, "alice_write": OPEN}
+# Trying an expert generates, which needs an account by default (LATENTRY_ANONYMOUS_GENERATION):
+# 401 where the page could be seen; a private expert stays a 404.
+SIGNED_OUT = each(401, 401, 404)
+PAGE_TRIES = {
+    **PAGE_SEES,
+    **{c: SIGNED_OUT for c in ("anon", "bob_read", "alice_read", "alice_write")},
+}
 
 ROWS = {
     "GET expert": ("get", "/api/v1/experts/alice/{name}/", None, OWNER_SEES),
@@ -123,7 +130,7 @@ ROWS = {
         "page_post",
         "/experts/alice/{name}/try/",
         {"prompt": "w5 w6", "max_new_tokens": 1},
-        PAGE_SEES,
+        PAGE_TRIES,
     ),
     "page: train": (
         "page",
@@ -220,6 +227,8 @@ def test_lists_counts_search_and_models_never_show_others_private_experts(caller
     # By name, staff may use any expert (as they may open it); listing is another matter.
     if owner or caller == "staff":
         assert private.json()["augmented"] is True, private.json()
+    elif caller == "anon":  # generating needs an account (LATENTRY_ANONYMOUS_GENERATION)
+        assert private.status_code == 401
     else:  # the same answer as for an expert that does not exist
         assert private.status_code == 404 and "not found" in private.json()["detail"]
 

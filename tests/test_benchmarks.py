@@ -116,7 +116,10 @@ def test_benchmark_text_is_never_listed_read_or_trained_on(
     for user in (alice, bob):
         listed = logged_in(user).get("/api/v1/datasets/").json()["results"]
         assert "sam/python-bench" not in [d["id"] for d in listed]
-        assert logged_in(user).get(f"/api/v1/datasets/{benchmark.dataset.pk}/").status_code == 404
+        assert (
+            logged_in(user).get(f"/api/v1/datasets/{benchmark.dataset.full_name}/").status_code
+            == 404
+        )
     refused = logged_in(alice).post(
         "/api/v1/jobs/evaluation/",
         {"expert": "alice/pyone", "datasets": ["sam/python-bench"]},
@@ -127,7 +130,7 @@ def test_benchmark_text_is_never_listed_read_or_trained_on(
     for user in (alice, sam):  # not even its owner trains on it
         with pytest.raises(ValidationError, match="never trained on"):
             TrainingJob.start(user, expert, [benchmark.dataset], SMALL_JOB)
-    gone = logged_in(sam).delete(f"/api/v1/datasets/{benchmark.dataset.pk}/")
+    gone = logged_in(sam).delete(f"/api/v1/datasets/{benchmark.dataset.full_name}/")
     assert gone.status_code == 409 and "benchmark" in gone.json()["detail"]
 
 

@@ -97,14 +97,34 @@ def test_others_see_public_datasets_only_and_cannot_delete(
     )
     names = [d["id"] for d in bob_client.get(URL).json()["results"]]
     assert names == ["alice/public-one"]
-    public = Dataset.objects.get(name="public-one")
-    private = Dataset.objects.get(name="private-one")
-    assert bob_client.get(f"{URL}{private.pk}/").status_code == 404
-    assert bob_client.delete(f"{URL}{public.pk}/").status_code == 403
+    assert bob_client.get(f"{URL}alice/private-one/").status_code == 404
+    assert bob_client.get(f"{URL}alice/public-one/").json()["id"] == "alice/public-one"
+    assert bob_client.delete(f"{URL}alice/public-one/").status_code == 403
     assert anon_client.get(URL).status_code in (401, 403)
     with django_capture_on_commit_callbacks(execute=True):
-        assert alice_client.delete(f"{URL}{private.pk}/").status_code == 204
+        assert alice_client.delete(f"{URL}alice/private-one/").status_code == 204
     assert len(stored_keys()) == 1
+
+
+def test_what_the_api_shows_as_an_id_is_the_address(alice_client, db):
+    """A dataset's id is owner/name, and that is where it answers; its row number is not."""
+    alice_client.post(URL, _multipart(b"some text", "notes", "a.txt", {}), format="multipart")
+    (shown,) = alice_client.get(URL).json()["results"]
+    assert alice_client.get(f"{URL}{shown['id']}/").json() == shown
+    number = Dataset.objects.get(name="notes").pk
+    missing = alice_client.get(f"{URL}{number}/")
+    assert missing.status_code == 404 and missing.json() == {"detail": "not found"}
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/no-such-thing/", "/api/v1/datasets/a/b/c/", "/v1/no-such-thing"]
+)
+def test_a_path_no_api_route_matches_is_a_json_404_even_in_debug(alice_client, settings, path):
+    settings.DEBUG = True  # Django's own 404 page would be HTML
+    response = alice_client.get(path)
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {"detail": "not found"}
 
 
 def test_management_command_creates_a_dataset(alice, base_model, tmp_path):
@@ -149,3 +169,12 @@ def test_a_large_upload_is_counted_by_a_worker_not_the_request(
     (args,) = queued
     tasks.count_dataset_tokens(*args)  # what the worker runs
     assert Dataset.objects.get(name="big").token_count == 600
+
+
+def test_an_unknown_domain_is_refused_naming_the_domains_there_are(alice_client, domain):
+    response = alice_client.post(
+        URL, _multipart(b"text", "d", "a.txt", {"domain": "cooking"}), format="multipart"
+    )
+    assert response.status_code == 400
+    assert response.json()["domain"] == ["no domain 'cooking'; there are: python"]
+    assert not Dataset.objects.exists()

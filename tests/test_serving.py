@@ -78,6 +78,7 @@ def test_a_stream_that_waits_past_its_queue_timeout_is_refused_before_it_starts(
 
 def test_a_caller_over_its_concurrent_generations_gets_429(settings, base_model, alice):
     settings.LATENTRY_CALLER_CONCURRENCY = 1
+    settings.LATENTRY_ANONYMOUS_GENERATION = True  # the other caller has no account
     fair_use.acquire(f"user:{alice.pk}", 0)  # one generation of alice's already running
     response = ask(client_for(alice), prompt="w5 w6")
     assert response.status_code == 429 and response["Retry-After"]
@@ -237,7 +238,9 @@ def test_many_open_streams_are_served_together_by_one_process(
     import json
 
     settings.LATENTRY_CALLER_CONCURRENCY = settings.LATENTRY_CALLER_TOKENS_PER_MIN = 0
-    settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, "generate": None}
+    settings.LATENTRY_ANONYMOUS_GENERATION = True  # 200 sockets, no keys
+    unlimited = {"generate": None, "generate_anonymous": None}
+    settings.LATENTRY_THROTTLE_RATES = {**settings.LATENTRY_THROTTLE_RATES, **unlimited}
     slow_steps(monkeypatch, 0.005)  # the streams stay open together for a while
     streams = 200  # twice the connections PostgreSQL allows by default
     host, port = asgi_server.removeprefix("http://").split(":")
@@ -290,9 +293,10 @@ def test_router_bodies_over_the_bound_are_413_before_they_are_read(asgi_server, 
 
 
 def test_the_engine_knows_who_asks_through_the_api_and_try_it(
-    monkeypatch, make_expert, publish, alice
+    monkeypatch, settings, make_expert, publish, alice
 ):
     """So that it bounds one caller's columns in flight (engine.Limits.caller_columns)."""
+    settings.LATENTRY_ANONYMOUS_GENERATION = True  # one caller by address
     from coprocessor.engine import Engine
 
     publish(make_expert("pydoc"))
