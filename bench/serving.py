@@ -260,7 +260,7 @@ def run_engine(model, experts, arrivals, rate, args, beside=None):
     if beside:
         stop.set()
         other.join()
-    engine.stop()
+    engine.stop(wait_s=60)
     for o in outcomes:  # a row the engine ended with an error is an error
         if o.latency_s is not None and o.tokens < o.arrival.new_tokens:
             o.error = o.error or "ended early"
@@ -359,6 +359,7 @@ def run_transformers(model, experts, arrivals, rate, args):
 
     outcomes, wall = open_loop(arrivals, submit)
     manager.stop(block=True)
+    collector.join(60)
     model.destroy_cached_continuous_batching_manager()
     return RateReport(rate, outcomes, wall)
 
@@ -404,10 +405,13 @@ class StaticBatcher:
                 self.thread.start()
 
     def stop(self):
-        """Serve what is queued, then end; later submits are refused."""
+        """Serve what is queued, then end (joined: see Engine.stop); later submits are
+        refused."""
         with self.lock:
             self.closed = True
             self.waiting.put(None)
+        if self.thread is not None:
+            self.thread.join(60)
 
     def _run(self):
         while True:

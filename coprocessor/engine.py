@@ -182,11 +182,15 @@ class Engine:
     def retry_after_s(self):
         return max(1, round(self.limits.queue_timeout_s / 4))
 
-    def stop(self):
-        """Serve what is queued and running, then end; later submits are refused."""
+    def stop(self, wait_s=None):
+        """Serve what is queued and running, then end; later submits are refused. With
+        ``wait_s``, wait up to that long for the loop to end: a process about to exit must,
+        since a thread still inside torch when the interpreter ends aborts it."""
         with self.condition:
             self.closed = True
             self.condition.notify()
+        if wait_s is not None and self.thread is not None:
+            self.thread.join(wait_s)
 
     def load(self):
         """(running rows, waiting requests), for health checks and benches."""
