@@ -582,17 +582,19 @@ INFO_FILENAME = "latentry.json"
 MAX_FOLDER_TEXT_BYTES = 1024 * 1024
 # The card's own tags; the expert's tags and its domain follow them.
 CARD_TAGS = ("latentry", "coprocessor", "kv-cache-augmentation")
+FILE_MODE, FOLDER_MODE = 0o644, 0o755  # an export is for others to read
 
 
 def export_folder(expert_path, folder, *, name, base_model_source, **card_fields):
     """Write a Hub-style folder: the expert file, PEFT adapter files, latentry.json, README.md.
 
-    PEFT users can load the LoRA part with ``PeftModel.from_pretrained(base, folder)`` and the
-    static prefix as a cartridge with ``PeftModel.from_pretrained(base, folder / "cartridge")``;
-    Latentry imports the folder back from ``expert.safetensors``. The card (``model_card``, to
-    which ``card_fields`` go) carries the Hub's front matter, the title, summary, domain and the
-    platform's measured ``figures`` under ``latentry:``, and ``evaluations`` as the Hub's
-    ``model-index``.
+    The folder's own PEFT adapter is the expert's LoRA, or its static prefix as a cartridge
+    when that is the whole expert (``AutoPeftModelForCausalLM.from_pretrained(folder)`` with
+    ``base_model_source`` a Hub id); a prefix beside LoRA goes to ``cartridge/``. Latentry
+    imports the folder back from ``expert.safetensors``. Every file is 0644. The card
+    (``model_card``, to which ``card_fields`` go) carries the Hub's front matter, the title,
+    summary, domain and the platform's measured ``figures`` under ``latentry:``, and
+    ``evaluations`` as the Hub's ``model-index``.
     """
     import hashlib
     import shutil
@@ -604,8 +606,9 @@ def export_folder(expert_path, folder, *, name, base_model_source, **card_fields
     tensors, metadata = load_expert(expert_path)
     if header.kind == "lora":
         _write_peft_adapter(folder, tensors, metadata, base_model_source)
-    if header.prefix_positions:
-        _write_peft_cartridge(folder / CARTRIDGE_FOLDER, tensors, header, base_model_source)
+    if header.prefix_positions:  # the folder's own adapter when it is the whole expert
+        cartridge = folder if header.kind == "prefix" else folder / CARTRIDGE_FOLDER
+        _write_peft_cartridge(cartridge, tensors, header, base_model_source)
     info = {
         "format": FORMAT_TAG,
         "name": name,
@@ -619,6 +622,8 @@ def export_folder(expert_path, folder, *, name, base_model_source, **card_fields
     }
     (folder / INFO_FILENAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     model_card(name, base_model_source, **card_fields).save(folder / CARD_FILENAME)
+    for path in folder.rglob("*"):  # one mode for all, whatever wrote each (tempfiles: 0600)
+        path.chmod(FOLDER_MODE if path.is_dir() else FILE_MODE)
     return folder
 
 
@@ -694,10 +699,10 @@ def model_card(
 ):
     """The folder's README.md as a ``huggingface_hub.ModelCard``: the Hub's fields in the front
     matter (``base_model`` with ``base_model_relation: adapter``, ``license``, ``tags``,
-    ``datasets``, ``library_name``), ours under ``latentry:``, held-out ``evaluations`` (dicts
-    with ``dataset``, ``split``, ``ppl_expert``, ``reduction_pct``) as ``model-index``
-    results, and ``card`` (Markdown) as the body, or a heading and the summary when it is
-    empty."""
+    ``datasets``, ``library_name``), ours under ``latentry:``, ``evaluations`` (dicts with
+    ``dataset``, ``split``, ``ppl_expert``, ``reduction_pct``, optionally ``dataset_name``) as
+    ``model-index`` results, and ``card`` (Markdown) as the body, or a heading and the summary
+    when it is empty."""
     from huggingface_hub import ModelCard, ModelCardData
 
     latentry = {"name": name, "title": title, "summary": summary, "domain": domain}
@@ -725,7 +730,7 @@ def _eval_results(evaluation):
     where = dict(
         task_type="text-generation",
         dataset_type=evaluation["dataset"],
-        dataset_name=evaluation["dataset"],
+        dataset_name=evaluation.get("dataset_name") or evaluation["dataset"],
         dataset_split=evaluation.get("split") or None,
     )
     return [

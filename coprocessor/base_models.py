@@ -16,6 +16,9 @@ import torch
 from .artifact import BaseModelSpec
 
 DEFAULT_SLUG = "smollm2-135m-instruct"
+# The default's id on the Hugging Face Hub: what exports name as their base model, so that
+# PEFT and the Hub find it (the GGUF file we load it from is a quantised copy of it).
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -83,6 +83,12 @@ class BaseModel(models.Model):
     slug = models.SlugField(max_length=100, unique=True)
     source = models.CharField(max_length=500, help_text="Hub id, local path or GGUF file")
     revision = models.CharField(max_length=100, blank=True)
+    hub_id = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="its id on the Hugging Face Hub (owner/name): exports name it as their base "
+        "model; empty when it has none",
+    )
     architecture = models.CharField(max_length=100)
     hidden_size = models.PositiveIntegerField()
     num_layers = models.PositiveIntegerField()
@@ -101,6 +107,12 @@ class BaseModel(models.Model):
 
     def __str__(self):
         return self.slug
+
+    @property
+    def export_name(self):
+        """What an export names as its base model: the Hub id, else the slug (never a path
+        on this machine, which means nothing elsewhere)."""
+        return self.hub_id or self.slug
 
     def spec(self):
         return BaseModelSpec(

@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -16,9 +18,12 @@ from django.utils import timezone
 from huggingface_hub import ModelCard
 
 from coprocessor import artifact
+from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
+from coprocessor.generate import Request, generate
+from coprocessor.objective import position_batch
 from registry.models import Expert, ExpertVersion
-from tests.factories import SMALL_JOB, make_dataset, stored_keys
-from training.models import TrainingJob
+from tests.factories import SMALL_JOB, frozen, make_dataset, randomize, stored_keys, tiny_llama
+from training.models import Benchmark, BenchmarkResult, TrainingJob
 
 pytestmark = pytest.mark.django_db
 
@@ -83,7 +88,7 @@ def measured(pydoc, expert_file):
 def test_the_card_carries_what_the_hub_reads(measured, base_model, tmp_path):
     folder = export("alice/pydoc", tmp_path / "out")
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == base_model.source
+    assert card.data.base_model == base_model.export_name
     assert card.data.base_model_relation == "adapter"
     assert card.data.license == "mit" and card.data.library_name == "latentry"
     assert card.data.tags == [*artifact.CARD_TAGS, "stdlib", "docs", "python"]
@@ -102,6 +107,93 @@ def test_the_card_carries_what_the_hub_reads(measured, base_model, tmp_path):
     info = json.loads((folder / "latentry.json").read_text())
     assert info["sha256"] == measured.sha256 and info["name"] == "pydoc"
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_the_card_names_the_base_model_by_its_hub_id_and_holds_the_benchmark_figures(
+    measured, base_model, alice, tmp_path
+):
+    base_model.hub_id = "latentry-tests/tiny-llama"
+    base_model.save()
+    benchmark = Benchmark.objects.create(
+        domain=measured.expert.domain, dataset=make_dataset(alice, "hidden-text")
+    )
+    BenchmarkResult.objects.create(
+        version=measured,
+        benchmark=benchmark,
+        pairs=64,
+        ppl_base=10.0,
+        ppl_expert=9.35,
+        reduction_pct=6.5,
+        latency_ratio=1.12,
+    )
+    folder = export("alice/pydoc", tmp_path / "out")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "latentry-tests/tiny-llama"
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "latentry-tests/tiny-llama"
+    on_benchmark = [r for r in card.data.eval_results if r.dataset_split == "benchmark"]
+    assert [(r.dataset_type, r.metric_value) for r in on_benchmark] == [
+        ("latentry-benchmark/python", 9.35),
+        ("latentry-benchmark/python", 6.5),
+    ]
+    assert on_benchmark[0].dataset_name == "Latentry Python benchmark"
+    assert "hidden-text" not in (folder / "README.md").read_text()  # a benchmark stays hidden
+    modes = {stat.S_IMODE(path.stat().st_mode) for path in folder.rglob("*") if path.is_file()}
+    assert modes == {0o644}
+
+
+def test_without_a_hub_id_the_card_names_the_slug_never_a_local_path(measured, tmp_path):
+    card = ModelCard.load(export("alice/pydoc", tmp_path / "out") / "README.md")
+    assert card.data.base_model == "tiny-llama"
+
+
+def hub_cache(tmp_path, hub_id, weights_folder):
+    """A Hugging Face cache holding ``weights_folder`` as ``hub_id``, as a download leaves it."""
+    cache = tmp_path / "hf-cache"
+    repo = cache / f"models--{hub_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(weights_folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return cache
+
+
+def test_a_prefix_export_loads_with_auto_peft_offline_and_answers_as_the_router(
+    make_expert, base_model, tiny_base_dir, tmp_path
+):
+    """PEFT's cartridge has no gate: with the gates open it computes what the router does."""
+    from peft import AutoPeftModelForCausalLM
+
+    base_model.hub_id = "latentry-tests/tiny-llama"
+    base_model.save()
+    decoder = frozen(tiny_llama)
+    config = CoprocessorConfig(n_latents=0, prefix_positions=4, seed=3)
+    expert = randomize(Coprocessor(decoder, config), seed=3)
+    path = tmp_path / "prefix.safetensors"
+    expert.save(path, base_model.fingerprint, base_model.slug)
+    publish_file(make_expert("prefixed"), path.read_bytes())
+    folder = export("alice/prefixed", tmp_path / "out")
+    cache = hub_cache(tmp_path, base_model.hub_id, tiny_base_dir)
+    with pytest.warns(FutureWarning, match="past_key_values"):  # PEFT's call, not ours
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(
+            folder, cache_dir=cache, local_files_only=True
+        )
+        prompt = [3, 8, 1, 9, 14]
+        their_logits = peft_model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        theirs = peft_model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False
+        )[0, len(prompt) :]
+    served = Coprocessor.load(decoder, folder / artifact.EXPERT_FILENAME)
+    # The router's passes: the prefix in front of the prompt's row, then greedy decoding.
+    past, bias, tokens, _, starts = position_batch(
+        decoder, torch.tensor([[*prompt, 0]]), torch.tensor([[len(prompt)]]), 1, served.prefix
+    )
+    our_logits = augmented_forward(
+        decoder, served, past=past, past_bias=bias, tokens=tokens, positions=starts
+    )[0, 0]
+    torch.testing.assert_close(their_logits, our_logits, atol=1e-5, rtol=1e-5)
+    ours = generate(decoder, [Request(prompt, served, max_new_tokens=4)], eos_token_id=None)[0]
+    assert theirs.tolist() == ours.token_ids
 
 
 def test_a_trained_version_names_its_datasets(alice, pydoc, expert_file, tmp_path):

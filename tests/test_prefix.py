@@ -238,9 +238,7 @@ def test_the_exported_prefix_loads_as_a_peft_cartridge_with_the_same_logits(tmp_
     folder = artifact.export_folder(
         path, tmp_path / "out", name="p", base_model_source=str(base_folder)
     )
-    peft_model = PeftModel.from_pretrained(
-        frozen(FAMILIES["llama"]), folder / artifact.CARTRIDGE_FOLDER
-    )
+    peft_model = PeftModel.from_pretrained(frozen(FAMILIES["llama"]), folder)
     ids = torch.tensor([[3, 8, 1, 9, 14]])
     # Ours: the logits at x[3] (predicting x[4]) over the prefix and x[:3].
     past, bias, tokens, _, starts = position_batch(

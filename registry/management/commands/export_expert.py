@@ -52,7 +52,7 @@ class Command(BaseCommand):
                 path,
                 folder,
                 name=expert.name,
-                base_model_source=expert.base_model.source,
+                base_model_source=expert.base_model.export_name,
                 title=expert.title,
                 summary=expert.summary,
                 card=expert.model_card,
@@ -61,7 +61,7 @@ class Command(BaseCommand):
                 tags=expert.tags,
                 datasets=_datasets(version),
                 figures=_figures(expert, version, heldout),
-                evaluations=heldout,
+                evaluations=[*_benchmarked(version), *heldout],
             )
         self.stdout.write(
             f"wrote {expert.full_name} version {version.number} ({version.sha256[:12]}) to {folder}"
@@ -86,6 +86,24 @@ def _heldout(version):
         e
         for e in version.metrics.get("evaluations", [])
         if e.get("split") == "heldout" and None not in (e.get("ppl_expert"), e.get("reduction_pct"))
+    ]
+
+
+def _benchmarked(version):
+    """The platform's measurements of the version on the domain benchmarks, as the card's
+    model-index shows them: named by their domain, since a benchmark's text stays hidden."""
+    results = version.benchmark_results.select_related("benchmark__domain").order_by(
+        "benchmark__domain__slug", "benchmark_id"
+    )
+    return [
+        {
+            "dataset": f"latentry-benchmark/{result.benchmark.domain.slug}",
+            "dataset_name": f"Latentry {result.benchmark.domain.name} benchmark",
+            "split": "benchmark",
+            "ppl_expert": result.ppl_expert,
+            "reduction_pct": result.reduction_pct,
+        }
+        for result in results
     ]
 
 

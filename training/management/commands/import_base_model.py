@@ -20,8 +20,13 @@ class Command(BaseCommand):
         parser.add_argument("source", nargs="?", help="folder, .gguf file or Hub id")
         parser.add_argument("--slug", help="registry slug (default: from the source)")
         parser.add_argument("--revision", default="")
+        parser.add_argument(
+            "--hub-id",
+            help="its id on the Hugging Face Hub, which exports name as their base model "
+            "(default: the source when it is one, SmolLM2's for the default)",
+        )
 
-    def handle(self, source, slug, revision, **options):
+    def handle(self, source, slug, revision, hub_id, **options):
         if slug is not None:
             try:
                 validate_slug(slug)  # it names a folder and goes into URLs
@@ -47,6 +52,7 @@ class Command(BaseCommand):
             slug=slug,
             source=str(source or base_models.default_gguf_path()),
             revision=revision,
+            hub_id=hub_id if hub_id is not None else _hub_id_of(source),
             architecture=model.config.architectures[0]
             if model.config.architectures
             else type(model).__name__,
@@ -64,6 +70,16 @@ class Command(BaseCommand):
             f"imported {slug}: {record.architecture}, {record.num_layers} layers, "
             f"fingerprint {record.fingerprint[:12]}"
         )
+
+
+def _hub_id_of(source):
+    """The Hub id a source names: the default's, or the source itself when it is an id
+    (owner/name) rather than a path on this machine."""
+    if source is None:
+        return base_models.DEFAULT_HUB_ID
+    text = str(source)
+    is_id = text.count("/") == 1 and not text.startswith((".", "/")) and not Path(text).exists()
+    return text if is_id else ""
 
 
 def _slug_of(source):
