@@ -19,8 +19,18 @@ from .models import Usage
 
 
 class TryForm(forms.Form):
+    CHAT, TEXT = "chat", "text"
     prompt = forms.CharField(max_length=4000, widget=forms.Textarea(attrs={"rows": 4}))
     max_new_tokens = forms.IntegerField(min_value=1, max_value=256, initial=48)
+    # A chat model given a question as raw text often ends its answer at once (SmolLM2 did,
+    # on the README's own question): the prompt goes in as a chat message unless asked not to.
+    send_as = forms.ChoiceField(
+        choices=[(CHAT, "a chat message"), (TEXT, "raw text to continue")],
+        required=False,
+    )
+
+    def clean_send_as(self):
+        return self.cleaned_data["send_as"] or self.CHAT
 
 
 @require_POST
@@ -54,10 +64,16 @@ def try_expert(request, owner, name):
     return render(request, template, context, status=status)
 
 
-def compare(expert, user, prompt, max_new_tokens, caller=None):
+def compare(expert, user, prompt, max_new_tokens, send_as=TryForm.CHAT, caller=None):
     """The plain answer and the expert's, from this process's router or, when
-    LATENTRY_SERVING_URL names one, from the serving process (on the user's behalf there)."""
-    plain = service.Ask(base=expert.base_model.slug, prompt=prompt, max_new_tokens=max_new_tokens)
+    LATENTRY_SERVING_URL names one, from the serving process (on the user's behalf there).
+    ``send_as`` chat: the prompt as the user's message, through the base model's chat
+    template; text: as raw text to continue."""
+    plain = service.Ask(base=expert.base_model.slug, max_new_tokens=max_new_tokens)
+    if send_as == TryForm.TEXT:
+        plain.prompt = prompt
+    else:
+        plain.messages = [{"role": "user", "content": prompt}]
     augmented = dataclasses.replace(plain, expert=expert.full_name)
     if settings.LATENTRY_SERVING_URL:
         return remote.run_together([plain, augmented], user)

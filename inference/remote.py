@@ -27,10 +27,13 @@ def _generate(ask, token):
     body = {
         "base": ask.base,
         "expert": ask.expert,
-        "prompt": ask.prompt,
         "max_new_tokens": ask.max_new_tokens,
         "temperature": ask.temperature,
     }
+    if ask.messages is not None:
+        body["messages"] = ask.messages
+    else:
+        body["prompt"] = ask.prompt
     request = urllib.request.Request(
         f"{settings.LATENTRY_SERVING_URL.rstrip('/')}/api/v1/generate",
         data=json.dumps(body).encode(),

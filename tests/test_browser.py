@@ -309,3 +309,40 @@ def test_the_owner_moves_an_alias_on_the_expert_page(page, make_expert, publish,
     assert history.all_inner_texts()[0].split("\t")[1:] == ["stable", "v1", "v2", "alice"]
     assert expert.aliases.get(name="stable").version.number == 2
     page.locator("#aliases").screenshot(path=str(SHOTS / "aliases.png"))
+
+
+def test_trying_an_expert_on_the_real_model_shows_both_answers(
+    page, settings, domain, alice, tmp_path
+):
+    """SmolLM2 given the README's question as raw text ended its answer at once: the plain
+    side showed nothing. The page sends a chat message by default."""
+    import hashlib
+    import io
+
+    from django.core.management import call_command
+
+    from coprocessor import base_models
+    from coprocessor.expert import Coprocessor, CoprocessorConfig
+    from registry.models import BaseModel
+
+    call_command("import_base_model", stdout=io.StringIO())  # converted once, under var/
+    base = BaseModel.objects.get(slug=base_models.DEFAULT_SLUG)
+    model, _ = base_models.load(base.weights_location)
+    config = CoprocessorConfig(n_latents=0, prefix_positions=16, prefix_gate_init=-4.0)
+    path = tmp_path / "prefix.safetensors"
+    Coprocessor(model, config).save(path, base.fingerprint, base.slug)
+    expert = Expert.objects.create(owner=alice, name="zip", domain=domain, base_model=base)
+    data = path.read_bytes()
+    ExpertVersion.publish(
+        expert, io.BytesIO(data), sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+    )
+    settings.LATENTRY_ANONYMOUS_GENERATION = True  # as make run has it
+    page.goto("/experts/alice/zip/")
+    page.get_by_label("Prompt").fill("What does zip() do?")
+    page.get_by_label("New tokens").fill("12")
+    page.get_by_role("button", name="Compare with the plain model").click()
+    answers = page.locator("#try-result .answer pre.output")
+    expect(answers).to_have_count(2, timeout=120_000)
+    plain, augmented = answers.all_inner_texts()
+    assert plain.strip() and augmented.strip()
+    shoot(page, "try-real-model")
