@@ -13,9 +13,13 @@ engine, generation) as a request would go, warm unless said otherwise.
    ``mixed_throughput_ratio`` = requests/s mixed / requests/s plain.
 4. auto routing: one expert per domain (Python docs, software licences, Unix manual pages by
    default; ``--domain name=file.txt`` adds or replaces) with its routing profile from that
-   domain's training text; held-out prompts of 128 tokens from each domain are routed with
-   ``auto``. ``auto_accuracy`` = share routed to their own domain's expert. The experts'
-   weights are random: what routing reads is the profile, not the weights.
+   domain's training text. In-domain prompts (held-out windows of 128 tokens and short
+   questions, sent as chat messages) should go to their domain's expert: ``auto_accuracy``.
+   Questions of no expert's domain should go to none: ``auto_false_route_rate`` is the share
+   that got one. ``auto_neighbour_route_rate``: the share of each domain's prompts routed
+   somewhere when its own expert is hidden (text of a domain with no expert, next to those
+   with one). All at LATENTRY_AUTO_THRESHOLD, with a table over thresholds to calibrate it
+   from. The experts' weights are random: what routing reads is the profile, not the weights.
 
 It uses a scratch database and artifact folder, and the converted base model under
 var/base_models (converted on first use).
@@ -23,8 +27,9 @@ var/base_models (converted on first use).
     .venv/bin/python bench/router.py [--repeats 9] [--threads 2]
 
 Ends with ``RESULT overhead_ratio=... switch_ratio=... cold_load_ms=...
-mixed_throughput_ratio=... auto_accuracy=...``. Targets: overhead <= 1.15, switch <= 1.05,
-mixed throughput >= 0.9, auto accuracy >= 0.9.
+mixed_throughput_ratio=... auto_accuracy=... auto_false_route_rate=...
+auto_neighbour_route_rate=...``. Targets: overhead
+<= 1.15, switch <= 1.05, mixed throughput >= 0.9, auto accuracy >= 0.9, false routes <= 0.1.
 """
 
 import argparse
@@ -53,6 +58,7 @@ django.setup()
 
 import torch  # noqa: E402
 from common import add_smoke_argument, domain_texts, parse, smoke_model  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
@@ -94,11 +100,14 @@ def main():
         measure_switching(loaded, maker, text, args.experts) if "switch" in parts else (nan, nan)
     )
     mixed = measure_mixed(loaded, maker, text, args.repeats) if "mixed" in parts else nan
-    accuracy = measure_auto(loaded, maker, args) if "auto" in parts else nan
+    accuracy, false_rate, neighbour_rate = (
+        measure_auto(loaded, maker, args) if "auto" in parts else (nan, nan, nan)
+    )
     print(
         f"RESULT overhead_ratio={overhead:.3f} switch_ratio={switch:.3f} "
         f"cold_load_ms={cold_ms:.1f} mixed_throughput_ratio={mixed:.3f} "
-        f"auto_accuracy={accuracy:.3f}"
+        f"auto_accuracy={accuracy:.3f} auto_false_route_rate={false_rate:.3f} "
+        f"auto_neighbour_route_rate={neighbour_rate:.3f}"
     )
 
 
@@ -245,38 +254,148 @@ def measure_mixed(loaded, maker, text, repeats, concurrent=16):
     return plain / mixed
 
 
+# Short questions a user might type, per domain (the README's own among them), and some of no
+# expert's domain: chat prompts are short, unlike held-out windows.
+QUESTIONS = {
+    "python-docs": [
+        "What does zip() do?",
+        "How do I sort a list of tuples by the second item?",
+        "What is the difference between a list and a tuple in Python?",
+        "How do I read a file line by line in Python?",
+        "What does the yield keyword do?",
+        "How do f-strings format numbers?",
+    ],
+    "unix-manuals": [
+        "How do I list files sorted by size with ls?",
+        "What does chmod 755 do?",
+        "How do I find files modified in the last day?",
+        "Which option makes grep ignore case?",
+        "How do I follow a log file with tail?",
+        "What does the -r flag of cp do?",
+    ],
+    "licences": [
+        "Can I use GPL code in a proprietary product?",
+        "What does the Apache License say about patents?",
+        "Do I have to include the copyright notice when I redistribute?",
+        "Is the MIT license compatible with the GPL?",
+        "What is a derivative work under the GPL?",
+        "What warranty does the software come with?",
+    ],
+}
+NO_DOMAIN = [
+    "What is the capital of France?",
+    "How long should I boil an egg?",
+    "Write a short poem about the sea.",
+    "What is a good name for a golden retriever?",
+    "How many players are on a football team?",
+    "What should I pack for a week in the mountains?",
+    "Why is the sky blue?",
+    "Tell me a joke about cats.",
+    "How do I make my houseplants grow faster?",
+    "What happened in the French Revolution?",
+    "How do I get red wine out of a carpet?",
+    "What are the rules of chess castling?",
+    "Suggest a vegetarian dinner for four.",
+    "How far is the moon from the earth?",
+    "What is the best way to learn to swim as an adult?",
+    "Who painted the Mona Lisa?",
+    "How do I write a thank-you note to a teacher?",
+    "What causes thunderstorms?",
+    "Give me three tips for a job interview.",
+    "How often should I water a cactus?",
+]
+THRESHOLDS = [round(0.05 * i, 2) for i in range(13)]
+
+
 def measure_auto(loaded, maker, args):
+    """(accuracy, false-route rate, neighbour-route rate) of ``auto`` at
+    LATENTRY_AUTO_THRESHOLD, and a table over thresholds to calibrate it from. In-domain:
+    held-out windows of 128 tokens and short questions, each to be routed to its domain's
+    expert. Off-domain: questions of no expert's domain, to be routed to none. Neighbours:
+    each domain's prompts with its own expert hidden (text of a domain nobody published an
+    expert for, next to those that have one)."""
     choose.profiles.clear()
     domains = {name: "\n\n".join(texts) for name, texts in domain_texts().items()}
     for item in args.domain:
         name, _, path = item.partition("=")
         domains[name] = Path(path).read_text(errors="replace")
     tokenizer, decoder = loaded.tokenizer, loaded.decoder
-    prompts = []
+    experts, prompts = {}, []  # prompts: (domain, kind, text)
     for name, text in domains.items():
         train, heldout = corpus.split_texts([text], 0.2)
         ids = corpus.tokenize(tokenizer, train)
         profile = routing.profile(decoder, ids, window=256, max_windows=64)
-        expert = maker.publish(f"auto-{name}", profile=profile)
+        experts[name] = maker.publish(f"auto-{name}", profile=profile)
         held = corpus.tokenize(tokenizer, heldout)
         step = max(128, (len(held) - 128) // args.prompts_per_domain)
         for start in range(0, len(held) - 128, step)[: args.prompts_per_domain]:
-            prompts.append((expert, tokenizer.decode(held[start : start + 128])))
+            prompts.append((name, "window", tokenizer.decode(held[start : start + 128])))
+        questions = QUESTIONS.get(name, [])[: args.prompts_per_domain]
+        prompts += [(name, "question", q) for q in questions]
         print(f"domain {name}: {len(ids)} training tokens, {len(held)} held-out")
-    right, confusion = 0, {}
-    for expected, prompt in prompts:
-        ask = service.Ask(base=maker.record.slug, expert="auto", prompt=prompt, max_new_tokens=1)
-        answer = service.run(ask, None)
-        chosen = (answer.expert or "none").split("@")[0]
-        if chosen == "none":
-            print("  none:", answer.reason)
-        confusion[(expected, chosen)] = confusion.get((expected, chosen), 0) + 1
-        right += chosen == expected
-    for (expected, chosen), n in sorted(confusion.items()):
-        print(f"  {expected:24} -> {chosen:24} {n}")
-    accuracy = right / len(prompts)
-    print(f"auto routing: {right}/{len(prompts)} right")
-    return accuracy
+    threshold = settings.LATENTRY_AUTO_THRESHOLD
+    settings.LATENTRY_AUTO_THRESHOLD = -1.0  # always the best match, with its score
+    try:
+        own = [(d, kind, *route(maker, text)) for d, kind, text in prompts]
+        foreign = [route(maker, q)[1] for q in NO_DOMAIN[: max(2, args.prompts_per_domain)]]
+        neighbours = []
+        for name, expert in experts.items():
+            hide(expert, True)
+            neighbours += [route(maker, text)[1] for d, _, text in prompts if d == name]
+            hide(expert, False)
+    finally:
+        settings.LATENTRY_AUTO_THRESHOLD = threshold
+
+    def rates(at, kinds=("window", "question")):
+        mine = [(d, chosen, score) for d, kind, chosen, score in own if kind in kinds]
+        right = sum(chosen == experts[d] and score >= at for d, chosen, score in mine)
+        return (
+            right / len(mine),
+            sum(score >= at for score in foreign) / len(foreign),
+            sum(score >= at for score in neighbours) / len(neighbours),
+        )
+
+    print(
+        f"auto routing: {len(own)} in-domain prompts, {len(foreign)} of no expert's domain, "
+        f"{len(neighbours)} of a domain whose expert is hidden"
+    )
+    print("  threshold  accuracy  (questions)  false routes  neighbour routes")
+    for at in THRESHOLDS:
+        accuracy, false_rate, neighbour_rate = rates(at)
+        questions = rates(at, ("question",))[0]
+        print(
+            f"  {at:9.2f}  {accuracy:8.2f}  {questions:11.2f}  {false_rate:12.2f}"
+            f"  {neighbour_rate:16.2f}"
+        )
+    for kind in ("window", "question"):
+        scores = [f"{score:.2f}" for d, k, chosen, score in own if k == kind]
+        print(f"  in-domain {kind} scores: {' '.join(scores)}")
+    print(f"  no-domain scores: {' '.join(f'{score:.2f}' for score in foreign)}")
+    print(f"  neighbour scores: {' '.join(f'{score:.2f}' for score in neighbours)}")
+    accuracy, false_rate, neighbour_rate = rates(threshold)
+    print(
+        f"at LATENTRY_AUTO_THRESHOLD {threshold}: accuracy {accuracy:.3f}, false routes "
+        f"{false_rate:.3f}, neighbour routes {neighbour_rate:.3f}"
+    )
+    return accuracy, false_rate, neighbour_rate
+
+
+def route(maker, text):
+    """(the expert auto chose, its score) for ``text`` as a user's chat message."""
+    ask = service.Ask(
+        base=maker.record.slug,
+        expert="auto",
+        messages=[{"role": "user", "content": text}],
+        max_new_tokens=1,
+    )
+    answer = service.run(ask, None)
+    return (answer.expert or "none").split("@")[0], answer.score
+
+
+def hide(expert, hidden):
+    owner, name = expert.split("/")
+    visibility = Expert.PRIVATE if hidden else Expert.PUBLIC
+    Expert.objects.filter(owner__username=owner, name=name).update(visibility=visibility)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,30 @@
 """Routing profiles: where in the base model's own representation space a corpus lives.
 
 An expert's profile is the mean of D's last hidden states over windows of its training text.
-A prompt is compared with it through the same mean-pooling of the prompt's prefill, so choosing
-an expert costs no model but D itself.
+A prompt is compared with it through the same mean-pooling of the prompt's own text, both
+measured from a centre: the mean over plain text of no particular domain (``centre``), so
+that what every text has in common does not count, whichever experts exist. Choosing an
+expert costs no model but D itself.
 """
 
 import torch
+import torch.nn.functional as F
+
+# The first position's hidden state (the attention sink) has a norm many times the others':
+# in a short prompt's mean it would outweigh the words. Pooling starts after it.
+SKIPPED_POSITIONS = 1
 
 
 @torch.no_grad()
 def mean_hidden(decoder, token_ids, visible):
-    """Mean of D's last hidden states over the visible tokens of each row: (B, H), float32."""
+    """Mean of D's last hidden states over the visible tokens of each row after the first
+    ``SKIPPED_POSITIONS`` (all of a row that has no more): (B, H), float32."""
     out = decoder(input_ids=token_ids, attention_mask=visible.long(), output_hidden_states=True)
     hidden = out.hidden_states[-1].float()
-    weights = visible.float().unsqueeze(-1)
+    weights = visible.float()
+    later = weights.clone()
+    later[:, :SKIPPED_POSITIONS] = 0
+    weights = torch.where(later.sum(1, keepdim=True) > 0, later, weights).unsqueeze(-1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
@@ -37,3 +48,15 @@ def profile(decoder, token_ids, *, window=256, max_windows=64, batch=8):
         means = mean_hidden(decoder, chunk, torch.ones_like(chunk, dtype=torch.bool)).sum(0)
         total = means if total is None else total + means
     return (total / count).cpu().tolist()
+
+
+def centre(decoder, reference_ids):
+    """The centre scores are measured from: the profile of plain text of no particular domain
+    (``watch.reference_ids``), in windows as short as prompts often are."""
+    return torch.tensor(profile(decoder, reference_ids, window=64))
+
+
+def scores(prompt_hidden, profiles, centre):
+    """Cosine of the prompt's direction from the centre with each profile's: (N,)."""
+    directions = F.normalize(profiles.float() - centre, dim=-1)
+    return directions @ F.normalize(prompt_hidden.float() - centre, dim=-1)

@@ -6,10 +6,10 @@ name resolves to one version once, when the request starts: an alias moved meanw
 change what a request in flight runs. A name that resolves to no ready version the caller may
 use is an error (``UnknownModel``, 404), as a model a server does not have is for OpenAI's
 clients: only a version that exists and fails at run time is dropped for the plain model.
-``auto``: the prompt's mean-pooled last hidden state
-under the base model, compared (cosine, after removing the mean of all profiles, which is
-what every text has in common) with the routing profile of each expert the caller may list;
-the best one above the threshold wins, else none.
+``auto``: the mean-pooled last hidden state of the prompt's
+own words under the base model, compared (cosine, both measured from the base model's centre
+over plain text: ``coprocessor.routing``) with the routing profile of each expert the caller
+may list; the best one above ``LATENTRY_AUTO_THRESHOLD`` wins, else none.
 """
 
 import threading
@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from django.conf import settings
 
+from coprocessor import routing
 from registry.models import LATEST, Expert, ExpertVersion, is_version_ref, split_full_name
 
 
@@ -101,10 +101,7 @@ class Profiles:
             rows.append(version)
         if not rows:
             return [], None
-        raw = torch.tensor([v.routing_profile for v in rows], dtype=torch.float32)
-        # With one profile there is nothing to tell apart: compare raw directions.
-        centre = raw.mean(0) if len(rows) > 1 else torch.zeros(raw.shape[1])
-        return rows, (F.normalize(raw - centre, dim=-1), centre)
+        return rows, torch.tensor([v.routing_profile for v in rows], dtype=torch.float32)
 
     def clear(self):
         with self.lock:
@@ -114,15 +111,15 @@ class Profiles:
 profiles = Profiles()
 
 
-def auto(prompt_hidden, base_record, user):
-    """Choice for ``auto`` from the prompt's mean hidden state (1-D tensor)."""
-    rows, table = profiles.for_base(base_record)
+def auto(prompt_hidden, base_record, user, centre):
+    """Choice for ``auto`` from the prompt's mean hidden state (1-D tensor), measured from
+    the base model's ``centre`` (``routing.centre``)."""
+    rows, matrix = profiles.for_base(base_record)
     routable = routable_for(user, rows)
     allowed = [i for i, v in enumerate(rows) if v.pk in routable]
     if not allowed:
         return Choice(reason="auto: no expert with a routing profile for this base model")
-    matrix, centre = table
-    scores = matrix[allowed] @ F.normalize(prompt_hidden.float() - centre, dim=-1)
+    scores = routing.scores(prompt_hidden, matrix[allowed], centre)
     best = int(scores.argmax())
     score = float(scores[best])
     version = rows[allowed[best]]

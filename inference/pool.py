@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from django.conf import settings
 
-from coprocessor import artifact, base_models
+from coprocessor import artifact, base_models, routing
 from coprocessor.engine import Engine, Limits
 from coprocessor.expert import Coprocessor
 from coprocessor.lora import install_lora_hooks
+from coprocessor.watch import reference_ids
 from registry import storage
 from registry.models import BaseModel
 
@@ -32,6 +33,7 @@ class LoadedBase:
     decoder: torch.nn.Module
     tokenizer: object
     engine: Engine = field(repr=False)
+    routing_centre: torch.Tensor = field(repr=False)  # what auto measures from (routing.centre)
 
 
 class ExpertCache:
@@ -117,7 +119,11 @@ class ModelPool:
         # (with the first expert) would change it under concurrent forwards.
         install_lora_hooks(decoder)
         return LoadedBase(
-            record, decoder, tokenizer, Engine(decoder, tokenizer.eos_token_id, limits())
+            record,
+            decoder,
+            tokenizer,
+            Engine(decoder, tokenizer.eos_token_id, limits()),
+            routing.centre(decoder, reference_ids(tokenizer)),
         )
 
     def expert(self, base, version):

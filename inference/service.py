@@ -80,6 +80,15 @@ def prompt_ids(loaded, ask):
     return list(ids)
 
 
+def routing_ids(loaded, ask, ids):
+    """What ``auto`` reads: the user's own words. A chat template's system text and markers
+    are the same in every request and would pull every prompt toward the same point."""
+    if ask.messages is None:
+        return ids
+    text = "\n".join(m["content"] for m in ask.messages if m.get("role") == "user")
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"] or ids
+
+
 def check_length(loaded, ids, max_new_tokens):
     context = loaded.record.context_length
     if max_new_tokens > settings.LATENTRY_MAX_NEW_TOKENS:
@@ -101,12 +110,13 @@ def pick(loaded, ask, ids, user):
     if not spec:
         return choose.Choice(reason="no expert requested"), None
     if spec == "auto":
-        visible = torch.ones(1, len(ids), dtype=torch.bool)
+        routed = routing_ids(loaded, ask, ids)
+        visible = torch.ones(1, len(routed), dtype=torch.bool)
         device = next(loaded.decoder.parameters()).device
         hidden = routing.mean_hidden(
-            loaded.decoder, torch.tensor([ids], device=device), visible.to(device)
+            loaded.decoder, torch.tensor([routed], device=device), visible.to(device)
         )[0].cpu()
-        choice = choose.auto(hidden, loaded.record, user)
+        choice = choose.auto(hidden, loaded.record, user, loaded.routing_centre)
     elif not choose.well_formed(spec):  # a client's mistake, unlike a missing expert
         raise BadRequest(f"expert {spec!r} is not owner/name, owner/name@version or @alias")
     else:

@@ -47,7 +47,6 @@ def tiny_base_dir(tmp_path_factory):
     """The tiny llama and a word-level tokenizer saved as a base-model folder workers load."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = word_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     convert(frozen(tiny_llama), tokenizer, folder)
     return folder
 

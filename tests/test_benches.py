@@ -68,6 +68,8 @@ BENCHES = [
             "cold_load_ms",
             "mixed_throughput_ratio",
             "auto_accuracy",
+            "auto_false_route_rate",
+            "auto_neighbour_route_rate",
         ],
     ),
     (

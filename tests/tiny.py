@@ -71,9 +71,11 @@ def word_tokenizer():
         vocab[f"w{i}"] = i
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
+    made = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
     )
+    made.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # words only
+    return made
 
 
 def phrase_text(**kwargs):
