@@ -7,7 +7,7 @@ PORT ?= 8000
 # The settings default to production (DEBUG off, SECRET_KEY required); these targets develop.
 export DEBUG ?= true
 
-.PHONY: install chromium run worker test lint format docs migrate clean
+.PHONY: install chromium run worker test lint format docs migrate clean manage api-key
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,16 @@ run: migrate
 	  kill -KILL $$worker $$webhooks 2>/dev/null' EXIT INT TERM; \
 	LATENTRY_ANONYMOUS_GENERATION=$${LATENTRY_ANONYMOUS_GENERATION:-true} \
 	  $(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
+
+# manage.py on this development set-up (DEBUG on, as for every target here), e.g.
+#   make manage ARGS="export_expert demo/pydoc@latest pydoc-hub/"
+manage: install
+	@$(PY) manage.py $(ARGS)
+
+# A new API key for API_USER (default: the demo user), printed alone: KEY=$$(make -s api-key)
+API_USER ?= demo
+api-key: install
+	@$(PY) manage.py create_api_key $(API_USER)
 
 worker: migrate
 	$(PY) -m celery -A config worker -Q gpu,maintenance -c 1 -n worker@%h -l info
