@@ -29,7 +29,8 @@ migrate: install
 # deliveries (queue "webhooks"), so that a slow receiver never holds the job worker. Stopping
 # the server stops both workers at once (cold shutdown), and kills them if they have not exited
 # 10 s later (billiard's pool can hang on its way out, waiting for a lock its killed child
-# held): a running job resumes from its checkpoint at the next start.
+# held): a running job resumes from its checkpoint at the next start. The server loads the
+# base model before it answers (LATENTRY_WARMUP), so the first chat does not wait for it.
 run: migrate
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py seed_demo
@@ -43,6 +44,7 @@ run: migrate
 	  pkill -KILL -P $$worker; pkill -KILL -P $$webhooks; \
 	  kill -KILL $$worker $$webhooks 2>/dev/null' EXIT INT TERM; \
 	LATENTRY_ANONYMOUS_GENERATION=$${LATENTRY_ANONYMOUS_GENERATION:-true} \
+	LATENTRY_WARMUP=$${LATENTRY_WARMUP:-true} \
 	  $(PY) -m uvicorn config.asgi:application --host $(HOST) --port $(PORT)
 
 # manage.py on this development set-up (DEBUG on, as for every target here), e.g.
