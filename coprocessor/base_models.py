@@ -9,6 +9,8 @@ import hashlib
 import importlib.util
 import json
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -92,12 +94,22 @@ def convert(model, tokenizer, folder):
 
 
 def load_default(cache_folder, **kwargs):
-    """SmolLM2-135M-Instruct: from its converted copy if present, else from GGUF, converting."""
+    """SmolLM2-135M-Instruct: from its converted copy if present, else from GGUF, converting.
+
+    The copy appears whole or not at all (written beside it, then renamed into place): several
+    processes may convert at once (test workers, a server and its job worker), and one that
+    sees config.json must find the weights too."""
     cache_folder = Path(cache_folder)
     if (cache_folder / "config.json").exists():
         return load(cache_folder, **kwargs)
     model, tokenizer = load(default_gguf_path(), **kwargs)
-    convert(model, tokenizer, cache_folder)
+    cache_folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=cache_folder.parent, prefix=f".{cache_folder.name}-"))
+    convert(model, tokenizer, scratch)
+    try:
+        scratch.rename(cache_folder)  # replaces an empty folder; fails on a filled one
+    except OSError:  # another process's copy got there first: the same bytes
+        shutil.rmtree(scratch, ignore_errors=True)
     return model, tokenizer
 
 

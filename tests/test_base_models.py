@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from coprocessor import base_models
-from tests.factories import FAMILIES, frozen, word_tokenizer
+from tests.factories import FAMILIES, frozen, tiny_llama, word_tokenizer
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -100,3 +100,18 @@ def test_debug_is_off_unless_set():
         [sys.executable, "manage.py", "shell", "-c", show], env=env, capture_output=True, text=True
     )
     assert run.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_default_s_converted_copy_appears_whole_and_the_first_one_stays(tmp_path, monkeypatch):
+    """Test workers, a server and its job worker may convert at once: a reader that sees
+    config.json must find the weights, and a second conversion leaves the first in place."""
+    made = frozen(tiny_llama), word_tokenizer()
+    monkeypatch.setattr(base_models, "load", lambda source, **kwargs: made)
+    folder = tmp_path / "models" / "default"
+    base_models.load_default(folder)
+    assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+    first = (folder / "model.safetensors").stat().st_mtime_ns
+    (folder / "config.json").rename(folder / "config.moved")  # as if still converting
+    base_models.load_default(folder)  # converts again, and finds the folder taken
+    assert (folder / "model.safetensors").stat().st_mtime_ns == first
+    assert [p.name for p in folder.parent.iterdir()] == ["default"]  # no scratch left behind
