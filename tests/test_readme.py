@@ -42,10 +42,15 @@ def readme_blocks():
     return [(m.group(1), m.group(2)) for m in BLOCK.finditer(README.read_text())]
 
 
+def on_port(code, port):
+    """``code`` talking to this test's server instead of make run's port."""
+    return code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+
+
 def runnable(code, port):
     """A shell block as this test runs it: skipped lines out, shortened commands, its port."""
     lines = [line for line in code.splitlines() if not any(line.startswith(s) for s in SKIPPED)]
-    code = "\n".join(lines).replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    code = on_port("\n".join(lines), port)
     for long, short in SHORTENED.items():
         code = code.replace(long, short)
     return code.replace(*CURL)
@@ -152,7 +157,7 @@ def run_block(language, code, workdir, env, port):
     exports carry over to the next blocks, as in one terminal)."""
     if language == "python":
         done = subprocess.run(
-            [".venv/bin/python", "-c", code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+            [".venv/bin/python", "-c", on_port(code, port)],
             cwd=workdir,
             env=env,
             capture_output=True,
