@@ -305,7 +305,10 @@ LATENTRY_CATALOG_CACHE_SECONDS = env_int("LATENTRY_CATALOG_CACHE_SECONDS", 10)
 # by side (one forward each per step), so a near-context prompt is padded alone, not every
 # row to its width. One caller's running rows hold at most LATENTRY_ENGINE_CALLER_COLUMNS
 # (their own columns; their next request waits, others pass it; 0: no bound), and a request
-# that does not fit may be overtaken by younger ones for LATENTRY_ENGINE_OVERTAKE_S only.
+# that does not fit may be overtaken by younger ones for LATENTRY_ENGINE_OVERTAKE_S only. A
+# prompt longer than LATENTRY_ENGINE_PREFILL_CHUNK tokens is prefilled that many tokens per
+# step (0: at once), its slices taking at most LATENTRY_ENGINE_PREFILL_SHARE of the engine's
+# time while other rows decode.
 LATENTRY_EXPERT_CACHE_BYTES = env_int("LATENTRY_EXPERT_CACHE_BYTES", 2 * 1024**3)
 LATENTRY_EXPERT_LOAD_TIMEOUT_S = env_float("LATENTRY_EXPERT_LOAD_TIMEOUT_S", 10.0)
 LATENTRY_MAX_NEW_TOKENS = env_int("LATENTRY_MAX_NEW_TOKENS", 512)
@@ -317,6 +320,8 @@ LATENTRY_ENGINE_PREFILL_TOKENS = env_int("LATENTRY_ENGINE_PREFILL_TOKENS", 4096)
 LATENTRY_ENGINE_BATCHES = env_int("LATENTRY_ENGINE_BATCHES", 2)
 LATENTRY_ENGINE_CALLER_COLUMNS = env_int("LATENTRY_ENGINE_CALLER_COLUMNS", 16384)
 LATENTRY_ENGINE_OVERTAKE_S = env_float("LATENTRY_ENGINE_OVERTAKE_S", 5.0)
+LATENTRY_ENGINE_PREFILL_CHUNK = env_int("LATENTRY_ENGINE_PREFILL_CHUNK", 256)
+LATENTRY_ENGINE_PREFILL_SHARE = env_float("LATENTRY_ENGINE_PREFILL_SHARE", 0.25)
 # The threads that open router requests share for their synchronous work (authentication, the
 # database): they, not the number of open streams, bound a serving process's threads and
 # database connections (inference/asgi.py).

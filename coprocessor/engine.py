@@ -17,6 +17,13 @@ columns when the budget holds that, else starts a batch of its own, so a long ro
 own columns and the short rows keep theirs. Batches merge again as soon as the budget holds
 them merged (a forward costs more than padding does while memory is there).
 
+A prompt longer than ``Limits.prefill_chunk`` tokens is prefilled a slice per iteration
+(chunked prefill, ``generate.ChunkedPrefill``), in a batch of its own that it joins when its
+prompt is cached: while other rows decode, the slices take at most ``Limits.prefill_share`` of
+the loop's time, so one near-context prompt slows the running rows by at most
+1 / (1 - share) instead of stopping them for its whole prefill. It counts as a batch and as a
+row, and its columns are in the budget, from its admission.
+
 Admission, oldest first, within the row count, the budget and the prompt tokens one
 prefill may take. A request whose caller (``Request.caller``) already holds
 ``Limits.caller_columns`` in running rows waits for its own earlier rows while others pass
@@ -35,7 +42,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .generate import Generation, RunningBatch
+from .generate import ChunkedPrefill, Generation, RunningBatch
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +98,18 @@ class Limits:
     # How long a request that does not fit may be overtaken by younger ones that do; keep it
     # well under queue_timeout_s, or a long prompt may never get in.
     overtake_s: float = 5.0
+    # A prompt longer than this is prefilled this many tokens per iteration, in a batch of its
+    # own (chunked prefill); 0: every prompt in one forward.
+    prefill_chunk: int = 256
+    # The share of the loop's time those slices may take while other rows decode: the running
+    # rows slow by at most 1 / (1 - share) beside a long prompt.
+    prefill_share: float = 0.25
 
     def __post_init__(self):
         if self.batches < 1:
             raise ValueError(f"an engine needs at least one batch (batches={self.batches})")
+        if not 0 < self.prefill_share <= 1:
+            raise ValueError(f"prefill_share is a share of time in (0, 1] ({self.prefill_share})")
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,8 @@ class Engine:
         self.decoder = decoder
         self.eos_token_id = eos_token_id
         self.batches = []  # RunningBatches, none empty between iterations
+        self.prefills = []  # ChunkedPrefills of long prompts, oldest first
+        self.owed_s = 0.0  # decode time the running rows get before the next prefill slice
         self.limits = limits or Limits()
         self.waiting = []  # Tickets, oldest first
         self.condition = threading.Condition()
@@ -198,12 +215,22 @@ class Engine:
             return len(self.rows()), len(self.waiting)
 
     def rows(self):
-        """The running rows, in all batches."""
-        return [row for batch in self.batches for row in batch.rows]
+        """The running rows, in all batches, and the long prompts being prefilled."""
+        return [row for batch in self.batches for row in batch.rows] + [
+            prefill.row for prefill in self.prefills
+        ]
 
     def cache_columns(self):
-        """The cache columns the running batches hold at their peak (what the budget counts)."""
-        return sum(Footprint.of(batch).columns for batch in self.batches)
+        """The cache columns the running batches hold at their peak, and those the long
+        prompts being prefilled will (what the budget counts)."""
+        return sum(f.columns for f in self._footprints() + self._reserved())
+
+    def _footprints(self):
+        return [Footprint.of(batch) for batch in self.batches]
+
+    def _reserved(self):
+        """The footprints of the batches the long prompts being prefilled will be."""
+        return [Footprint().joined(prefill.row.request) for prefill in self.prefills]
 
     def _ensure_running(self):
         if self.thread is None or not self.thread.is_alive():
@@ -215,9 +242,9 @@ class Engine:
     def _run(self):
         while True:
             with self.condition:
-                while not (self.waiting or self.batches or self.closed):
+                while not (self.waiting or self.batches or self.prefills or self.closed):
                     self.condition.wait()
-                if self.closed and not (self.waiting or self.batches):
+                if self.closed and not (self.waiting or self.batches or self.prefills):
                     return
             try:
                 self.iterate()
@@ -227,15 +254,19 @@ class Engine:
 
     def iterate(self):
         """One iteration: drop what was cancelled or is late, admit, decode one token in
-        every batch, then merge batches the budget holds merged."""
+        every batch, prefill a slice of a long prompt when it is its turn, then merge batches
+        the budget holds merged."""
         now = time.monotonic()
         self._end_running(now)
         admitted = self._admissible(now)
         if admitted:
             self.admitted_sizes.append(len(admitted))
             self._admit(admitted)
+        started = time.monotonic()
         for batch in self.batches:
             self._finish(batch.step())
+        self.owed_s -= time.monotonic() - started
+        self._advance_prefill()
         self._merge_batches()
 
     def _admit(self, admitted):
@@ -246,6 +277,14 @@ class Engine:
             ticket.admitted = started
             _settle(ticket.admission, True)
             groups.setdefault(index, []).append(ticket)
+        for ticket in groups.pop(None, []):  # long prompts: prefilled a slice at a time
+            try:
+                self.prefills.append(
+                    ChunkedPrefill(self.decoder, self.eos_token_id, ticket.request, ticket)
+                )
+            except Exception as exc:
+                log.exception("prefill failed")
+                _settle(ticket.future, Generation([], "error", error=str(exc)))
         for index, tickets in sorted(groups.items()):
             if index == len(self.batches):
                 self.batches.append(RunningBatch(self.decoder, self.eos_token_id))
@@ -261,24 +300,53 @@ class Engine:
             self._finish(ended)
         self.batches = [batch for batch in self.batches if batch.rows]
 
+    def _advance_prefill(self):
+        """A slice of the oldest long prompt's prefill, when no row is decoding or the
+        running rows have had their share of the time since the last slice; a prompt whose
+        cache is complete joins as a batch of its own."""
+        if not self.prefills:
+            self.owed_s = 0.0
+            return
+        if self.batches and self.owed_s > 0:
+            return
+        prefill = self.prefills[0]
+        started = time.monotonic()
+        try:
+            done = prefill.advance(self.limits.prefill_chunk)
+            batch, ended = prefill.join() if done else (None, [])
+        except Exception as exc:  # plain D failed on this prompt: it alone ends
+            log.exception("prefill failed")
+            self.prefills.pop(0)
+            prefill.row.end("error", str(exc))
+            self._finish([prefill.row])
+            return
+        share = self.limits.prefill_share
+        self.owed_s = (time.monotonic() - started) * (1 - share) / share if self.batches else 0.0
+        if done:
+            self.prefills.pop(0)
+            prefill.row.tag.prefilled = time.monotonic()
+            self._finish(ended)
+            if batch.rows:
+                self.batches.append(batch)
+
     def _end_running(self, now):
         for batch in self.batches:
             for row in batch.rows:
-                ticket = row.tag
-                if ticket.cancelled.is_set():
-                    row.end("cancelled")
-                elif ticket.deadline is not None and now >= ticket.deadline:
-                    row.end("deadline")
+                _end_if_unwanted(row, now)
             self._finish(batch.retire())
         self.batches = [batch for batch in self.batches if batch.rows]
+        for prefill in self.prefills:
+            _end_if_unwanted(prefill.row, now)
+        self._finish([prefill.row for prefill in self.prefills if prefill.row.finish_reason])
+        self.prefills = [prefill for prefill in self.prefills if not prefill.row.finish_reason]
 
     def _admissible(self, now):
         """[(ticket, batch index)] taken from the waiting tickets, oldest first, within the
         limits; an index past the running batches starts a new one."""
         limits = self.limits
-        footprints = [Footprint.of(batch) for batch in self.batches]
+        footprints, reserved = self._footprints(), self._reserved()
         held = self._columns_by_caller()
-        running = sum(footprint.rows for footprint in footprints)
+        running = len(self.rows())
         taken = []
         with self.condition:
             self.waiting = self._drop_cancelled_and_late(now)
@@ -292,22 +360,31 @@ class Engine:
                 if self._caller_holds_enough(request, held):
                     kept.append(ticket)  # its caller's running rows end first; others pass
                     continue
-                if taken and prompt_tokens + len(request.prompt_ids) > limits.prefill_tokens:
+                chunked = self._chunked(request)
+                if (
+                    not chunked
+                    and taken
+                    and prompt_tokens + len(request.prompt_ids) > limits.prefill_tokens
+                ):
                     kept.append(ticket)  # the next iteration's prefill (it is older: first)
                     continue
-                index = self._place(footprints, request)
+                index = self._place(footprints, reserved, request, own_batch=chunked)
                 if index is None:
                     kept.append(ticket)
                     if now - ticket.submitted >= limits.overtake_s:
                         kept += self.waiting[at + 1 :]  # it waited enough: nothing passes it
                         break
                     continue
-                if index == len(footprints):
-                    footprints.append(Footprint())
-                footprints[index] = footprints[index].joined(request)
+                if chunked:
+                    reserved.append(Footprint().joined(request))
+                    index = None  # ``_admit``: a ChunkedPrefill, then a batch of its own
+                else:
+                    if index == len(footprints):
+                        footprints.append(Footprint())
+                    footprints[index] = footprints[index].joined(request)
+                    prompt_tokens += len(request.prompt_ids)
                 if request.caller is not None:
                     held[request.caller] += request.cache_columns()
-                prompt_tokens += len(request.prompt_ids)
                 taken.append((ticket, index))
             self.waiting = kept
         return taken
@@ -328,18 +405,26 @@ class Engine:
                 kept.append(ticket)
         return kept
 
-    def _place(self, footprints, request):
+    def _chunked(self, request):
+        """Whether ``request``'s prompt is prefilled a slice at a time."""
+        chunk = self.limits.prefill_chunk
+        return bool(chunk) and len(request.prompt_ids) - 1 > chunk
+
+    def _place(self, footprints, reserved, request, own_batch=False):
         """Where ``request`` goes within the budget: the batch where it adds the fewest
-        columns, else a new batch (while fewer than ``Limits.batches`` run), else None."""
-        total = sum(footprint.columns for footprint in footprints)
+        columns (unless it needs ``own_batch``), else a new batch (while fewer than
+        ``Limits.batches`` run, counting the ``reserved`` ones of long prompts being
+        prefilled), else None."""
+        total = sum(footprint.columns for footprint in footprints + reserved)
         budget = self.limits.cache_columns
-        if footprints:
+        if footprints and not own_batch:
             added, index = min(
                 (f.joined(request).columns - f.columns, i) for i, f in enumerate(footprints)
             )
             if total + added <= budget:
                 return index
-        if len(footprints) < self.limits.batches and total + request.cache_columns() <= budget:
+        batches = len(footprints) + len(reserved)
+        if batches < self.limits.batches and total + request.cache_columns() <= budget:
             return len(footprints)
         return None
 
@@ -369,7 +454,8 @@ class Engine:
                 for j, b in enumerate(footprints)
                 if i < j
             )
-            if sum(f.columns for f in footprints) + added > self.limits.cache_columns:
+            reserved = sum(f.columns for f in self._reserved())
+            if sum(f.columns for f in footprints) + reserved + added > self.limits.cache_columns:
                 return
             self.batches[i].absorb(self.batches.pop(j))
 
@@ -377,10 +463,11 @@ class Engine:
         now = time.monotonic()
         for row in rows:
             ticket = row.tag
+            prefilled = ticket.prefilled or now  # a row ended while its prompt was prefilled
             timings = {
                 "queue_s": ticket.admitted - ticket.submitted,
-                "prefill_s": ticket.prefilled - ticket.admitted,
-                "decode_s": now - ticket.prefilled,
+                "prefill_s": prefilled - ticket.admitted,
+                "decode_s": now - prefilled,
             }
             _settle(ticket.future, row.generation(timings))
 
@@ -390,6 +477,19 @@ class Engine:
                 row.end("error", message)
             self._finish(batch.retire())
         self.batches = []
+        for prefill in self.prefills:
+            prefill.row.end("error", message)
+        self._finish([prefill.row for prefill in self.prefills])
+        self.prefills = []
+
+
+def _end_if_unwanted(row, now):
+    """End a row its caller cancelled or whose deadline passed."""
+    ticket = row.tag
+    if ticket.cancelled.is_set():
+        row.end("cancelled")
+    elif ticket.deadline is not None and now >= ticket.deadline:
+        row.end("deadline")
 
 
 def _settle(future, result=None, error=None):

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .base_models import cache_shape
 from .decoder import cache_tensors, embed, negative, prefill, roomy_cache, run_decoder, select_rows
 from .expert import prefill_with_latents
-from .prefix import batch_prefixes
+from .prefix import PrefixBatch, batch_prefixes
 
 
 @dataclass
@@ -86,6 +87,10 @@ class Row:
     tokens: list = field(default_factory=list)
     position: int = 0  # the position the next fed token takes
     next_token: int | None = None  # chosen, not yet fed to D
+    # A long prompt's cache built ahead of its join (``ChunkedPrefill``): its static prefix
+    # and its first ``head_tokens`` prompt tokens, which the join then does not prefill again
+    head: PrefixBatch | None = None
+    head_tokens: int = 0
     finish_reason: str | None = None
     degraded: str = ""
     error: str = ""
@@ -138,7 +143,13 @@ class RunningBatch:
         if any(len(r.prompt_ids) == 0 for r in requests):
             raise ValueError("every prompt needs at least one token")
         tags = tags if tags is not None else [None] * len(requests)
-        rows = [Row(r, tag, r.expert, _generator(r)) for r, tag in zip(requests, tags, strict=True)]
+        return self.admit_rows([new_row(r, tag) for r, tag in zip(requests, tags, strict=True)])
+
+    @torch.no_grad()
+    def admit_rows(self, rows):
+        """``admit`` for rows made already (a row with a ``head`` is admitted alone)."""
+        if len(rows) > 1 and any(row.head is not None for row in rows):
+            raise ValueError("a row whose prompt is partly cached is admitted alone")
         ended = []
         for group, part in self._prefill(rows):
             ended += self._join(group, part)
@@ -214,12 +225,17 @@ class RunningBatch:
 
     def _prefill_part(self, rows):
         """D's cache over the new rows' static prefixes, prompts and latents, and the logits
-        of their first new token (the prompt's last token, read after the latents)."""
-        prompts, visible = _left_pad([r.request.prompt_ids[:-1] for r in rows], self.device)
-        experts = [row.expert for row in rows]
-        static = batch_prefixes(
-            [getattr(e, "prefix", None) for e in experts], self.dtype, self.device
+        of their first new token (the prompt's last token, read after the latents). A row's
+        ``head``, when it has one, stands for its prefix and the prompt tokens it holds."""
+        prompts, visible = _left_pad(
+            [r.request.prompt_ids[r.head_tokens : -1] for r in rows], self.device
         )
+        experts = [row.expert for row in rows]
+        static = rows[0].head
+        if static is None:
+            static = batch_prefixes(
+                [getattr(e, "prefix", None) for e in experts], self.dtype, self.device
+            )
         lora_experts = [e if _kind(e) == "lora" else None for e in experts]
         if any(lora_experts):
             prefilled, z, gate = prefill_with_latents(
@@ -336,13 +352,96 @@ def generate(decoder, requests, eos_token_id=None):
     return [by_tag[i] for i in range(len(requests))]
 
 
+class ChunkedPrefill:
+    """A long prompt's row whose cache is built ``advance(tokens)`` at a time (chunked prefill,
+    as vLLM schedules it), so that the engine can run decode steps of other rows between the
+    slices instead of stalling them for the whole prompt. Once every prompt token but the last
+    is cached, ``join()`` gives a batch of its own with the row in it: its latents and last
+    token then go through D as any row's do.
+
+    The cache has room for the whole prompt from the start (``decoder.roomy_cache``), so a
+    slice writes its columns in place. An expert whose pass raises is dropped and the prompt
+    starts again plain; values that are not finite show in the join's logits, where the row
+    is prefilled again by plain D (``RunningBatch._prefill``), whole."""
+
+    def __init__(self, decoder, eos_token_id, request, tag=None):
+        if not request.prompt_ids:
+            raise ValueError("every prompt needs at least one token")
+        self.batch = RunningBatch(decoder, eos_token_id)
+        self.row = new_row(request, tag)
+        try:
+            self._start()
+        except Exception as exc:
+            self._start_plain(exc)
+
+    @property
+    def left(self):
+        """Prompt tokens still to cache before the join (the last one goes in at the join)."""
+        return len(self.row.request.prompt_ids) - 1 - self.row.head_tokens
+
+    @torch.no_grad()
+    def advance(self, tokens):
+        """Cache the prompt's next ``tokens`` tokens; True once only the join is left."""
+        row, batch = self.row, self.batch
+        start = row.head_tokens
+        end = start + min(tokens, self.left)
+        ids = torch.tensor([row.request.prompt_ids[start:end]], device=batch.device)
+        head = row.head._replace(past=self.cache)
+        try:
+            prefilled = prefill(
+                batch.decoder, ids, torch.ones_like(ids, dtype=torch.bool), prefix=head
+            )
+        except Exception as exc:
+            self._start_plain(exc)
+            return False
+        row.head = PrefixBatch(
+            cache_tensors(self.cache), prefilled.past_bias, prefilled.next_positions
+        )
+        row.head_tokens += ids.shape[1]
+        return self.left == 0
+
+    @torch.no_grad()
+    def join(self):
+        """The row's own RunningBatch, and the rows that ended at their first token."""
+        return self.batch, self.batch.admit_rows([self.row])
+
+    def _start(self):
+        """An empty head over the row's static prefix, with room for its whole prompt."""
+        batch, row = self.batch, self.row
+        prefix = getattr(row.expert, "prefix", None)
+        head = batch_prefixes([prefix], batch.dtype, batch.device) if prefix is not None else None
+        if head is None:
+            layers, kv_heads, head_dim = cache_shape(batch.decoder.config)
+            empty = torch.zeros(1, kv_heads, 0, head_dim, dtype=batch.dtype, device=batch.device)
+            head = PrefixBatch(
+                [(empty, empty)] * layers,
+                empty.new_zeros(1, 0),
+                torch.zeros(1, dtype=torch.long, device=batch.device),
+            )
+        self.cache = roomy_cache(head.past, len(row.request.prompt_ids))
+        row.head, row.head_tokens = head, 0
+
+    def _start_plain(self, exc):
+        """Drop the row's expert, whose pass raised ``exc``, and start its prompt again."""
+        if self.row.expert is None:
+            raise exc  # plain D itself failed: not an expert's fault
+        _drop_expert([self.row], f"the expert failed: {exc}")
+        self._start()
+
+
+def new_row(request, tag=None):
+    return Row(request, tag, request.expert, _generator(request))
+
+
 def rows_at(rows, indices):
     return [rows[i] for i in indices]
 
 
 def _drop_expert(rows, reason):
+    """The rows go on with plain D; a partly cached prompt is prefilled again, whole."""
     for row in rows:
         row.expert, row.degraded = None, reason
+        row.head, row.head_tokens = None, 0
     return rows
 
 

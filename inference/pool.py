@@ -159,6 +159,8 @@ def limits():
         batches=settings.LATENTRY_ENGINE_BATCHES,
         caller_columns=settings.LATENTRY_ENGINE_CALLER_COLUMNS,
         overtake_s=settings.LATENTRY_ENGINE_OVERTAKE_S,
+        prefill_chunk=settings.LATENTRY_ENGINE_PREFILL_CHUNK,
+        prefill_share=settings.LATENTRY_ENGINE_PREFILL_SHARE,
     )
 
 

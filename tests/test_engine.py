@@ -9,7 +9,7 @@ import torch
 
 from coprocessor.engine import Engine, Limits, Overloaded, Ticket, TooLarge
 from coprocessor.expert import Coprocessor, CoprocessorConfig
-from coprocessor.generate import Request, RunningBatch, generate
+from coprocessor.generate import ChunkedPrefill, Request, RunningBatch, generate
 from tests.factories import FAMILIES, frozen, randomize, wait_for
 
 
@@ -227,16 +227,15 @@ def queued(engine, request):
 
 
 def run_out(engine, each=lambda: None):
-    while engine.batches or engine.waiting:
+    while engine.batches or engine.waiting or engine.prefills:
         engine.iterate()
         each()
 
 
 def allocated_columns(engine):
     """What the batches' cache tensors really hold: rows x (columns and room), per batch."""
-    return sum(
-        b.cache.layers[0]._keys.shape[0] * b.cache.layers[0]._keys.shape[2] for b in engine.batches
-    )
+    caches = [b.cache for b in engine.batches] + [p.cache for p in engine.prefills]
+    return sum(c.layers[0]._keys.shape[0] * c.layers[0]._keys.shape[2] for c in caches)
 
 
 def long_prompt(length=150):
@@ -325,3 +324,108 @@ def test_a_request_that_does_not_fit_is_overtaken_only_for_a_while(model, overta
 def test_an_engine_without_a_batch_is_refused():
     with pytest.raises(ValueError, match="at least one batch"):
         Limits(batches=0)
+
+
+# --- long prompts, a slice at a time --------------------------------------------------------
+
+
+def full_expert(model, seed=3):
+    config = CoprocessorConfig(n_latents=2, kind="full", prefix_positions=3, seed=seed)
+    return randomize(Coprocessor(model, config), seed)
+
+
+@pytest.mark.parametrize(
+    "make_expert",
+    [None, lora_expert, prefix_expert, full_expert],
+    ids=["plain", "lora", "prefix", "full"],
+)
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_prompt_prefilled_a_slice_at_a_time_generates_what_it_would_at_once(
+    model, make_expert, temperature
+):
+    expert = make_expert(model) if make_expert else None
+    request = Request(long_prompt(40), expert, 6, temperature=temperature, seed=5)
+    prefill = ChunkedPrefill(model, None, request)
+    slices = 1
+    while not prefill.advance(7):
+        slices += 1
+    assert slices == 6  # 39 tokens before the last, 7 at a time
+    batch, ended = prefill.join()
+    while batch.rows:
+        ended += batch.step()
+    assert ended[0].tokens == alone(model, request)
+    assert not ended[0].degraded
+
+
+@pytest.mark.parametrize("break_it", [nan_weights, raising], ids=["nan", "raises"])
+def test_a_broken_expert_on_a_long_prompt_leaves_it_to_plain_d(model, break_it):
+    request = Request(long_prompt(30), break_it(prefix_expert(model, seed=6)), 5)
+    engine = Engine(model, None, Limits(prefill_chunk=8))
+    (output,) = serve(engine, [request])
+    assert output.degraded
+    assert output.token_ids == alone(model, plain(request))
+
+
+def test_short_rows_keep_decoding_while_a_long_prompt_is_prefilled(model):
+    engine = Engine(model, None, Limits(prefill_chunk=8, prefill_share=1.0))
+    order = []
+    short = Request([3, 4, 5], max_new_tokens=14, on_token=lambda t: order.append("short"))
+    long = Request(long_prompt(60), max_new_tokens=3, on_token=lambda t: order.append("long"))
+    short_ticket = queued(engine, short)
+    engine.iterate()
+    long_ticket = queued(engine, long)
+    run_out(engine)
+    # 59 tokens before its last, 8 a slice: 8 iterations, each beside a step of the short row
+    assert order[: order.index("long")].count("short") == 2 + 8
+    assert short_ticket.future.result().token_ids == alone(model, plain(short))
+    assert long_ticket.future.result().token_ids == alone(model, plain(long))
+    assert long_ticket.future.result().timings["prefill_s"] > 0
+
+
+def test_slices_take_only_their_share_of_time_while_rows_decode(model):
+    engine = Engine(model, None, Limits(prefill_chunk=8, prefill_share=0.01))
+    long = Request(long_prompt(60), max_new_tokens=3)
+    queued(engine, long)
+    engine.iterate()
+    engine.iterate()
+    (prefill,) = engine.prefills
+    assert prefill.row.head_tokens == 16, "alone, its slices run back to back"
+    queued(engine, Request([3, 4, 5], max_new_tokens=50))
+    engine.iterate()
+    assert prefill.row.head_tokens == 24
+    engine.iterate()
+    assert prefill.row.head_tokens == 24, "the decoding row gets 99 times the slice's time first"
+
+
+def test_a_long_prompt_being_prefilled_counts_in_the_budget_rows_and_batches(model):
+    limits = Limits(max_rows=3, cache_columns=300, batches=2, prefill_chunk=8)
+    engine = Engine(model, None, limits)
+    long = Request(long_prompt(150), max_new_tokens=60)  # 210 columns
+    queued(engine, long)
+    engine.iterate()
+    assert engine.prefills and engine.cache_columns() == 210
+    assert engine.load() == (1, 0)
+    another = queued(engine, Request(long_prompt(20), max_new_tokens=10))  # a batch of its own
+    too_wide = queued(engine, Request(long_prompt(80), max_new_tokens=10))  # over the budget
+    engine.iterate()
+    assert another.admitted and not too_wide.admitted
+    peaks = []
+    run_out(engine, lambda: peaks.append((engine.cache_columns(), allocated_columns(engine))))
+    assert max(counted for counted, _ in peaks) <= limits.cache_columns
+    assert all(allocated <= counted for counted, allocated in peaks), "the budget is real memory"
+    assert too_wide.future.result().finish_reason == "length"
+
+
+def test_a_long_prompt_cancelled_while_prefilled_ends_there(model):
+    engine = Engine(model, None, Limits(prefill_chunk=8))
+    ticket = queued(engine, Request(long_prompt(60), max_new_tokens=3))
+    engine.iterate()
+    ticket.cancel()
+    engine.iterate()
+    assert not engine.prefills
+    assert ticket.future.result().finish_reason == "cancelled"
+
+
+def test_prefill_share_is_a_share_of_time():
+    with pytest.raises(ValueError, match="share of time"):
+        Limits(prefill_share=0)
