@@ -398,6 +398,14 @@ class Stats:
     latencies: list = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
+    by_kind: dict = field(default_factory=dict)  # kind of request: its latencies
+
+    def add(self, latency, kind=None):
+        self.latencies.append(latency)
+        if kind is not None:
+            self.by_kind.setdefault(kind, Stats(kind, seconds=self.seconds)).latencies.append(
+                latency
+            )
 
     @property
     def rps(self):

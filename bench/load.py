@@ -341,7 +341,7 @@ def client(
         elapsed = time.perf_counter() - started
         with lock:
             if status is not None and 200 <= status < 300:
-                stats.latencies.append(elapsed)
+                stats.add(elapsed, kind)
                 if kind == "upload":
                     uploads.append((expert_path, json.loads(answer)["number"]))
             else:
@@ -705,6 +705,11 @@ def abuse_run(args):
             f" ms, p95 {stats.percentile_ms(95):5.0f} ms, errors {stats.errors}"
             + (f" ({stats.failures[:3]})" if stats.errors else "")
         )
+        for kind, of_kind in sorted(stats.by_kind.items()):
+            print(
+                f"  {kind:8} {len(of_kind.latencies):5} answered, p50 "
+                f"{of_kind.percentile_ms(50):5.0f} ms, p95 {of_kind.percentile_ms(95):5.0f} ms"
+            )
     answered = Counter(outcomes)
     for kind in ABUSE:
         statuses = {status: n for (k, status), n in sorted(answered.items(), key=str) if k == kind}
