@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import artifact, base_models, corpus
+from . import artifact, base_models, corpus, hub
 from .evaluate import evaluate, heldout_set
 from .expert import COPROCESSOR_KINDS, Coprocessor, CoprocessorConfig
 from .generate import Request, generate
@@ -209,7 +209,7 @@ def cmd_generate(args):
 
 def cmd_export(args):
     metadata = artifact.read_header_from_path(args.expert).metadata
-    folder = artifact.export_folder(
+    folder = hub.export_folder(
         args.expert,
         args.out,
         name=args.name,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coprocessor import artifact, base_models
+from coprocessor import artifact, base_models, hub
 from coprocessor.__main__ import main
 from tests.factories import frozen, phrase_corpus, tiny_llama, word_tokenizer
 
@@ -104,7 +104,7 @@ def test_train_evaluate_generate_export_import(workspace, capsys):
     assert card.startswith("---\nbase_model: ")
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert_peft_loads_the_adapter(folder, workspace / "base", out)
-    path, info, body = artifact.import_folder(folder)
+    path, info, body = hub.import_folder(folder)
     assert info["kind"] == "lora" and "Learns phrases." in body
     assert path.read_bytes() == (workspace / "expert.safetensors").read_bytes()
 
@@ -152,12 +152,12 @@ def test_import_refuses_a_tampered_folder(workspace, tmp_path):
             "1",
         ]
     )
-    folder = artifact.export_folder(out, tmp_path / "f", name="x", base_model_source="b")
+    folder = hub.export_folder(out, tmp_path / "f", name="x", base_model_source="b")
     data = bytearray((folder / "expert.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (folder / "expert.safetensors").write_bytes(bytes(data))
     with pytest.raises(artifact.ArtifactError, match="sha256"):
-        artifact.import_folder(folder)
+        hub.import_folder(folder)
 
 
 def test_bad_jsonl_is_named_with_its_line(workspace, tmp_path):

@@ -17,7 +17,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 from huggingface_hub import ModelCard
 
-from coprocessor import artifact
+from coprocessor import hub
 from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
 from coprocessor.generate import Request, generate
 from coprocessor.objective import position_batch
@@ -91,7 +91,7 @@ def test_the_card_carries_what_the_hub_reads(measured, base_model, tmp_path):
     assert card.data.base_model == base_model.export_name
     assert card.data.base_model_relation == "adapter"
     assert card.data.license == "mit" and card.data.library_name == "latentry"
-    assert card.data.tags == [*artifact.CARD_TAGS, "stdlib", "docs", "python"]
+    assert card.data.tags == [*hub.CARD_TAGS, "stdlib", "docs", "python"]
     assert card.data.datasets is None  # an upload: no training data to name
     figures = card.data.latentry
     assert figures["expert"] == "alice/pydoc" and figures["version"] == 1
@@ -183,7 +183,7 @@ def test_a_prefix_export_loads_with_auto_peft_offline_and_answers_as_the_router(
         theirs = peft_model.generate(
             input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False
         )[0, len(prompt) :]
-    served = Coprocessor.load(decoder, folder / artifact.EXPERT_FILENAME)
+    served = Coprocessor.load(decoder, folder / hub.EXPERT_FILENAME)
     # The router's passes: the prefix in front of the prompt's row, then greedy decoding.
     past, bias, tokens, _, starts = position_batch(
         decoder, torch.tensor([[*prompt, 0]]), torch.tensor([[len(prompt)]]), 1, served.prefix
@@ -241,7 +241,7 @@ def test_an_import_is_private_unless_asked_and_may_be_renamed(measured, bob, dom
 def test_a_cli_export_imports_too(alice, base_model, domain, expert_file, tmp_path):
     path = tmp_path / "expert.safetensors"
     path.write_bytes(expert_file())
-    folder = artifact.export_folder(
+    folder = hub.export_folder(
         path, tmp_path / "out", name="phrases", base_model_source="x", summary="Learns phrases."
     )
     import_(folder, "--owner", "alice", "--domain", "python")
@@ -404,7 +404,7 @@ def test_it_checks_the_size_of_the_expert_file_before_reading_it(folder, setting
 
 
 def test_it_checks_the_size_of_latentry_json_before_reading_it(folder):
-    (folder / "latentry.json").write_text(" " * artifact.MAX_FOLDER_TEXT_BYTES + "{}")
+    (folder / "latentry.json").write_text(" " * hub.MAX_FOLDER_TEXT_BYTES + "{}")
     refused(folder, "latentry.json is .* bytes, over the limit of")
 
 

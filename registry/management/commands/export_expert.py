@@ -3,7 +3,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from coprocessor.artifact import ArtifactError, export_folder
+from coprocessor.artifact import ArtifactError
+from coprocessor.hub import export_folder
 from registry.models import Expert, ExpertVersion
 from registry.storage import StorageUnavailable
 

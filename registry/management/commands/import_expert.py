@@ -7,7 +7,8 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from coprocessor.artifact import CARD_TAGS, ArtifactError, import_folder, open_in_folder, read_card
+from coprocessor.artifact import ArtifactError
+from coprocessor.hub import CARD_TAGS, import_folder, open_in_folder, read_card
 from registry import references, storage
 from registry.models import (
     MAX_TAGS,
