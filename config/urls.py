@@ -6,7 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from inference import pages as inference_pages
 from registry import pages as registry_pages
-from registry.api import LoginThrottle, not_found, throttle_posts
+from registry.page_tools import LoginThrottle, not_found, throttle_posts
 from training import pages as training_pages
 from webhooks import pages as webhooks_pages
 
@@ -62,4 +62,4 @@ urlpatterns = [
     re_path(r"^(api|v1)/", csrf_exempt(not_found)),
 ]
 
-handler404 = "registry.api.not_found"
+handler404 = "registry.page_tools.not_found"

@@ -11,8 +11,9 @@ from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
 from registry import auth
-from registry.api import GenerateThrottle, expert_by_name, page_throttled
+from registry.api import GenerateThrottle
 from registry.models import ApiKey
+from registry.page_tools import expert_by_name, page_throttled
 
 from . import remote, service
 from .models import Usage

@@ -21,20 +21,19 @@ from django_htmx.http import HttpResponseClientRedirect
 from coprocessor.artifact import ArtifactError
 
 from . import quotas, search, storage, uploads
-from .api import (
-    AnnounceThrottle,
+from .api import AnnounceThrottle, UploadThrottle
+from .charts import line_chart
+from .filters import ExpertFilter
+from .forms import AliasForm, ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
+from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, NameTaken, VersionConflict
+from .page_tools import (
     SignupThrottle,
-    UploadThrottle,
     expert_by_name,
     fragment_or_page,
     owned_expert,
     page_throttled,
     throttle_posts,
 )
-from .charts import line_chart
-from .filters import ExpertFilter
-from .forms import AliasForm, ApiKeyForm, ExpertForm, ReviewForm, SignupForm, VersionUploadForm
-from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion, NameTaken, VersionConflict
 
 CATALOG_PAGE_SIZE = 12
 SORTS = {

@@ -5,5 +5,6 @@ class TrainingConfig(AppConfig):
     name = "training"
 
     def ready(self):
-        # Register the Celery tasks in every process: Job.enqueue finds them by name.
-        from . import tasks  # noqa: F401
+        # Register the Celery tasks in every process (Job.enqueue finds them by name), and
+        # connect the receivers of registry and training saves (importing them connects them).
+        from . import listeners, tasks  # noqa: F401

@@ -16,9 +16,10 @@ from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
 from registry import quotas, storage
-from registry.api import UploadThrottle, fragment_or_page, owned_expert, page_throttled
+from registry.api import UploadThrottle
 from registry.charts import line_chart
 from registry.models import BaseModel, Domain
+from registry.page_tools import fragment_or_page, owned_expert, page_throttled
 
 from . import datasets
 from .forms import DatasetForm, TrainingForm
