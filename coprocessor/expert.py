@@ -328,9 +328,10 @@ class Coprocessor(nn.Module):
         return expert
 
     @classmethod
-    def from_bytes(cls, decoder, data, spec=None):
-        """An expert from a file held in memory, validated against ``spec`` when given, on
-        the decoder's device."""
+    def from_bytes(cls, decoder, data, spec):
+        """An expert from a file held in memory, on the decoder's device. Its header is
+        validated against ``spec``, the base model's (``registry.models.BaseModel.spec``): every
+        caller (serving, jobs, the upload probe) checks the same thing."""
         tensors, metadata = artifact.load_expert_bytes(data, spec)
         device = next(decoder.parameters()).device
         return cls.from_tensors(decoder, tensors, metadata).to(device).eval()

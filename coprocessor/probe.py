@@ -26,11 +26,12 @@ def base_model(weights_location, fingerprint):
     return load_verified(weights_location, fingerprint)
 
 
-def check(data, decoder, tokenizer):
-    """ArtifactError naming the problem when the expert in ``data`` (a validated file's
-    bytes) breaks ``decoder``'s numbers, or fails, on the fixed prompt."""
+def check(data, decoder, tokenizer, spec):
+    """ArtifactError naming the problem when the expert in ``data`` (a file's bytes, for the
+    base model ``spec`` describes) breaks ``decoder``'s numbers, or fails, on the fixed
+    prompt."""
     try:
-        expert = Coprocessor.from_bytes(decoder, data)
+        expert = Coprocessor.from_bytes(decoder, data, spec)
     except Exception as exc:  # whatever a file that passed validation still makes it raise
         raise ArtifactError(f"the expert cannot be built on the base model: {exc}") from None
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"] or [0, 0]

@@ -14,6 +14,7 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Avg, Count, Exists, OuterRef, Q, Subquery, TextField
 from django.db.models import Value as V
 from django.db.models.functions import Cast, Concat, Lower
+from django.urls import reverse
 from django.utils import timezone
 
 from coprocessor.artifact import (
@@ -139,7 +140,7 @@ class BaseModel(models.Model):
             logger.warning("uploads to %s are not probed here: %s", self.slug, exc)
             return
         fileobj.seek(0)
-        probe.check(fileobj.read(), decoder, tokenizer)
+        probe.check(fileobj.read(), decoder, tokenizer, self.spec())
 
 
 class Domain(models.Model):
@@ -286,6 +287,10 @@ class Expert(models.Model):
     @property
     def full_name(self):
         return f"{self.owner.username}/{self.name}"
+
+    def get_api_url(self):
+        """Its address in the API (the pages' is its HTML page's)."""
+        return reverse("api:expert-detail", args=[self.owner.username, self.name])
 
     @classmethod
     def check_name_free(cls, owner, name):

@@ -267,6 +267,20 @@ def test_an_evaluation_that_finds_a_corrupted_file_rejects_its_version(
     assert version.status == version.REJECTED and "sha256" in version.status_reason
 
 
+def test_a_job_checks_an_experts_header_against_its_base_model_as_serving_does(
+    alice, words, make_expert, publish, eager, django_capture_on_commit_callbacks
+):
+    version = publish(make_expert("elsewhere"))
+    base = version.expert.base_model
+    type(base).objects.filter(pk=base.pk).update(num_layers=base.num_layers + 1)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = EvaluationJob.start(alice, version, [words])
+    job.refresh_from_db()
+    version.refresh_from_db()
+    assert job.status == Job.FAILED and "layers" in job.error
+    assert version.status == version.REJECTED and "layers" in version.status_reason
+
+
 def test_no_job_reads_more_datasets_than_the_cap(alice, make_expert, publish):
     version = publish(make_expert("capped"))
     many = [make_dataset(alice, f"d{i}", text="w2 w3") for i in range(Job.MAX_DATASETS + 1)]

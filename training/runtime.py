@@ -33,10 +33,12 @@ def _load(weights_location, fingerprint, device):
 
 
 def load_version(version, decoder):
-    """The expert of an ExpertVersion, read from storage with its sha256 checked; a file that
-    fails its checks rejects the version (the same bytes would fail every time)."""
+    """The expert of an ExpertVersion, read from storage with its sha256 checked and its header
+    checked against its base model, as serving does; a file that fails its checks rejects the
+    version (the same bytes would fail every time)."""
     try:
-        return Coprocessor.from_bytes(decoder, version.read_verified())
+        spec = version.expert.base_model.spec()
+        return Coprocessor.from_bytes(decoder, version.read_verified(), spec)
     except ArtifactError as exc:
         version.reject(str(exc))
         raise
