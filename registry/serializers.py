@@ -4,7 +4,7 @@ from rest_framework import serializers
 
 from coprocessor import bounded_json
 
-from .api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
+from .api import SlugField, StrictModelSerializer, StrictSerializer
 from .models import (
     AliasMove,
     ApiKey,
@@ -16,7 +16,7 @@ from .models import (
     VersionAlias,
     validate_tags,
 )
-from .parsers import parse_json
+from .parsers import PayloadTooLarge, parse_json
 from .uploads import over_limit
 
 
@@ -89,7 +89,7 @@ class ExpertSerializer(StrictModelSerializer):
         ]
 
     def get_url(self, expert) -> str:
-        return reverse("api:expert-detail", args=[expert.owner.username, expert.name])
+        return expert.get_api_url()
 
     def validate_name(self, name):
         if self.instance is not None and name != self.instance.name:

@@ -23,13 +23,12 @@ from .api import (
     AnnounceThrottle,
     ApiDefaults,
     NullsLastOrderingFilter,
-    PayloadTooLarge,
     UploadThrottle,
 )
 from .auth import caller
 from .filters import ExpertFilter
 from .models import ApiKey, BaseModel, Domain, Expert, ExpertVersion
-from .parsers import BoundedJSONParser
+from .parsers import BoundedJSONParser, PayloadTooLarge
 from .permissions import IsAuthor, IsOwnerOrReadOnly
 from .serializers import (
     AliasMoveSerializer,

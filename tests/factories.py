@@ -57,6 +57,14 @@ def randomize(expert, seed=1):
     return expert
 
 
+def prefix_expert(model, *, positions=4, n_latents=0, seed=1, **config):
+    """A randomized expert with a static prefix (and ``n_latents`` latents, 0: none)."""
+    config = CoprocessorConfig(
+        n_latents=n_latents, prefix_positions=positions, lora_rank=2, seed=seed, **config
+    )
+    return randomize(Coprocessor(model, config), seed)
+
+
 def expert_bytes(decoder, fingerprint, seed, folder, **config):
     """A small expert with a visible effect: open gates, random latents (and prefix, with
     ``prefix_positions``; ``n_latents=0`` for a prefix alone)."""

@@ -10,16 +10,11 @@ import torch
 from coprocessor.engine import Engine, Limits, Overloaded, Ticket, TooLarge
 from coprocessor.expert import Coprocessor, CoprocessorConfig
 from coprocessor.generate import ChunkedPrefill, Request, RunningBatch, generate
-from tests.factories import FAMILIES, frozen, randomize, wait_for
+from tests.factories import FAMILIES, frozen, prefix_expert, randomize, wait_for
 
 
 def lora_expert(model, seed=1, n_latents=3):
     return randomize(Coprocessor(model, CoprocessorConfig(n_latents=n_latents, lora_rank=2)), seed)
-
-
-def prefix_expert(model, seed=2, positions=4):
-    config = CoprocessorConfig(n_latents=0, prefix_positions=positions, lora_rank=2, seed=seed)
-    return randomize(Coprocessor(model, config), seed)
 
 
 def alone(model, request):
@@ -44,7 +39,7 @@ def model():
 def test_rows_that_join_a_running_batch_generate_what_they_would_alone(family):
     model = frozen(FAMILIES[family])
     engine = Engine(model, eos_token_id=None)
-    experts = [lora_expert(model, 1), prefix_expert(model, 2), None]
+    experts = [lora_expert(model, 1), prefix_expert(model, seed=2), None]
     late = [
         Request([12, 5, 33], expert=experts[0], max_new_tokens=6),
         Request([7, 7], expert=None, max_new_tokens=9, temperature=0.9, seed=3),
@@ -199,7 +194,7 @@ def test_a_bfloat16_decoder_serves_mixed_batches_as_each_alone():
     requests = [
         Request([3, 8, 1, 9], expert=lora_expert(model, 1), max_new_tokens=5),
         Request([7, 7], max_new_tokens=5),
-        Request([12, 5, 33], expert=prefix_expert(model, 2), max_new_tokens=5),
+        Request([12, 5, 33], expert=prefix_expert(model, seed=2), max_new_tokens=5),
     ]
     outputs = serve(Engine(model, None), requests)
     assert [o.token_ids for o in outputs] == [alone(model, r) for r in requests]

@@ -4,19 +4,15 @@ server (uvicorn, as the serving process runs)."""
 import openai
 import pytest
 
-from inference import choose, pool
 from registry.models import ApiKey
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def client(asgi_server, alice):
-    pool.reset()
-    choose.profiles.clear()
+def client(asgi_server, alice, fresh_pool):
     _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
-    yield openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=key, max_retries=0)
-    pool.reset()
+    return openai.OpenAI(base_url=f"{asgi_server}/v1", api_key=key, max_retries=0)
 
 
 def test_models_list_base_models_auto_and_listed_experts(client, make_expert, publish, bob):

@@ -7,6 +7,7 @@ import re
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
+from rest_framework import serializers
 
 from inference import pool, service
 from inference.pages import compare
@@ -319,6 +320,21 @@ def test_training_from_the_pages_starts_a_job_the_owner_can_watch_and_cancel(
     job.refresh_from_db()
     assert job.status == TrainingJob.CANCELLED
     assert 'hx-trigger="every 2s"' not in client.get(f"/jobs/{job.pk}/").text
+
+
+def test_the_training_page_offers_the_apis_bounds_and_defaults(make_expert):
+    from training.forms import PAGE_PARAMS, TrainingForm
+    from training.serializers import TrainingParamsSerializer
+
+    form = TrainingForm(expert=make_expert("pydoc"))
+    api = TrainingParamsSerializer().fields
+    for name in PAGE_PARAMS:
+        field, declared = form.fields[name], api[name]
+        assert field.help_text == declared.help_text, name
+        if hasattr(declared, "min_value"):
+            assert (field.min_value, field.max_value) == (declared.min_value, declared.max_value)
+        if declared.default is not serializers.empty:
+            assert field.initial == declared.default, name
 
 
 def test_a_short_whole_number_axis_draws_each_tick_once():

@@ -5,20 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from coprocessor import artifact, base_models
+from coprocessor import artifact, base_models, hub
 from coprocessor.evaluate import HeldOut, evaluate
 from coprocessor.expert import Coprocessor, CoprocessorConfig, augmented_forward
 from coprocessor.generate import Request, generate
 from coprocessor.objective import ahead_losses, packed_losses, position_batch, window_cache
 from coprocessor.train import TrainConfig, loss_tokens_per_step, own_text, prefix_text, train
-from tests.factories import FAMILIES, frozen, phrase_corpus, randomize
-
-
-def prefix_expert(model, positions=3, n_latents=0, seed=1, **config):
-    config = CoprocessorConfig(
-        n_latents=n_latents, prefix_positions=positions, lora_rank=2, seed=seed, **config
-    )
-    return randomize(Coprocessor(model, config), seed)
+from tests.factories import FAMILIES, frozen, phrase_corpus, prefix_expert, randomize
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -235,9 +228,7 @@ def test_the_exported_prefix_loads_as_a_peft_cartridge_with_the_same_logits(tmp_
     expert = prefix_expert(model, positions=4)
     path = tmp_path / "e.safetensors"
     expert.save(path, base_models.fingerprint(model))
-    folder = artifact.export_folder(
-        path, tmp_path / "out", name="p", base_model_source=str(base_folder)
-    )
+    folder = hub.export_folder(path, tmp_path / "out", name="p", base_model_source=str(base_folder))
     peft_model = PeftModel.from_pretrained(frozen(FAMILIES["llama"]), folder)
     ids = torch.tensor([[3, 8, 1, 9, 14]])
     # Ours: the logits at x[3] (predicting x[4]) over the prefix and x[:3].
@@ -249,7 +240,7 @@ def test_the_exported_prefix_loads_as_a_peft_cartridge_with_the_same_logits(tmp_
     )
     theirs = peft_model(input_ids=ids[:, :4]).logits[:, -1]
     torch.testing.assert_close(theirs, ours[:, 0], atol=1e-5, rtol=1e-5)
-    _, info, _ = artifact.import_folder(folder)
+    _, info, _ = hub.import_folder(folder)
     assert info["kind"] == "prefix" and info["prefix_positions"] == 4
 
 

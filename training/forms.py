@@ -1,13 +1,26 @@
 """Forms of the training pages: upload a dataset, start a training job."""
 
 from django import forms
+from rest_framework import serializers
 
-from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
-from coprocessor.train import OBJECTIVES
 from registry.models import BaseModel, Domain, Expert, slug_validator
 
 from .models import Dataset, TrainingJob
-from .serializers import DEFAULTS, TrainingParamsSerializer
+from .serializers import TrainingParamsSerializer
+
+# The parameters the training page offers (the rest keep their defaults); their bounds,
+# defaults and help come from the API's serializer, so the two cannot disagree.
+PAGE_PARAMS = (
+    "steps",
+    "n_latents",
+    "prefix_positions",
+    "objective",
+    "lora_rank",
+    "window",
+    "ahead_tokens",
+    "positions_per_window",
+    "lr",
+)
 
 
 class DatasetForm(forms.Form):
@@ -42,37 +55,15 @@ class TrainingForm(forms.Form):
     time_budget_minutes = forms.FloatField(
         min_value=0.05, initial=10, help_text="training stops after this long (or the steps)"
     )
-    steps = forms.IntegerField(min_value=1, initial=DEFAULTS.steps)
-    n_latents = forms.IntegerField(
-        min_value=0,
-        max_value=MAX_LATENTS,
-        initial=DEFAULTS.expert.n_latents,
-        help_text="the coprocessor's latents (0: none)",
-    )
-    prefix_positions = forms.IntegerField(
-        min_value=0,
-        max_value=MAX_PREFIX_POSITIONS,
-        required=False,
-        help_text="the static prefix's positions (0: none; empty: sized to the training text)",
-    )
-    objective = forms.ChoiceField(
-        choices=[(name, name.replace("_", "-")) for name in OBJECTIVES],
-        initial=DEFAULTS.objective,
-        required=False,  # left out: the default
-        help_text="next-token: the text's own next tokens; distill: the base model's "
-        "predictions when it has read the text before each window; mix: half each",
-    )
-    lora_rank = forms.IntegerField(min_value=1, initial=DEFAULTS.expert.lora_rank)
-    window = forms.IntegerField(min_value=32, initial=DEFAULTS.window)
-    ahead_tokens = forms.IntegerField(min_value=1, initial=DEFAULTS.ahead_tokens)
-    positions_per_window = forms.IntegerField(min_value=1, initial=DEFAULTS.positions_per_window)
-    lr = forms.FloatField(initial=DEFAULTS.lr)
 
     def __init__(self, *args, expert, **kwargs):
         super().__init__(*args, **kwargs)
         self.expert = expert
         readable = Dataset.objects.readable_by(expert.owner)
         self.fields["datasets"].queryset = readable.select_related("owner")
+        params = TrainingParamsSerializer().fields
+        for name in PAGE_PARAMS:
+            self.fields[name] = form_field(params[name])
 
     def clean_datasets(self):
         TrainingJob.check_datasets(self.cleaned_data["datasets"])
@@ -98,3 +89,18 @@ class TrainingForm(forms.Form):
         except forms.ValidationError as exc:
             self.add_error("window", exc)
         return data
+
+
+def form_field(field):
+    """The form field for a serializer field of the training parameters: the same bounds,
+    default and help; left empty, the serializer's default applies."""
+    common = dict(required=False, help_text=field.help_text or "")
+    if field.default is not serializers.empty:
+        common["initial"] = field.default
+    if isinstance(field, serializers.ChoiceField):
+        choices = [(name, name.replace("_", "-")) for name in field.choices]
+        return forms.ChoiceField(choices=choices, **common)
+    bounds = dict(min_value=field.min_value, max_value=field.max_value)
+    if isinstance(field, serializers.IntegerField):
+        return forms.IntegerField(**bounds, **common)
+    return forms.FloatField(**bounds, **common)

@@ -1,13 +1,13 @@
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.urls import reverse
 from rest_framework import serializers
 
 from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
 from coprocessor.expert import COPROCESSOR_KINDS, PREFIX_KIND
 from coprocessor.train import OBJECTIVES, TrainConfig
-from registry.api import PayloadTooLarge, SlugField, StrictModelSerializer, StrictSerializer
+from registry.api import SlugField, StrictModelSerializer, StrictSerializer
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
+from registry.parsers import PayloadTooLarge
 
 from .models import Benchmark, Dataset, EvaluationJob, TrainingJob
 
@@ -474,5 +474,4 @@ class LeaderboardRowSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_url(self, version) -> str:
-        expert = version.expert
-        return reverse("api:expert-detail", args=[expert.owner.username, expert.name])
+        return version.expert.get_api_url()
