@@ -118,13 +118,27 @@ def test_the_method_library_imports_no_django_and_no_app(graph):
             assert "django" not in top_level_imports(path), name
 
 
-def test_the_registry_uses_only_the_artifact_format_of_the_method(graph):
+def test_the_registry_uses_only_the_file_formats_of_the_method(graph):
+    """The expert file (artifact), its Hub-style folders (hub), bounded JSON and the probe."""
+    allowed = {
+        "coprocessor.artifact",
+        "coprocessor.hub",
+        "coprocessor.bounded_json",
+        "coprocessor.probe",
+    }
     for name, imported in graph.items():
         if app_of(name) == "registry":
             used = {m for m in imported if app_of(m) == "coprocessor"}
-            allowed = {"coprocessor.artifact", "coprocessor.bounded_json", "coprocessor.probe"}
             assert used <= {"coprocessor", *allowed}, name
             assert not {app_of(m) for m in imported} & {"training", "inference"}, name
+
+
+def test_the_expert_file_format_stands_without_the_hub(graph):
+    """hub builds on artifact, never the reverse, and the Hub's libraries stay out of the file
+    format: what validates every upload does not change with the Hub's conventions."""
+    assert graph["coprocessor.artifact"] <= {"coprocessor.bounded_json"}
+    hub_libraries = {"huggingface_hub", "peft", "yaml"}
+    assert not top_level_imports(ROOT / "coprocessor" / "artifact.py") & hub_libraries
 
 
 def test_training_and_inference_do_not_use_each_other(graph):
@@ -156,6 +170,38 @@ def test_no_app_imports_another_apps_views(graph):
                 pytest.fail(f"{name} imports {module}")
 
 
+def test_only_pages_use_the_pages_toolkit(graph):
+    """registry.page_tools is what the pages of every app share (config's urls too: the log-in
+    page, the 404); the API and everything under it keep off it."""
+    users = {name for name, imported in graph.items() if "registry.page_tools" in imported}
+    assert {"training.pages", "inference.pages"} <= users  # other apps' pages may, and do
+    for name in users:
+        assert name.rpartition(".")[2] == "pages" or app_of(name) == "config", name
+
+
+def connects_receivers(path):
+    """Whether a file connects Django signal receivers (``@receiver`` or the model signals)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        names = {alias.name for alias in node.names}
+        if node.module == "django.db.models.signals" or (
+            node.module == "django.dispatch" and "receiver" in names
+        ):
+            return True
+    return False
+
+
+def test_receivers_live_apart_from_models_and_their_app_config_connects_them(graph):
+    """A save that sets something off elsewhere shows in a module of its own, which the app's
+    ready() imports, instead of hiding in models.py behind an import that shows nothing."""
+    listeners = {name for name, path in project_modules().items() if connects_receivers(path)}
+    assert "training.listeners" in listeners
+    for name in listeners:
+        assert name.rpartition(".")[2] != "models", name
+        assert name in graph[f"{app_of(name)}.apps"], f"{app_of(name)}.apps does not import {name}"
+
+
 # --- bench/ -----------------------------------------------------------------------------------
 
 BENCH = ROOT / "bench"
@@ -183,3 +229,34 @@ def test_a_bench_imports_no_other_bench():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bench.")
         }
         assert not imported & benches, f"{name} imports {imported & benches}"
+
+
+APPS = ("coprocessor", "registry", "training", "inference", "webhooks")
+
+
+def test_every_module_of_the_apps_is_named_in_the_layout_docs():
+    """A reader finds every module in docs/architecture.md's layout: Django's usual modules
+    in the paragraph that names them, every other one in its package's row."""
+    parts = (ROOT / "docs" / "architecture.md").read_text().split("## The parts")[1]
+    usual, table = parts.split("| folder |")[0], parts.split("| folder |")[1]
+    rows = {line.split("`")[1].rstrip("/"): line for line in table.splitlines()
+            if line.startswith("| `") and line.split("`")[1].rstrip("/") in APPS}  # fmt: skip
+    unnamed = [
+        f"{package}/{path.name}"
+        for package in APPS
+        for path in sorted((ROOT / package).glob("*.py"))
+        if path.name != "__init__.py"
+        and f"`{path.name}`" not in rows[package]
+        and (package == "coprocessor" or f"`{path.name}`" not in usual)
+    ]
+    assert not unnamed, f"not named in docs/architecture.md: {unnamed}"
+
+
+def test_no_module_of_the_method_outgrows_one_reading():
+    """The method's modules stay small enough to hold in one's head (600 lines)."""
+    long = {
+        path.name: lines
+        for path in (ROOT / "coprocessor").glob("*.py")
+        if (lines := len(path.read_text().splitlines())) > 600
+    }
+    assert not long, long
