@@ -1,7 +1,8 @@
 """One generation request from names to text: choose, load, generate, degrade, account.
 
-Views (native and OpenAI-compatible) parse their own request shapes into ``Ask`` and render
-``Answer``; everything they share is here.
+Views (native and OpenAI-compatible) parse their own request shapes into ``Ask``, ``open`` it,
+and format what ``Pending.events`` gives (text as it comes, a plain retry, the ``Answer``) as
+JSON or server-sent events; everything they share is here.
 """
 
 import asyncio
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 
 from coprocessor import base_models, routing
@@ -20,8 +21,9 @@ from coprocessor.generate import NOT_FINITE, Request
 from coprocessor.prefix import batch_prefixes
 from registry.models import BaseModel
 
-from . import choose
+from . import choose, fair_use
 from .choose import UnknownModel  # noqa: F401 (views answer 404)
+from .models import Usage
 from .pool import ExpertUnavailable, pool
 
 
@@ -40,6 +42,14 @@ class Ask:
     top_p: float = 1.0
     seed: int | None = None
     stop: list = field(default_factory=list)
+
+
+@dataclass
+class Retry:
+    """The expert broke the row before any of its text went out: the plain model answers
+    instead, from the start (``reason`` says why)."""
+
+    reason: str
 
 
 @dataclass
@@ -159,6 +169,23 @@ def run(ask, user, on_text=None, prepared=None):
     return plan(ask, user, on_text, prepared).submit().answer()
 
 
+async def open(ask, user, *, caller, api_key=None):
+    """Plan ``ask`` and queue it within ``caller``'s fair use (``registry.auth.caller``): every
+    refusal (UnknownModel, BadRequest, fair use's 429, Overloaded) comes from here. The Pending
+    gives back what it holds when its ``events`` end, or on ``close``; ``api_key``'s usage is
+    then recorded."""
+    prepared = await sync_to_async(prepare)(ask)
+    await sync_to_async(fair_use.acquire)(caller, len(prepared[1]))
+    try:
+        pending = await sync_to_async(plan)(ask, user, prepared=prepared, caller=caller)
+        pending.holding, pending.api_key = caller, api_key
+        pending.submit()
+    except BaseException:
+        await sync_to_async(fair_use.release)(caller, 0)
+        raise
+    return pending
+
+
 def run_together(asks, user, prepared=None, caller=None):
     """Serve several asks at once: all are chosen before any is queued, and all are queued
     before any is waited for, so the engine admits them together. ``prepared``: one
@@ -210,6 +237,8 @@ class Pending:
     choice: choose.Choice
     routing_ms: float
     ticket: object = None
+    holding: str | None = None  # the caller whose fair use it holds (``open``), until ``close``
+    api_key: object = None  # whose usage it counts toward
 
     def submit(self):
         (self.ticket,) = _submit(self.engine, [self.request])
@@ -220,26 +249,79 @@ class Pending:
         if self.ticket is not None:
             self.ticket.cancel()
 
-    def answer(self):
-        """Wait for the generation; the Answer (or GenerationFailed)."""
-        pending = self
-        while True:
-            generation = pending.ticket.future.result()
-            pending.reject_if_broken(generation)
-            if isinstance(outcome := pending.outcome(generation), Answer):
-                return outcome
-            pending = outcome.submit()
+    async def admitted(self):
+        """Wait until the engine admits the request (a stream starts only then, so that a
+        refusal is a status); Overloaded if it was not, and what it held is given back."""
+        try:
+            await asyncio.wrap_future(self.ticket.admission)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def events(self, live=True):
+        """What happens to the request, in order: pieces of its text (str) as they are
+        generated (``live``: the caller passes them on; otherwise none are given); ``Retry``
+        when its expert broke the row before any text went out, after which the plain model's
+        text comes the same way; last, the ``Answer``. Raises
+        GenerationFailed when the row failed otherwise, Overloaded when the retry found no
+        room. However it ends, the row is dropped and what the request held given back."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def nudge(*_):  # from the engine's thread
+            loop.call_soon_threadsafe(wake.set)
+
+        self.stream.wake = nudge
+        pending, answer, shown = self, None, 0
+        try:
+            while True:
+                pending.ticket.future.add_done_callback(nudge)
+                while not pending.ticket.future.done():
+                    await wake.wait()
+                    wake.clear()
+                    if live and (piece := self.stream.released(shown)):
+                        shown += len(piece)
+                        self.stream.delivered = True
+                        yield piece
+                generation = pending.ticket.future.result()
+                if generation.broke_numbers:  # the database, in a thread: only when it must
+                    await sync_to_async(pending.reject_if_broken)(generation)
+                outcome = pending.outcome(generation)
+                if isinstance(outcome, Answer):
+                    if live and (piece := self.stream.released(shown)):  # held back to the end
+                        yield piece
+                    answer = outcome
+                    yield answer
+                    return
+                yield Retry(outcome.choice.reason)
+                pending, shown = outcome.submit(), 0
+        finally:
+            self.stream.wake = None
+            pending.cancel()  # also when the caller left: the engine drops its row
+            await self.close(answer)
 
     async def answer_async(self):
-        """``answer`` for async views: waiting holds no thread."""
-        pending = self
-        while True:
-            generation = await asyncio.wrap_future(pending.ticket.future)
-            if generation.broke_numbers:  # the database, in a thread: only when it must
-                await sync_to_async(pending.reject_if_broken)(generation)
-            if isinstance(outcome := pending.outcome(generation), Answer):
-                return outcome
-            pending = outcome.submit()
+        """The Answer, once the generation (and any plain retry) ends: waiting holds no
+        thread."""
+        async for event in self.events(live=False):
+            answer = event
+        return answer
+
+    def answer(self):
+        """``answer_async`` for synchronous callers."""
+        return async_to_sync(self.answer_async)()
+
+    async def close(self, answer=None):
+        """Drop the row if it still runs, and give back, once, the caller's fair use (charged
+        with what was generated); count the API key's usage."""
+        self.cancel()
+        if self.holding is None:
+            return
+        caller, self.holding = self.holding, None
+        generated = answer.completion_tokens if answer else 0
+        await sync_to_async(fair_use.release)(caller, generated)
+        if answer and self.api_key is not None:
+            await sync_to_async(Usage.record)(self.api_key, answer.prompt_tokens, generated)
 
     def reject_if_broken(self, generation):
         """Reject the version whose expert broke the row's numbers (its rows are served plain,
@@ -252,7 +334,8 @@ class Pending:
     def outcome(self, generation):
         """The Answer of a finished generation, or, when the expert broke the row after its
         prefill and nothing reached the caller yet, the plain request to serve instead."""
-        if generation.finish_reason == "error" and self.request.expert and not self.stream.sent:
+        retry = not self.stream.delivered
+        if generation.finish_reason == "error" and self.request.expert and retry:
             self.stream.reset()
             plain = dataclasses.replace(
                 self, request=dataclasses.replace(self.request, expert=None)
@@ -338,9 +421,11 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.on_text = on_text
+        self.wake = None  # told when more text is released (``Pending.events``)
         self.ids = []
         self.text = ""
-        self.sent = 0
+        self.sent = 0  # the text released so far: decided, never changed by later tokens
+        self.delivered = False  # whether any of it reached the caller
 
     def push(self, token_id):
         self.ids.append(token_id)
@@ -362,10 +447,21 @@ class TextStream:
         self._send(len(self.text))
 
     def reset(self):
-        """Start again (nothing was sent yet)."""
+        """Start again (nothing was delivered yet)."""
         self.ids, self.text, self.sent = [], "", 0
 
+    def released(self, start):
+        """The released text from ``start`` on (safe from another thread: ``sent`` is read
+        first, and the text up to it never changes)."""
+        sent = self.sent
+        return self.text[start:sent]
+
     def _send(self, upto):
-        if self.on_text is not None and upto > self.sent:
+        if upto <= self.sent:
+            return
+        if self.on_text is not None:
             self.on_text(self.text[self.sent : upto])
-            self.sent = upto
+            self.delivered = True
+        self.sent = upto
+        if self.wake is not None:
+            self.wake()

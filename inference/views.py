@@ -1,7 +1,6 @@
 """The router's HTTP interfaces: /api/v1/generate, /api/v1/attach, /api/v1/usage/ and the
 OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions (with streaming)."""
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -26,7 +25,7 @@ from registry.api import GenerateThrottle
 from registry.auth import OnBehalfAuthentication
 from registry.models import ApiKey, BaseModel, Expert
 
-from . import fair_use, service
+from . import service
 from .models import Usage
 from .serializers import (
     AttachSerializer,
@@ -86,39 +85,19 @@ class RouterView(AsyncAPIView):
     permission_classes = [auth.MayGenerate]
     throttle_classes = [GenerateThrottle]
 
-    async def admit(self, ask, on_text=None):
-        """The request planned and queued in the engine, within the caller's fair use; the
-        caller must ``release`` it. Every refusal (4xx, 429, 503) comes from here."""
+    async def admit(self, ask):
+        """The request planned and queued in the engine, within the caller's fair use (a
+        user across all their keys). Every refusal (4xx, 429, 503) comes from here."""
+        key = self.request.auth if isinstance(self.request.auth, ApiKey) else None
         with service_errors():
-            prepared = await sync_to_async(service.prepare)(ask)
-            self.caller = auth.caller(self.request)  # a user across all their keys
-            await sync_to_async(fair_use.acquire)(self.caller, len(prepared[1]))
-            try:
-                pending = await sync_to_async(service.plan)(
-                    ask, self.request.user, on_text, prepared, caller=self.caller
-                )
-                pending.submit()
-            except BaseException:
-                await self.release(None)
-                raise
-        return pending
-
-    async def release(self, answer):
-        generated = answer.completion_tokens if answer else 0
-        await sync_to_async(fair_use.release)(self.caller, generated)
-        if answer and isinstance(self.request.auth, ApiKey):
-            await sync_to_async(Usage.record)(self.request.auth, answer.prompt_tokens, generated)
+            return await service.open(
+                ask, self.request.user, caller=auth.caller(self.request), api_key=key
+            )
 
     async def serve(self, ask):
         pending = await self.admit(ask)
-        answer = None
-        try:
-            with service_errors():
-                answer = await pending.answer_async()
-        finally:
-            pending.cancel()  # the client left: the engine drops its row at the next step
-            await self.release(answer)
-        return answer
+        with service_errors():
+            return await pending.answer_async()
 
 
 class GenerateView(RouterView):
@@ -275,71 +254,71 @@ class OpenAIView(RouterView):
         }
 
     async def stream(self, ask, completion_id, base):
-        """Server-sent events: a chunk per piece of text, then one with the finish reason.
-        Refusals (4xx, 429, and 503 while it waits for a place in the engine) come before the
-        stream starts. Chunks name the model chosen when the stream started; the last one,
-        and any text after it, what answered (the plain model, if the expert was dropped)."""
-        loop = asyncio.get_running_loop()
-        pieces = asyncio.Queue()
-
-        def put(piece):  # called on the engine's thread
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        pending = await self.admit(ask, on_text=put)
-        try:
-            with service_errors():
-                await asyncio.wrap_future(pending.ticket.admission)
-        except BaseException:
-            pending.cancel()
-            await self.release(None)
-            raise
-        pending.ticket.future.add_done_callback(lambda _: put(None))
-        created = int(time.time())
-        chosen = pending.choice.name if pending.request.expert is not None else None
-
-        def chunk(delta, finish_reason=None, answer=None):
-            choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-            if self.chat:
-                choice["delta"] = delta
-            else:
-                choice["text"] = delta.get("content", "")
-            body = {
-                "id": completion_id,
-                "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": created,
-                "model": model_name(base, answer.expert if answer else chosen),
-                "choices": [choice],
-            }
-            if finish_reason is not None:  # the last chunk
-                body["latentry"] = latentry_fields(answer)
-            return f"data: {json.dumps(body)}\n\n"
+        """Server-sent events of ``Pending.events``: a chunk per piece of text, then one with
+        the finish reason. Refusals (4xx, 429, and 503 while it waits for a place in the
+        engine) come before the stream starts; a failure after it, as an error event. Chunks
+        name the model chosen when the stream started until a plain retry, then the base;
+        the last one what answered."""
+        pending = await self.admit(ask)
+        with service_errors():
+            await pending.admitted()
+        chunk = ChunkWriter(self.chat, completion_id, base, pending)
 
         async def events():
-            answer = None
             try:
                 if self.chat:
-                    yield chunk({"role": "assistant", "content": ""})
-                while (piece := await pieces.get()) is not None:
-                    yield chunk({"content": piece})
+                    yield chunk.text({"role": "assistant", "content": ""})
                 try:
-                    answer = await pending.answer_async()
-                except service.GenerationFailed as exc:  # the stream has begun: an error event
-                    error = {"message": str(exc), "type": "server_error"}
+                    async for event in pending.events():
+                        if isinstance(event, service.Retry):
+                            chunk.expert = None  # the plain model answers from here on
+                        elif isinstance(event, service.Answer):
+                            yield chunk.last(event)
+                        else:
+                            yield chunk.text({"content": event})
+                except (service.GenerationFailed, service.Overloaded) as exc:
+                    error = {"message": str(exc), "type": "server_error"}  # the stream began
                     yield f"data: {json.dumps({'error': error})}\n\n"
-                else:
-                    while not pieces.empty():  # a plain retry's text, if the expert broke
-                        if (piece := pieces.get_nowait()) is not None:
-                            yield chunk({"content": piece}, answer=answer)
-                    yield chunk({}, answer.finish_reason, answer)
                 yield "data: [DONE]\n\n"
             finally:
-                pending.cancel()  # also when the server closes the stream because the client left
-                await self.release(answer)
+                await pending.close()  # also when the server ends the stream: the client left
 
         response = StreamingHttpResponse(events(), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # proxies must not hold the stream back
         return response
+
+
+class ChunkWriter:
+    """OpenAI's stream chunks for one completion."""
+
+    def __init__(self, chat, completion_id, base, pending):
+        self.chat, self.id, self.base = chat, completion_id, base
+        self.created = int(time.time())
+        self.expert = pending.choice.name if pending.request.expert is not None else None
+
+    def text(self, delta):
+        return self._chunk(delta, None, self.expert)
+
+    def last(self, answer):
+        return self._chunk({}, answer.finish_reason, answer.expert, latentry_fields(answer))
+
+    def _chunk(self, delta, finish_reason, expert, latentry=None):
+        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if self.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("content", "")
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": model_name(self.base, expert),
+            "choices": [choice],
+        }
+        if latentry is not None:  # the last chunk
+            body["latentry"] = latentry
+        return f"data: {json.dumps(body)}\n\n"
 
 
 def error_message(data):

@@ -211,15 +211,7 @@ def test_an_expert_that_breaks_a_row_after_its_prefill_is_served_plain_or_ends_t
     from inference import service
 
     publish(make_expert("flaky"))
-    step = RunningBatch.step
-
-    def breaking_step(batch):
-        for row in batch.rows:
-            if row.expert is not None and len(row.tokens) >= 2:
-                row.end("error", "the logits are not finite")
-        return batch.retire() + step(batch)
-
-    monkeypatch.setattr(RunningBatch, "step", breaking_step)
+    breaking_expert_rows(monkeypatch)
     ask = service.Ask(base="tiny-llama", expert="alice/flaky", prompt="w5 w6", max_new_tokens=6)
     answer = service.run(ask, alice)  # nothing was sent yet: served again, plain
     assert not answer.augmented and "the expert failed" in answer.reason
@@ -229,6 +221,103 @@ def test_an_expert_that_breaks_a_row_after_its_prefill_is_served_plain_or_ends_t
     with pytest.raises(service.GenerationFailed, match="not finite"):
         service.run(ask, alice, on_text=sent.append)  # text went out: the stream ends
     assert sent
+
+
+def breaking_expert_rows(monkeypatch, after_tokens=2):
+    """Rows with an expert fail once they have ``after_tokens`` tokens, as a row whose
+    numbers broke after its prefill does."""
+    step = RunningBatch.step
+
+    def breaking_step(batch):
+        for row in batch.rows:
+            if row.expert is not None and len(row.tokens) >= after_tokens:
+                row.end("error", "the logits are not finite")
+        return batch.retire() + step(batch)
+
+    monkeypatch.setattr(RunningBatch, "step", breaking_step)
+
+
+def test_a_plain_retry_streams_its_text_as_it_is_generated(
+    monkeypatch, make_expert, publish, alice
+):
+    import asyncio
+
+    from inference import service
+
+    publish(make_expert("flaky"))
+    breaking_expert_rows(monkeypatch)
+    # A stop string holds 15 characters back, so the break comes before any text went out.
+    ask = service.Ask(
+        base="tiny-llama", expert="alice/flaky", prompt="w5 w6", max_new_tokens=20, stop=["§" * 16]
+    )
+    pending = service.plan(ask, alice)
+    calls, go_on = [], threading.Event()
+
+    def held_at_the_retrys_twelfth_token(token):  # on the engine's thread
+        calls.append(token)
+        stopped = pending.stream.push(token)
+        if len(calls) == 2 + 12:  # the expert's 2 tokens, then the plain model's
+            go_on.wait(10)
+        return stopped
+
+    pending.request.on_token = held_at_the_retrys_twelfth_token
+    pending.submit()
+
+    async def consume():
+        events = pending.events()
+        seen = []
+        while not isinstance(event := await anext(events), service.Retry):
+            seen.append(event)
+        # The retry's text comes while it is still generating, not in a burst after it.
+        first = await asyncio.wait_for(anext(events), timeout=5)
+        go_on.set()
+        rest = [event async for event in events]
+        return seen, first, rest
+
+    try:
+        seen, first, rest = asyncio.run(consume())
+    finally:
+        go_on.set()
+    answer = rest[-1]
+    assert seen == [] and isinstance(first, str)
+    assert not answer.augmented and "the expert failed" in answer.reason
+    assert first + "".join(rest[:-1]) == answer.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_overload_on_the_plain_retry_ends_the_stream_with_an_error_event(
+    monkeypatch, settings, engine, asgi_server, make_expert, publish, alice
+):
+    from coprocessor.engine import Overloaded
+
+    publish(make_expert("flaky"))
+    breaking_expert_rows(monkeypatch)
+    submit_together = engine.submit_together
+
+    def full_for_the_retry(requests, **kwargs):
+        if requests[0].expert is None:
+            raise Overloaded("the queue is full (1 requests waiting)", 1)
+        return submit_together(requests, **kwargs)
+
+    monkeypatch.setattr(engine, "submit_together", full_for_the_retry)
+    _, key = ApiKey.create_for(alice, "openai", [ApiKey.READ])
+    body = {"model": "tiny-llama:alice/flaky", "prompt": "w5 w6", "max_tokens": 8,
+            "stream": True, "stop": ["§" * 16]}  # fmt: skip
+    with requests.post(
+        f"{asgi_server}/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        stream=True,
+        timeout=10,
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert "queue is full" in lines[-2] and '"error"' in lines[-2]
+    assert lines[-1] == "data: [DONE]"
+    wait_for(lambda: engine.load() == (0, 0), timeout=3, what="the rows freed")
+    settings.LATENTRY_CALLER_CONCURRENCY = 1
+    fair_use.acquire(f"user:{alice.pk}", 0)  # refused if the stream still held its place
+    fair_use.release(f"user:{alice.pk}", 0)
 
 
 def test_many_open_streams_are_served_together_by_one_process(
