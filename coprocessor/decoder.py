@@ -188,7 +188,9 @@ class Prefilled(NamedTuple):
     past: list | None  # D's cache over the static prefix and the prompts; None when empty
     past_bias: torch.Tensor  # (B, P + T)
     next_positions: torch.Tensor  # (B,) the position each row's next token takes
-    soft_hidden: torch.Tensor | None  # (B, S, H) last hidden states at the soft positions
+    # (B, T + S, H) D's last hidden states over the prompts and any soft positions; None when
+    # nothing was fed
+    hidden: torch.Tensor | None
 
 
 def prefill(decoder, token_ids, visible, soft=None, prefix=None):
@@ -200,7 +202,8 @@ def prefill(decoder, token_ids, visible, soft=None, prefix=None):
     row's prompt in the same forward, all at the position the next token takes: causal order
     keeps the prompt from seeing them, and their keys and values are cut from the cache
     afterwards. Folding the coprocessor's pass into the prefill saves a whole pass of D, which
-    on a small model is mostly fixed per-layer cost.
+    on a small model is mostly fixed per-layer cost. The one pass of D over new tokens after a
+    static prefix: serving's prompts, training's windows (``objective.window_cache``).
     """
     dtype = next(decoder.parameters()).dtype
     batch, width = token_ids.shape
@@ -232,8 +235,7 @@ def prefill(decoder, token_ids, visible, soft=None, prefix=None):
         new_bias=new_bias,
         positions=positions,
     )
-    if soft is None:
-        return Prefilled(cache, full_bias, next_positions, None)
-    kept = past_bias.shape[1] + width
-    cache = [(k[:, :, :kept], v[:, :, :kept]) for k, v in cache] if kept else None
-    return Prefilled(cache, full_bias, next_positions, hidden[:, width:])  # hidden: (B, T + S, H)
+    if soft is not None:
+        kept = past_bias.shape[1] + width
+        cache = [(k[:, :, :kept], v[:, :, :kept]) for k, v in cache] if kept else None
+    return Prefilled(cache, full_bias, next_positions, hidden)

@@ -431,11 +431,10 @@ def augmented_forward(decoder, expert, *, past, past_bias, tokens, positions):
     new_positions = positions[:, None] + torch.arange(n_tokens, device=tokens.device)  # (B, M)
     new_bias = torch.zeros(batch, n_tokens, dtype=dtype, device=tokens.device)
     if expert is not None and expert.has_coprocessor:
-        z = expert.latents(past, past_bias, positions).to(dtype)  # (B, L, H)
-        inputs = torch.cat([z, inputs], dim=1)  # (B, L + M, H)
-        new_bias = torch.cat([expert.gate_bias(batch).to(dtype), new_bias], dim=1)  # (B, L + M)
-        latent_positions = positions[:, None].expand(batch, z.shape[1])  # (B, L)
-        new_positions = torch.cat([latent_positions, new_positions], dim=1)  # (B, L + M)
+        z = expert.latents(past, past_bias, positions)  # (B, L, H)
+        inputs, new_bias, new_positions = after_latents(
+            z, expert.gate_bias(batch), inputs, new_bias, new_positions, positions
+        )  # (B, L + M, ...)
     logits, _ = run_decoder(
         decoder,
         past=past,
@@ -446,6 +445,22 @@ def augmented_forward(decoder, expert, *, past, past_bias, tokens, positions):
         logits_last=n_tokens,
     )
     return logits
+
+
+def after_latents(latents, gate, inputs, bias, positions, start):
+    """[latents, inputs] for one pass of D: the latents go first, behind their gate, at
+    ``start``, the position of the first fed token, which they share. Every caller (training's
+    packed points, evaluation, serving) feeds its tokens after the latents through this.
+
+    latents (..., L, H) and gate (..., L); inputs (..., M, H) with their bias (..., M) and
+    positions (..., M); start (...). Returns (..., L + M, H), (..., L + M), (..., L + M).
+    """
+    latent_positions = start[..., None].expand(*start.shape, latents.shape[-2])
+    return (
+        torch.cat([latents.to(inputs.dtype), inputs], dim=-2),
+        torch.cat([gate.to(bias.dtype), bias], dim=-1),
+        torch.cat([latent_positions, positions], dim=-1),
+    )
 
 
 # --- latents for a batch of experts, folded into the prefill ----------------------------------
@@ -463,7 +478,7 @@ def prefill_with_latents(decoder, token_ids, visible, experts_by_row, prefix=Non
     soft = _soft_tokens(decoder, experts_by_row)  # (B, L, H)
     with lora.row_adapters(experts_by_row, tail=soft.shape[1]):
         prefilled = prefill(decoder, token_ids, visible, soft, prefix)
-    z, gate = _latent_heads(experts_by_row, prefilled.soft_hidden)
+    z, gate = _latent_heads(experts_by_row, prefilled.hidden[:, token_ids.shape[1] :])
     return prefilled, z, gate
 
 

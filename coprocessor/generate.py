@@ -25,7 +25,7 @@ import torch
 
 from .base_models import cache_shape
 from .decoder import cache_tensors, embed, negative, prefill, roomy_cache, run_decoder, select_rows
-from .expert import prefill_with_latents
+from .expert import after_latents, prefill_with_latents
 from .prefix import PrefixBatch, batch_prefixes
 
 
@@ -225,8 +225,36 @@ class RunningBatch:
 
     def _prefill_part(self, rows):
         """D's cache over the new rows' static prefixes, prompts and latents, and the logits
-        of their first new token (the prompt's last token, read after the latents). A row's
-        ``head``, when it has one, stands for its prefix and the prompt tokens it holds."""
+        of their first new token (the prompt's last token, read after the latents)."""
+        past, past_bias, positions, latents, latent_bias = self._cache_and_latents(rows)
+        last = torch.tensor([[r.request.prompt_ids[-1]] for r in rows], device=self.device)
+        inputs, new_bias, new_positions = after_latents(
+            latents,
+            latent_bias,
+            embed(self.decoder, last),
+            torch.zeros(len(rows), 1, dtype=self.dtype, device=self.device),
+            positions[:, None],
+            positions,
+        )  # (n, L + 1, ...)
+        logits, past = run_decoder(
+            self.decoder,
+            past=past,
+            past_bias=past_bias,
+            inputs_embeds=inputs,
+            new_bias=new_bias,
+            positions=new_positions,
+            logits_last=1,
+        )
+        logits = logits[:, -1]
+        # NaN latents behind a gate still poison the row: its logits show it.
+        logits = torch.where(torch.isfinite(latents).all(-1).all(-1)[:, None], logits, torch.nan)
+        return _Part(past, torch.cat([past_bias, new_bias], dim=1), positions + 1, logits)
+
+    def _cache_and_latents(self, rows):
+        """D's cache over the rows' static prefixes and prompts but their last tokens, and
+        each row's latents with their gate (padded to the most, hidden where a row has fewer).
+        A row's ``head``, when it has one, stands for its prefix and the prompt tokens it
+        holds."""
         prompts, visible = _left_pad(
             [r.request.prompt_ids[r.head_tokens : -1] for r in rows], self.device
         )
@@ -247,24 +275,7 @@ class RunningBatch:
         latents, latent_bias = _latents(
             self.decoder, experts, past, past_bias, positions, self.dtype, z, gate
         )
-        last = torch.tensor([[r.request.prompt_ids[-1]] for r in rows], device=self.device)
-        inputs = torch.cat([latents, embed(self.decoder, last)], dim=1)  # (n, L + 1, H)
-        new_bias = torch.cat(
-            [latent_bias, torch.zeros(len(rows), 1, dtype=self.dtype, device=self.device)], dim=1
-        )  # (n, L + 1)
-        logits, past = run_decoder(
-            self.decoder,
-            past=past,
-            past_bias=past_bias,
-            inputs_embeds=inputs,
-            new_bias=new_bias,
-            positions=positions[:, None].expand(-1, inputs.shape[1]),
-            logits_last=1,
-        )
-        logits = logits[:, -1]
-        # NaN latents behind a gate still poison the row: its logits show it.
-        logits = torch.where(torch.isfinite(latents).all(-1).all(-1)[:, None], logits, torch.nan)
-        return _Part(past, torch.cat([past_bias, new_bias], dim=1), positions + 1, logits)
+        return past, past_bias, positions, latents, latent_bias
 
     def _join(self, rows, part):
         """Choose the new rows' first tokens; those that go on join the running batch."""
@@ -427,6 +438,15 @@ class ChunkedPrefill:
             raise exc  # plain D itself failed: not an expert's fault
         _drop_expert([self.row], f"the expert failed: {exc}")
         self._start()
+
+
+@torch.no_grad()
+def prompt_latents(decoder, expert, prompt_ids):
+    """The latents (L, H) and their gate bias (L,) that ``expert`` writes for a prompt, as
+    serving computes them (``RunningBatch``): for callers that run their own decoder."""
+    rows = [new_row(Request(list(prompt_ids), expert))]
+    *_, latents, gate = RunningBatch(decoder)._cache_and_latents(rows)
+    return latents[0], gate[0]
 
 
 def new_row(request, tag=None):

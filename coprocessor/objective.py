@@ -19,8 +19,8 @@ from .decoder import (
     forward_with_mask,
     negative,
     prefill,
-    run_decoder,
 )
+from .expert import after_latents
 from .prefix import batch_prefixes
 
 
@@ -70,20 +70,11 @@ def window_cache(decoder, prefix, windows):
         prefilled = prefill(decoder, windows, visible)
         return WindowCache(prefilled.past, prefilled.past_bias[:, :0], 0, None, None)
     dtype = next(decoder.parameters()).dtype
-    n_windows, length = windows.shape
-    batch = batch_prefixes([prefix] * n_windows, dtype, windows.device)
-    positions = prefix.n_positions + torch.arange(length, device=windows.device)
-    hidden, past = run_decoder(
-        decoder,
-        past=batch.past,
-        past_bias=batch.bias,
-        inputs_embeds=embed(decoder, windows),
-        new_bias=torch.zeros(n_windows, length, dtype=dtype, device=windows.device),
-        positions=positions.expand(n_windows, -1),
-    )
-    logits = decoder.get_output_embeddings()(hidden[:, :-1])  # (W, T - 1, V)
+    batch = batch_prefixes([prefix] * windows.shape[0], dtype, windows.device)
+    prefilled = prefill(decoder, windows, visible, prefix=batch)  # serving's pass, the same
+    logits = decoder.get_output_embeddings()(prefilled.hidden[:, :-1])  # (W, T - 1, V)
     losses = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")
-    return WindowCache(past, batch.bias, prefix.n_positions, logits, losses)
+    return WindowCache(prefilled.past, batch.bias, prefix.n_positions, logits, losses)
 
 
 def teacher_log_probs(decoder, contexts, windows):
@@ -158,10 +149,10 @@ def packed_losses(decoder, expert, windows, positions, ahead, cache=None):
             past, soft_mask, latent_positions.reshape(n_windows, -1), copies=per_window
         ).to(dtype)
         z = z.view(n_windows, per_window, n_latents, -1)  # (W, K, L, H)
-        inputs = torch.cat([z, inputs], dim=2)  # (W, K, L + A, H)
-        gate = expert.gate_bias(n_windows).to(dtype)[:, None, :].expand(-1, per_window, -1)
-        new_bias = torch.cat([gate, new_bias], dim=2)  # (W, K, L + A)
-        new_positions = torch.cat([latent_positions, new_positions], dim=2)  # (W, K, L + A)
+        gate = expert.gate_bias(n_windows)[:, None, :].expand(-1, per_window, -1)  # (W, K, L)
+        inputs, new_bias, new_positions = after_latents(
+            z, gate, inputs, new_bias, new_positions, starts
+        )  # (W, K, L + A, ...)
     block = n_latents + ahead
     blocks = torch.arange(per_window, device=device).repeat_interleave(block)  # (K * block,)
     mask = block_attention_bias(

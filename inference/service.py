@@ -15,10 +15,8 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 
 from coprocessor import base_models, routing
-from coprocessor.decoder import prefill
 from coprocessor.engine import Overloaded, TooLarge  # noqa: F401 (Overloaded: views answer 503)
-from coprocessor.generate import NOT_FINITE, Request
-from coprocessor.prefix import batch_prefixes
+from coprocessor.generate import NOT_FINITE, Request, prompt_latents
 from registry.models import BaseModel
 
 from . import choose, fair_use
@@ -399,18 +397,8 @@ def attach(ask, user):
         tensors["prefix.values"] = expert.prefix.values
         tensors["prefix.gate_bias"] = expert.prefix.gate
     if expert.has_coprocessor:
-        tensors["latents"], tensors["gate_bias"] = _latents_for(loaded.decoder, expert, ids)
+        tensors["latents"], tensors["gate_bias"] = prompt_latents(loaded.decoder, expert, ids)
     return choice, {k: v.detach().float().cpu() for k, v in tensors.items()}, ids
-
-
-@torch.no_grad()
-def _latents_for(decoder, expert, ids):
-    parameter = next(decoder.parameters())
-    prompt = torch.tensor([ids[:-1]], device=parameter.device)
-    static = batch_prefixes([expert.prefix], parameter.dtype, parameter.device)
-    prefilled = prefill(decoder, prompt, torch.ones_like(prompt, dtype=torch.bool), prefix=static)
-    latents = expert.latents(prefilled.past, prefilled.past_bias, prefilled.next_positions)
-    return latents[0], expert.gate_bias(1)[0]
 
 
 class TextStream:

@@ -6,7 +6,8 @@ import torch
 
 from coprocessor.decoder import prefill
 from coprocessor.expert import Coprocessor, CoprocessorConfig, prefill_with_latents
-from coprocessor.generate import Request, RunningBatch, generate
+from coprocessor.generate import Request, RunningBatch, generate, prompt_latents
+from coprocessor.prefix import batch_prefixes
 from tests.factories import FAMILIES, VOCAB, frozen, randomize
 
 
@@ -150,3 +151,20 @@ def test_a_decode_step_writes_its_column_in_place():
         if batch.rows:
             remaining = max(r.request.max_new_tokens - len(r.tokens) for r in batch.rows)
             assert batch.cache.layers[0]._keys.shape[2] >= batch.width + remaining
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_the_latents_attach_hands_out_are_the_ones_serving_computes(kind):
+    model = frozen(FAMILIES["llama"])
+    config = CoprocessorConfig(n_latents=3, kind=kind, prefix_positions=2, lora_rank=2)
+    expert = randomize(Coprocessor(model, config), 4)
+    ids = [3, 8, 1, 9, 4]
+    latents, gate = prompt_latents(model, expert, ids)
+    # The expert's own pass of C over the prompt's cache (evaluation's route)
+    prompt = torch.tensor([ids[:-1]])
+    static = batch_prefixes([expert.prefix], torch.float32, "cpu")
+    cache = prefill(model, prompt, torch.ones_like(prompt, dtype=torch.bool), prefix=static)
+    with torch.no_grad():
+        own = expert.latents(cache.past, cache.past_bias, cache.next_positions)[0]
+    torch.testing.assert_close(latents, own, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gate, expert.gate_bias(1)[0])
