@@ -277,6 +277,7 @@ class Pending:
                 while not pending.ticket.future.done():
                     await wake.wait()
                     wake.clear()
+                    self.stream.catch_up()  # the text, here rather than on the engine's thread
                     if live and (piece := self.stream.released(shown)):
                         shown += len(piece)
                         self.stream.delivered = True
@@ -348,11 +349,14 @@ class Pending:
         if not augmented:
             reason = f"{self.choice.name}: {generation.degraded}" if generation.degraded else ""
             reason = reason or self.choice.reason
+        token_ids, finish_reason = generation.token_ids, _finish_reason(generation)
+        if self.stream.stopped_at is not None:  # the row may have run on while it was found
+            token_ids, finish_reason = token_ids[: self.stream.stopped_at], "stop"
         return Answer(
             text=self.stream.text,
-            token_ids=generation.token_ids,
-            completion_tokens=len(generation.token_ids),
-            finish_reason=_finish_reason(generation),
+            token_ids=token_ids,
+            completion_tokens=len(token_ids),
+            finish_reason=finish_reason,
             expert=self.choice.name if augmented else None,
             augmented=augmented,
             reason=reason,
@@ -402,47 +406,75 @@ def attach(ask, user):
 
 
 class TextStream:
-    """Token ids to text as they come: decodes the whole so far (merged bytes come out right),
-    hands on only what is new, and ends the row at a stop string (which is not returned)."""
+    """A request's token ids to text, made off the engine's thread.
+
+    The engine only records each id (``push``: an append and a nudge, whatever the length so
+    far). Whoever waits for the request (``Pending.events``) turns them into text with
+    ``catch_up``, incrementally (only the ids since the last text that decoded cleanly, as
+    vLLM's and TGI's detokenizers do: merged bytes come out right), releases what is decided,
+    and finds the stop strings: the row then ends at its next token (``push`` answers True),
+    and the text and the counted tokens end where the stop string began."""
 
     def __init__(self, tokenizer, stops, on_text):
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.on_text = on_text
-        self.wake = None  # told when more text is released (``Pending.events``)
-        self.ids = []
-        self.text = ""
-        self.sent = 0  # the text released so far: decided, never changed by later tokens
-        self.delivered = False  # whether any of it reached the caller
-
-    def push(self, token_id):
-        self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        stopped = False
-        for stop in self.stops:
-            at = self.text.find(stop)
-            if at != -1:
-                self.text, stopped = self.text[:at], True
-        # Hold back what could be the start of a stop string until it is decided, and a
-        # trailing half of a multi-byte character until its other bytes arrive.
-        hold = 0 if stopped else max((len(s) - 1 for s in self.stops), default=0)
-        if self.text.endswith("\ufffd"):
-            hold = max(hold, 1)
-        self._send(len(self.text) - hold)
-        return stopped
-
-    def finish(self):
-        self._send(len(self.text))
+        self.wake = None  # told when ids arrive (``Pending.events``)
+        self.reset()
 
     def reset(self):
         """Start again (nothing was delivered yet)."""
-        self.ids, self.text, self.sent = [], "", 0
+        self.ids = []
+        self.prefix_offset = self.read_offset = 0  # ids[:read_offset] are text
+        self.text = ""
+        self.sent = 0  # the text released so far: decided, never changed by later ids
+        self.delivered = False  # whether any of it reached the caller
+        self.stopped_at = None  # the ids that made the text up to a stop string, once found
+
+    def push(self, token_id):
+        """On the engine's thread: record the id; True once a stop string was found."""
+        self.ids.append(token_id)
+        if self.wake is not None:
+            self.wake()
+        return self.stopped_at is not None
+
+    def catch_up(self):
+        """Turn the ids that arrived into text, look for the stop strings, release what is
+        decided."""
+        if self.stopped_at is not None:
+            return
+        count = len(self.ids)
+        if count == self.read_offset:
+            return
+        ids = self.ids[self.prefix_offset : count]
+        done = self.read_offset - self.prefix_offset
+        before = self.tokenizer.decode(ids[:done], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return  # a character's bytes are not all here yet
+        seen = len(self.text)
+        self.text += after[len(before) :]
+        self.prefix_offset, self.read_offset = self.read_offset, count
+        self._find_stop(seen, count)
+        # Hold back what could be the start of a stop string until it is decided.
+        hold = 0 if self.stopped_at else max((len(s) - 1 for s in self.stops), default=0)
+        self._send(len(self.text) - hold)
+
+    def finish(self):
+        self.catch_up()
+        self._send(len(self.text))
 
     def released(self, start):
-        """The released text from ``start`` on (safe from another thread: ``sent`` is read
-        first, and the text up to it never changes)."""
-        sent = self.sent
-        return self.text[start:sent]
+        """The released text from ``start`` on."""
+        return self.text[start : self.sent]
+
+    def _find_stop(self, seen, count):
+        longest = max((len(s) for s in self.stops), default=0)
+        search_from = max(0, seen - longest + 1)
+        found = [at for stop in self.stops if (at := self.text.find(stop, search_from)) != -1]
+        if found:
+            self.text = self.text[: min(found)]
+            self.stopped_at = count
 
     def _send(self, upto):
         if upto <= self.sent:
@@ -451,5 +483,3 @@ class TextStream:
             self.on_text(self.text[self.sent : upto])
             self.delivered = True
         self.sent = upto
-        if self.wake is not None:
-            self.wake()

@@ -8,7 +8,7 @@ from django.db import connection
 
 from inference import choose, service
 from registry.models import AliasMove, ExpertVersion, VersionAlias
-from tests.factories import logged_in, slow_steps
+from tests.factories import logged_in, slow_steps, wait_for
 
 ALIASES = "/api/v1/experts/alice/words/aliases/"
 GENERATE = "/api/v1/generate"
@@ -130,9 +130,8 @@ def test_a_request_in_flight_keeps_the_version_its_alias_named_when_it_started(
     )
     before = service.run(ask, alice)
     slow_steps(monkeypatch, 0.05)  # 12 tokens take 0.6 s: the move lands mid-generation
-    streaming = threading.Event()
-    pending = service.plan(ask, alice, on_text=lambda delta: streaming.set()).submit()
-    assert streaming.wait(30)
+    pending = service.plan(ask, alice).submit()
+    wait_for(lambda: pending.stream.ids, timeout=30, what="the first token")
     words.move_alias(alice, "stable", 2)
     assert not pending.ticket.future.done()  # still generating when the alias moved
     during = pending.answer()

@@ -110,3 +110,52 @@ def test_mixed_batches_reuse_freed_memory_instead_of_faulting_it_in_again(smollm
 
     faulted_mb(), faulted_mb()  # the first batches grow the heap to its working size
     assert sum(faulted_mb() for _ in range(4)) < 64
+
+
+class CountingTokenizer:
+    """The tokenizer, counting its decodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decodes = tokenizer, 0
+
+    def decode(self, *args, **kwargs):
+        self.decodes += 1
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+TRICKY = "héllo wörld 🙂 日本語, naïve café: done"
+
+
+@pytest.mark.parametrize("catch_up_every", [1, 3, 1000], ids=["each", "three", "at-the-end"])
+def test_text_made_off_the_engine_thread_equals_decoding_the_whole(smollm2, catch_up_every):
+    from inference.service import TextStream
+
+    tokenizer = CountingTokenizer(smollm2[1])
+    ids = smollm2[1](TRICKY, add_special_tokens=False)["input_ids"]
+    stream, pieces = TextStream(tokenizer, [], None), []
+    stream.on_text = pieces.append
+    for n, token in enumerate(ids, 1):
+        assert stream.push(token) is False
+        assert tokenizer.decodes == 0, "the engine's thread decodes nothing"
+        if n % catch_up_every == 0:
+            stream.catch_up()
+        tokenizer.decodes = 0
+    stream.finish()
+    assert stream.text == "".join(pieces) == smollm2[1].decode(ids) == TRICKY
+    assert not any("\ufffd" in piece for piece in pieces), "no half characters go out"
+
+
+def test_a_stop_string_ends_the_row_at_its_next_token_and_the_text_before_it(smollm2):
+    from inference.service import TextStream
+
+    tokenizer = smollm2[1]
+    ids = tokenizer(TRICKY, add_special_tokens=False)["input_ids"]
+    stream, pieces = TextStream(tokenizer, ["wörld"], None), []
+    stream.on_text = pieces.append
+    stopped = []
+    for token in ids:
+        stopped.append(stream.push(token))
+        stream.catch_up()
+    assert stream.text == "".join(pieces) == "héllo "
+    assert stopped.index(True) == stream.stopped_at  # the next token after it ends the row
+    assert tokenizer.decode(ids[: stream.stopped_at]).startswith("héllo wörld")

@@ -316,8 +316,16 @@ def test_an_overload_on_the_plain_retry_ends_the_stream_with_an_error_event(
     assert lines[-1] == "data: [DONE]"
     wait_for(lambda: engine.load() == (0, 0), timeout=3, what="the rows freed")
     settings.LATENTRY_CALLER_CONCURRENCY = 1
-    fair_use.acquire(f"user:{alice.pk}", 0)  # refused if the stream still held its place
-    fair_use.release(f"user:{alice.pk}", 0)
+
+    def place_given_back():  # the stream's end gives it back just after [DONE] went out
+        try:
+            fair_use.acquire(f"user:{alice.pk}", 0)
+        except fair_use.Refused:
+            return False
+        fair_use.release(f"user:{alice.pk}", 0)
+        return True
+
+    wait_for(place_given_back, timeout=3, what="the stream's fair use place given back")
 
 
 def test_many_open_streams_are_served_together_by_one_process(
@@ -402,3 +410,20 @@ def test_the_engine_knows_who_asks_through_the_api_and_try_it(
     page = logged_in(alice).post("/experts/alice/pydoc/try/", {"prompt": "w5", "max_new_tokens": 2})
     assert page.status_code == 200, page.content
     assert callers == [f"user:{alice.pk}", "addr:127.0.0.1", f"user:{alice.pk}", f"user:{alice.pk}"]
+
+
+def test_a_stop_string_ends_the_answer_and_its_tokens_before_it(base_model, alice):
+    import dataclasses
+
+    from inference import service
+
+    ask = service.Ask(base="tiny-llama", prompt="w5 w6", max_new_tokens=12)
+    whole = service.run(ask, alice)
+    words = whole.text.split()
+    assert len(words) >= 6, whole.text
+    stop = " " + words[4]
+    at = whole.text.find(stop)
+    stopped = service.run(dataclasses.replace(ask, stop=[stop]), alice)
+    assert stopped.text == whole.text[:at] and stopped.finish_reason == "stop"
+    assert stopped.completion_tokens < whole.completion_tokens
+    assert stopped.token_ids == whole.token_ids[: stopped.completion_tokens]
