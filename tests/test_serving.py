@@ -238,7 +238,7 @@ def breaking_expert_rows(monkeypatch, after_tokens=2):
 
 
 def test_a_plain_retry_streams_its_text_as_it_is_generated(
-    monkeypatch, make_expert, publish, alice
+    monkeypatch, engine, make_expert, publish, alice
 ):
     import asyncio
 
@@ -246,6 +246,7 @@ def test_a_plain_retry_streams_its_text_as_it_is_generated(
 
     publish(make_expert("flaky"))
     breaking_expert_rows(monkeypatch)
+    monkeypatch.setattr(engine, "eos_token_id", None)  # no row ends before it breaks
     # A stop string holds 15 characters back, so the break comes before any text went out.
     ask = service.Ask(
         base="tiny-llama", expert="alice/flaky", prompt="w5 w6", max_new_tokens=20, stop=["§" * 16]
@@ -292,6 +293,7 @@ def test_an_overload_on_the_plain_retry_ends_the_stream_with_an_error_event(
 
     publish(make_expert("flaky"))
     breaking_expert_rows(monkeypatch)
+    monkeypatch.setattr(engine, "eos_token_id", None)  # no row ends before it breaks
     submit_together = engine.submit_together
 
     def full_for_the_retry(requests, **kwargs):
@@ -412,11 +414,12 @@ def test_the_engine_knows_who_asks_through_the_api_and_try_it(
     assert callers == [f"user:{alice.pk}", "addr:127.0.0.1", f"user:{alice.pk}", f"user:{alice.pk}"]
 
 
-def test_a_stop_string_ends_the_answer_and_its_tokens_before_it(base_model, alice):
+def test_a_stop_string_ends_the_answer_and_its_tokens_before_it(monkeypatch, engine, alice):
     import dataclasses
 
     from inference import service
 
+    monkeypatch.setattr(engine, "eos_token_id", None)  # twelve words, whatever they are
     ask = service.Ask(base="tiny-llama", prompt="w5 w6", max_new_tokens=12)
     whole = service.run(ask, alice)
     words = whole.text.split()
