@@ -1,6 +1,6 @@
 """One generation request from names to text: choose, load, generate, degrade, account.
 
-Views (native and OpenAI-compatible) parse their own request shapes into ``Ask``, ``open`` it,
+Views (native and OpenAI-compatible) parse their own request shapes into ``Ask``, ``admit`` it,
 and format what ``Pending.events`` gives (text as it comes, a plain retry, the ``Answer``) as
 JSON or server-sent events; everything they share is here.
 """
@@ -167,7 +167,7 @@ def run(ask, user, on_text=None, prepared=None):
     return plan(ask, user, on_text, prepared).submit().answer()
 
 
-async def open(ask, user, *, caller, api_key=None):
+async def admit(ask, user, *, caller, api_key=None):
     """Plan ``ask`` and queue it within ``caller``'s fair use (``registry.auth.caller``): every
     refusal (UnknownModel, BadRequest, fair use's 429, Overloaded) comes from here. The Pending
     gives back what it holds when its ``events`` end, or on ``close``; ``api_key``'s usage is
@@ -235,7 +235,7 @@ class Pending:
     choice: choose.Choice
     routing_ms: float
     ticket: object = None
-    holding: str | None = None  # the caller whose fair use it holds (``open``), until ``close``
+    holding: str | None = None  # the caller whose fair use it holds (``admit``), until ``close``
     api_key: object = None  # whose usage it counts toward
 
     def submit(self):

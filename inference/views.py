@@ -90,7 +90,7 @@ class RouterView(AsyncAPIView):
         user across all their keys). Every refusal (4xx, 429, 503) comes from here."""
         key = self.request.auth if isinstance(self.request.auth, ApiKey) else None
         with service_errors():
-            return await service.open(
+            return await service.admit(
                 ask, self.request.user, caller=auth.caller(self.request), api_key=key
             )
 
