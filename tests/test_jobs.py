@@ -251,34 +251,33 @@ def test_a_job_page_in_the_admin_cannot_be_saved_over_the_worker(
     assert job.step == 9 and job.params["steps"] == SMALL_JOB["steps"]
 
 
-def test_an_evaluation_that_finds_a_corrupted_file_rejects_its_version(
-    alice, words, make_expert, publish, eager, django_capture_on_commit_callbacks
-):
-    version = publish(make_expert("broken"))
+def corrupt_its_bytes(version):
     path = Path(storage.artifacts().path(version.artifact_key))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with django_capture_on_commit_callbacks(execute=True):
-        job = EvaluationJob.start(alice, version, [words])
-    job.refresh_from_db()
-    version.refresh_from_db()
-    assert job.status == Job.FAILED and "sha256" in job.error
-    assert version.status == version.REJECTED and "sha256" in version.status_reason
 
 
-def test_a_job_checks_an_experts_header_against_its_base_model_as_serving_does(
-    alice, words, make_expert, publish, eager, django_capture_on_commit_callbacks
-):
-    version = publish(make_expert("elsewhere"))
+def change_its_base_model(version):
+    """The header no longer matches the base model's record (checked as serving checks it)."""
     base = version.expert.base_model
     type(base).objects.filter(pk=base.pk).update(num_layers=base.num_layers + 1)
+
+
+@pytest.mark.parametrize(
+    "break_it, reason", [(corrupt_its_bytes, "sha256"), (change_its_base_model, "layers")]
+)
+def test_an_evaluation_that_cannot_load_a_version_rejects_it(
+    alice, words, make_expert, publish, eager, django_capture_on_commit_callbacks, break_it, reason
+):
+    version = publish(make_expert("broken"))
+    break_it(version)
     with django_capture_on_commit_callbacks(execute=True):
         job = EvaluationJob.start(alice, version, [words])
     job.refresh_from_db()
     version.refresh_from_db()
-    assert job.status == Job.FAILED and "layers" in job.error
-    assert version.status == version.REJECTED and "layers" in version.status_reason
+    assert job.status == Job.FAILED and reason in job.error
+    assert version.status == version.REJECTED and reason in version.status_reason
 
 
 def test_no_job_reads_more_datasets_than_the_cap(alice, make_expert, publish):
