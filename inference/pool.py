@@ -33,7 +33,17 @@ class LoadedBase:
     decoder: torch.nn.Module
     tokenizer: object
     engine: Engine = field(repr=False)
-    routing_centre: torch.Tensor = field(repr=False)  # what auto measures from (routing.centre)
+    # routing_centre once computed; one holder for this load and its copies (``ModelPool.base``)
+    centre_held: list = field(default_factory=list, repr=False)
+
+    @property
+    def routing_centre(self):
+        """What ``auto`` measures from (``routing.centre``): one pass over the reference text,
+        at the first ``auto`` request rather than at every load (two computing it at once
+        get the same tensor)."""
+        if not self.centre_held:
+            self.centre_held.append(routing.centre(self.decoder, reference_ids(self.tokenizer)))
+        return self.centre_held[0]
 
 
 class ExpertCache:
@@ -119,11 +129,7 @@ class ModelPool:
         # (with the first expert) would change it under concurrent forwards.
         install_lora_hooks(decoder)
         return LoadedBase(
-            record,
-            decoder,
-            tokenizer,
-            Engine(decoder, tokenizer.eos_token_id, limits()),
-            routing.centre(decoder, reference_ids(tokenizer)),
+            record, decoder, tokenizer, Engine(decoder, tokenizer.eos_token_id, limits())
         )
 
     def expert(self, base, version):

@@ -438,43 +438,47 @@ class TextStream:
             self.wake()
         return self.stopped_at is not None
 
-    def catch_up(self):
-        """Turn the ids that arrived into text, look for the stop strings, release what is
-        decided."""
-        if self.stopped_at is not None:
-            return
+    def catch_up(self, final=False):
+        """Turn the ids that arrived into text, the fewest ids at a time that make whole
+        characters (so that a stop string is pinned to the id that completed it), look for
+        the stop strings, release what is decided. ``final``: the ids are all there, so a
+        character cut short comes out as it decodes."""
         count = len(self.ids)
-        if count == self.read_offset:
-            return
-        ids = self.ids[self.prefix_offset : count]
-        done = self.read_offset - self.prefix_offset
-        before = self.tokenizer.decode(ids[:done], skip_special_tokens=True)
-        after = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return  # a character's bytes are not all here yet
-        seen = len(self.text)
-        self.text += after[len(before) :]
-        self.prefix_offset, self.read_offset = self.read_offset, count
-        self._find_stop(seen, count)
+        while self.stopped_at is None and self.read_offset < count:
+            window = self.ids[self.prefix_offset : count]
+            done = self.read_offset - self.prefix_offset
+            before = self.tokenizer.decode(window[:done], skip_special_tokens=True)
+            for end in range(done + 1, len(window) + 1):
+                after = self.tokenizer.decode(window[:end], skip_special_tokens=True)
+                whole = len(after) > len(before) and not after.endswith("\ufffd")
+                if whole or (final and end == len(window)):
+                    break
+            else:
+                break  # a character's bytes are not all here yet
+            seen = len(self.text)
+            self.text += after[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, self.prefix_offset + end
+            self._find_stop(seen)
         # Hold back what could be the start of a stop string until it is decided.
         hold = 0 if self.stopped_at else max((len(s) - 1 for s in self.stops), default=0)
         self._send(len(self.text) - hold)
 
     def finish(self):
-        self.catch_up()
+        self.catch_up(final=True)
         self._send(len(self.text))
 
     def released(self, start):
         """The released text from ``start`` on."""
         return self.text[start : self.sent]
 
-    def _find_stop(self, seen, count):
+    def _find_stop(self, seen):
+        """Cut the text at a stop string that the text after ``seen`` completed."""
         longest = max((len(s) for s in self.stops), default=0)
         search_from = max(0, seen - longest + 1)
         found = [at for stop in self.stops if (at := self.text.find(stop, search_from)) != -1]
         if found:
             self.text = self.text[: min(found)]
-            self.stopped_at = count
+            self.stopped_at = self.read_offset
 
     def _send(self, upto):
         if upto <= self.sent:

@@ -145,7 +145,10 @@ def test_text_made_off_the_engine_thread_equals_decoding_the_whole(smollm2, catc
     assert not any("\ufffd" in piece for piece in pieces), "no half characters go out"
 
 
-def test_a_stop_string_ends_the_row_at_its_next_token_and_the_text_before_it(smollm2):
+@pytest.mark.parametrize("catch_up_each", [True, False], ids=["each", "all-at-once"])
+def test_a_stop_string_ends_the_row_at_its_next_token_and_the_text_before_it(
+    smollm2, catch_up_each
+):
     from inference.service import TextStream
 
     tokenizer = smollm2[1]
@@ -155,7 +158,27 @@ def test_a_stop_string_ends_the_row_at_its_next_token_and_the_text_before_it(smo
     stopped = []
     for token in ids:
         stopped.append(stream.push(token))
-        stream.catch_up()
+        if catch_up_each:
+            stream.catch_up()
+    stream.finish()
     assert stream.text == "".join(pieces) == "héllo "
-    assert stopped.index(True) == stream.stopped_at  # the next token after it ends the row
-    assert tokenizer.decode(ids[: stream.stopped_at]).startswith("héllo wörld")
+    # The counted tokens end at the one that completed the stop string, however many came
+    # in one catch-up.
+    assert "wörld" in tokenizer.decode(ids[: stream.stopped_at])
+    assert "wörld" not in tokenizer.decode(ids[: stream.stopped_at - 1])
+    if catch_up_each:
+        assert stopped.index(True) == stream.stopped_at  # the next token after it ends the row
+
+
+def test_a_character_cut_short_at_the_end_comes_out_as_it_decodes(smollm2):
+    from inference.service import TextStream
+
+    tokenizer = smollm2[1]
+    ids = tokenizer("ok 🦜", add_special_tokens=False)["input_ids"][:-1]  # its last byte gone
+    stream = TextStream(tokenizer, [], None)
+    for token in ids:
+        stream.push(token)
+        stream.catch_up()
+    assert not stream.text.endswith("\ufffd"), "held back while more bytes may come"
+    stream.finish()
+    assert stream.text == tokenizer.decode(ids) == "ok \ufffd"

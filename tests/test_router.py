@@ -355,3 +355,15 @@ def test_an_expert_whose_positions_do_not_fit_is_left_out(alice_client, make_exp
     body = ask(alice_client, prompt="w5 w6 w7", expert="alice/long", max_new_tokens=60).json()
     assert body["augmented"] is False
     assert "200 prefix and latent positions do not fit the context of 256" in body["reason"]
+
+
+def test_the_routing_centre_is_measured_once_at_the_first_auto_request(base_model, alice):
+    from inference import service
+
+    loaded = pool.pool().base(base_model)
+    assert loaded.centre_held == [], "loading a base model measures nothing for auto"
+    ask = service.Ask(base="tiny-llama", expert="auto", prompt="w5 w6", max_new_tokens=1)
+    service.run(ask, alice)
+    (centre,) = loaded.centre_held
+    service.run(ask, alice)
+    assert pool.pool().base(base_model).centre_held == [centre]
