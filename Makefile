@@ -72,10 +72,13 @@ chromium:
 # unrun while the run still passed.)
 PYTEST_ARGS ?= -n 2
 
+# Bytecode caches on, whatever the shell says: without them every process of the run (pytest's
+# workers with their assertion rewriting, the servers, workers and benches the tests start)
+# compiles the project and the test modules again, seconds each.
 test: install chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

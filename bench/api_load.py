@@ -59,9 +59,8 @@ from common import (
     add_smoke_argument,
     add_web_workers_argument,
     free_port,
-    migrate,
+    migrated_database,
     parse,
-    recreate_database,
     server_env,
     start_gunicorn,
     stop,
@@ -70,7 +69,7 @@ from common import (
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/latentry_bench"
 SMOKE = dict(
-    seconds=0.5,
+    seconds=0.2,
     rounds=1,
     clients=2,
     experts=200,
@@ -106,7 +105,7 @@ SEARCH_WORDS = [w for words in TOPICS.values() for w in words] + KINDS + ["missi
 
 
 def seed(n_experts, rng):
-    """Fill the database with production settings (Django set up by ``migrate(env)``); return
+    """Fill the database with production settings (Django set up by ``migrated_database``); return
     the URLs of the public experts."""
     from django.db import connection
 
@@ -434,12 +433,11 @@ def prepare(args, var_dir):
     (var_dir / "staticfiles").mkdir()  # whitenoise warns in every worker when it is missing
     env = server_env(args.database_url, args.cache_url, var_dir)
     started = time.perf_counter()
-    recreate_database(args.database_url)
     if args.cache_url:
         import redis
 
         redis.Redis.from_url(args.cache_url).flushdb()
-    migrate(env)
+    migrated_database(args.database_url, env)
     detail_paths = seed(args.experts, random.Random(0))
     print(f"seeded {args.experts} experts in {time.perf_counter() - started:.1f}s")
     from django.conf import settings

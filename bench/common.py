@@ -286,23 +286,53 @@ def server_env(database_url, cache_url, var_dir):
     }
 
 
-def recreate_database(database_url):
-    """Drop and create the database named in the URL, through the server's 'postgres' DB."""
+def migrated_database(database_url, env):
+    """An empty, migrated database under the name in the URL, and Django set up on it in this
+    process with ``env`` as its settings (the bench then seeds it through the same set-up).
+
+    Migrating from nothing costs seconds; the first run leaves a copy of the migrated database
+    as a template, named for the migrations it holds, and later runs copy it (PostgreSQL's
+    ``CREATE DATABASE ... TEMPLATE``, a file copy) and find nothing left to apply."""
     import psycopg
     from psycopg import sql
 
     parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
+    name = sql.Identifier(parts.path.lstrip("/"))
+    template_name = f"latentry_bench_template_{migrations_digest()}"
+    template = sql.Identifier(template_name)
     admin_url = urlunsplit(parts._replace(scheme="postgresql", path="/postgres"))
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        database = sql.Identifier(name)
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(database))
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+        found = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [template_name]
+        ).fetchone()
+        if found:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(name, template))
+        else:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+    migrate(env)
+    if not found:
+        from django.db import connections
+
+        connections.close_all()  # a template is copied only while nobody is connected to it
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(template, name))
+
+
+def migrations_digest():
+    """A short hash of every app's migrations and Django's version: what a template holds."""
+    import hashlib
+
+    import django
+
+    digest = hashlib.sha256(django.__version__.encode())
+    for path in sorted(ROOT.glob("*/migrations/*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def migrate(env):
-    """Migrate the database in this process, with ``env`` as its settings: the bench then seeds
-    it through the same Django set-up (a process of its own would cost one more start-up)."""
+    """Migrate the database in this process, with ``env`` as its settings."""
     os.environ.update(env)
     import django
     from django.core.management import call_command

@@ -67,9 +67,8 @@ from common import (
     add_smoke_argument,
     add_web_workers_argument,
     free_port,
-    migrate,
+    migrated_database,
     parse,
-    recreate_database,
     server_env,
     start_gunicorn,
     start_uvicorn,
@@ -128,9 +127,8 @@ def fresh_service(args, var_dir, make_environment):
     """An empty, migrated database and Redis for a run in ``var_dir``; returns its environment."""
     (var_dir / "staticfiles").mkdir()
     env = make_environment(args, var_dir)
-    recreate_database(database_url(args))
     flush_redis(args)
-    migrate(env)
+    migrated_database(database_url(args), env)
     return env
 
 
@@ -145,7 +143,7 @@ def seed(clients, var_dir):
     """Base model, 500 public experts (the first five with a version, for generation), and
     per client a user, a key and an expert; returns [(key, expert path)] per client, a maker
     of the distinct files uploads send, and the base model's slug. Django is set up by
-    ``migrate(env)`` (fresh_service)."""
+    ``migrated_database`` (fresh_service)."""
     from django.contrib.auth import get_user_model
 
     from coprocessor.base_models import convert, describe

@@ -272,6 +272,22 @@ class _DeprecationIsAnError(logging.Handler):
 logging.getLogger("transformers").addHandler(_DeprecationIsAnError())
 
 
+def run_order(item):
+    """The README's walk, then the benches' smoke runs, then the other slow tests, then the rest:
+    xdist hands tests out in this order, so the long ones start early on both workers instead
+    of one worker ending the run alone in a long test."""
+    if item.nodeid.startswith("tests/test_readme.py"):
+        return 0
+    if item.get_closest_marker("bench"):
+        return 1
+    return 2 if item.get_closest_marker("slow") else 3
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    items.sort(key=run_order)  # stable: each file's tests keep their order
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from threads, and a second thread fights the other core."""
