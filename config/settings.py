@@ -342,6 +342,13 @@ LATENTRY_CALLER_TOKENS_PER_MIN = env_int("LATENTRY_CALLER_TOKENS_PER_MIN", 40000
 # questions routed (bench/router.py on SmolLM2, whose table it was read from; docs/method.md).
 LATENTRY_AUTO_THRESHOLD = env_float("LATENTRY_AUTO_THRESHOLD", 0.55)
 LATENTRY_PROFILE_REFRESH_S = env_float("LATENTRY_PROFILE_REFRESH_S", 30.0)
+# Composition (model "<base>:a/x+b/y", a list in /api/v1/generate and /attach): at most this
+# many experts on one request; their prefixes add up in its cache columns.
+LATENTRY_COMPOSE_MAX = env_int("LATENTRY_COMPOSE_MAX", 4)
+# auto may attach the two best experts when both score above LATENTRY_AUTO_THRESHOLD. Off:
+# composing holds when both experts fit the text (bench/compose.py), but how often auto would
+# add a second one that does not is not measured yet (docs/method.md, "Composition").
+LATENTRY_AUTO_COMPOSE = env_bool("LATENTRY_AUTO_COMPOSE", False)
 # Load the base models into each serving process when it starts, not on the first request.
 LATENTRY_WARMUP = env_bool("LATENTRY_WARMUP", False)
 

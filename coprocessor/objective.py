@@ -180,12 +180,22 @@ def _window_key_bias(visible, prefix_bias):
     return torch.cat([prefix_bias[:, None, :].expand(shape), window], dim=-1)
 
 
-def step_losses(decoder, expert, windows, positions, ahead, objective="next_token", contexts=None):
+def step_losses(
+    decoder,
+    expert,
+    windows,
+    positions,
+    ahead,
+    objective="next_token",
+    contexts=None,
+    prefix=None,
+):
     """Every loss token of one training step, flat: the windows' own losses (``objective``;
     ``contexts`` (W, C): the text before each window, for distillation) when the expert has a
     static prefix, and the K x N_A losses after the latents when it has a coprocessor (both
-    when both)."""
-    prefix = expert.prefix
+    when both). ``prefix``: what the windows read instead of the expert's own prefix (a
+    composition with it, ``coprocessor.compose``)."""
+    prefix = prefix if prefix is not None else expert.prefix
     # Without a prefix the windows' pass trains nothing: no graph for it.
     with torch.set_grad_enabled(torch.is_grad_enabled() and prefix is not None):
         cache = window_cache(decoder, prefix, windows)

@@ -15,9 +15,11 @@ from typing import NamedTuple
 
 import torch
 
+from .compose import ComposedPrefix
 from .expert import RECOMMENDED, Coprocessor, CoprocessorConfig, prefix_positions_for
 from .generate import Request, generate
 from .objective import step_losses
+from .prefix import KVPrefix
 from .watch import Watch
 
 OBJECTIVES = ("next_token", "distill", "mix")
@@ -55,6 +57,13 @@ class TrainConfig:
     # its domain is absent, which is what attaching it to the wrong text costs.
     replay_windows: int = 0
     replay_pool: int = 16
+    # Coexistence (composition: coprocessor.compose): in this share of the steps the windows
+    # read the expert's prefix beside another, as when it is served composed with other
+    # experts: D's cache over a stretch of its own text (one of `coexist_pool`, as long as the
+    # expert's prefix, behind a gate drawn from -4 to 0), before or after it at random.
+    # 0: the expert always alone.
+    coexist: float = 0.0
+    coexist_pool: int = 8
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -76,6 +85,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
+        if not 0.0 <= self.coexist <= 1.0:
+            raise ValueError("coexist is a share of the steps, from 0 to 1")
 
     @classmethod
     def from_settings(cls, settings, train_tokens=None):
@@ -143,13 +154,15 @@ def prefix_text(token_ids, config, generator):
 
 
 @torch.no_grad()
-def own_text(decoder, config):
-    """``replay_pool`` samples of D's own text, ``window`` tokens each after a start token,
-    temperature 1 (seeded), end to end: (pool * (window + 1),) on the CPU."""
+def own_text(decoder, config, samples=None, length=None):
+    """``samples`` (default ``replay_pool``) samples of D's own text, ``length`` (default
+    ``window``) tokens each after a start token, temperature 1 (seeded), end to end:
+    (samples * (length + 1),) on the CPU."""
     start = decoder.config.bos_token_id or 0
+    samples, length = samples or config.replay_pool, length or config.window
     requests = [
-        Request([start], max_new_tokens=config.window, temperature=1.0, seed=config.seed + i)
-        for i in range(config.replay_pool)
+        Request([start], max_new_tokens=length, temperature=1.0, seed=config.seed + i)
+        for i in range(samples)
     ]
     return torch.tensor([[start, *out.token_ids] for out in generate(decoder, requests)]).flatten()
 
@@ -260,6 +273,9 @@ def train(
     # already counted): the replay windows, and the watch's reference if none is given.
     started = time.perf_counter()
     replay_ids = own_text(decoder, config) if config.replay_windows else None
+    neighbours = None
+    if config.coexist and expert.prefix is not None:
+        neighbours = neighbour_prefixes(decoder, config, neighbour_text(decoder, config))
     watch = None
     if validation_ids is not None:
         if reference_ids is None:
@@ -300,6 +316,7 @@ def train(
             device,
             autocast_dtype,
             replay_ids=replay_ids,
+            neighbours=neighbours,
         )
         step += 1
         took = time.perf_counter() - started
@@ -352,11 +369,21 @@ def loss_tokens_per_step(config):
 
 
 def train_step(
-    decoder, expert, token_ids, config, optimizer, generator, device, autocast, replay_ids=None
+    decoder,
+    expert,
+    token_ids,
+    config,
+    optimizer,
+    generator,
+    device,
+    autocast,
+    replay_ids=None,
+    neighbours=None,
 ):
     """One optimiser step over ``config.grad_accum`` sampled batches; returns the mean loss.
     ``replay_ids``: D's own text (``own_text``) to add ``config.replay_windows`` windows of,
-    trained with the next-token loss (its gradient is already that of KL(D || D + expert))."""
+    trained with the next-token loss (its gradient is already that of KL(D || D + expert)).
+    ``neighbours``: prefixes to put beside the expert's in ``config.coexist`` of the steps."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     context = 0 if config.objective == "next_token" else config.teacher_context
@@ -367,11 +394,12 @@ def train_step(
                     token_ids.cpu(), config, config.windows_per_step, generator, context
                 ),
                 config.objective,
+                beside(expert, neighbours, config, generator),
             )
         ]
         if replay_ids is not None:
             replay = sample_windows(replay_ids, config, config.replay_windows, generator)
-            batches.append((replay, "next_token"))
+            batches.append((replay, "next_token", None))
         with torch.autocast(
             device.type, dtype=autocast or torch.float32, enabled=autocast is not None
         ):
@@ -384,8 +412,9 @@ def train_step(
                     config.ahead_tokens,
                     objective,
                     sample.contexts.to(device),
+                    prefix,
                 )
-                for sample, objective in batches
+                for sample, objective, prefix in batches
             ]
             loss = torch.cat(losses).mean() / config.grad_accum
         loss.backward()
@@ -393,6 +422,41 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(expert.parameters(), config.max_grad_norm)
     optimizer.step()
     return total
+
+
+def neighbour_text(decoder, config):
+    """D's own text for the neighbours: one sample per neighbour, just long enough (each
+    token generated costs a decode step of the training's time budget)."""
+    return own_text(decoder, config, config.coexist_pool, config.expert.prefix_positions)
+
+
+@torch.no_grad()
+def neighbour_prefixes(decoder, config, own_ids):
+    """``config.coexist_pool`` prefixes such as another expert brings: D's cache over seeded
+    random stretches of its own text (``own_ids``), each behind one gate value from -4 to 0,
+    as long as the expert's own prefix. Never trained."""
+    size = config.expert.prefix_positions
+    device = next(decoder.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed + 1)  # the same again on resume
+    neighbours = []
+    for _ in range(config.coexist_pool):
+        gate = -4.0 * float(torch.rand((), generator=generator))
+        neighbour = KVPrefix(decoder.config, size, gate_init=gate).to(device)
+        start = int(torch.randint(0, len(own_ids) - size + 1, (), generator=generator))
+        neighbour.initialize_from(decoder, own_ids[start : start + size])
+        neighbours.append(neighbour.requires_grad_(False))
+    return neighbours
+
+
+def beside(expert, neighbours, config, generator):
+    """The prefix the step's windows read: None (the expert's own), or in ``config.coexist``
+    of the steps the expert's composed with a random neighbour, before or after it."""
+    if not neighbours or float(torch.rand((), generator=generator)) >= config.coexist:
+        return None
+    neighbour = neighbours[int(torch.randint(len(neighbours), (), generator=generator))]
+    first = float(torch.rand((), generator=generator)) < 0.5
+    pair = [expert.prefix, neighbour] if first else [neighbour, expert.prefix]
+    return ComposedPrefix(pair)
 
 
 def _progress(config, step, loss, elapsed, pace, took, tokens_per_step):

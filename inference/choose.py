@@ -1,5 +1,7 @@
 """Which expert a request gets: named, ``auto``, or none.
 
+Composed: ``a/x+b/y`` (each part named as below, up to ``LATENTRY_COMPOSE_MAX``): the
+experts' static prefixes side by side (``coprocessor.compose``).
 Named: ``owner/name``, ``owner/name@<number>`` or ``owner/name@<alias>`` (``latest``, the
 newest ready version, by default), through the same visibility gate as everything else. The
 name resolves to one version once, when the request starts: an alias moved meanwhile does not
@@ -9,7 +11,8 @@ clients: only a version that exists and fails at run time is dropped for the pla
 ``auto``: the mean-pooled last hidden state of the prompt's
 own words under the base model, compared (cosine, both measured from the base model's centre
 over plain text: ``coprocessor.routing``) with the routing profile of each expert the caller
-may list; the best one above ``LATENTRY_AUTO_THRESHOLD`` wins, else none.
+may list; the best one above ``LATENTRY_AUTO_THRESHOLD`` wins, else none (with
+``LATENTRY_AUTO_COMPOSE``, the best two static prefixes above it, composed).
 """
 
 import threading
@@ -20,6 +23,7 @@ import torch
 from django.conf import settings
 
 from coprocessor import routing
+from coprocessor.expert import PREFIX_KIND
 from registry.models import LATEST, Expert, ExpertVersion, is_version_ref, split_full_name
 
 
@@ -31,9 +35,32 @@ class UnknownModel(LookupError):
 @dataclass
 class Choice:
     version: ExpertVersion | None = None
-    name: str | None = None  # owner/name@number of the chosen version
+    name: str | None = None  # owner/name@number of the chosen version ("+" between parts)
     score: float | None = None
     reason: str = ""  # why there is no expert (or why it was dropped)
+    parts: tuple = ()  # a composition's parts, one Choice each (``version`` is then None)
+
+    @property
+    def chosen(self):
+        """Whether there are experts to load: one version, or a composition's parts."""
+        return self.version is not None or bool(self.parts)
+
+
+def composed(spec, base_record, user):
+    """Choice for ``a/x[@ref]+b/y[@ref]...``: each part as ``named`` (a missing or hidden one
+    is UnknownModel), at most ``LATENTRY_COMPOSE_MAX`` of them, each expert once. ValueError
+    for a spec that cannot name a composition."""
+    specs = [part.strip() for part in spec.split("+")]
+    limit = settings.LATENTRY_COMPOSE_MAX
+    if len(specs) > limit:
+        raise ValueError(f"a composition has at most {limit} experts, not {len(specs)}")
+    if "auto" in specs:
+        raise ValueError("auto chooses the experts itself: it cannot be part of a composition")
+    names = [part.partition("@")[0] for part in specs]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"a composition names each expert once: {', '.join(twice)} twice")
+    parts = tuple(named(part, base_record, user) for part in specs)
+    return Choice(name="+".join(part.name for part in parts), parts=parts)
 
 
 def well_formed(spec):
@@ -56,7 +83,7 @@ def named(spec, base_record, user):
     if version is not None:
         return Choice(version=version, name=f"{name}@{version.number}")
     if not experts.exists():
-        raise UnknownModel(f"expert {spec} not found for {base_record.slug}")
+        raise UnknownModel(_not_found(name, spec, base_record, user))
     if ref not in ("", LATEST):  # the newest, if rejected, is the one that was meant
         versions = versions.at(ref)
     rejected = versions.filter(status=ExpertVersion.REJECTED).order_by("-number").first()
@@ -64,6 +91,18 @@ def named(spec, base_record, user):
         reason = rejected.status_reason
         raise UnknownModel(f"expert {name}@{rejected.number} was rejected: {reason}")
     raise UnknownModel(f"expert {spec} has no such ready version")
+
+
+def _not_found(name, spec, base_record, user):
+    """Why no expert ``name`` answers for ``base_record``: none the caller may see, or one
+    trained on another base model (experts only run on the base model they were made for)."""
+    other = Expert.objects.visible_to(user).named(name).select_related("base_model").first()
+    if other is not None:
+        return (
+            f"expert {name} is trained on base model {other.base_model.slug}, not "
+            f"{base_record.slug}: an expert runs only on its own base model"
+        )
+    return f"expert {spec} not found for {base_record.slug}"
 
 
 class Profiles:
@@ -120,17 +159,23 @@ def auto(prompt_hidden, base_record, user, centre):
     if not allowed:
         return Choice(reason="auto: no expert with a routing profile for this base model")
     scores = routing.scores(prompt_hidden, matrix[allowed], centre)
-    best = int(scores.argmax())
-    score = float(scores[best])
-    version = rows[allowed[best]]
-    name = f"{version.expert.full_name}@{version.number}"
-    if score < settings.LATENTRY_AUTO_THRESHOLD:
-        threshold = settings.LATENTRY_AUTO_THRESHOLD
+    ranked = scores.argsort(descending=True).tolist()
+    best = [_scored(rows[allowed[i]], float(scores[i])) for i in ranked[:2]]
+    threshold = settings.LATENTRY_AUTO_THRESHOLD
+    if best[0].score < threshold:
         return Choice(
-            score=score,
-            reason=f"auto: best match {name} scored {score:.3f}, under the threshold {threshold}",
+            score=best[0].score,
+            reason=f"auto: best match {best[0].name} scored {best[0].score:.3f}, under the "
+            f"threshold {threshold}",
         )
-    return Choice(version=version, name=name, score=score)
+    composable = [c for c in best if c.score >= threshold and c.version.kind == PREFIX_KIND]
+    if settings.LATENTRY_AUTO_COMPOSE and len(composable) == 2:
+        return Choice(name="+".join(c.name for c in best), score=best[0].score, parts=tuple(best))
+    return best[0]
+
+
+def _scored(version, score):
+    return Choice(version=version, name=f"{version.expert.full_name}@{version.number}", score=score)
 
 
 def routable_for(user, versions):

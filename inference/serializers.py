@@ -7,8 +7,39 @@ from .models import Usage
 
 EXPERT_HELP = (
     '"owner/name", "owner/name@version", "owner/name@alias" (e.g. @stable), "auto", '
-    "or empty for the plain base model"
+    'or empty for the plain base model; several to compose as a list or as "a/x+b/y"'
 )
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "maxLength": 1000},
+            {"type": "array", "items": {"type": "string", "maxLength": 200}, "minItems": 1},
+        ]
+    }
+)
+class ExpertField(serializers.Field):
+    """One expert's name (or "auto", or ""), or a list of names to compose, which the service
+    reads as ``a/x+b/y`` (``inference.choose.composed`` bounds how many)."""
+
+    default_error_messages = {
+        "invalid": 'an expert name ("owner/name[@version or alias]", "auto" or "") or a list '
+        "of expert names to compose",
+    }
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and len(data) <= 1000:
+            return data.strip()
+        names = data if isinstance(data, list) else None
+        if not names or not all(
+            isinstance(n, str) and 0 < len(n.strip()) <= 200 and "+" not in n for n in names
+        ):
+            self.fail("invalid")
+        return "+".join(n.strip() for n in names)
+
+    def to_representation(self, value):
+        return value
 
 
 def check_sampling(attrs):
@@ -56,9 +87,7 @@ class PromptFields(serializers.Serializer):
 
 class GenerateSerializer(PromptFields, SamplingFields):
     base = serializers.SlugField(help_text="base model slug")
-    expert = serializers.CharField(
-        required=False, allow_blank=True, default="", help_text=EXPERT_HELP
-    )
+    expert = ExpertField(required=False, default="", help_text=EXPERT_HELP)
     max_new_tokens = serializers.IntegerField(min_value=1, default=64)
 
     class Answer(serializers.Serializer):
@@ -66,7 +95,9 @@ class GenerateSerializer(PromptFields, SamplingFields):
             ref_name = "GenerateAnswer"
 
         text = serializers.CharField()
-        expert = serializers.CharField(allow_null=True, help_text="owner/name@version used")
+        expert = serializers.CharField(
+            allow_null=True, help_text='owner/name@version used ("a/x@1+b/y@3" composed)'
+        )
         augmented = serializers.BooleanField()
         reason = serializers.CharField(help_text="why no expert was used, if none was")
         score = serializers.FloatField(allow_null=True, help_text="auto routing similarity")
@@ -78,7 +109,7 @@ class GenerateSerializer(PromptFields, SamplingFields):
 
 class AttachSerializer(PromptFields, StrictSerializer):
     base = serializers.SlugField()
-    expert = serializers.CharField(help_text=EXPERT_HELP)
+    expert = ExpertField(help_text=EXPERT_HELP)
 
     class Answer(serializers.Serializer):
         class Meta:
@@ -130,7 +161,9 @@ class StopField(serializers.Field):
 
 
 class OpenAIFields(StrictSerializer):
-    model = serializers.CharField(help_text="<base>, <base>:auto or <base>:<owner>/<name>[@n]")
+    model = serializers.CharField(
+        help_text="<base>, <base>:auto, <base>:<owner>/<name>[@n] or <base>:<a/x>+<b/y>"
+    )
     max_tokens = serializers.IntegerField(min_value=1, default=16, source="max_new_tokens")
     max_completion_tokens = serializers.IntegerField(min_value=1, required=False)
     temperature = serializers.FloatField(min_value=0.0, max_value=2.0, default=1.0)

@@ -15,6 +15,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 
 from coprocessor import base_models, routing
+from coprocessor.compose import CannotCompose, Composition
 from coprocessor.engine import Overloaded, TooLarge  # noqa: F401 (Overloaded: views answer 503)
 from coprocessor.generate import NOT_FINITE, Request, prompt_latents
 from registry.models import BaseModel
@@ -113,31 +114,51 @@ def check_length(loaded, ids, max_new_tokens):
 
 def pick(loaded, ask, ids, user):
     """(Choice, expert module or None) for the request; UnknownModel for a named expert that
-    is not there. One that is there but cannot run now degrades to none, with a reason."""
+    is not there. One that is there but cannot run now degrades to none, with a reason; a
+    composition (``a/x+b/y``) of experts that cannot compose is a BadRequest."""
     spec = (ask.expert or "").strip()
     if not spec:
         return choose.Choice(reason="no expert requested"), None
     if spec == "auto":
-        routed = routing_ids(loaded, ask, ids)
-        visible = torch.ones(1, len(routed), dtype=torch.bool)
-        device = next(loaded.decoder.parameters()).device
-        hidden = routing.mean_hidden(
-            loaded.decoder, torch.tensor([routed], device=device), visible.to(device)
-        )[0].cpu()
-        choice = choose.auto(hidden, loaded.record, user, loaded.routing_centre)
-    elif not choose.well_formed(spec):  # a client's mistake, unlike a missing expert
-        raise BadRequest(f"expert {spec!r} is not owner/name, owner/name@version or @alias")
+        choice = choose.auto(
+            routing_hidden(loaded, ask, ids), loaded.record, user, loaded.routing_centre
+        )
     else:
-        choice = choose.named(spec, loaded.record, user)
-    if choice.version is None:
+        by_name = choose.composed if "+" in spec else choose.named
+        try:
+            choice = by_name(spec, loaded.record, user)
+        except ValueError as exc:  # a client's mistake, unlike a missing expert (UnknownModel)
+            raise BadRequest(str(exc)) from None
+    if not choice.chosen:
         return choice, None
     try:
-        expert = pool().expert(loaded, choice.version)
+        expert = load_chosen(loaded, choice)
     except ExpertUnavailable as exc:
         return choose.Choice(score=choice.score, reason=f"{choice.name}: {exc}"), None
     if problem := _room_problem(loaded, ids, ask.max_new_tokens, expert):
         return choose.Choice(score=choice.score, reason=f"{choice.name}: {problem}"), None
     return choice, expert
+
+
+def routing_hidden(loaded, ask, ids):
+    """What auto compares with the experts' profiles: the prompt's mean hidden state."""
+    routed = routing_ids(loaded, ask, ids)
+    visible = torch.ones(1, len(routed), dtype=torch.bool)
+    device = next(loaded.decoder.parameters()).device
+    prompt = torch.tensor([routed], device=device)
+    return routing.mean_hidden(loaded.decoder, prompt, visible.to(device))[0].cpu()
+
+
+def load_chosen(loaded, choice):
+    """The expert module of a Choice: its version's, or its parts' composed (each part from
+    the expert cache, held there once however many compositions use it)."""
+    if not choice.parts:
+        return pool().expert(loaded, choice.version)
+    experts = [pool().expert(loaded, part.version) for part in choice.parts]
+    try:
+        return Composition(experts, names=[part.name for part in choice.parts])
+    except CannotCompose as exc:
+        raise BadRequest(f"{choice.name} cannot be composed: {exc}") from None
 
 
 def _room_problem(loaded, ids, max_new_tokens, expert):

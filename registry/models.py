@@ -502,6 +502,11 @@ class ExpertVersion(models.Model):
     def __str__(self):
         return f"{self.expert_id}@{self.number}"
 
+    @property
+    def full_name(self):
+        """``owner/name@number``: how the router and the API name this version."""
+        return f"{self.expert.full_name}@{self.number}"
+
     @classmethod
     def publish(
         cls,
