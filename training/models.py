@@ -19,6 +19,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from coprocessor.evaluate import POSITIONS_PER_WINDOW
+from coprocessor.expert import PREFIX_KIND
 from coprocessor.train import TrainConfig
 from registry import events, quotas, storage
 from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
@@ -576,6 +577,17 @@ class EvaluationJob(Job):
     # Queued by the platform to measure the version on domain benchmarks (datasets are the
     # benchmarks' own, params each benchmark's): not counted against the owner's active jobs.
     on_benchmarks = models.BooleanField(default=False)
+    # A pairing (``start_pairing``): the version measured composed with this one after it, on
+    # the benchmarks of both experts' domains; its figures stay in ``result``, never in the
+    # version's own benchmark results.
+    partner = models.ForeignKey(
+        ExpertVersion,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="paired_evaluations",
+        help_text="composed after the version, for a pairing's measurement",
+    )
 
     task_name = "training.evaluate_version"
     kind = "evaluation"
@@ -587,7 +599,8 @@ class EvaluationJob(Job):
         return f"evaluation #{self.pk} of {self.version.expert}@{self.version.number}"
 
     def subject(self):
-        return f"{self.version.expert.full_name}@{self.version.number}"
+        parts = [self.version, self.partner] if self.partner_id else [self.version]
+        return "+".join(part.full_name for part in parts)
 
     @classmethod
     def start_on_benchmarks(cls, version, benchmarks):
@@ -619,7 +632,9 @@ class EvaluationJob(Job):
             BenchmarkResult.objects.filter(version=version).values_list("benchmark", flat=True)
         )
         tries = Benchmark.objects.filter(
-            dataset__evaluation_jobs__version=version, dataset__evaluation_jobs__on_benchmarks=True
+            dataset__evaluation_jobs__version=version,
+            dataset__evaluation_jobs__on_benchmarks=True,
+            dataset__evaluation_jobs__partner=None,  # a pairing measures the composition
         ).values_list("pk", "dataset__evaluation_jobs__status")
         active = {pk for pk, status in tries if status in (Job.QUEUED, Job.RUNNING)}
         ended = Counter(pk for pk, status in tries if status in (Job.FAILED, Job.CANCELLED))
@@ -691,10 +706,93 @@ class EvaluationJob(Job):
         return cls._queue(training_job.created_by, version, datasets, cls.as_trained(version))
 
     @classmethod
-    def _queue(cls, user, version, datasets, params, on_benchmarks=False):
+    def start_pairing(cls, user, version, partner):
+        """Queue the platform's measurement of ``version`` composed with ``partner`` (after it)
+        on the benchmarks of both experts' domains: what composing them keeps of each one's
+        gain there (``pairings``). Whether ``user`` may ask (the owner of ``version``'s expert
+        or staff, ``partner`` visible to them) is the caller's to check. ValidationError for
+        versions that cannot compose or a pair with no benchmark to measure on; JobLimitReached
+        past the user's limits (their start rate, and their measurements queued or running).
+        A pairing already queued, running or measured is returned as it is."""
+        if problem := pairing_problem(version, partner):
+            raise ValidationError(problem)
+        done = [cls.QUEUED, cls.RUNNING, cls.SUCCEEDED]
+        existing = cls.objects.filter(version=version, partner=partner, status__in=done).first()
+        if existing is not None:
+            return existing
+        domains = [version.expert.domain_id, partner.expert.domain_id]
+        benchmarks = list(Benchmark.objects.filter(domain__in=domains).select_related("dataset"))
+        if not benchmarks:
+            raise ValidationError("neither expert's domain has a benchmark to measure them on")
+        with transaction.atomic():
+            quotas.lock_user(user)
+            if cls.measurements_full(user):
+                raise JobLimitReached(
+                    f"you have {settings.LATENTRY_MAX_QUEUED_MEASUREMENTS} measurements queued "
+                    "or running (LATENTRY_MAX_QUEUED_MEASUREMENTS): wait for one to end"
+                )
+            cls.admit(user)
+            datasets = [b.dataset for b in benchmarks]
+            return cls._queue(user, version, datasets, {"split": "all"}, True, partner)
+
+    @classmethod
+    def pairings(cls, expert, user):
+        """The measured pairings of ``expert``'s versions that ``user`` may see (both experts
+        visible to them), newest first: the two versions composed and, per benchmark, the
+        domain, the composition's gain, the gain of the part of that domain alone, and their
+        ratio (what composing keeps)."""
+        jobs = (
+            cls.objects.filter(status=cls.SUCCEEDED, partner__isnull=False)
+            .filter(models.Q(version__expert=expert) | models.Q(partner__expert=expert))
+            .select_related(
+                "version__expert__owner",
+                "version__expert__domain",
+                "partner__expert__owner",
+                "partner__expert__domain",
+            )
+            .order_by("-finished_at")
+        )
+        jobs = list(jobs)
+        involved = {e for job in jobs for e in (job.version.expert_id, job.partner.expert_id)}
+        visible = set(
+            Expert.objects.visible_to(user).filter(pk__in=involved).values_list("pk", flat=True)
+        )
+        return [
+            job.pairing_figures()
+            for job in jobs
+            if {job.version.expert_id, job.partner.expert_id} <= visible
+        ]
+
+    def pairing_figures(self):
+        parts = [self.version, self.partner]
+        alone = {  # shown no finer than the pairing's own figures
+            (r.version_id, r.benchmark_id): round(r.reduction_pct, 2)
+            for r in BenchmarkResult.objects.filter(version__in=parts)
+        }
+        rows = []
+        for measured in self.result.get("pairing", []):
+            # the part of the benchmark's domain (the first, when both share it)
+            part = next((p for p in parts if p.expert.domain.slug == measured["domain"]), None)
+            own = alone.get((part.pk, measured["benchmark"])) if part else None
+            keep = round(measured["reduction_pct"] / own, 3) if own else None
+            name = part.full_name if part else ""
+            rows.append({**measured, "part": name, "part_alone_pct": own, "keep": keep})
+        return {
+            "composition": "+".join(p.full_name for p in parts),
+            "job": self.pk,
+            "measured_at": self.finished_at,
+            "benchmarks": rows,
+        }
+
+    @classmethod
+    def _queue(cls, user, version, datasets, params, on_benchmarks=False, partner=None):
         with transaction.atomic():
             job = cls.objects.create(
-                created_by=user, version=version, params=params, on_benchmarks=on_benchmarks
+                created_by=user,
+                version=version,
+                params=params,
+                on_benchmarks=on_benchmarks,
+                partner=partner,
             )
             job.datasets.set(datasets)
             job.enqueue()
@@ -715,7 +813,7 @@ class EvaluationJob(Job):
         if version.benchmark_gain is not None or not own.exists():
             return ""
         jobs = EvaluationJob.objects.filter(
-            version=version, on_benchmarks=True, datasets__benchmark__in=own
+            version=version, on_benchmarks=True, partner=None, datasets__benchmark__in=own
         )
         latest = jobs.order_by("-created_at").first()
         if latest is None:
@@ -756,6 +854,22 @@ class EvaluationJob(Job):
         window = max(window, 32)
         ahead = min(max(_int(training.get("ahead_tokens"), 16), 1), window - MIN_PREFIX)
         return {"window": window, "ahead": ahead, "max_windows": 32, "split": "heldout"}
+
+
+def pairing_problem(version, partner):
+    """Why two versions cannot be measured composed, or "" (``coprocessor.compose``: static
+    prefixes of one base model; two experts, both ready)."""
+    if version.expert_id == partner.expert_id:
+        return "a pairing is of two different experts"
+    if version.expert.base_model_id != partner.expert.base_model_id:
+        return "the two experts are trained on different base models"
+    for part in (version, partner):
+        if part.kind != PREFIX_KIND:
+            kind = part.kind
+            return f"{part.full_name} has a coprocessor (kind {kind}): only static prefixes compose"
+        if part.status != ExpertVersion.READY:
+            return f"{part.full_name} is not ready ({part.status})"
+    return ""
 
 
 JOB_KINDS = (TrainingJob, EvaluationJob)

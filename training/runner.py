@@ -15,6 +15,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from coprocessor import base_models, corpus, routing
+from coprocessor.compose import CannotCompose, Composition
 from coprocessor.evaluate import evaluate, heldout_set
 from coprocessor.train import Cancelled, TrainConfig, train
 from coprocessor.watch import reference_ids
@@ -244,13 +245,15 @@ def run_benchmarks(job, device):
     """Measure the version on each benchmark's whole text with that benchmark's fixed, seeded
     pairs; record one BenchmarkResult each and the version's summary, then end the job."""
     version = job.version
-    if not version.is_newest_ready():  # superseded while it waited: never shown
+    if job.partner is None and not version.is_newest_ready():  # superseded: never shown
         job.finish(Job.SUCCEEDED, result={"skipped": "a newer version was published"})
         return []
     base = version.expert.base_model
     decoder, tokenizer = runtime.base_model(base, device)
-    expert = runtime.load_version(version, decoder)
-    benchmarks = list(Benchmark.objects.filter(dataset__in=job.datasets.all()))
+    expert = measured_expert(job, decoder)
+    benchmarks = list(
+        Benchmark.objects.filter(dataset__in=job.datasets.all()).select_related("domain")
+    )
     job.report(total_steps=len(benchmarks))
     reports = []
     for done, benchmark in enumerate(benchmarks):
@@ -260,12 +263,40 @@ def run_benchmarks(job, device):
         reports.append((benchmark, report))
         if job.report(step=done + 1):
             raise Cancelled(f"cancelled after {done + 1} of {len(benchmarks)} benchmarks")
+    if job.partner is not None:  # the composition's figures are the pairing's alone
+        job.finish(Job.SUCCEEDED, result={"pairing": [_paired(b, r) for b, r in reports]})
+        return reports
     with transaction.atomic():
         for benchmark, report in reports:
             BenchmarkResult.record(version, benchmark, report, job)
         BenchmarkResult.summarise(version)
         job.finish(Job.SUCCEEDED, result={"benchmarks": [_public(r) for _, r in reports]})
     return reports
+
+
+def measured_expert(job, decoder):
+    """The expert a measurement runs: the version's, or for a pairing the version's and its
+    partner's composed (``coprocessor.compose``)."""
+    expert = runtime.load_version(job.version, decoder)
+    if job.partner is None:
+        return expert
+    parts = [expert, runtime.load_version(job.partner, decoder)]
+    try:
+        return Composition(parts, names=[job.version.full_name, job.partner.full_name])
+    except CannotCompose as exc:
+        raise runtime.JobError(str(exc)) from None
+
+
+def _paired(benchmark, report):
+    """A pairing's figure on one benchmark: its domain, not its text's name (the benchmark's
+    dataset is staff's; the pairing may show on a public page)."""
+    return {
+        "benchmark": benchmark.pk,
+        "domain": benchmark.domain.slug,
+        "pairs": report["pairs"],
+        "reduction_pct": round(report["reduction_pct"], 2),
+        "latency_ratio": round(report["latency_ratio"], 2),
+    }
 
 
 def _public(report):

@@ -6,7 +6,15 @@ from coprocessor.artifact import MAX_LATENTS, MAX_PREFIX_POSITIONS
 from coprocessor.expert import COPROCESSOR_KINDS, PREFIX_KIND
 from coprocessor.train import OBJECTIVES, TrainConfig
 from registry.api import SlugField, StrictModelSerializer, StrictSerializer
-from registry.models import BaseModel, Domain, Expert, ExpertVersion, slug_validator
+from registry.models import (
+    BaseModel,
+    Domain,
+    Expert,
+    ExpertVersion,
+    is_version_ref,
+    slug_validator,
+    split_full_name,
+)
 from registry.parsers import PayloadTooLarge
 
 from .models import Benchmark, Dataset, EvaluationJob, TrainingJob
@@ -112,6 +120,14 @@ class TrainingParamsSerializer(StrictSerializer):
         default=DEFAULTS.replay_windows,
         help_text="windows of the base model's own text per step, which hold the expert to "
         "the base model off its domain",
+    )
+    coexist = serializers.FloatField(
+        min_value=0.0,
+        max_value=1.0,
+        default=DEFAULTS.coexist,
+        help_text="share of the steps in which the prefix trains beside another (the base "
+        "model's cache over its own text), for an expert meant to be composed with others "
+        "(measured: the default composes as well at 5 CPU-minutes; docs/method.md)",
     )
     prefix_snippets = serializers.IntegerField(
         min_value=1,
@@ -412,10 +428,16 @@ def resolve_datasets(user, names):
 class EvaluationJobSerializer(JobSerializer):
     expert = serializers.CharField(source="version.expert.full_name", read_only=True)
     version = serializers.IntegerField(source="version.number", read_only=True)
+    partner = serializers.CharField(
+        source="partner.full_name",
+        read_only=True,
+        allow_null=True,
+        help_text="a pairing's second expert, composed after the version (else null)",
+    )
 
     class Meta:
         model = EvaluationJob
-        fields = JobSerializer.job_fields + ["expert", "version", "params", "result"]
+        fields = JobSerializer.job_fields + ["expert", "version", "partner", "params", "result"]
         read_only_fields = fields
 
 
@@ -432,6 +454,50 @@ class EvaluationJobCreateSerializer(StrictSerializer):
 
     def validate_datasets(self, names):
         return resolve_datasets(self.context["request"].user, names)
+
+
+class PairingCreateSerializer(StrictSerializer):
+    partner = serializers.CharField(
+        max_length=300,
+        help_text="the expert composed after this one: owner/name, owner/name@version or @alias",
+    )
+    version = serializers.CharField(
+        max_length=100,
+        required=False,
+        default="",
+        help_text="which version of this expert: a number or an alias (default: the newest)",
+    )
+
+    def validate_partner(self, value):
+        name, at, ref = value.partition("@")
+        if split_full_name(name) is None or (at and not is_version_ref(ref)):
+            raise serializers.ValidationError("owner/name, owner/name@version or owner/name@alias")
+        return value
+
+    def validate_version(self, value):
+        if value and not is_version_ref(value):
+            raise serializers.ValidationError("a version number or an alias")
+        return value
+
+
+class PairingBenchmarkSerializer(serializers.Serializer):
+    benchmark = serializers.IntegerField()
+    domain = serializers.CharField()
+    pairs = serializers.IntegerField()
+    reduction_pct = serializers.FloatField(help_text="the composition's gain, %")
+    latency_ratio = serializers.FloatField()
+    part = serializers.CharField(help_text="the part of this domain")
+    part_alone_pct = serializers.FloatField(
+        allow_null=True, help_text="that part's own gain here (None: not measured alone)"
+    )
+    keep = serializers.FloatField(allow_null=True, help_text="reduction_pct / part_alone_pct")
+
+
+class PairingSerializer(serializers.Serializer):
+    composition = serializers.CharField(help_text="a/x@n+b/y@m, as the router takes it")
+    job = serializers.IntegerField()
+    measured_at = serializers.DateTimeField()
+    benchmarks = PairingBenchmarkSerializer(many=True)
 
 
 class BenchmarkSerializer(serializers.ModelSerializer):

@@ -18,6 +18,11 @@ urlpatterns = [
     path("datasets/", dataset_list, name="dataset-list"),
     path("datasets/<str:owner>/<str:name>/", dataset_detail, name="dataset-detail"),
     path(
+        "experts/<str:owner>/<str:name>/pairings/",
+        views.PairingView.as_view(),
+        name="pairings",
+    ),
+    path(
         "domains/<slug:slug>/leaderboard/",
         views.LeaderboardView.as_view(),
         name="leaderboard",

@@ -5,15 +5,15 @@ from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import generics, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, Throttled, ValidationError
+from rest_framework.exceptions import NotFound, PermissionDenied, Throttled, ValidationError
 from rest_framework.parsers import FormParser, MultiPartParser
-from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.permissions import AllowAny, IsAuthenticated, IsAuthenticatedOrReadOnly
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
 
 from registry import references
 from registry.api import ApiDefaults, Conflict, UploadThrottle
-from registry.models import BaseModel, Domain, Expert
+from registry.models import BaseModel, Domain, Expert, ExpertVersion
 from registry.parsers import BoundedJSONParser
 from registry.permissions import IsOwnerOrReadOnly
 
@@ -26,6 +26,8 @@ from .serializers import (
     EvaluationJobCreateSerializer,
     EvaluationJobSerializer,
     LeaderboardRowSerializer,
+    PairingCreateSerializer,
+    PairingSerializer,
     TrainingJobCreateSerializer,
     TrainingJobSerializer,
 )
@@ -193,6 +195,46 @@ class EvaluationJobViewSet(JobViewSet):
             raise Conflict(f"{expert.full_name} has no such ready version to evaluate")
         params = {k: data[k] for k in ("window", "ahead", "max_windows", "split")}
         return EvaluationJob.start(self.request.user, version, data["datasets"], params)
+
+
+class PairingView(ApiDefaults, generics.GenericAPIView):
+    """An expert's measured pairings: what composing it with another expert on one request
+    (``model="<base>:a/x+b/y"``) keeps of each one's gain, on the benchmarks of their domains.
+    GET: those whose two experts you may see. POST: queue the platform's measurement of one
+    (the expert's owner or staff; 202 with the evaluation job)."""
+
+    permission_classes = [IsAuthenticatedOrReadOnly]
+    serializer_class = PairingCreateSerializer
+
+    def expert(self):
+        name = f"{self.kwargs['owner']}/{self.kwargs['name']}"
+        return get_object_or_404(Expert.objects.visible_to(self.request.user).named(name))
+
+    @extend_schema(responses=PairingSerializer(many=True))
+    def get(self, request, owner, name):
+        return Response(EvaluationJob.pairings(self.expert(), request.user))
+
+    @extend_schema(request=PairingCreateSerializer, responses={202: EvaluationJobSerializer})
+    def post(self, request, owner, name):
+        expert = self.expert()
+        if expert.owner != request.user and not request.user.is_staff:
+            raise PermissionDenied("only the expert's owner or staff may measure its pairings")
+        data = self.get_serializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        version = expert.versions.at(data.validated_data["version"]).ready().first()
+        partner_name, _, ref = data.validated_data["partner"].partition("@")
+        partners = Expert.objects.visible_to(request.user).named(partner_name)
+        partner = ExpertVersion.objects.filter(expert__in=partners).at(ref).ready().first()
+        if version is None or partner is None:
+            missing = expert.full_name if version is None else data.validated_data["partner"]
+            raise NotFound(f"{missing} has no such ready version")
+        try:
+            job = EvaluationJob.start_pairing(request.user, version, partner)
+        except JobLimitReached as exc:
+            raise Throttled(wait=exc.retry_after, detail=str(exc)) from None
+        url = reverse("training_api:evaluationjob-detail", args=[job.pk], request=request)
+        body = EvaluationJobSerializer(job, context={"request": request}).data
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": url})
 
 
 @extend_schema(

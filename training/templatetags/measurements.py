@@ -12,3 +12,9 @@ register = template.Library()
 def measurement_note(version):
     """Why ``version`` has no benchmark figure yet (queued, waiting, failed), or ''."""
     return EvaluationJob.measurement_note(version) if version else ""
+
+
+@register.simple_tag(takes_context=True)
+def pairings(context, expert):
+    """``expert``'s measured pairings that the viewer may see (``EvaluationJob.pairings``)."""
+    return EvaluationJob.pairings(expert, context["request"].user)
