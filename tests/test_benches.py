@@ -30,6 +30,17 @@ BENCHES = [
             "errors",
         ],
     ),
+    (
+        "compose.py",
+        [],
+        [
+            "compose_keep_a",
+            "compose_keep_b",
+            "compose_mixed_vs_best_single",
+            "compose_naive_keep_min",
+            "compose_latency_ratio",
+        ],
+    ),
     ("jobs.py", [], ["queue_overhead_pct", "cancel_latency_s"]),
     ("load.py", [], ["sustained_rps", "errors", "lost_writes"]),
     (
