@@ -118,7 +118,7 @@ def main():
 def mixed_ratio(gains, recipe):
     """The composition's gain on interleaved text over the better single expert's there."""
     best = max(gains[f"{name} alone ({recipe})", "mixed"] for name in ("A", "B"))
-    return gains[f"A+B ({recipe})", "mixed"] / best
+    return ratio(gains[f"A+B ({recipe})", "mixed"], best)
 
 
 def make_heldout(ids, args):
@@ -150,8 +150,14 @@ def train_expert(model, tokenizer, ids, args, coexist, reference):
 def keep(gains, composed, recipe):
     """The composition's gain on each part's own text over that part's gain alone."""
     return tuple(
-        gains[composed, name] / gains[f"{name} alone ({recipe})", name] for name in ("A", "B")
+        ratio(gains[composed, name], gains[f"{name} alone ({recipe})", name]) for name in ("A", "B")
     )
+
+
+def ratio(gain, reference):
+    """``gain / reference``; nan when the reference gained nothing (an expert whose budget
+    ran out before its first step): no ratio says what composing kept of no gain."""
+    return gain / reference if reference else float("nan")
 
 
 def print_table(gains, texts):
