@@ -237,6 +237,18 @@ def train_config(args, tokenizer, train_tokens=None, **overrides):
     return TrainConfig.from_settings({**settings, **overrides}, train_tokens=train_tokens)
 
 
+def budget_config(args, tokenizer, train_tokens, **overrides):
+    """The TrainConfig of a run that ``--budget-min`` alone ends (its steps never do)."""
+    return train_config(
+        args,
+        tokenizer,
+        train_tokens=train_tokens,
+        steps=100_000,
+        time_budget_s=args.budget_min * 60,
+        **overrides,
+    )
+
+
 def space_token(tokenizer):
     return base_models.space_token_id(tokenizer)
 

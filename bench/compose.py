@@ -26,7 +26,7 @@ import statistics
 import time
 
 import torch
-from common import add_expert_arguments, corpus_ids, parse, parser, setup, train_config
+from common import add_expert_arguments, budget_config, corpus_ids, parse, parser, setup
 
 from coprocessor.compose import Composition
 from coprocessor.evaluate import evaluate, heldout_set
@@ -134,14 +134,7 @@ def interleave(a, b, chunk):
 
 
 def train_expert(model, tokenizer, ids, args, coexist, reference):
-    config = train_config(
-        args,
-        tokenizer,
-        train_tokens=len(ids),
-        steps=100_000,
-        time_budget_s=args.budget_min * 60,
-        coexist=coexist,
-    )
+    config = budget_config(args, tokenizer, len(ids), coexist=coexist)
     result = train(model, ids, config, reference_ids=reference)
     print(f"  {result.steps} steps; {result.summary}", flush=True)
     return result.expert

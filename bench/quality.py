@@ -21,12 +21,12 @@ import time
 import torch
 from common import (
     add_expert_arguments,
+    budget_config,
     corpus_ids,
     parse,
     parser,
     peft_lora_copy,
     setup,
-    train_config,
 )
 
 from coprocessor.evaluate import evaluate, heldout_set
@@ -70,13 +70,7 @@ def main():
         print(f"training on the first {len(train_ids)} tokens only")
     heldout = make_heldout(heldout_ids, args)
     offdomain = make_heldout(corpus_ids(args, tokenizer, args.offdomain)[1], args)
-    config = train_config(
-        args,
-        tokenizer,
-        train_tokens=len(train_ids),
-        steps=100_000,
-        time_budget_s=args.budget_min * 60,
-    )
+    config = budget_config(args, tokenizer, len(train_ids))
     print(f"settings: {config.to_dict()}")
     print(
         f"held-out: {heldout.pairs} (window, position) pairs, {heldout.pairs * args.ahead} "
