@@ -346,3 +346,41 @@ def test_trying_an_expert_on_the_real_model_shows_both_answers(
     plain, augmented = answers.all_inner_texts()
     assert plain.strip() and augmented.strip()
     shoot(page, "try-real-model")
+
+
+def test_an_expert_page_shows_its_measured_pairings(page, make_expert, publish, sam, domain):
+    from django.utils import timezone
+
+    from tests.factories import make_dataset
+    from training.models import Benchmark, BenchmarkResult, EvaluationJob, Job
+
+    python = publish(make_expert("python"), seed=1, n_latents=0, prefix_positions=4)
+    unix = publish(make_expert("unix"), seed=2, n_latents=0, prefix_positions=4)
+    dataset = make_dataset(sam, "python-bench", phrase_text(length=1200))
+    benchmark = Benchmark.objects.create(domain=domain, dataset=dataset, added_by=sam)
+    figures = dict(pairs=24, ppl_base=16.0, ppl_expert=15.4, latency_ratio=1.0)
+    BenchmarkResult.objects.create(
+        version=python, benchmark=benchmark, reduction_pct=3.72, **figures
+    )
+    measured = {"benchmark": benchmark.pk, "domain": "python", "pairs": 24, "latency_ratio": 1.02}
+    EvaluationJob.objects.create(
+        created_by=python.expert.owner,
+        version=python,
+        partner=unix,
+        on_benchmarks=True,
+        status=Job.SUCCEEDED,
+        finished_at=timezone.now(),
+        result={"pairing": [{**measured, "reduction_pct": 4.18}]},
+    )
+    page.goto("/experts/alice/python/")
+    table = page.get_by_role("table", name="measured pairings")
+    expect(table).to_be_visible()
+    cells = table.locator("tbody td").all_inner_texts()
+    assert cells == [
+        "alice/python@1+alice/unix@1",
+        "python (alice/python@1)",
+        "+4.18%",
+        "+3.72%",
+        "1.12",
+    ]
+    shoot(page, "expert-pairings")
