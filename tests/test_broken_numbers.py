@@ -89,6 +89,8 @@ def test_a_chat_with_such_a_version_answers_plain_flagged_and_rejects_it(
 ):
     version = published_unprobed(overflowing("soft-tokens"))
     body = {"model": "tiny-llama:alice/big", "messages": [{"role": "user", "content": "w5 w6"}]}
+    # Greedy: OpenAI's default temperature of 1 samples, and the first token may end the text.
+    body["temperature"] = 0
     response = client_for(alice).post("/v1/chat/completions", body, format="json")
     assert response.status_code == 200
     assert response.json()["latentry"]["augmented"] is False
