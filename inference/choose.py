@@ -170,12 +170,13 @@ def auto(prompt_hidden, base_record, user, centre):
         )
     composable = [c for c in best if c.score >= threshold and c.version.kind == PREFIX_KIND]
     if settings.LATENTRY_AUTO_COMPOSE and len(composable) == 2:
-        return Choice(name="+".join(c.name for c in best), score=best[0].score, parts=tuple(best))
+        name = "+".join(c.name for c in composable)
+        return Choice(name=name, score=best[0].score, parts=tuple(composable))
     return best[0]
 
 
 def _scored(version, score):
-    return Choice(version=version, name=f"{version.expert.full_name}@{version.number}", score=score)
+    return Choice(version=version, name=version.full_name, score=score)
 
 
 def routable_for(user, versions):

@@ -757,18 +757,17 @@ class EvaluationJob(Job):
         visible = set(
             Expert.objects.visible_to(user).filter(pk__in=involved).values_list("pk", flat=True)
         )
-        return [
-            job.pairing_figures()
-            for job in jobs
-            if {job.version.expert_id, job.partner.expert_id} <= visible
-        ]
-
-    def pairing_figures(self):
-        parts = [self.version, self.partner]
-        alone = {  # shown no finer than the pairing's own figures
+        shown = [j for j in jobs if {j.version.expert_id, j.partner.expert_id} <= visible]
+        parts = {v.pk for job in shown for v in (job.version, job.partner)}
+        alone = {  # every part's own figures, in one query; no finer than a pairing's
             (r.version_id, r.benchmark_id): round(r.reduction_pct, 2)
             for r in BenchmarkResult.objects.filter(version__in=parts)
         }
+        return [job.pairing_figures(alone) for job in shown]
+
+    def pairing_figures(self, alone):
+        """This pairing's figures; ``alone``: (version pk, benchmark pk) -> its own gain."""
+        parts = [self.version, self.partner]
         rows = []
         for measured in self.result.get("pairing", []):
             # the part of the benchmark's domain (the first, when both share it)
