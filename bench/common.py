@@ -99,8 +99,8 @@ def corpus_ids(args, tokenizer, name=None):
         name = args.text
     else:
         name = name or "python-docs"
-        texts = domain_texts()[name]
-        train, heldout = split_documents(texts[: SMOKE_DOCUMENTS if args.smoke else None])
+        texts = domain_texts(documents(args), only=name)[name]
+        train, heldout = split_documents(texts)
     train_ids, heldout_ids = corpus.tokenize(tokenizer, train), corpus.tokenize(tokenizer, heldout)
     print(f"corpus {name}: {len(train_ids)} training tokens, {len(heldout_ids)} held-out")
     return train_ids, heldout_ids
@@ -122,19 +122,29 @@ def split_documents(texts, heldout_every=10):
     return train, heldout
 
 
-def domain_texts():
-    """Corpora of distinct domains that ship on this machine, as lists of documents: the
-    Python docs (``pydoc_data``), software licences, and the first 400 Unix manual pages of
-    section 1. Those depend on the Debian packages installed (``make chromium`` adds some):
-    the token counts the benches print tell which set a figure was measured on."""
-    domains = {"python-docs": [text for _, text in corpus.pydoc_topics()]}
-    licences = sorted(Path("/usr/share/common-licenses").glob("*"))
-    if licences:
-        domains["licences"] = [p.read_text(errors="replace") for p in licences]
-    manuals = sorted(Path("/usr/share/man/man1").glob("*.1.gz"))[:400]
-    if manuals:
-        domains["unix-manuals"] = [strip_troff(m) for m in manuals]
-    return domains
+def documents(args):
+    """How many documents a corpus gives this run: all, or a smoke run's few."""
+    return SMOKE_DOCUMENTS if args.smoke else None
+
+
+def domain_texts(limit=None, only=None):
+    """Corpora of distinct domains that ship on this machine, as lists of documents (the first
+    ``limit`` of each; ``only``: that corpus alone): the Python docs (``pydoc_data``), software
+    licences, and the first 400 Unix manual pages of section 1. Those depend on the Debian
+    packages installed (``make chromium`` adds some): the token counts the benches print tell
+    which set a figure was measured on."""
+    readers = {
+        "python-docs": lambda: [text for _, text in corpus.pydoc_topics()][:limit],
+        "licences": lambda: [
+            p.read_text(errors="replace")
+            for p in sorted(Path("/usr/share/common-licenses").glob("*"))[:limit]
+        ],
+        "unix-manuals": lambda: [
+            strip_troff(m) for m in sorted(Path("/usr/share/man/man1").glob("*.1.gz"))[:400][:limit]
+        ],
+    }
+    domains = {name: read() for name, read in readers.items() if only in (None, name)}
+    return {name: texts for name, texts in domains.items() if texts}
 
 
 def strip_troff(path):

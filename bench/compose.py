@@ -50,7 +50,7 @@ def main():
     args = parse(
         p,
         smoke=dict(
-            budget_min=1 / 60,
+            budget_min=0.25 / 60,
             window=64,
             windows_per_step=2,
             heldout_windows=2,

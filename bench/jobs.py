@@ -75,6 +75,8 @@ def main():
     p.add_argument("--cancels", type=int, default=3)
     add_smoke_argument(p)
     args = parse(p, smoke=dict(jobs=1, workers=1, steps=5, cancels=1))
+    if args.smoke:  # a cancel is seen at the next heartbeat: sooner, so the run is short
+        settings.LATENTRY_PROGRESS_SECONDS = 0.25
 
     call_command("migrate", verbosity=0)
     user, base, domain = setup_registry()

@@ -96,8 +96,8 @@ def database_url(args):
 MIX = [("read", 0.7), ("generate", 0.2), ("upload", 0.1)]
 GENERATED_EXPERTS = range(5)  # the published experts that generation asks for
 SMOKE = dict(
-    seconds=1.0,
-    steps="1,2",
+    seconds=0.5,
+    steps="1",
     legit_clients=2,
     abusers=1,
     abuser_threads=1,

@@ -59,7 +59,7 @@ def main():
     args = parse(
         p,
         smoke=dict(
-            budget_min=1 / 60, curve_points=2, window=64, windows_per_step=2, heldout_windows=2
+            budget_min=0.25 / 60, curve_points=2, window=64, windows_per_step=2, heldout_windows=2
         ),
     )
     arms = set(args.arms.split(","))

@@ -57,7 +57,7 @@ import django  # noqa: E402
 django.setup()
 
 import torch  # noqa: E402
-from common import add_smoke_argument, domain_texts, parse, smoke_model  # noqa: E402
+from common import add_smoke_argument, documents, domain_texts, parse, smoke_model  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -315,7 +315,7 @@ def measure_auto(loaded, maker, args):
     each domain's prompts with its own expert hidden (text of a domain nobody published an
     expert for, next to those that have one)."""
     choose.profiles.clear()
-    domains = {name: "\n\n".join(texts) for name, texts in domain_texts().items()}
+    domains = {name: "\n\n".join(texts) for name, texts in domain_texts(documents(args)).items()}
     for item in args.domain:
         name, _, path = item.partition("=")
         domains[name] = Path(path).read_text(errors="replace")

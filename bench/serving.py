@@ -121,7 +121,7 @@ def main():
     )
     # One rate, every arm (the RESULT compares them), a few requests each.
     args = parse(
-        p, smoke=dict(rates="4", duration=1.5, min_requests=2, experts=2, transformers_blocks=16)
+        p, smoke=dict(rates="4", duration=0.5, min_requests=2, experts=2, transformers_blocks=16)
     )
     model, tokenizer = setup(args)
     model.to(base_models.serving_dtype(args.device))

@@ -119,7 +119,9 @@ def result_keys(output):
 
 
 def run_smoke(script, arguments):
+    # One thread: tiny models gain nothing from more, and the suite runs two benches at once.
     env = {**os.environ, "DEBUG": "true", "BENCH_SMOKE": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(BENCH_THREADS="1", OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, f"bench/{script}", *arguments],
         cwd=ROOT,

@@ -3,14 +3,9 @@ runs compute with. Free of Django, so a bench can import it before (or without) 
 """
 
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+
+# Each family imports its transformers classes when first built: a bench's smoke run needs one,
+# and every model module costs its process a fraction of a second to import.
 
 VOCAB = 64
 
@@ -29,14 +24,20 @@ LLAMA_SHAPE = dict(
 
 def tiny_llama(**overrides):
     """The tiny llama; ``overrides`` change its config (a longer position table, say)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     return LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE | overrides))
 
 
 def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     return Qwen2ForCausalLM(Qwen2Config(**LLAMA_SHAPE))
 
 
 def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     return GPT2LMHeadModel(
         GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256)
     )
