@@ -340,6 +340,8 @@ def client(
         with lock:
             if status is not None and 200 <= status < 300:
                 stats.add(elapsed, kind)
+                if kind == "generate":
+                    record_timings(stats, elapsed, json.loads(answer)["timings_ms"])
                 if kind == "upload":
                     uploads.append((expert_path, json.loads(answer)["number"]))
             else:
@@ -348,9 +350,30 @@ def client(
     conns.close()
 
 
+def record_timings(stats, elapsed, timings_ms):
+    """Where a generation's time went, as the router reports it (routing, queue, prefill,
+    decode), and the rest: HTTP, authentication, limits, planning."""
+    timings = {**timings_ms, "outside_ms": elapsed * 1000 - sum(timings_ms.values())}
+    for key, value in timings.items():
+        stats.timings.setdefault(key, []).append(value)
+
+
+def timing_summary(stats):
+    """p50 / p95 of each part of the generations' time, in ms."""
+
+    def at(values, p):
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    return ", ".join(
+        f"{key.removesuffix('_ms')} {at(values, 50):.0f}/{at(values, 95):.0f}"
+        for key, values in stats.timings.items()
+    )
+
+
 def run_step(service, people, upload, base_slug, clients, seconds, uploads):
     stats = Stats(f"{clients} clients")
-    stats.failures = []
+    stats.failures, stats.timings = [], {}
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
     threads = [
@@ -635,7 +658,7 @@ def legit_phase(service, people, upload, base_slug, args, uploads, abuse=None):
     import multiprocessing
 
     stats = Stats("with abusers" if abuse else "alone")
-    stats.failures = []
+    stats.failures, stats.timings = [], {}
     lock = threading.Lock()
     deadline = time.monotonic() + args.seconds
     threads = [
@@ -708,6 +731,7 @@ def abuse_run(args):
                 f"  {kind:8} {len(of_kind.latencies):5} answered, p50 "
                 f"{of_kind.percentile_ms(50):5.0f} ms, p95 {of_kind.percentile_ms(95):5.0f} ms"
             )
+        print(f"  generation's parts, p50/p95 ms: {timing_summary(stats)}")
     answered = Counter(outcomes)
     for kind in ABUSE:
         statuses = {status: n for (k, status), n in sorted(answered.items(), key=str) if k == kind}

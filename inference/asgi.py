@@ -10,7 +10,6 @@ router paths, whose synchronous work is short (authentication, a lookup, a usage
 ``threads`` however many streams are open.
 """
 
-import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +21,8 @@ ROUTER_PATHS = ("/v1/", "/api/v1/generate", "/api/v1/attach")
 class SharedSyncThreads:
     """ASGI middleware: a router request's thread-sensitive work runs on one of ``threads``
     shared single-thread executors (asgiref requires one call at a time per executor); each
-    request keeps one executor, chosen in turn, for its whole length."""
+    request keeps one executor for its whole length, the one fewest open requests share, so
+    that a burst of one caller's requests spreads out instead of stacking on some threads."""
 
     def __init__(self, app, threads, paths=ROUTER_PATHS):
         self.app, self.paths = app, paths
@@ -30,7 +30,7 @@ class SharedSyncThreads:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"router-sync-{i}")
             for i in range(threads)
         ]
-        self.next_executor = itertools.cycle(self.executors)
+        self.sharing = [0] * threads  # open requests per executor (the event loop's alone)
 
     def close_connections(self):
         """Close the database connections the shared threads hold (a test database cannot be
@@ -43,8 +43,13 @@ class SharedSyncThreads:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(self.paths):
             return await self.app(scope, receive, send)
-        async with ThreadSensitiveContext(executor=next(self.next_executor)):
-            return await self.app(scope, receive, send)
+        index = self.sharing.index(min(self.sharing))
+        self.sharing[index] += 1
+        try:
+            async with ThreadSensitiveContext(executor=self.executors[index]):
+                return await self.app(scope, receive, send)
+        finally:
+            self.sharing[index] -= 1
 
 
 class BoundedBody:

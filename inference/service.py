@@ -192,15 +192,20 @@ async def admit(ask, user, *, caller, api_key=None):
     """Plan ``ask`` and queue it within ``caller``'s fair use (``registry.auth.caller``): every
     refusal (UnknownModel, BadRequest, fair use's 429, Overloaded) comes from here. The Pending
     gives back what it holds when its ``events`` end, or on ``close``; ``api_key``'s usage is
-    then recorded."""
-    prepared = await sync_to_async(prepare)(ask)
-    await sync_to_async(fair_use.acquire)(caller, len(prepared[1]))
+    then recorded. One trip to a thread: the serving process's few threads are shared by every
+    open request (``inference.asgi``), so each trip may wait behind another request's."""
+    return await sync_to_async(_admit)(ask, user, caller, api_key)
+
+
+def _admit(ask, user, caller, api_key):
+    prepared = prepare(ask)
+    fair_use.acquire(caller, len(prepared[1]))
     try:
-        pending = await sync_to_async(plan)(ask, user, prepared=prepared, caller=caller)
+        pending = plan(ask, user, prepared=prepared, caller=caller)
         pending.holding, pending.api_key = caller, api_key
         pending.submit()
     except BaseException:
-        await sync_to_async(fair_use.release)(caller, 0)
+        fair_use.release(caller, 0)
         raise
     return pending
 
@@ -338,10 +343,13 @@ class Pending:
         if self.holding is None:
             return
         caller, self.holding = self.holding, None
+        await sync_to_async(self._give_back)(caller, answer)  # one trip to a thread
+
+    def _give_back(self, caller, answer):
         generated = answer.completion_tokens if answer else 0
-        await sync_to_async(fair_use.release)(caller, generated)
+        fair_use.release(caller, generated)
         if answer and self.api_key is not None:
-            await sync_to_async(Usage.record)(self.api_key, answer.prompt_tokens, generated)
+            Usage.record(self.api_key, answer.prompt_tokens, generated)
 
     def reject_if_broken(self, generation):
         """Reject the version whose expert broke the row's numbers (its rows are served plain,

@@ -430,3 +430,38 @@ def test_a_stop_string_ends_the_answer_and_its_tokens_before_it(monkeypatch, eng
     assert stopped.text == whole.text[:at] and stopped.finish_reason == "stop"
     assert stopped.completion_tokens < whole.completion_tokens
     assert stopped.token_ids == whole.token_ids[: stopped.completion_tokens]
+
+
+def test_static_files_are_served_in_both_modes(settings, rf):
+    """The serving process (``make run`` serves everything from it) runs the middleware in
+    async mode, the web process in sync mode: a static file is served in both, and anything
+    else goes on to the view."""
+    from asgiref.sync import async_to_sync, iscoroutinefunction
+    from django.http import HttpResponse
+
+    from registry.middleware import StaticFilesMiddleware
+
+    settings.WHITENOISE_USE_FINDERS = settings.WHITENOISE_AUTOREFRESH = True
+
+    async def async_view(request):
+        return HttpResponse("page")
+
+    in_async = StaticFilesMiddleware(async_view)
+    in_sync = StaticFilesMiddleware(lambda request: HttpResponse("page"))
+    assert iscoroutinefunction(in_async) and not iscoroutinefunction(in_sync)
+    for serve in (async_to_sync(in_async), in_sync):
+        static = serve(rf.get("/static/latentry.css"))
+        assert static.status_code == 200
+        assert static["Content-Type"].startswith("text/css")
+        assert serve(rf.get("/experts/")).content == b"page"
+
+
+def test_every_middleware_runs_in_the_serving_process_s_event_loop(settings):
+    """No middleware that runs only synchronously: one would put every router request's
+    chain, and its wait for the async view, in a thread of the serving process's few."""
+    from django.utils.module_loading import import_string
+
+    sync_only = [
+        m for m in settings.MIDDLEWARE if not getattr(import_string(m), "async_capable", 0)
+    ]
+    assert sync_only == []
