@@ -20,6 +20,10 @@ engine, generation) as a request would go, warm unless said otherwise.
    somewhere when its own expert is hidden (text of a domain with no expert, next to those
    with one). All at LATENTRY_AUTO_THRESHOLD, with a table over thresholds to calibrate it
    from. The experts' weights are random: what routing reads is the profile, not the weights.
+5. auto composing (``LATENTRY_AUTO_COMPOSE`` on, at the same threshold):
+   ``auto_compose_single_rate``, the share of one domain's held-out windows that auto composes
+   (a second expert of another domain: wrong), and ``auto_compose_mixed_rate``, the share of
+   prompts made of a window of each of two domains that it composes of exactly those two.
 
 It uses a scratch database and artifact folder, and the converted base model under
 var/base_models (converted on first use).
@@ -28,12 +32,14 @@ var/base_models (converted on first use).
 
 Ends with ``RESULT overhead_ratio=... switch_ratio=... cold_load_ms=...
 mixed_throughput_ratio=... auto_accuracy=... auto_false_route_rate=...
-auto_neighbour_route_rate=...``. Targets: overhead
-<= 1.15, switch <= 1.05, mixed throughput >= 0.9, auto accuracy >= 0.9, false routes <= 0.1.
+auto_neighbour_route_rate=... auto_compose_single_rate=... auto_compose_mixed_rate=...``.
+Targets: overhead <= 1.15, switch <= 1.05, mixed throughput >= 0.9, auto accuracy >= 0.9, false
+routes <= 0.1.
 """
 
 import argparse
 import io
+import itertools
 import os
 import statistics
 import sys
@@ -100,14 +106,16 @@ def main():
         measure_switching(loaded, maker, text, args.experts) if "switch" in parts else (nan, nan)
     )
     mixed = measure_mixed(loaded, maker, text, args.repeats) if "mixed" in parts else nan
-    accuracy, false_rate, neighbour_rate = (
-        measure_auto(loaded, maker, args) if "auto" in parts else (nan, nan, nan)
+    accuracy, false_rate, neighbour_rate, compose_single, compose_mixed = (
+        measure_auto(loaded, maker, args) if "auto" in parts else (nan,) * 5
     )
     print(
         f"RESULT overhead_ratio={overhead:.3f} switch_ratio={switch:.3f} "
         f"cold_load_ms={cold_ms:.1f} mixed_throughput_ratio={mixed:.3f} "
         f"auto_accuracy={accuracy:.3f} auto_false_route_rate={false_rate:.3f} "
-        f"auto_neighbour_route_rate={neighbour_rate:.3f}"
+        f"auto_neighbour_route_rate={neighbour_rate:.3f} "
+        f"auto_compose_single_rate={compose_single:.3f} "
+        f"auto_compose_mixed_rate={compose_mixed:.3f}"
     )
 
 
@@ -377,7 +385,50 @@ def measure_auto(loaded, maker, args):
         f"at LATENTRY_AUTO_THRESHOLD {threshold}: accuracy {accuracy:.3f}, false routes "
         f"{false_rate:.3f}, neighbour routes {neighbour_rate:.3f}"
     )
-    return accuracy, false_rate, neighbour_rate
+    single, mixed = measure_auto_compose(maker, experts, prompts)
+    return accuracy, false_rate, neighbour_rate, single, mixed
+
+
+def measure_auto_compose(maker, experts, prompts):
+    """With LATENTRY_AUTO_COMPOSE on, at LATENTRY_AUTO_THRESHOLD: the share of one domain's
+    held-out windows that auto composes (it should not: the second part is another domain's
+    expert), and the share of two-domain prompts (a window of each, one after the other) that
+    it composes of exactly those two domains' experts."""
+    windows = {}
+    for domain, kind, text in prompts:
+        if kind == "window":
+            windows.setdefault(domain, []).append(text)
+    pairs = [
+        ({experts[a], experts[b]}, f"{x}\n\n{y}")
+        for a, b in itertools.combinations(sorted(windows), 2)
+        for x, y in zip(windows[a], windows[b], strict=False)
+    ]
+    settings.LATENTRY_AUTO_COMPOSE = True
+    try:
+        single = [
+            len(route_parts(maker, text)) == 2 for texts in windows.values() for text in texts
+        ]
+        mixed = [route_parts(maker, text) == both for both, text in pairs]
+    finally:
+        settings.LATENTRY_AUTO_COMPOSE = False
+    single_rate, mixed_rate = sum(single) / len(single), sum(mixed) / len(mixed)
+    print(
+        f"auto composing: {single_rate:.3f} of {len(single)} one-domain windows composed; "
+        f"{mixed_rate:.3f} of {len(mixed)} two-domain prompts composed of their two experts"
+    )
+    return single_rate, mixed_rate
+
+
+def route_parts(maker, text):
+    """The set of experts auto attached to ``text`` (two when it composed)."""
+    ask = service.Ask(
+        base=maker.record.slug,
+        expert="auto",
+        messages=[{"role": "user", "content": text}],
+        max_new_tokens=1,
+    )
+    named = service.run(ask, None).expert
+    return {part.split("@")[0] for part in named.split("+")} if named else set()
 
 
 def route(maker, text):

@@ -12,7 +12,8 @@ clients: only a version that exists and fails at run time is dropped for the pla
 own words under the base model, compared (cosine, both measured from the base model's centre
 over plain text: ``coprocessor.routing``) with the routing profile of each expert the caller
 may list; the best one above ``LATENTRY_AUTO_THRESHOLD`` wins, else none (with
-``LATENTRY_AUTO_COMPOSE``, the best two static prefixes above it, composed).
+``LATENTRY_AUTO_COMPOSE``: when each half of the prompt, read apart, best matches another
+static prefix above it, those two, composed).
 """
 
 import threading
@@ -150,9 +151,15 @@ class Profiles:
 profiles = Profiles()
 
 
-def auto(prompt_hidden, base_record, user, centre):
+# Each half of a prompt has at least this many tokens for auto to compose by halves.
+MIN_HALF_TOKENS = 16
+
+
+def auto(prompt_hidden, base_record, user, centre, halves=()):
     """Choice for ``auto`` from the prompt's mean hidden state (1-D tensor), measured from
-    the base model's ``centre`` (``routing.centre``)."""
+    the base model's ``centre`` (``routing.centre``). With LATENTRY_AUTO_COMPOSE, ``halves``
+    (each half of the prompt's mean hidden state) may compose two experts
+    (``_composed_by_halves``)."""
     rows, matrix = profiles.for_base(base_record)
     routable = routable_for(user, rows)
     allowed = [i for i, v in enumerate(rows) if v.pk in routable]
@@ -168,11 +175,27 @@ def auto(prompt_hidden, base_record, user, centre):
             reason=f"auto: best match {best[0].name} scored {best[0].score:.3f}, under the "
             f"threshold {threshold}",
         )
-    composable = [c for c in best if c.score >= threshold and c.version.kind == PREFIX_KIND]
-    if settings.LATENTRY_AUTO_COMPOSE and len(composable) == 2:
-        name = "+".join(c.name for c in composable)
-        return Choice(name=name, score=best[0].score, parts=tuple(composable))
+    if settings.LATENTRY_AUTO_COMPOSE and len(halves) == 2:
+        scored = [routing.scores(hidden, matrix[allowed], centre) for hidden in halves]
+        if parts := _composed_by_halves(rows, allowed, scored, threshold):
+            name = "+".join(part.name for part in parts)
+            return Choice(name=name, score=best[0].score, parts=parts)
     return best[0]
+
+
+def _composed_by_halves(rows, allowed, scored, threshold):
+    """The experts each half of the prompt matches best, in the prompt's order, when the
+    halves match different static prefixes, each at least ``threshold``; else None. Not the
+    two best matches of the whole prompt: a prompt of one domain's text also matches its
+    neighbour domains' experts well (bench/router.py: 97% of one domain's windows had a second
+    expert above the threshold), while its halves match the same one."""
+    parts = []
+    for scores in scored:
+        best = int(scores.argmax())
+        if float(scores[best]) < threshold or rows[allowed[best]].kind != PREFIX_KIND:
+            return None
+        parts.append(_scored(rows[allowed[best]], float(scores[best])))
+    return tuple(parts) if parts[0].version.pk != parts[1].version.pk else None
 
 
 def _scored(version, score):

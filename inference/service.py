@@ -120,9 +120,9 @@ def pick(loaded, ask, ids, user):
     if not spec:
         return choose.Choice(reason="no expert requested"), None
     if spec == "auto":
-        choice = choose.auto(
-            routing_hidden(loaded, ask, ids), loaded.record, user, loaded.routing_centre
-        )
+        halves = routing_halves(loaded, ask, ids) if settings.LATENTRY_AUTO_COMPOSE else []
+        hidden = routing_hidden(loaded, ask, ids)
+        choice = choose.auto(hidden, loaded.record, user, loaded.routing_centre, halves)
     else:
         by_name = choose.composed if "+" in spec else choose.named
         try:
@@ -147,6 +147,23 @@ def routing_hidden(loaded, ask, ids):
     device = next(loaded.decoder.parameters()).device
     prompt = torch.tensor([routed], device=device)
     return routing.mean_hidden(loaded.decoder, prompt, visible.to(device))[0].cpu()
+
+
+def routing_halves(loaded, ask, ids):
+    """Each half of the user's words read apart (one pass, a row each): where a prompt joins
+    two domains, what each half matches. [] for a prompt too short to halve."""
+    routed = routing_ids(loaded, ask, ids)
+    half = len(routed) // 2
+    if half < choose.MIN_HALF_TOKENS:
+        return []
+    rows = [routed[:half], routed[half:]]
+    width = max(map(len, rows))
+    device = next(loaded.decoder.parameters()).device
+    prompt = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
+    visible = torch.arange(width, device=device) < torch.tensor(
+        [[half], [len(rows[1])]], device=device
+    )
+    return list(routing.mean_hidden(loaded.decoder, prompt, visible).cpu())
 
 
 def load_chosen(loaded, choice):

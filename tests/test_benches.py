@@ -81,6 +81,8 @@ BENCHES = [
             "auto_accuracy",
             "auto_false_route_rate",
             "auto_neighbour_route_rate",
+            "auto_compose_single_rate",
+            "auto_compose_mixed_rate",
         ],
     ),
     (

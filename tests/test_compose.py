@@ -194,19 +194,26 @@ def test_attach_returns_the_composed_prefix(alice_client, pair):
     assert tensors["prefix.keys"].shape[2] == 7 and tensors["prefix.gate_bias"].shape == (7,)
 
 
-def test_auto_composes_the_two_best_only_when_the_setting_says(
+def test_auto_composes_when_the_prompt_s_halves_match_two_experts_and_the_setting_says(
     alice_client, make_expert, publish, settings
 ):
-    text = "w5 w6 w7 w8 w9 w10 w11 w12 " * 8
-    publish(make_expert("one"), seed=1, n_latents=0, prefix_positions=4, profile_text=text)
-    publish(make_expert("two"), seed=2, n_latents=0, prefix_positions=4, profile_text=text)
-    settings.LATENTRY_AUTO_THRESHOLD = -1.0  # both match whatever the prompt
-    body = {"base": "tiny-llama", "prompt": "w5 w6 w7", "expert": "auto", "max_new_tokens": 2}
-    single = alice_client.post(GENERATE, body, format="json").json()
-    assert "+" not in single["expert"]
+    first = " ".join(f"w{i}" for i in range(5, 13))
+    second = " ".join(f"w{i}" for i in range(40, 48))
+    publish(make_expert("one"), seed=1, n_latents=0, prefix_positions=4, profile_text=first * 8)
+    publish(make_expert("two"), seed=2, n_latents=0, prefix_positions=4, profile_text=second * 8)
+    settings.LATENTRY_AUTO_THRESHOLD = -1.0  # any match is good enough: the halves decide
+
+    def auto(prompt):
+        body = {"base": "tiny-llama", "prompt": prompt, "expert": "auto", "max_new_tokens": 2}
+        return alice_client.post(GENERATE, body, format="json").json()["expert"]
+
+    joined = f"{first} {first} {second} {second}"  # 16 tokens of each
+    assert "+" not in auto(joined)  # off by default
     settings.LATENTRY_AUTO_COMPOSE = True
-    composed = alice_client.post(GENERATE, body, format="json").json()
-    assert sorted(composed["expert"].split("+")) == ["alice/one@1", "alice/two@1"]
+    assert auto(joined) == "alice/one@1+alice/two@1"  # in the prompt's order
+    assert auto(f"{second} {second} {first} {first}") == "alice/two@1+alice/one@1"
+    assert auto(f"{first} {first} {first} {first}") == "alice/one@1"  # one domain: one expert
+    assert "+" not in auto(f"{first} {second}")  # too short to halve
 
 
 # --- measured pairings -------------------------------------------------------------------------
