@@ -117,6 +117,7 @@ def main():
         f"auto_compose_single_rate={compose_single:.3f} "
         f"auto_compose_mixed_rate={compose_mixed:.3f}"
     )
+    pool.reset(wait_s=30)  # the engine's thread out of torch before the interpreter ends
 
 
 def default_base_model():

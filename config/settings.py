@@ -345,9 +345,9 @@ LATENTRY_PROFILE_REFRESH_S = env_float("LATENTRY_PROFILE_REFRESH_S", 30.0)
 # Composition (model "<base>:a/x+b/y", a list in /api/v1/generate and /attach): at most this
 # many experts on one request; their prefixes add up in its cache columns.
 LATENTRY_COMPOSE_MAX = env_int("LATENTRY_COMPOSE_MAX", 4)
-# auto may attach the two best experts when both score above LATENTRY_AUTO_THRESHOLD. Off:
-# composing holds when both experts fit the text (bench/compose.py), but how often auto would
-# add a second one that does not is not measured yet (docs/method.md, "Composition").
+# auto may attach two experts when each half of the prompt best matches a different static
+# prefix above LATENTRY_AUTO_THRESHOLD. Off: it did so for 10% of long one-domain prompts too
+# (bench/router.py; docs/method.md, "Composition"); on where prompts often mix domains.
 LATENTRY_AUTO_COMPOSE = env_bool("LATENTRY_AUTO_COMPOSE", False)
 # Load the base models into each serving process when it starts, not on the first request.
 LATENTRY_WARMUP = env_bool("LATENTRY_WARMUP", False)

@@ -201,11 +201,13 @@ def pool():
         return _pool
 
 
-def reset():
-    """Forget every loaded model (tests)."""
+def reset(wait_s=None):
+    """Forget every loaded model (tests), their engines stopped; with ``wait_s``, wait up to
+    that long for each engine's loop to end (a process about to exit must: a thread still
+    inside torch when the interpreter ends aborts it)."""
     global _pool
     with _pool_lock:
         if _pool is not None:
             for base in _pool.bases.values():
-                base.engine.stop()
+                base.engine.stop(wait_s)
         _pool = None
