@@ -1,6 +1,7 @@
 """The router as a serving engine over HTTP: no room answers 503 with Retry-After (before a
 stream starts), fair use answers 429, and a client that leaves frees its row."""
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -206,31 +207,35 @@ def _answers(url):
 
 
 def test_an_expert_that_breaks_a_row_after_its_prefill_is_served_plain_or_ends_the_stream(
-    monkeypatch, make_expert, publish, alice
+    monkeypatch, engine, make_expert, publish, alice
 ):
     from inference import service
 
     publish(make_expert("flaky"))
-    breaking_expert_rows(monkeypatch)
+    sent = []
+    # The first run sends nothing; the second breaks only once its text went out (the text
+    # is made by whoever waits, so without this the break could come first under load).
+    breaking_expert_rows(monkeypatch, when=lambda: not sent or sent[0])
     ask = service.Ask(base="tiny-llama", expert="alice/flaky", prompt="w5 w6", max_new_tokens=6)
     answer = service.run(ask, alice)  # nothing was sent yet: served again, plain
     assert not answer.augmented and "the expert failed" in answer.reason
     plain = service.run(service.Ask(base="tiny-llama", prompt="w5 w6", max_new_tokens=6), alice)
     assert answer.token_ids == plain.token_ids
-    sent = []
+    monkeypatch.setattr(engine, "eos_token_id", None)  # no row ends before it breaks
+    long_ask = dataclasses.replace(ask, max_new_tokens=200)
     with pytest.raises(service.GenerationFailed, match="not finite"):
-        service.run(ask, alice, on_text=sent.append)  # text went out: the stream ends
+        service.run(long_ask, alice, on_text=sent.append)  # text went out: the stream ends
     assert sent
 
 
-def breaking_expert_rows(monkeypatch, after_tokens=2):
-    """Rows with an expert fail once they have ``after_tokens`` tokens, as a row whose
-    numbers broke after its prefill does."""
+def breaking_expert_rows(monkeypatch, after_tokens=2, when=lambda: True):
+    """Rows with an expert fail once they have ``after_tokens`` tokens and ``when()`` holds,
+    as a row whose numbers broke after its prefill does."""
     step = RunningBatch.step
 
     def breaking_step(batch):
         for row in batch.rows:
-            if row.expert is not None and len(row.tokens) >= after_tokens:
+            if row.expert is not None and len(row.tokens) >= after_tokens and when():
                 row.end("error", "the logits are not finite")
         return batch.retire() + step(batch)
 
@@ -415,8 +420,6 @@ def test_the_engine_knows_who_asks_through_the_api_and_try_it(
 
 
 def test_a_stop_string_ends_the_answer_and_its_tokens_before_it(monkeypatch, engine, alice):
-    import dataclasses
-
     from inference import service
 
     monkeypatch.setattr(engine, "eos_token_id", None)  # twelve words, whatever they are
