@@ -30,8 +30,14 @@ class TryForm(forms.Form):
         required=False,
     )
 
+    # Another expert (or several, joined by +) to compose with this one on the same request.
+    compose_with = forms.CharField(max_length=400, required=False)
+
     def clean_send_as(self):
         return self.cleaned_data["send_as"] or self.CHAT
+
+    def clean_compose_with(self):
+        return self.cleaned_data["compose_with"].strip()
 
 
 @require_POST
@@ -65,17 +71,23 @@ def try_expert(request, owner, name):
     return render(request, template, context, status=status)
 
 
-def compare(expert, user, prompt, max_new_tokens, send_as=TryForm.CHAT, caller=None):
-    """The plain answer and the expert's, from this process's router or, when
-    LATENTRY_SERVING_URL names one, from the serving process (on the user's behalf there).
-    ``send_as`` chat: the prompt as the user's message, through the base model's chat
-    template; text: as raw text to continue."""
+def compare(
+    expert, user, prompt, max_new_tokens, send_as=TryForm.CHAT, compose_with="", caller=None
+):
+    """The plain answer and the expert's (composed with ``compose_with``'s experts when it
+    names any: ``owner/name[@version]``, several joined by ``+``), from this process's router
+    or, when LATENTRY_SERVING_URL names one, from the serving process (on the user's behalf
+    there). ``send_as`` chat: the prompt as the user's message, through the base model's chat
+    template; text: as raw text to continue. The composition is checked where every request's
+    is (``choose.composed``): a missing part or one that cannot compose is a BadRequest or
+    UnknownModel, as through the API."""
     plain = service.Ask(base=expert.base_model.slug, max_new_tokens=max_new_tokens)
     if send_as == TryForm.TEXT:
         plain.prompt = prompt
     else:
         plain.messages = [{"role": "user", "content": prompt}]
-    augmented = dataclasses.replace(plain, expert=expert.full_name)
+    parts = [expert.full_name, compose_with] if compose_with else [expert.full_name]
+    augmented = dataclasses.replace(plain, expert="+".join(parts))
     if settings.LATENTRY_SERVING_URL:
         return remote.run_together([plain, augmented], user)
     prepared = service.prepare(plain)

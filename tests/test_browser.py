@@ -200,6 +200,10 @@ def test_a_user_publishes_tries_trains_and_manages_keys(
     page.get_by_role("button", name="Compare with the plain model").click()
     expect(page.locator("#try-result [role=alert]")).to_contain_text("does not fit the context")
     page.get_by_label("Prompt").fill("w5 w6 w7")
+    page.get_by_label("Compose with (optional)").fill("dora/missing")  # a part not there
+    page.get_by_role("button", name="Compare with the plain model").click()
+    expect(page.locator("#try-result [role=alert]")).to_contain_text("dora/missing")
+    page.get_by_label("Compose with (optional)").fill("")
     page.get_by_label("New tokens").fill("6")
     page.get_by_role("button", name="Compare with the plain model").click()
     page.locator(".answer").nth(1).wait_for()

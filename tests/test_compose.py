@@ -311,3 +311,24 @@ def test_pairings_count_against_the_measurement_cap(alice_client, benchmarked_pa
         "/api/v1/experts/alice/py/pairings/", {"partner": "alice/sh"}, format="json"
     )
     assert response.status_code == 429 and "measurements queued" in response.json()["detail"]
+
+
+def test_try_it_composes_the_expert_with_others_and_says_why_not(settings, pair):
+    from django.test import Client
+
+    settings.LATENTRY_ANONYMOUS_GENERATION = True  # as make run has it (test_anonymous.py)
+    page = Client().get("/experts/alice/python/")
+    assert 'name="compose_with"' in page.text
+
+    def try_it(compose_with):
+        body = {"prompt": "w5 w6", "max_new_tokens": 3, "compose_with": compose_with}
+        return Client().post("/experts/alice/python/try/", body, HTTP_HX_REQUEST="true")
+
+    composed = try_it(" alice/unix@1 ")
+    assert composed.status_code == 200
+    assert "With alice/python@1+alice/unix@1" in composed.text
+    assert "With alice/python@1<" in try_it("").text.replace("</h3>", "<")  # alone
+    missing = try_it("alice/nope")
+    assert missing.status_code == 400 and "alice/nope" in missing.text
+    twice = try_it("alice/python")
+    assert twice.status_code == 400 and "twice" in twice.text
