@@ -420,27 +420,26 @@ def measure_auto_compose(maker, experts, prompts):
     return single_rate, mixed_rate
 
 
-def route_parts(maker, text):
-    """The set of experts auto attached to ``text`` (two when it composed)."""
+def auto_answer(maker, text):
+    """The answer of ``auto`` for ``text`` as a user's chat message (one token)."""
     ask = service.Ask(
         base=maker.record.slug,
         expert="auto",
         messages=[{"role": "user", "content": text}],
         max_new_tokens=1,
     )
-    named = service.run(ask, None).expert
+    return service.run(ask, None)
+
+
+def route_parts(maker, text):
+    """The set of experts auto attached to ``text`` (two when it composed)."""
+    named = auto_answer(maker, text).expert
     return {part.split("@")[0] for part in named.split("+")} if named else set()
 
 
 def route(maker, text):
-    """(the expert auto chose, its score) for ``text`` as a user's chat message."""
-    ask = service.Ask(
-        base=maker.record.slug,
-        expert="auto",
-        messages=[{"role": "user", "content": text}],
-        max_new_tokens=1,
-    )
-    answer = service.run(ask, None)
+    """(the expert auto chose, its score) for ``text``."""
+    answer = auto_answer(maker, text)
     return (answer.expert or "none").split("@")[0], answer.score
 
 
