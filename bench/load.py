@@ -354,20 +354,15 @@ def record_timings(stats, elapsed, timings_ms):
     """Where a generation's time went, as the router reports it (routing, queue, prefill,
     decode), and the rest: HTTP, authentication, limits, planning."""
     timings = {**timings_ms, "outside_ms": elapsed * 1000 - sum(timings_ms.values())}
-    for key, value in timings.items():
-        stats.timings.setdefault(key, []).append(value)
+    for key, ms in timings.items():
+        stats.timings.setdefault(key, Stats(key.removesuffix("_ms"))).add(ms / 1000)
 
 
 def timing_summary(stats):
     """p50 / p95 of each part of the generations' time, in ms."""
-
-    def at(values, p):
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
     return ", ".join(
-        f"{key.removesuffix('_ms')} {at(values, 50):.0f}/{at(values, 95):.0f}"
-        for key, values in stats.timings.items()
+        f"{part.name} {part.percentile_ms(50):.0f}/{part.percentile_ms(95):.0f}"
+        for part in stats.timings.values()
     )
 
 

@@ -157,8 +157,8 @@ MIN_HALF_TOKENS = 16
 
 def auto(prompt_hidden, base_record, user, centre, halves=()):
     """Choice for ``auto`` from the prompt's mean hidden state (1-D tensor), measured from
-    the base model's ``centre`` (``routing.centre``). With LATENTRY_AUTO_COMPOSE, ``halves``
-    (each half of the prompt's mean hidden state) may compose two experts
+    the base model's ``centre`` (``routing.centre``). ``halves`` (each half's mean hidden
+    state, given where LATENTRY_AUTO_COMPOSE is on) may compose two experts
     (``_composed_by_halves``)."""
     rows, matrix = profiles.for_base(base_record)
     routable = routable_for(user, rows)
@@ -175,7 +175,7 @@ def auto(prompt_hidden, base_record, user, centre, halves=()):
             reason=f"auto: best match {best[0].name} scored {best[0].score:.3f}, under the "
             f"threshold {threshold}",
         )
-    if settings.LATENTRY_AUTO_COMPOSE and len(halves) == 2:
+    if halves:
         scored = [routing.scores(hidden, matrix[allowed], centre) for hidden in halves]
         if parts := _composed_by_halves(rows, allowed, scored, threshold):
             name = "+".join(part.name for part in parts)

@@ -36,9 +36,6 @@ class TryForm(forms.Form):
     def clean_send_as(self):
         return self.cleaned_data["send_as"] or self.CHAT
 
-    def clean_compose_with(self):
-        return self.cleaned_data["compose_with"].strip()
-
 
 @require_POST
 def try_expert(request, owner, name):

@@ -120,8 +120,7 @@ def pick(loaded, ask, ids, user):
     if not spec:
         return choose.Choice(reason="no expert requested"), None
     if spec == "auto":
-        halves = routing_halves(loaded, ask, ids) if settings.LATENTRY_AUTO_COMPOSE else []
-        hidden = routing_hidden(loaded, ask, ids)
+        hidden, *halves = routing_hidden(loaded, ask, ids, settings.LATENTRY_AUTO_COMPOSE)
         choice = choose.auto(hidden, loaded.record, user, loaded.routing_centre, halves)
     else:
         by_name = choose.composed if "+" in spec else choose.named
@@ -140,29 +139,20 @@ def pick(loaded, ask, ids, user):
     return choice, expert
 
 
-def routing_hidden(loaded, ask, ids):
-    """What auto compares with the experts' profiles: the prompt's mean hidden state."""
-    routed = routing_ids(loaded, ask, ids)
-    visible = torch.ones(1, len(routed), dtype=torch.bool)
-    device = next(loaded.decoder.parameters()).device
-    prompt = torch.tensor([routed], device=device)
-    return routing.mean_hidden(loaded.decoder, prompt, visible.to(device))[0].cpu()
-
-
-def routing_halves(loaded, ask, ids):
-    """Each half of the user's words read apart (one pass, a row each): where a prompt joins
-    two domains, what each half matches. [] for a prompt too short to halve."""
+def routing_hidden(loaded, ask, ids, halves=False):
+    """What auto compares with the experts' profiles: the prompt's mean hidden state; with
+    ``halves``, then each half's, read apart (where a prompt joins two domains, what each
+    half matches), unless a half would be under ``choose.MIN_HALF_TOKENS``. One pass of D,
+    a row each."""
     routed = routing_ids(loaded, ask, ids)
     half = len(routed) // 2
-    if half < choose.MIN_HALF_TOKENS:
-        return []
-    rows = [routed[:half], routed[half:]]
-    width = max(map(len, rows))
+    rows = [routed]
+    if halves and half >= choose.MIN_HALF_TOKENS:
+        rows += [routed[:half], routed[half:]]
     device = next(loaded.decoder.parameters()).device
-    prompt = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=device)
-    visible = torch.arange(width, device=device) < torch.tensor(
-        [[half], [len(rows[1])]], device=device
-    )
+    lengths = torch.tensor([[len(row)] for row in rows], device=device)
+    prompt = torch.tensor([row + [0] * (len(routed) - len(row)) for row in rows], device=device)
+    visible = torch.arange(len(routed), device=device) < lengths
     return list(routing.mean_hidden(loaded.decoder, prompt, visible).cpu())
 
 
